@@ -1,0 +1,7 @@
+"""probloss: probabilistic losses for PyTorch that do not break."""
+
+from . import special
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["__version__", "special"]

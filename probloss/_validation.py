@@ -1,0 +1,50 @@
+"""Argument checks that name the argument and its shape, and never sync a GPU by default.
+
+Shape checks are free and always run. Checks on *values* (range, NaN) read the tensor on the
+host, which on an accelerator forces a synchronisation; like ``torch.distributions``'
+``validate_args`` they are controlled per call: ``validate_args=None`` (the default) checks
+values of CPU tensors only, ``True`` always checks, ``False`` never does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def should_validate(validate_args: bool | None, *tensors: Tensor) -> bool:
+    """Whether value checks run: the explicit choice, else only if every tensor is on CPU."""
+    if validate_args is not None:
+        return validate_args
+    return all(t.device.type == "cpu" for t in tensors)
+
+
+def broadcast_shapes(**tensors: Tensor) -> torch.Size:
+    """The broadcast shape of the named tensors, or a ValueError listing every shape."""
+    try:
+        return torch.broadcast_shapes(*(t.shape for t in tensors.values()))
+    except RuntimeError:
+        shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in tensors.items())
+        raise ValueError(f"shapes do not broadcast: {shapes}") from None
+
+
+def check_in_interval(
+    value: Tensor, name: str, low: float, high: float, *, allow_nan: bool = False
+) -> None:
+    """Raise ValueError unless every element of ``value`` lies in ``[low, high]``."""
+    if not allow_nan and torch.isnan(value).any():
+        count = int(torch.isnan(value).sum())
+        raise ValueError(f"{name} of shape {tuple(value.shape)} contains {count} NaN value(s)")
+    finite = value[~torch.isnan(value)]
+    if finite.numel() and ((finite < low).any() or (finite > high).any()):
+        raise ValueError(
+            f"{name} of shape {tuple(value.shape)} must lie in [{low}, {high}]; "
+            f"got values from {finite.min().item():.6g} to {finite.max().item():.6g}"
+        )
+
+
+def check_not_nan(value: Tensor, name: str) -> None:
+    """Raise ValueError if ``value`` contains NaN (infinities are left to the caller)."""
+    if torch.isnan(value).any():
+        count = int(torch.isnan(value).sum())
+        raise ValueError(f"{name} of shape {tuple(value.shape)} contains {count} NaN value(s)")

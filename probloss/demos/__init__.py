@@ -1,0 +1,1 @@
+"""Runnable user stories (see DESIGN.md); ``probloss demo NAME`` runs one."""

@@ -1,0 +1,79 @@
+r"""Bregman divergences of log-partition functions, non-negative and accurate.
+
+The KL divergence between two members of a one-parameter exponential family with
+log-partition :math:`f` is the Bregman divergence
+
+.. math::
+    D(x_q, x_p) = f(x_p) - f(x_q) - f'(x_q)(x_p - x_q)
+               = \Delta^2 \int_0^1 (1 - t)\, f''(x_q + t\Delta)\, dt, \quad \Delta = x_p - x_q.
+
+The closed form cancels catastrophically when :math:`x_p \approx x_q` (it can come out
+negative). Near the diagonal, :math:`|\Delta| \le` ``near_width``, the integral form is used
+with Gauss-Legendre quadrature: a positively weighted sum of :math:`f'' > 0`, hence never
+negative and accurate to a relative ``eps``. Far from it the closed form is used after
+reflecting both points so that :math:`x_q \le 0`, which is valid for log-partitions with
+:math:`f(x) = x + f(-x)` (softplus and the continuous-Bernoulli :math:`A`): the
+divergence is unchanged, :math:`f'(x_q) \le 1/2`, and the large linear parts of :math:`f`
+no longer cancel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+
+import torch
+from torch import Tensor
+
+# Nodes per dtype: f'' is analytic in a strip of half-width >= pi around the real axis and
+# |Delta| <= 4, so the Bernstein-ellipse parameter is >= pi/2 + sqrt(1 + pi^2/4) = 3.4 and the
+# error ~ 3.4^(-2n): 8 nodes reach float32 and 16 float64 precision (checked against mpmath).
+_NODES = {torch.float32: 8, torch.float64: 16}
+
+
+@cache
+def _gauss_legendre_01(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Nodes and weights of n-point Gauss-Legendre quadrature on [0, 1] (Golub-Welsch)."""
+    k = torch.arange(1, n, dtype=torch.float64)
+    off_diagonal = k / torch.sqrt(4.0 * k * k - 1.0)
+    jacobi = torch.diag(off_diagonal, 1) + torch.diag(off_diagonal, -1)
+    nodes, vectors = torch.linalg.eigh(jacobi)
+    weights = 2.0 * vectors[0] ** 2
+    return tuple(((nodes + 1.0) / 2.0).tolist()), tuple((weights / 2.0).tolist())
+
+
+def bregman_divergence(
+    f: Callable[[Tensor], Tensor],
+    f_prime: Callable[[Tensor], Tensor],
+    f_second: Callable[[Tensor], Tensor],
+    x_q: Tensor,
+    x_p: Tensor,
+    near_width: Tensor | float,
+) -> Tensor:
+    """``f(x_p) - f(x_q) - f'(x_q) (x_p - x_q)`` for ``f(x) = x + f(-x)``, never negative.
+
+    Args:
+        f, f_prime, f_second: the convex function and its first two derivatives,
+            elementwise and differentiable.
+        x_q, x_p: broadcastable tensors of one floating dtype (float32 or float64).
+        near_width: where ``|x_p - x_q| <= near_width`` the quadrature form is used.
+
+    Returns:
+        Tensor of the broadcast shape.
+    """
+    x_q, x_p = torch.broadcast_tensors(x_q, x_p)
+    delta = x_p - x_q
+    nodes, weights = _gauss_legendre_01(_NODES[x_q.dtype])
+    t = torch.tensor(nodes, dtype=x_q.dtype, device=x_q.device)
+    # (1 - t) w: the Taylor remainder kernel times the quadrature weights.
+    kernel = torch.tensor(weights, dtype=x_q.dtype, device=x_q.device) * (1.0 - t)
+    curvature = f_second(x_q.unsqueeze(-1) + t * delta.unsqueeze(-1))
+    near = delta.square() * (curvature * kernel).sum(-1)
+    # Reflect so that x_q <= 0: D is invariant under (x_q, x_p) -> (-x_q, -x_p).
+    flip = torch.where(x_q > 0, -1.0, 1.0).to(x_q.dtype)
+    q, p = x_q * flip, x_p * flip
+    far = f(p) - f(q) - f_prime(q) * (p - q)
+    # relu is exact: the divergence is >= 0, and only underflow to subnormals (sigmoid may
+    # flush to 0 where softplus does not) can make the far form round below 0.
+    far = torch.relu(far)
+    return torch.where(delta.abs() <= near_width, near, far)

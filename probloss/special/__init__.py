@@ -1,0 +1,20 @@
+"""Stable special functions: exact in every floating dtype, finite gradients everywhere.
+
+Every function is elementwise, broadcasts like torch and returns its input dtype; float16
+and bfloat16 inputs are evaluated in float32 and rounded once (no intermediate overflow).
+"""
+
+from .continuous_bernoulli import cb_entropy, cb_log_partition, cb_mean, cb_variance
+from .log_exp import log1mexp, log_cosh, softplus_inverse
+from .where import safe_where
+
+__all__ = [
+    "cb_entropy",
+    "cb_log_partition",
+    "cb_mean",
+    "cb_variance",
+    "log1mexp",
+    "log_cosh",
+    "safe_where",
+    "softplus_inverse",
+]
