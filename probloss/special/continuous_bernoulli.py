@@ -78,63 +78,101 @@ def _horner(u: Tensor, coefs: tuple[float, ...]) -> Tensor:
     """``sum(c_k u^k)`` by Horner's rule, in place on one new buffer (no graph recorded)."""
     p = torch.full_like(u, coefs[-1])
     for c in reversed(coefs[:-1]):
-        p.mul_(u).add_(c)
+        # p = c + p * u as one fused pass (a 0-dim tensor broadcasts on any device).
+        torch.addcmul(torch.tensor(c, dtype=u.dtype), p, u, out=p)
     return p
 
 
-def _evaluate(eta: Tensor, names: frozenset[str]) -> dict[str, Tensor]:
-    """Every requested function of ``eta`` from one shared set of intermediates.
+# Forward kernels. They run without recording a graph and work in place on as few fresh
+# buffers as possible: on CPU, first touching a fresh buffer of a large tensor (page faults)
+# costs more than several arithmetic passes over it, and ``torch.where`` with a random mask
+# is several times slower than a multiply. Branches are therefore blended arithmetically
+# (see ``_blend_``), which is exact because both branches only ever see finite, safe inputs.
+# A trailing underscore marks a helper that consumes (overwrites) its tensor arguments.
 
-    Runs without recording a graph and works in place: on CPU a fresh 4 MB buffer costs more
-    (page faults) than the arithmetic, and ``torch.where`` with a random mask is ~10x slower
-    than a multiply, so branches are blended as ``series * s + closed * (1 - s)`` with the
-    0/1 mask ``s``, which is exact because both branches are fed finite, safe inputs.
+
+def _prelude(eta: Tensor, *, need_h: bool, need_t: bool):
+    """Shared intermediates: (series mask, h, u, S(u), T(u) or None, safe |eta|).
+
+    The series branch is fed ``eta = 0`` where the closed form is selected, the closed
+    branch ``|eta| + 8 > 4`` where the series is.
     """
     s_coefs, t_coefs = _COEFFICIENTS[eta.dtype]
     a = eta.abs()
     series = torch.le(a, _SERIES_MAX_ABS_ETA, out=torch.empty_like(eta))  # 1.0: series branch
-    closed = torch.rsub(series, 1.0)
-    # Series branch, fed eta = 0 where the closed form is selected.
     h = torch.mul(eta, series).mul_(0.5)
-    u = h * h
-    s = _horner(u, s_coefs)  # (sinh h - h) / h^3
-    w = u * s  # sinh(h)/h - 1
-    # Closed branch, fed |eta| + 8 (> 4) where the series is selected.
+    u = h * h if need_h else h.square_()
+    s = _horner(u, s_coefs)  # S = (sinh h - h) / h^3
+    t = _horner(u, t_coefs) if need_t else None  # T = (h cosh h - sinh h) / h^3
     a.add_(series, alpha=_SAFE_LARGE_ETA)
-    r = a.reciprocal()
+    return series, (h if need_h else None), u, s, t, a
+
+
+def _blend_(on_closed: Tensor, on_series: Tensor, series: Tensor) -> Tensor:
+    """``on_series`` where ``series == 1`` else ``on_closed``, into ``on_closed``, exactly."""
+    # c - c * s is exactly 0 or c; adding v * s then gives exactly v or c.
+    return on_closed.addcmul_(on_closed, series, value=-1.0).addcmul_(on_series, series)
+
+
+def _mean_(eta, series, h, t, d, q, r) -> Tensor:
+    """mean = 1/2 + h T / (2 D)  |  [eta > 0] - sign(eta) (1/a - 1/expm1(a)). Consumes h, t."""
+    on_series = h.mul_(t).div_(d).mul_(0.5).add_(0.5)
+    sign = torch.sign(eta)
+    on_closed = torch.sub(q, r).mul_(sign).add_(sign.add_(1.0).mul_(0.5))
+    return _blend_(on_closed, on_series, series)
+
+
+def _variance_(series, s, d, q, r) -> Tensor:
+    """var = S (1 + D) / (4 D^2)  |  1/a^2 - q (1 + q). Consumes s, q, r."""
+    on_series = s.addcmul_(s, d).div_(d).div_(d).mul_(0.25)
+    on_closed = r.mul_(r).sub_(q.addcmul_(q, q))
+    return _blend_(on_closed, on_series, series)
+
+
+def _log_partition_and_mean(eta: Tensor, with_mean: bool) -> tuple[Tensor, Tensor | None]:
+    series, h, u, s, t, a = _prelude(eta, need_h=True, need_t=with_mean)
+    w = u.mul_(s)  # uS = sinh(h)/h - 1
     q = torch.expm1(a).reciprocal_()  # 1/expm1(a); 0 once expm1 overflows
-    need_t = bool(names & {"mean", "entropy"})
-    t = _horner(u, t_coefs) if need_t else None  # (h cosh h - sinh h) / h^3
-    log1p_w = torch.log1p(w) if names & {"log_partition", "entropy"} else None
-    # log1mexp(a) = log(1 - e^-a) = -log1p(1/expm1(a)), and log(a): shared by A and H.
-    log_a_1mexp = torch.log(a).add_(torch.log1p(q)) if log1p_w is not None else None
+    # A = h + log1p(w)  |  max(eta, 0) + log1mexp(a) - log(a), where
+    # log(a) - log1mexp(a) = log(a) + log1p(1/expm1(a)) = log(a (1 + q)).
+    on_series = torch.log1p(w).add_(h)
+    on_closed = torch.relu(eta).sub_(torch.addcmul(a, a, q).log_())
+    log_partition = _blend_(on_closed, on_series, series)
+    if not with_mean:
+        return log_partition, None
+    return log_partition, _mean_(eta, series, h, t, w.add_(1.0), q, a.reciprocal_())
 
-    def blend(on_series: Tensor, on_closed: Tensor) -> Tensor:
-        return on_closed.mul_(closed).addcmul_(on_series, series)
 
-    out = {}
-    if "log_partition" in names:
-        # A = h + log1p(w)  |  max(eta, 0) + log1mexp(a) - log(a)
-        out["log_partition"] = blend(log1p_w + h, torch.relu(eta).sub_(log_a_1mexp))
-    if "mean" in names:
-        sign = torch.sign(eta)
-        positive = torch.add(sign, 1.0).mul_(0.5)  # [eta > 0] on the closed branch
-        # mean = 1/2 + h T / (2 (1 + w))  |  [eta > 0] - sign(eta) (1/a - 1/expm1(a))
-        on_series = torch.mul(h, t).div_(w + 1.0).mul_(0.5).add_(0.5)
-        on_closed = torch.sub(q, r).mul_(sign).add_(positive)
-        out["mean"] = blend(on_series, on_closed)
-    if "variance" in names:
-        # var = S (2 + w) / (4 (1 + w)^2)  |  1/a^2 - q (1 + q)
-        one_w = w + 1.0
-        on_series = torch.add(w, 2.0).mul_(s).div_(one_w.square_().mul_(4.0))
-        on_closed = torch.square(r).sub_(torch.add(q, 1.0).mul_(q))
-        out["variance"] = blend(on_series, on_closed)
-    if "entropy" in names:
-        # H = log1p(w) - u T / (1 + w)  |  1 - log a + log1mexp(a) - a / expm1(a)
-        on_series = torch.mul(u, t).div_(w + 1.0).neg_().add_(log1p_w)
-        on_closed = torch.mul(a, q).add_(log_a_1mexp).neg_().add_(1.0)
-        out["entropy"] = blend(on_series, on_closed)
-    return out
+def _mean_and_variance(eta: Tensor, with_variance: bool) -> tuple[Tensor, Tensor | None]:
+    series, h, u, s, t, a = _prelude(eta, need_h=True, need_t=True)
+    d = u.mul_(s).add_(1.0)  # D = 1 + uS = sinh(h)/h
+    q = torch.expm1(a).reciprocal_()
+    r = a.reciprocal_()
+    mean = _mean_(eta, series, h, t, d, q, r)
+    return mean, (_variance_(series, s, d, q, r) if with_variance else None)
+
+
+def _variance_only(eta: Tensor) -> Tensor:
+    series, _, u, s, _, a = _prelude(eta, need_h=False, need_t=False)
+    d = u.mul_(s).add_(1.0)
+    q = torch.expm1(a).reciprocal_()
+    return _variance_(series, s, d, q, a.reciprocal_())
+
+
+def _entropy_and_variance(eta: Tensor, with_variance: bool) -> tuple[Tensor, Tensor | None]:
+    series, _, u, s, t, a = _prelude(eta, need_h=False, need_t=True)
+    ut = t.mul_(u)
+    w = u.mul_(s)
+    q = torch.expm1(a).reciprocal_()
+    # H = log1p(w) - u T / (1 + w)  |  1 - log a + log1mexp(a) - a / expm1(a)
+    log1p_w = torch.log1p(w)
+    d = w.add_(1.0)
+    on_series = ut.div_(d).neg_().add_(log1p_w)
+    on_closed = torch.mul(a, q).add_(torch.addcmul(a, a, q).log_()).neg_().add_(1.0)
+    entropy = _blend_(on_closed, on_series, series)
+    if not with_variance:
+        return entropy, None
+    return entropy, _variance_(series, s, d, q, a.reciprocal_())
 
 
 def _variance_derivative(eta: Tensor) -> Tensor:
@@ -182,19 +220,12 @@ def _variance_derivative(eta: Tensor) -> Tensor:
     )
 
 
-_LOG_PARTITION = frozenset({"log_partition"})
-_MEAN = frozenset({"mean"})
-_VARIANCE = frozenset({"variance"})
-_ENTROPY = frozenset({"entropy"})
-
-
 class _LogPartition(torch.autograd.Function):
     @staticmethod
     def forward(ctx, eta: Tensor) -> Tensor:
-        grad = ctx.needs_input_grad[0]
-        out = _evaluate(eta, _LOG_PARTITION | (_MEAN if grad else frozenset()))
-        ctx.save_for_backward(eta, out.get("mean"))
-        return out["log_partition"]
+        log_partition, mean = _log_partition_and_mean(eta, ctx.needs_input_grad[0])
+        ctx.save_for_backward(eta, mean)
+        return log_partition
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
@@ -206,10 +237,9 @@ class _LogPartition(torch.autograd.Function):
 class _Mean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, eta: Tensor) -> Tensor:
-        grad = ctx.needs_input_grad[0]
-        out = _evaluate(eta, _MEAN | (_VARIANCE if grad else frozenset()))
-        ctx.save_for_backward(eta, out.get("variance"))
-        return out["mean"]
+        mean, variance = _mean_and_variance(eta, ctx.needs_input_grad[0])
+        ctx.save_for_backward(eta, variance)
+        return mean
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
@@ -221,7 +251,7 @@ class _Variance(torch.autograd.Function):
     @staticmethod
     def forward(ctx, eta: Tensor) -> Tensor:
         ctx.save_for_backward(eta)
-        return _evaluate(eta, _VARIANCE)["variance"]
+        return _variance_only(eta)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
@@ -232,10 +262,9 @@ class _Variance(torch.autograd.Function):
 class _Entropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, eta: Tensor) -> Tensor:
-        grad = ctx.needs_input_grad[0]
-        out = _evaluate(eta, _ENTROPY | (_VARIANCE if grad else frozenset()))
-        ctx.save_for_backward(eta, out.get("variance"))
-        return out["entropy"]
+        entropy, variance = _entropy_and_variance(eta, ctx.needs_input_grad[0])
+        ctx.save_for_backward(eta, variance)
+        return entropy
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
