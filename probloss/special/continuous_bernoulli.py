@@ -159,7 +159,8 @@ def _variance_only(eta: Tensor) -> Tensor:
     return _variance_(series, s, d, q, a.reciprocal_())
 
 
-def _entropy_and_variance(eta: Tensor, with_variance: bool) -> tuple[Tensor, Tensor | None]:
+def _entropy_and_gradient(eta: Tensor, with_gradient: bool) -> tuple[Tensor, Tensor | None]:
+    """Entropy and, if asked, its derivative ``-eta * var``, formed without underflow."""
     series, _, u, s, t, a = _prelude(eta, need_h=False, need_t=True)
     ut = t.mul_(u)
     w = u.mul_(s)
@@ -170,9 +171,13 @@ def _entropy_and_variance(eta: Tensor, with_variance: bool) -> tuple[Tensor, Ten
     on_series = ut.div_(d).neg_().add_(log1p_w)
     on_closed = torch.mul(a, q).add_(torch.addcmul(a, a, q).log_()).neg_().add_(1.0)
     entropy = _blend_(on_closed, on_series, series)
-    if not with_variance:
+    if not with_gradient:
         return entropy, None
-    return entropy, _variance_(series, s, d, q, a.reciprocal_())
+    # -eta var = -eta S (1 + D) / (4 D^2)  |  sign(eta) (a q (1 + q) - 1/a): not -eta * var,
+    # whose var ~ 1/eta^2 underflows long before the gradient ~ -1/eta does.
+    on_series = s.addcmul_(s, d).div_(d).div_(d).mul_(-0.25).mul_(eta)
+    on_closed = q.addcmul_(q, q).mul_(a).sub_(a.reciprocal_()).mul_(torch.sign(eta))
+    return entropy, _blend_(on_closed, on_series, series)
 
 
 def _variance_derivative(eta: Tensor) -> Tensor:
@@ -262,16 +267,16 @@ class _Variance(torch.autograd.Function):
 class _Entropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, eta: Tensor) -> Tensor:
-        entropy, variance = _entropy_and_variance(eta, ctx.needs_input_grad[0])
-        ctx.save_for_backward(eta, variance)
+        entropy, gradient = _entropy_and_gradient(eta, ctx.needs_input_grad[0])
+        ctx.save_for_backward(eta, gradient)
         return entropy
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        eta, variance = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            variance = _Variance.apply(eta)
-        return grad * -eta * variance
+        eta, gradient = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a differentiable graph (underflows for |eta| > 1e19 f32)
+            gradient = -eta * _Variance.apply(eta)
+        return grad * gradient
 
 
 def cb_log_partition(eta: Tensor) -> Tensor:
