@@ -52,8 +52,9 @@ def test_check_in_interval_messages():
 def test_loss_dtype_policy(dtypes, expected):
     tensors = [torch.zeros(1, dtype=d) for d in dtypes]
     assert loss_dtype(*tensors) == expected
-    assert all(t.dtype == expected for t in as_loss_tensors(**{f"t{i}": t for i, t in
-                                                               enumerate(tensors)}))
+    assert all(
+        t.dtype == expected for t in as_loss_tensors(**{f"t{i}": t for i, t in enumerate(tensors)})
+    )
 
 
 def test_integer_tensors_are_rejected_by_name():

@@ -45,7 +45,7 @@ def _gauss_legendre_01(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def bregman_divergence(
     f: Callable[[Tensor], Tensor],
     f_prime: Callable[[Tensor], Tensor],
-    f_second: Callable[[Tensor], Tensor],
+    curvature_times_square: Callable[[Tensor, Tensor], Tensor],
     x_q: Tensor,
     x_p: Tensor,
     near_width: Tensor | float,
@@ -53,8 +53,10 @@ def bregman_divergence(
     """``f(x_p) - f(x_q) - f'(x_q) (x_p - x_q)`` for ``f(x) = x + f(-x)``, never negative.
 
     Args:
-        f, f_prime, f_second: the convex function and its first two derivatives,
-            elementwise and differentiable.
+        f, f_prime: the convex function and its derivative, elementwise, differentiable.
+        curvature_times_square: ``(x, delta) -> delta^2 f''(x)``, elementwise; given as one
+            function so that it can be formed without overflow or underflow where
+            ``delta^2`` or ``f''(x)`` alone would (huge logits).
         x_q, x_p: broadcastable tensors of one floating dtype (float32 or float64).
         near_width: where ``|x_p - x_q| <= near_width`` the quadrature form is used.
 
@@ -63,17 +65,20 @@ def bregman_divergence(
     """
     x_q, x_p = torch.broadcast_tensors(x_q, x_p)
     delta = x_p - x_q
+    near = delta.abs() <= near_width
     nodes, weights = _gauss_legendre_01(_NODES[x_q.dtype])
     t = torch.tensor(nodes, dtype=x_q.dtype, device=x_q.device)
     # (1 - t) w: the Taylor remainder kernel times the quadrature weights.
     kernel = torch.tensor(weights, dtype=x_q.dtype, device=x_q.device) * (1.0 - t)
-    curvature = f_second(x_q.unsqueeze(-1) + t * delta.unsqueeze(-1))
-    near = delta.square() * (curvature * kernel).sum(-1)
+    # The quadrature is fed delta = 0 where the closed form is selected (double where).
+    delta_near = torch.where(near, delta, 0.0).unsqueeze(-1)
+    quadrature = (
+        curvature_times_square(x_q.unsqueeze(-1) + t * delta_near, delta_near) * kernel
+    ).sum(-1)
     # Reflect so that x_q <= 0: D is invariant under (x_q, x_p) -> (-x_q, -x_p).
     flip = torch.where(x_q > 0, -1.0, 1.0).to(x_q.dtype)
     q, p = x_q * flip, x_p * flip
-    far = f(p) - f(q) - f_prime(q) * (p - q)
     # relu is exact: the divergence is >= 0, and only underflow to subnormals (sigmoid may
-    # flush to 0 where softplus does not) can make the far form round below 0.
-    far = torch.relu(far)
-    return torch.where(delta.abs() <= near_width, near, far)
+    # flush to 0 where softplus does not) can make the closed form round below 0.
+    closed = torch.relu(f(p) - f(q) - f_prime(q) * (p - q))
+    return torch.where(near, quadrature, closed)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .._dtype import as_loss_tensors
 from .._validation import broadcast_shapes, check_in_interval, should_validate
-from ..special import cb_log_partition, safe_where
+from ..special import cb_log_partition, cb_mean, safe_where
 from ..special._dtype import as_float_tensor, upcast
 
 
@@ -57,12 +57,7 @@ def continuous_bernoulli_log_prob(
     broadcast_shapes(value=value, logits=logits)
     if should_validate(validate_args, value):
         check_in_interval(value, "value", 0.0, 1.0)
-    positive = logits > 0
-    return torch.where(
-        positive,
-        logits * (value - 1.0) - cb_log_partition(-logits),
-        logits * value - cb_log_partition(logits),
-    )
+    return _log_density(value, logits)
 
 
 def continuous_bernoulli_cdf(
@@ -72,14 +67,16 @@ def continuous_bernoulli_cdf(
 
     .. math::
         F(x) = \begin{cases}
+            x\, e^{A(\eta x) - A(\eta)} & |\eta| \le 1 \\
             e^{\eta (x - 1)}\,\dfrac{\operatorname{expm1}(-\eta x)}{\operatorname{expm1}(-\eta)}
-                & \eta \ge \epsilon \\
-            x + \tfrac12 \eta\,x (x - 1) & |\eta| < \epsilon \\
-            \dfrac{\operatorname{expm1}(\eta x)}{\operatorname{expm1}(\eta)} & \eta \le -\epsilon
+                & \eta > 1 \\
+            \dfrac{\operatorname{expm1}(\eta x)}{\operatorname{expm1}(\eta)} & \eta < -1
         \end{cases}
 
-    with :math:`\epsilon` the machine epsilon of the compute dtype (the first-order form is
-    exact to :math:`O(\eta^2)` there, and its gradient in ``eta`` is right).
+    The first form (``expm1(z) = z e^{A(z)}`` with :math:`A` =
+    :func:`~probloss.special.cb_log_partition`) is exact at and near ``eta = 0``, and so is
+    its gradient :math:`F\,(x\,\mu(\eta x) - \mu(\eta))`, where the quotient of ``expm1`` s
+    would differentiate into a cancellation of terms of size ``1/eta``.
 
     Args:
         value: points in ``[0, 1]``, shape broadcastable with ``logits``.
@@ -95,7 +92,9 @@ def continuous_bernoulli_cdf(
         check_in_interval(value, "value", 0.0, 1.0)
     out_dtype = value.dtype
     value, logits = torch.broadcast_tensors(upcast(value), upcast(logits))
-    eps = torch.finfo(logits.dtype).eps
+
+    def small(eta: Tensor) -> Tensor:
+        return value * torch.exp(cb_log_partition(eta * value) - cb_log_partition(eta))
 
     def positive(eta: Tensor) -> Tensor:
         return torch.exp(eta * (value - 1.0)) * torch.expm1(-eta * value) / torch.expm1(-eta)
@@ -103,18 +102,67 @@ def continuous_bernoulli_cdf(
     def negative(eta: Tensor) -> Tensor:
         return torch.expm1(eta * value) / torch.expm1(eta)
 
-    def nonzero(eta: Tensor) -> Tensor:
-        return safe_where(eta > 0, eta, positive, negative, safe_true=1.0, safe_false=-1.0)
+    def large(eta: Tensor) -> Tensor:
+        return safe_where(eta > 0, eta, positive, negative, safe_true=2.0, safe_false=-2.0)
 
-    out = safe_where(
-        logits.abs() < eps,
-        logits,
-        lambda eta: value + 0.5 * eta * value * (value - 1.0),
-        nonzero,
-        safe_true=0.0,
-        safe_false=1.0,
-    )
+    out = safe_where(logits.abs() <= 1.0, logits, small, large, safe_true=0.0, safe_false=2.0)
     return out.to(out_dtype)
+
+
+class _ContinuousBernoulliIcdf(torch.autograd.Function):
+    """Inverse CDF with the implicit-function gradient.
+
+    ``x(u, eta)`` solves ``F(x; eta) = u``, so ``dx/du = 1 / p(x)`` and
+    ``dx/deta = -(dF/deta) / p(x) = -u (x mu(eta x) - mu(eta)) / p(x)``: exact everywhere,
+    finite at ``u = 0`` and ``u = 1``, and differentiable again (built from probloss
+    functions), where autograd through the closed forms cancels for small ``|eta|`` and
+    takes ``log(0)`` at the ends.
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, logits: Tensor) -> Tensor:
+        x = _icdf_value(u, logits)
+        ctx.save_for_backward(u, logits, x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        u, logits, x = ctx.saved_tensors
+        log_density = _log_density(x, logits)
+        grad_u = grad * torch.exp(-log_density)
+        # dF/deta = u (x mu(eta x) - mu(eta)) = (1 - u) ((1 - x) mu(-eta (1 - x)) - mu(-eta))
+        # by the symmetry 1 - F(x; eta) = F(1 - x; -eta). Take the form whose prefactor is the
+        # smaller of u and 1 - u, and divide by p(x) in logs: exactly 0 at u = 0 and u = 1,
+        # even where 1 / p(x) overflows there.
+        lower = u <= 0.5
+        prefactor = torch.where(lower, u, 1.0 - u)
+        eta = torch.where(lower, logits, -logits)
+        y = torch.where(lower, x, 1.0 - x)
+        d_cdf = (y * cb_mean(eta * y) - cb_mean(eta)) * torch.exp(
+            torch.log(prefactor) - log_density
+        )
+        return grad_u, -grad * d_cdf
+
+
+def _icdf_value(u: Tensor, logits: Tensor) -> Tensor:
+    eps = torch.finfo(logits.dtype).eps
+    large = logits.abs() >= 1.0
+    # log(1 - u + u e^eta): log-sum-exp for |eta| >= 1 (no overflow, keeps tiny quantiles),
+    # log1p for |eta| < 1; first order in eta below eps (no 0/0).
+    log_sum = torch.logaddexp(torch.log1p(-u), torch.log(u) + logits)
+    moderate = torch.log1p(u * torch.expm1(logits))
+    safe_logits = torch.where(logits.abs() < eps, 1.0, logits)
+    ratio = torch.where(large, log_sum, moderate) / safe_logits
+    return torch.where(logits.abs() < eps, u - 0.5 * logits * u * (u - 1.0), ratio)
+
+
+def _log_density(x: Tensor, logits: Tensor) -> Tensor:
+    """``eta x - A(eta)``, keeping ``x - 1`` exact for positive logits (see log_prob)."""
+    return torch.where(
+        logits > 0,
+        logits * (x - 1.0) - cb_log_partition(-logits),
+        logits * x - cb_log_partition(logits),
+    )
 
 
 def continuous_bernoulli_icdf(
@@ -133,8 +181,10 @@ def continuous_bernoulli_icdf(
 
     The log-sum-exp form never overflows and keeps tiny quantiles (samples near 0 when
     ``eta`` is large, near 1 when it is very negative); ``log1p`` keeps ``|eta| < 1`` exact.
-    Used by :meth:`ContinuousBernoulli.rsample`, whose gradient in ``logits`` is the
-    reparameterisation (pathwise) gradient.
+    The gradient is the implicit-function one, ``dx/du = 1/p(x)`` and
+    ``dx/deta = -u (x mu(eta x) - mu(eta)) / p(x)``: exact, and finite at ``u = 0`` and
+    ``u = 1``. :meth:`ContinuousBernoulli.rsample` uses it, so its gradient in ``logits`` is
+    the reparameterisation (pathwise) gradient.
 
     Args:
         quantile: ``u`` in ``[0, 1]``, shape broadcastable with ``logits``.
@@ -150,26 +200,7 @@ def continuous_bernoulli_icdf(
         check_in_interval(quantile, "quantile", 0.0, 1.0)
     out_dtype = quantile.dtype
     u, logits = torch.broadcast_tensors(upcast(quantile), upcast(logits))
-    eps = torch.finfo(logits.dtype).eps
-
-    def large(eta: Tensor) -> Tensor:
-        return torch.logaddexp(torch.log1p(-u), torch.log(u) + eta) / eta
-
-    def moderate(eta: Tensor) -> Tensor:
-        return torch.log1p(u * torch.expm1(eta)) / eta
-
-    def nonzero(eta: Tensor) -> Tensor:
-        return safe_where(eta.abs() >= 1.0, eta, large, moderate, safe_true=2.0, safe_false=0.5)
-
-    out = safe_where(
-        logits.abs() < eps,
-        logits,
-        lambda eta: u - 0.5 * eta * u * (u - 1.0),
-        nonzero,
-        safe_true=0.0,
-        safe_false=2.0,
-    )
-    return out.to(out_dtype)
+    return _ContinuousBernoulliIcdf.apply(u, logits).to(out_dtype)
 
 
 def _promote(**tensors: Tensor | float) -> list[Tensor]:
