@@ -28,23 +28,29 @@ def naive_log_partition(x: torch.Tensor) -> torch.Tensor:
     return torch.log(torch.expm1(x) / x)
 
 
-def time_forward_backward(fn, x: torch.Tensor, repeats: int) -> float:
-    """Median wall time (seconds) of fn(x).sum().backward() over ``repeats`` runs."""
-    times = []
-    for i in range(repeats + 2):
-        xi = x.detach().requires_grad_(True)
-        start = time.perf_counter()
-        fn(xi).sum().backward()
-        elapsed = time.perf_counter() - start
-        if i >= 2:  # two warm-up runs
-            times.append(elapsed)
-    return statistics.median(times)
+def forward_backward(fn, x: torch.Tensor) -> float:
+    """Wall time (seconds) of one ``fn(x).sum().backward()`` on a fresh leaf."""
+    xi = x.detach().requires_grad_(True)
+    start = time.perf_counter()
+    fn(xi).sum().backward()
+    return time.perf_counter() - start
+
+
+def median_times(fns, x: torch.Tensor, repeats: int) -> list[float]:
+    """Median times of several functions, run interleaved so they share machine conditions."""
+    for fn in fns:  # warm-up (allocator, thread pool, lazy initialisation)
+        forward_backward(fn, x)
+    samples = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, times in zip(fns, samples, strict=True):
+            times.append(forward_backward(fn, x))
+    return [statistics.median(times) for times in samples]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=21)
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, n = {args.n}")
@@ -65,8 +71,7 @@ def main() -> None:
         }
         for label, x in inputs.items():
             for name, ours, naive in cases:
-                t_ours = time_forward_backward(ours, x, args.repeats)
-                t_naive = time_forward_backward(naive, x, args.repeats)
+                t_ours, t_naive = median_times((ours, naive), x, args.repeats)
                 print(
                     f"{name:<22}{str(dtype).removeprefix('torch.'):<10}{label:<14}"
                     f"{1e3 * t_ours:>12.2f}{1e3 * t_naive:>10.2f}{t_ours / t_naive:>8.2f}"
