@@ -24,8 +24,24 @@ DTYPE_IDS = {
 }
 
 
+F32_F64 = (torch.float32, torch.float64)
+# Relative bounds of values that are single closed-form evaluations (log_prob, moments).
+RTOL = {torch.float32: 1e-6, torch.float64: 1e-13}
+
+
 def dtype_id(dtype: torch.dtype) -> str:
     return DTYPE_IDS[dtype]
+
+
+def signed(magnitudes: Sequence[float]) -> list[float]:
+    """Each magnitude with both signs: ``[m0, -m0, m1, -m1, ...]``."""
+    return [s * m for m in magnitudes for s in (1.0, -1.0)]
+
+
+def relative_bound(expected: np.ndarray, rtol: float, dtype: torch.dtype) -> np.ndarray:
+    """``rtol |expected|`` where ``expected`` is a normal number of ``dtype``, else ``tiny``."""
+    tiny = torch.finfo(dtype).tiny
+    return np.where(np.abs(expected) >= tiny, rtol * np.abs(expected), tiny)
 
 
 def cast(values: Sequence[float], dtype: torch.dtype) -> list[float]:

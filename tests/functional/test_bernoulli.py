@@ -59,30 +59,26 @@ from probloss.functional import (
 )
 from tests.functional import cb_reference as ref
 from tests.functional._checks import (
+    F32_F64,
     FLOAT_DTYPES,
     HALF_DTYPES,
+    RTOL,
     assert_within,
     cast,
     dtype_id,
+    signed,
 )
-
-F32_F64 = (torch.float32, torch.float64)
-RTOL = {torch.float32: 1e-6, torch.float64: 1e-13}
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
-def _signed(mags) -> list[float]:
-    return [s * m for m in mags for s in (1.0, -1.0)]
-
-
 def _extremes(dtype: torch.dtype) -> list[float]:
     """0, +-smallest subnormal, +-tiny, +-eps, +-1/eps, +-sqrt(max), +-max of ``dtype``."""
     fi = torch.finfo(dtype)
     mags = [fi.tiny * fi.eps, fi.tiny, fi.eps, 1.0 / fi.eps, math.sqrt(fi.max), fi.max]
-    return [0.0, *_signed(mags)]
+    return [0.0, *signed(mags)]
 
 
 def _grid(xs: list[float], etas: list[float], dtype: torch.dtype):
@@ -101,7 +97,7 @@ def _f64(oracle, pairs) -> np.ndarray:
 # log_prob
 # ======================================================================================
 
-LP_LOGITS = [0.0, *_signed([1e-30, 1e-6, 0.1, 1.0, 4.0, 17.0, 50.0, 1e3, 1e4])]
+LP_LOGITS = [0.0, *signed([1e-30, 1e-6, 0.1, 1.0, 4.0, 17.0, 50.0, 1e3, 1e4])]
 LP_VALUES = [0.0, 1e-6, 0.3, 0.5, 0.999, 1.0]
 
 
@@ -248,10 +244,10 @@ def test_log_prob_validate_args_false_skips_value_check():
 # cdf / icdf
 # ======================================================================================
 
-CDF_LOGITS = [0.0, *_signed([1e-30, 1e-7, 0.5, 1.0, 4.0, 30.0, 1e4])]
+CDF_LOGITS = [0.0, *signed([1e-30, 1e-7, 0.5, 1.0, 4.0, 30.0, 1e4])]
 CDF_VALUES = [0.0, 1e-30, 1e-6, 0.01, 0.3, 0.5, 0.7, 0.99, 1.0 - 1e-6, 1.0]
 # eps <= |eta| < 0.25: where the naive closed form's logit-gradient cancels
-SMALL_LOGITS = _signed([1e-12, 1e-7, 2e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1])
+SMALL_LOGITS = signed([1e-12, 1e-7, 2e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1])
 
 
 def _cdf_value_bound(pairs, expected, dtype, *, icdf: bool) -> np.ndarray:
@@ -352,7 +348,7 @@ def test_icdf_quantile_gradient_at_end_points(eta):
 def test_cdf_icdf_monotone(dtype):
     """cdf is nondecreasing in x and icdf in u on a 4097-point grid, for every logit."""
     grid = torch.linspace(0.0, 1.0, 4097, dtype=torch.float64).to(dtype)
-    for eta in cast([*CDF_LOGITS, *_signed([17.0, 100.0])], dtype):
+    for eta in cast([*CDF_LOGITS, *signed([17.0, 100.0])], dtype):
         logits = torch.full_like(grid, eta)
         for fn in (continuous_bernoulli_cdf, continuous_bernoulli_icdf):
             y = fn(grid, logits)
@@ -372,7 +368,7 @@ def test_icdf_cdf_round_trip_float64():
     """
     eps = torch.finfo(torch.float64).eps
     xs = [1e-30, 1e-6, 0.01, 0.3, 0.5, 0.7, 0.99, 1.0 - 1e-6]
-    pairs, x, eta = _grid(xs, [*CDF_LOGITS, *_signed([17.0, 100.0])], torch.float64)
+    pairs, x, eta = _grid(xs, [*CDF_LOGITS, *signed([17.0, 100.0])], torch.float64)
     cdf = continuous_bernoulli_cdf(x, eta)
     back = continuous_bernoulli_icdf(cdf, eta).numpy()
     keep, bounds = [], []

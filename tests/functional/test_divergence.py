@@ -56,14 +56,16 @@ from torch.distributions import ContinuousBernoulli as TorchCB
 from probloss.functional import bernoulli_kl, continuous_bernoulli_kl
 from tests.functional import cb_reference as ref
 from tests.functional._checks import (
+    F32_F64,
     FLOAT_DTYPES,
     HALF_DTYPES,
     assert_within,
     cast,
     dtype_id,
+    relative_bound,
+    signed,
 )
 
-F32_F64 = (torch.float32, torch.float64)
 BKL_RTOL = {torch.float32: 1e-6, torch.float64: 1e-13}
 CBKL_RTOL = {torch.float32: 1e-5, torch.float64: 1e-13}
 KL = {"bernoulli": bernoulli_kl, "continuous_bernoulli": continuous_bernoulli_kl}
@@ -72,16 +74,12 @@ GRAD_ORACLE = {"bernoulli": ref.bernoulli_kl_grad, "continuous_bernoulli": ref.c
 RTOL = {"bernoulli": BKL_RTOL, "continuous_bernoulli": CBKL_RTOL}
 
 
-def _signed(mags) -> list[float]:
-    return [s * m for m in mags for s in (1.0, -1.0)]
-
-
 # ======================================================================================
 # Grids (float64 pairs (q, p); cast to the dtype under test before use)
 # ======================================================================================
 
-_BASE = [0.0, *_signed([1e-30, 1e-7, 0.5, 1.0, 3.0, 4.0, 8.0, 17.0, 30.0, 50.0, 100.0])]
-_BASE += _signed([1e3, 1e4])
+_BASE = [0.0, *signed([1e-30, 1e-7, 0.5, 1.0, 3.0, 4.0, 8.0, 17.0, 30.0, 50.0, 100.0])]
+_BASE += signed([1e3, 1e4])
 
 
 def _bernoulli_pairs() -> list[tuple[float, float]]:
@@ -107,7 +105,7 @@ def _cb_pairs() -> list[tuple[float, float]]:
     for q in (0.5, -3.0, 8.0, 30.0, -50.0, 1e3, -1e4):
         for r in (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2):
             pairs += [(q, q * (1 + r)), (q, q * (1 - r))]
-    pairs += [(0.0, d) for d in _signed([1e-7, 1e-5, 1e-3, 1e-2])]
+    pairs += [(0.0, d) for d in signed([1e-7, 1e-5, 1e-3, 1e-2])]
     # the switch |p - q| = max(4, |q|/2) between quadrature and closed form, both sides
     for q in (0.0, 1.0, -3.0, 8.0, 20.0, -40.0, 1e3, -1e3):
         width = max(4.0, abs(q) / 2)
@@ -147,11 +145,6 @@ def _tensors(pairs, dtype, requires_grad=False):
     return q.requires_grad_(requires_grad), p.requires_grad_(requires_grad)
 
 
-def _bound(expected: np.ndarray, rtol: float, dtype: torch.dtype) -> np.ndarray:
-    tiny = torch.finfo(dtype).tiny
-    return np.where(np.abs(expected) >= tiny, rtol * np.abs(expected), tiny)
-
-
 # ======================================================================================
 # Accuracy against mpmath
 # ======================================================================================
@@ -165,7 +158,7 @@ def test_kl_matches_mpmath(family, dtype):
     q, p = _tensors(pairs, dtype)
     got = KL[family](q, p)
     assert got.dtype == dtype and got.shape == q.shape
-    bound = _bound(expected, RTOL[family][dtype], dtype)
+    bound = relative_bound(expected, RTOL[family][dtype], dtype)
     assert_within(got.numpy(), expected, bound, pairs, f"{family} KL {dtype}")
 
 
@@ -180,7 +173,7 @@ def test_kl_gradients_match_mpmath(family, dtype):
     rtol = RTOL[family][dtype]
     for name, got, expected in (("dKL/dq", q.grad, exp_dq), ("dKL/dp", p.grad, exp_dp)):
         assert torch.isfinite(got).all(), name
-        bound = _bound(expected, rtol, dtype)
+        bound = relative_bound(expected, rtol, dtype)
         assert_within(got.numpy(), expected, bound, pairs, f"{family} {name} {dtype}")
 
 
@@ -378,7 +371,7 @@ def test_kl_gradient_when_delta_squared_overflows(family, dtype):
     grads = [GRAD_ORACLE[family](a, b) for a, b in pairs]
     for k, (name, got) in enumerate((("dq", q.grad), ("dp", p.grad))):
         exact = np.array([ref.to_float64(g[k]) for g in grads])
-        bound = _bound(exact, RTOL[family][dtype], dtype)
+        bound = relative_bound(exact, RTOL[family][dtype], dtype)
         assert_within(got.numpy(), exact, bound, pairs, f"{family} {name} {dtype}")
 
 
@@ -392,7 +385,7 @@ def test_cb_kl_gradient_huge_logits(dtype):
     grads = [ref.cb_kl_grad(a, b) for a, b in pairs]
     for k, (name, got) in enumerate((("dq", q.grad), ("dp", p.grad))):
         exact = np.array([ref.to_float64(g[k]) for g in grads])
-        bound = _bound(exact, CBKL_RTOL[dtype], dtype)
+        bound = relative_bound(exact, CBKL_RTOL[dtype], dtype)
         assert_within(got.numpy(), exact, bound, pairs, f"{name} {dtype}")
 
 
