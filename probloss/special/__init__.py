@@ -5,6 +5,7 @@ and bfloat16 inputs are evaluated in float32 and rounded once (no intermediate o
 """
 
 from .continuous_bernoulli import cb_entropy, cb_log_partition, cb_mean, cb_variance
+from .floor import soft_floor, softplus
 from .log_exp import log1mexp, log_cosh, softplus_inverse
 from .where import safe_where
 
@@ -16,5 +17,7 @@ __all__ = [
     "log1mexp",
     "log_cosh",
     "safe_where",
+    "soft_floor",
+    "softplus",
     "softplus_inverse",
 ]
