@@ -33,8 +33,11 @@ def soft_floor(x: Tensor, floor: float | Tensor) -> Tensor:
 
     Far above the floor it is ``x`` (error ``e^{-(x - m)}``); at the floor it is
     ``m + log 2``; below it tends to ``m`` with a gradient that shrinks smoothly instead of
-    vanishing at a kink as ``clamp(x, min=m)``'s does. Use it for scales and variances
-    predicted by a network (e.g. ``min_scale``).
+    vanishing at a kink as ``clamp(x, min=m)``'s does. ``softplus`` has unit width, so apply
+    it to quantities on a unit scale, such as a log-scale: in log space it is exactly an
+    additive floor, ``soft_floor(log s, log m) = log(s + m)``, which is how probloss floors
+    scales and variances (``min_scale``, ``eps``) without changing the objective by more
+    than ``m`` in the scale.
 
     Args:
         x: tensor of shape ``(*)``.
@@ -44,8 +47,9 @@ def soft_floor(x: Tensor, floor: float | Tensor) -> Tensor:
         Tensor of the broadcast shape.
 
     Example:
-        >>> soft_floor(torch.tensor([-5.0, 1e-3, 10.0]), 1e-3)
-        tensor([7.7087e-03, 6.9415e-01, 1.0000e+01])
+        >>> log_scale = torch.tensor([-30.0, 0.0, 5.0])
+        >>> soft_floor(log_scale, -7.0).exp()  # = exp(log_scale) + exp(-7)
+        tensor([9.1188e-04, 1.0009e+00, 1.4841e+02])
     """
     x = as_float_tensor(x, "x")
     return floor + softplus(x - floor)
