@@ -57,6 +57,10 @@ __all__ = [
     "log1mexp_grad",
     "log_cosh",
     "log_cosh_grad",
+    "log_softplus",
+    "log_softplus_grad",
+    "softplus",
+    "softplus_grad",
     "softplus_inverse",
     "softplus_inverse_grad",
     "to_float64",
@@ -148,6 +152,47 @@ def softplus_inverse_grad(y: float, _boost: int = 0) -> mpmath.mpf:
         return mp.inf
     with mp.workdps(_dps(y) + _boost):
         return +(1 / -mp.expm1(-mp.mpf(y)))
+
+
+# --------------------------------------------------------------------------
+# softplus(x) = log1p(exp(x)) and log_softplus(x) = log(softplus(x))
+# --------------------------------------------------------------------------
+
+
+@functools.cache
+def softplus(x: float, _boost: int = 0) -> mpmath.mpf:
+    if math.isnan(x):
+        return mp.nan
+    # mpmath's exponent range is unbounded, so exp(-1e30) and log1p of it are exact.
+    with mp.workdps(_dps(x) + _boost):
+        return +mp.log1p(mp.exp(mp.mpf(x)))
+
+
+@functools.cache
+def softplus_grad(x: float, _boost: int = 0) -> mpmath.mpf:
+    """sigmoid(x)."""
+    if math.isnan(x):
+        return mp.nan
+    with mp.workdps(_dps(x) + _boost):
+        return +(1 / (1 + mp.exp(-mp.mpf(x))))
+
+
+@functools.cache
+def log_softplus(x: float, _boost: int = 0) -> mpmath.mpf:
+    if math.isnan(x):
+        return mp.nan
+    with mp.workdps(_dps(x) + _boost):
+        return +mp.log(mp.log1p(mp.exp(mp.mpf(x))))
+
+
+@functools.cache
+def log_softplus_grad(x: float, _boost: int = 0) -> mpmath.mpf:
+    """sigmoid(x) / softplus(x)."""
+    if math.isnan(x):
+        return mp.nan
+    with mp.workdps(_dps(x) + _boost):
+        t = mp.mpf(x)
+        return +(1 / (1 + mp.exp(-t)) / mp.log1p(mp.exp(t)))
 
 
 # --------------------------------------------------------------------------

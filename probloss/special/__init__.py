@@ -5,7 +5,7 @@ and bfloat16 inputs are evaluated in float32 and rounded once (no intermediate o
 """
 
 from .continuous_bernoulli import cb_entropy, cb_log_partition, cb_mean, cb_variance
-from .floor import soft_floor, softplus
+from .floor import log_softplus, soft_floor, softplus
 from .log_exp import log1mexp, log_cosh, softplus_inverse
 from .where import safe_where
 
@@ -16,6 +16,7 @@ __all__ = [
     "cb_variance",
     "log1mexp",
     "log_cosh",
+    "log_softplus",
     "safe_where",
     "soft_floor",
     "softplus",

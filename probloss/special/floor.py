@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from ._dtype import as_float_tensor, upcast
+from .where import safe_where
 
 
 def softplus(x: Tensor) -> Tensor:
@@ -53,3 +56,75 @@ def soft_floor(x: Tensor, floor: float | Tensor) -> Tensor:
     """
     x = as_float_tensor(x, "x")
     return floor + softplus(x - floor)
+
+
+_LOG_SOFTPLUS_TAIL = -20.0  # below: e^x < 2.1e-9, so the dropped e^{2x}/3 is < 1.5e-18 (abs)
+# The root x0 = log(e - 1) of log_softplus, as hi + lo with hi exactly representable, so that
+# (x - hi) - lo carries x - x0 to twice the working precision (lo from 50-digit mpmath).
+_ROOT = 0.5413248546129181
+_ROOT_LO_FLOAT64 = -1.8138570925507325e-17
+_ROOT_SPLIT = {
+    torch.float64: (_ROOT, _ROOT_LO_FLOAT64),
+    torch.float32: (
+        float(torch.tensor(_ROOT, dtype=torch.float32)),
+        (_ROOT - float(torch.tensor(_ROOT, dtype=torch.float32))) + _ROOT_LO_FLOAT64,
+    ),
+}
+
+
+def log_softplus(x: Tensor) -> Tensor:
+    r"""``log(softplus(x)) = log(log1p(exp(x)))``, exact for every finite ``x``.
+
+    .. math::
+        \log\operatorname{softplus}(x) = \begin{cases}
+            x + \operatorname{log1p}(-e^x / 2) & x < -20 \\
+            \operatorname{log1p}\big(\operatorname{log1p}((1 - e^{-1})
+                \operatorname{expm1}(x - x_0))\big) & 1/4 \le x \le 1 \\
+            \log(\operatorname{softplus}(x)) & \text{otherwise}
+        \end{cases}
+
+    (``log1p(t) = t (1 - t/2 + t^2/3 - ...)``, so the first form is off by at most
+    ``e^{2x}/3 < 1.5e-18``; the second, with :math:`x_0 = \log(e - 1)` carried in two
+    pieces, is exact through the root, where ``softplus(x) - 1 = log(1 + (1 - 1/e)
+    expm1(x - x0))``.) The log-scale of a ``softplus``-parameterised scale: it stays
+    finite, with derivative ``sigmoid(x) / softplus(x) -> 1``, where ``softplus(x)``
+    underflows to 0 (``x < -104`` in float32) and ``log`` of it would be ``-inf``.
+
+    Args:
+        x: tensor of shape ``(*)``, any floating dtype (half evaluated in float32).
+
+    Returns:
+        Tensor of shape ``(*)`` and the dtype of ``x``.
+
+    Example:
+        >>> log_softplus(torch.tensor([-200.0, 0.0, 50.0]))
+        tensor([-200.0000,   -0.3665,    3.9120])
+    """
+    x = as_float_tensor(x, "x")
+    xc = upcast(x)
+    root_hi, root_lo = _ROOT_SPLIT[xc.dtype]
+
+    def near_root(t: Tensor) -> Tensor:
+        return torch.log1p(
+            torch.log1p((1.0 - math.exp(-1.0)) * torch.expm1((t - root_hi) - root_lo))
+        )
+
+    def body(t: Tensor) -> Tensor:
+        return safe_where(
+            (t >= 0.25) & (t <= 1.0),
+            t,
+            near_root,
+            lambda v: torch.log(softplus(v)),
+            safe_true=0.5,
+            safe_false=0.0,
+        )
+
+    out = safe_where(
+        xc < _LOG_SOFTPLUS_TAIL,
+        xc,
+        lambda t: t + torch.log1p(-0.5 * torch.exp(t)),
+        body,
+        safe_true=2.0 * _LOG_SOFTPLUS_TAIL,
+        safe_false=0.0,
+    )
+    return out.to(x.dtype)

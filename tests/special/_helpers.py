@@ -206,6 +206,8 @@ SPECS: dict[str, Spec] = {
         Spec("log1mexp", "nonneg", ref.log1mexp, ref.log1mexp_grad),
         Spec("softplus_inverse", "nonneg", ref.softplus_inverse, ref.softplus_inverse_grad),
         Spec("log_cosh", "real", ref.log_cosh, ref.log_cosh_grad),
+        Spec("softplus", "real", ref.softplus, ref.softplus_grad),
+        Spec("log_softplus", "real", ref.log_softplus, ref.log_softplus_grad),
         Spec("cb_log_partition", "real", ref.cb_log_partition, ref.cb_mean),
         Spec("cb_mean", "real", ref.cb_mean, ref.cb_variance),
         Spec("cb_variance", "real", ref.cb_variance, ref.cb_variance_grad),
