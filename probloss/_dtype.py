@@ -21,8 +21,31 @@ def loss_dtype(*tensors: Tensor) -> torch.dtype:
     return compute_dtype(dtype)
 
 
-def as_loss_tensors(**tensors: Tensor | float) -> list[Tensor]:
-    """Convert named inputs to floating tensors in their common loss dtype."""
-    converted = [as_float_tensor(t, name) for name, t in tensors.items()]
-    dtype = loss_dtype(*converted)
-    return [t.to(dtype) for t in converted]
+def loss_tensors(**named: Tensor | float | None) -> dict[str, Tensor]:
+    """The given (not None) inputs as tensors of their common loss dtype and device.
+
+    Tensors decide the dtype (:func:`loss_dtype`); Python numbers are then converted
+    straight to it, so that a float64 computation sees the float64 value of ``0.1`` rather
+    than its float32 rounding. With no tensor at all, the default dtype is used.
+
+    Raises:
+        TypeError: if a tensor is not floating point (naming it).
+    """
+    given = {name: v for name, v in named.items() if v is not None}
+    tensors = {name: as_float_tensor(v, name) for name, v in given.items() if isinstance(v, Tensor)}
+    if tensors:
+        dtype = loss_dtype(*tensors.values())
+        device = next(iter(tensors.values())).device
+    else:
+        dtype, device = compute_dtype(torch.get_default_dtype()), None
+    return {
+        name: tensors[name].to(dtype)
+        if name in tensors
+        else torch.as_tensor(v, dtype=dtype, device=device)
+        for name, v in given.items()
+    }
+
+
+def as_loss_tensors(**named: Tensor | float) -> list[Tensor]:
+    """:func:`loss_tensors` as a list, in argument order (every argument given)."""
+    return list(loss_tensors(**named).values())

@@ -21,7 +21,8 @@ def reduce_loss(loss: Tensor, reduction: str, *, mask: Tensor | None = None) -> 
         loss: per-event losses, shape ``(*)`` (event dimensions already reduced).
         reduction: ``"none"`` returns ``loss`` (masked events set to 0), ``"sum"`` sums it,
             ``"mean"`` averages over events: the sum divided by the number of (unmasked)
-            events, never by the number of scalars in the target.
+            events, never by the number of scalars in the target. Like ``torch.mean`` of
+            an empty tensor, the mean over zero events (all masked) is NaN.
         mask: optional boolean tensor of shape ``(*)``; ``False`` marks events to ignore.
             Their loss must already be finite (feed them a safe value), so that the zero
             weight also zeroes their gradient.

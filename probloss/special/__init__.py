@@ -5,6 +5,7 @@ and bfloat16 inputs are evaluated in float32 and rounded once (no intermediate o
 """
 
 from .continuous_bernoulli import cb_entropy, cb_log_partition, cb_mean, cb_variance
+from .exp import expm1mx, mul_exp
 from .floor import log_softplus, soft_floor, softplus
 from .log_exp import log1mexp, log_cosh, softplus_inverse
 from .where import safe_where
@@ -14,9 +15,11 @@ __all__ = [
     "cb_log_partition",
     "cb_mean",
     "cb_variance",
+    "expm1mx",
     "log1mexp",
     "log_cosh",
     "log_softplus",
+    "mul_exp",
     "safe_where",
     "soft_floor",
     "softplus",

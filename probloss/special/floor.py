@@ -55,7 +55,9 @@ def soft_floor(x: Tensor, floor: float | Tensor) -> Tensor:
         tensor([9.1188e-04, 1.0009e+00, 1.4841e+02])
     """
     x = as_float_tensor(x, "x")
-    return floor + softplus(x - floor)
+    # m + log(1 + e^{x - m}) = log(e^m + e^x): logaddexp is exact also where the result is
+    # near 0, where the sum of m and softplus(x - m) would cancel.
+    return torch.logaddexp(x, torch.as_tensor(floor, dtype=x.dtype, device=x.device))
 
 
 _LOG_SOFTPLUS_TAIL = -20.0  # below: e^x < 2.1e-9, so the dropped e^{2x}/3 is < 1.5e-18 (abs)

@@ -1,0 +1,430 @@
+r"""Multivariate normal log densities from a triangular factor or a low-rank-plus-diagonal
+covariance, and an unconstrained parameterisation of the triangular factor.
+
+Nothing here forms a covariance matrix, inverts one, or takes its Cholesky decomposition:
+
+* :func:`multivariate_normal_log_prob` takes the factor :math:`L` of
+  :math:`\Sigma = L L^\top` itself and needs only one triangular solve;
+* :func:`scale_tril_from_raw` maps :math:`D(D+1)/2` unconstrained numbers (a network
+  output) to a valid :math:`L`, so a full covariance can be predicted with no
+  "not positive definite" failure;
+* :func:`lowrank_multivariate_normal_log_prob` handles
+  :math:`\Sigma = W W^\top + \operatorname{diag}(e^{\ell})` through the triangular factor
+  of an :math:`R \times R` capacitance matrix obtained by a QR factorisation, never by a
+  Cholesky decomposition that rounding can make fail.
+
+Half-precision inputs are computed and returned in float32 (DESIGN.md, half-precision
+policy). Shapes: events are the last dimension, ``(*, D)``; matrices ``(*, D, D)``; batch
+dimensions broadcast like torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .._dtype import as_loss_tensors
+from .._validation import check_not_nan, should_validate
+from ..special import softplus
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+# --------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------
+
+
+class _HalfSquaredNorm(torch.autograd.Function):
+    """``||z||^2 / 2`` over the last dimension without overflow where the result is finite.
+
+    ``sum(z^2)`` overflows as soon as one ``z_i^2`` does (``|z_i| > 1.8e19`` in float32)
+    even when half the sum is representable. Rows whose largest ``|z_i|`` exceeds 1 are
+    scaled by a power of two ``p <= max|z_i|`` (exact) and the result is
+    ``((sum((z/p)^2) / 2) p) p``, which overflows only if the result does. Rows with
+    ``max|z_i| <= 1`` are summed as they are (a squared entry that underflows is below
+    ``tiny``, negligible next to the other terms of a log density). The backward is
+    ``grad * z`` (differentiable again), cheaper than autograd through the scaling.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor) -> Tensor:
+        ctx.save_for_backward(z)
+        big = z.abs().amax(dim=-1, keepdim=True)
+        # p = 2^floor(log2(max|z|)) for max|z| > 1 (finite), else 1; an exact power of two.
+        p = torch.where(
+            (big > 1.0) & torch.isfinite(big), torch.exp2(torch.floor(torch.log2(big))), 1.0
+        )
+        half_sum = (z / p).square().sum(dim=-1, keepdim=True).mul_(0.5)
+        return half_sum.mul_(p).mul_(p).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (z,) = ctx.saved_tensors
+        return grad.unsqueeze(-1) * z  # d(||z||^2 / 2)/dz = z
+
+
+def _solve_triangular(factor: Tensor, rhs: Tensor, *, upper: bool) -> Tensor:
+    """``factor^{-1} rhs`` for vectors ``rhs`` of shape ``(*, n)``, ``factor`` ``(*, n, n)``.
+
+    A factor without batch dimensions (shared by the whole batch, as for a fixed
+    covariance) is solved once against all right-hand sides as the columns of one matrix
+    (one BLAS call); otherwise batch dimensions broadcast.
+    """
+    n = factor.shape[-1]
+    batch = torch.broadcast_shapes(factor.shape[:-2], rhs.shape[:-1])
+    if factor.shape[:-2].numel() == 1:
+        columns = rhs.reshape(-1, n).mT
+        solved = torch.linalg.solve_triangular(factor.reshape(n, n), columns, upper=upper)
+        return solved.mT.reshape((*batch, n))
+    solved = torch.linalg.solve_triangular(factor, rhs.unsqueeze(-1), upper=upper)
+    return solved.squeeze(-1)
+
+
+def _matrix_shape_error(name: str, tensor: Tensor, expected: str) -> ValueError:
+    return ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}")
+
+
+def _check_event(dim: int, expected: str, **vectors: Tensor) -> None:
+    """Every named vector has an event dimension of size ``dim`` (its last)."""
+    for name, t in vectors.items():
+        if t.dim() == 0 or t.shape[-1] != dim:
+            raise ValueError(
+                f"{name} must have shape (*, {dim}) to match {expected}, got {tuple(t.shape)}"
+            )
+
+
+def _batch_shape(**shapes: tuple[int, ...]) -> torch.Size:
+    try:
+        return torch.broadcast_shapes(*shapes.values())
+    except RuntimeError:
+        listed = ", ".join(f"{name} {tuple(s)}" for name, s in shapes.items())
+        raise ValueError(f"batch shapes do not broadcast: {listed}") from None
+
+
+# --------------------------------------------------------------------------------------
+# Dense factor
+# --------------------------------------------------------------------------------------
+
+
+def multivariate_normal_log_prob(
+    value: Tensor,
+    loc: Tensor,
+    scale_tril: Tensor,
+    *,
+    validate_args: bool | None = None,
+) -> Tensor:
+    r"""Log density of :math:`\mathcal N(\mu, L L^\top)` at ``value``, from the factor :math:`L`.
+
+    .. math::
+        \log p(x) = -\frac D2 \log 2\pi - \sum_{i=1}^D \log L_{ii}
+            - \frac12 \lVert z \rVert^2, \qquad z = L^{-1}(x - \mu),
+
+    with :math:`z` from one triangular solve (``torch.linalg.solve_triangular``) and
+    :math:`\log\det\Sigma = 2 \sum_i \log L_{ii}`: no inverse and no covariance is formed,
+    so nothing is squared before it is needed. :math:`\tfrac12\lVert z\rVert^2` is summed
+    after scaling by a power of two, so it overflows only where the result itself does.
+    With per-coordinate scales spanning ``1e-6 .. 1e6`` (float32) or ``1e-150 .. 1e150``
+    (float64), i.e. ``L = diag(s) M`` with a well-conditioned ``M``, the error stays below
+    1.3 eps times :math:`\tfrac12\lVert z\rVert^2 + \sum_i |\log L_{ii}| + \tfrac D2 \log 2\pi`
+    (measured against mpmath; a relative error where the terms do not cancel), although the
+    covariance :math:`L L^\top` of such a factor overflows or underflows. Where the problem
+    itself is ill-conditioned (a point near a direction of tiny variance) the error is that
+    of a backward-stable evaluation. Only the lower triangle of ``scale_tril`` is read.
+
+    ``torch.distributions.MultivariateNormal(loc, scale_tril=L)`` computes the same quantity
+    (its squared norm overflows sooner); from a ``covariance_matrix`` it needs a Cholesky
+    decomposition, which fails ("not positive definite") for correlations that round to 1
+    or scales whose squares leave the dtype's range. Use :func:`scale_tril_from_raw` to
+    predict ``scale_tril`` with a network.
+
+    Args:
+        value: points, shape ``(*, D)``.
+        loc: means, shape ``(*, D)``.
+        scale_tril: lower-triangular factors with positive diagonal, shape ``(*, D, D)``.
+        validate_args: check the diagonal of ``scale_tril`` is positive, that its entries
+            above the diagonal are 0 (catches a covariance passed by mistake) and that no
+            input is NaN; ``None`` checks CPU tensors only (no GPU host sync).
+
+    Returns:
+        One log density per event, shape ``broadcast(value, loc, scale_tril)`` without the
+        event dimension: ``(*)``. float32 for half-precision inputs, else their dtype.
+
+    Raises:
+        ValueError: ``scale_tril`` is not ``(*, D, D)``, ``value`` or ``loc`` do not end in
+            ``D``, batch shapes do not broadcast, or (when validating) a diagonal entry is
+            not positive, an entry above the diagonal is nonzero, or an input is NaN.
+
+    Example:
+        >>> L = torch.tensor([[1e-6, 0.0], [2e5, 1e6]])  # variances 1e-12 and 4e10 + 1e12
+        >>> multivariate_normal_log_prob(torch.tensor([1e-6, 3e5]), torch.zeros(2), L)
+        tensor(-2.3429)
+
+    References:
+        Standard; e.g. Rasmussen & Williams (2006), *Gaussian Processes for Machine
+        Learning*, algorithm 2.1 (log likelihood through a triangular factor).
+    """
+    value, loc, scale_tril = as_loss_tensors(value=value, loc=loc, scale_tril=scale_tril)
+    if scale_tril.dim() < 2 or scale_tril.shape[-1] != scale_tril.shape[-2]:
+        raise _matrix_shape_error("scale_tril", scale_tril, "(*, D, D) (square)")
+    dim = scale_tril.shape[-1]
+    _check_event(dim, f"scale_tril {tuple(scale_tril.shape)}", value=value, loc=loc)
+    _batch_shape(value=value.shape[:-1], loc=loc.shape[:-1], scale_tril=scale_tril.shape[:-2])
+    diag = scale_tril.diagonal(dim1=-2, dim2=-1)
+    if should_validate(validate_args, value, loc, scale_tril):
+        check_not_nan(value, "value")
+        check_not_nan(loc, "loc")
+        check_not_nan(scale_tril.tril(), "scale_tril")
+        _check_positive_diagonal(diag, scale_tril)
+        _check_lower_triangular(scale_tril)
+    z = _solve_triangular(scale_tril, value - loc, upper=False)
+    half_log_det = torch.log(diag).sum(-1)  # log det(L L^T) / 2 = sum log L_ii
+    return -_HalfSquaredNorm.apply(z) - half_log_det - 0.5 * dim * _LOG_2PI
+
+
+def _check_positive_diagonal(diag: Tensor, scale_tril: Tensor) -> None:
+    bad = ~(diag > 0)
+    if bad.any():
+        raise ValueError(
+            f"scale_tril of shape {tuple(scale_tril.shape)} must have a positive diagonal; "
+            f"got {int(bad.sum())} diagonal value(s) <= 0 or NaN "
+            f"(smallest {diag.min().item():.6g})"
+        )
+
+
+def _check_lower_triangular(scale_tril: Tensor) -> None:
+    above = scale_tril.triu(1) != 0
+    if above.any():
+        raise ValueError(
+            f"scale_tril of shape {tuple(scale_tril.shape)} must be lower triangular; "
+            f"{int(above.sum())} entries above the diagonal are nonzero (pass the factor L "
+            "of the covariance L L^T, e.g. torch.linalg.cholesky(cov), not the covariance)"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Unconstrained parameterisation of the factor
+# --------------------------------------------------------------------------------------
+
+
+def default_min_diag(dtype: torch.dtype) -> float:
+    """Default floor of :func:`scale_tril_from_raw`'s diagonal: ``sqrt(eps)`` of the compute dtype.
+
+    ``3.45e-4`` for float32 (and float16 / bfloat16, which are computed in float32),
+    ``1.49e-8`` for float64.
+    """
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return math.sqrt(torch.finfo(compute).eps)
+
+
+def scale_tril_from_raw(raw: Tensor, dim: int, *, min_diag: float | None = None) -> Tensor:
+    r"""A valid lower-triangular factor :math:`L` from :math:`D(D+1)/2` unconstrained numbers.
+
+    The last dimension of ``raw`` holds the lower triangle of :math:`L` **row by row**
+    (the order of ``torch.tril_indices(D, D)``): :math:`L_{00}, L_{10}, L_{11}, L_{20},
+    L_{21}, L_{22}, \dots`; entry ``k`` is at row ``i`` and column ``j`` with
+    :math:`k = i(i+1)/2 + j`, so the diagonal sits at :math:`k = i(i+3)/2`. Off-diagonal
+    entries are taken as they are; the diagonal is soft-floored:
+
+    .. math::
+        L_{ij} = r_k \ (i > j), \qquad
+        L_{ii} = m + \operatorname{softplus}(r_k) = m + \log(1 + e^{r_k}) > m,
+
+    with the exact :func:`probloss.special.softplus`. Every ``raw`` gives a valid factor of
+    a positive definite covariance :math:`L L^\top`, so a network can predict a full
+    covariance without a Cholesky decomposition and without "not positive definite"
+    errors; pass the result to :func:`multivariate_normal_log_prob`. The gradient of
+    :math:`L_{ii}` is :math:`\sigma(r_k) \in (0, 1)`: no clamp, no dead gradient.
+    ``softplus`` behaves like ``exp`` for negative inputs (:math:`L_{ii} \approx m + e^{r_k}`,
+    so small scales are reached in log space) and like the identity for positive ones (no
+    overflow).
+
+    The floor :math:`m` (``min_diag``) keeps :math:`\log L_{ii}` and :math:`L^{-1}` finite
+    where ``softplus`` underflows (``raw`` below about -88 in float32); it is in the units of
+    the data, so set it below the smallest scale you need to represent (0 disables it,
+    at the risk of a zero diagonal).
+
+    Initialising for an initial scale :math:`s > m` on the diagonal: set the diagonal
+    entries of the bias of the layer producing ``raw`` to
+    ``probloss.special.softplus_inverse(s - m)`` and the off-diagonal ones to 0 (with small
+    weights); :math:`L` then starts near :math:`s I`.
+
+    Args:
+        raw: unconstrained numbers, shape ``(*, D(D+1)/2)``; batch dimensions are kept.
+        dim: the event size :math:`D \ge 1`.
+        min_diag: floor :math:`m \ge 0` of the diagonal. Default ``sqrt(eps)`` of the compute
+            dtype: 3.45e-4 (float32, float16, bfloat16) and 1.49e-8 (float64), see
+            :func:`default_min_diag`.
+
+    Returns:
+        :math:`L`, shape ``(*, D, D)``, zero above the diagonal; float32 for half-precision
+        ``raw`` (it feeds a float32 log density), else the dtype of ``raw``.
+
+    Raises:
+        ValueError: ``raw``'s last dimension is not :math:`D(D+1)/2`, ``dim < 1``, or
+            ``min_diag`` is negative or not finite.
+
+    Example:
+        >>> raw = torch.tensor([0.0, 0.5, -20.0], dtype=torch.float64)  # L00, L10, L11
+        >>> scale_tril_from_raw(raw, 2, min_diag=1e-6)
+        tensor([[6.9315e-01, 0.0000e+00],
+                [5.0000e-01, 1.0021e-06]], dtype=torch.float64)
+        >>> from probloss.special import softplus_inverse
+        >>> bias = torch.zeros(3, dtype=torch.float64)  # start at L = 0.1 I
+        >>> bias[[0, 2]] = softplus_inverse(torch.tensor(0.1 - 1e-6, dtype=torch.float64))
+        >>> scale_tril_from_raw(bias, 2, min_diag=1e-6)
+        tensor([[0.1000, 0.0000],
+                [0.0000, 0.1000]], dtype=torch.float64)
+
+    References:
+        The softplus-diagonal Cholesky parameterisation is common practice for predicting
+        covariances; see e.g. Pinheiro & Bates (1996), "Unconstrained parametrizations for
+        variance-covariance matrices", Statistics and Computing 6, 289-296 (log-Cholesky).
+    """
+    (raw,) = as_loss_tensors(raw=raw)
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    size = dim * (dim + 1) // 2
+    if raw.dim() == 0 or raw.shape[-1] != size:
+        got = "a 0-dim tensor" if raw.dim() == 0 else f"last dimension {raw.shape[-1]}"
+        raise ValueError(
+            f"raw must have shape (*, D(D+1)/2) = (*, {size}) for dim={dim}, "
+            f"got shape {tuple(raw.shape)} ({got})"
+        )
+    if min_diag is None:
+        min_diag = default_min_diag(raw.dtype)
+    min_diag = float(min_diag)
+    if not (math.isfinite(min_diag) and min_diag >= 0.0):
+        raise ValueError(f"min_diag must be finite and >= 0, got {min_diag!r}")
+    rows, cols = torch.tril_indices(dim, dim, device=raw.device)
+    diag_pos = torch.arange(dim, device=raw.device)
+    diag_pos = diag_pos * (diag_pos + 3) // 2  # k = i(i+1)/2 + i
+    entries = raw.index_copy(-1, diag_pos, softplus(raw[..., diag_pos]) + min_diag)
+    flat = raw.new_zeros((*raw.shape[:-1], dim * dim))
+    flat = flat.index_copy(-1, rows * dim + cols, entries)
+    return flat.unflatten(-1, (dim, dim))
+
+
+# --------------------------------------------------------------------------------------
+# Low rank plus diagonal
+# --------------------------------------------------------------------------------------
+
+
+def lowrank_multivariate_normal_log_prob(
+    value: Tensor,
+    loc: Tensor,
+    cov_factor: Tensor,
+    log_diag: Tensor,
+    *,
+    validate_args: bool | None = None,
+) -> Tensor:
+    r"""Log density of :math:`\mathcal N(\mu, W W^\top + \operatorname{diag}(e^\ell))` at ``value``.
+
+    With :math:`d = e^{\ell}` (``log_diag`` is unconstrained), the scaled factor and
+    residual :math:`\tilde W = d^{-1/2} W` (rows scaled), :math:`\tilde r = d^{-1/2}(x - \mu)`
+    and the :math:`R \times R` capacitance matrix
+    :math:`K = I + \tilde W^\top \tilde W = I + W^\top D^{-1} W`, the matrix determinant
+    lemma and the Woodbury identity give
+
+    .. math::
+        \log p(x) = -\frac D2 \log 2\pi - \frac12 \sum_i \ell_i - \log\det C
+            - \frac12\Big(\lVert \tilde r - \tilde W y \rVert^2 + \lVert y \rVert^2\Big),
+        \qquad K = C^\top C, \quad y = K^{-1} \tilde W^\top \tilde r .
+
+    The quadratic form is Woodbury's
+    :math:`\tilde r^\top (I - \tilde W K^{-1} \tilde W^\top) \tilde r` written as the
+    optimum of the ridge problem :math:`\min_y \lVert\tilde r - \tilde W y\rVert^2 +
+    \lVert y\rVert^2`: a sum of two squares instead of the difference
+    :math:`\lVert\tilde r\rVert^2 - \lVert C^{-\top} \tilde W^\top \tilde r\rVert^2`,
+    which cancels when the residual lies along a large :math:`\tilde W`. The triangular
+    factor :math:`C` of :math:`K` (its Cholesky factor up to the signs of its rows) is the
+    R factor of the QR decomposition of the stacked matrix
+    :math:`\left[\begin{smallmatrix}\tilde W \\ I\end{smallmatrix}\right]`, whose singular
+    values are all at least 1: forming :math:`K` and calling ``cholesky`` squares the
+    condition number, and in float32 already fails ("not positive definite") for nearly
+    collinear columns with :math:`\lVert\tilde W\rVert \approx 3 \cdot 10^3`, as
+    ``torch.distributions.LowRankMultivariateNormal`` does. :math:`y` is the QR
+    least-squares solution :math:`C^{-1} Q_1^\top \tilde r`. Cost
+    :math:`O(D R^2)` per event instead of :math:`O(D^3)`. Measured against mpmath, the error
+    is below half the first-order effect of relative perturbations ``eps`` of every input
+    entry (that of a backward-stable evaluation) in every dtype, also where
+    ``torch.distributions.LowRankMultivariateNormal`` raises or cancels.
+
+    ``log_diag`` must keep :math:`e^{-\ell/2}` finite: :math:`|\ell| < 177` in float32,
+    :math:`|\ell| < 1419` in float64.
+
+    Args:
+        value: points, shape ``(*, D)``.
+        loc: means, shape ``(*, D)``.
+        cov_factor: :math:`W`, shape ``(*, D, R)``; ``R = 0`` gives the diagonal normal.
+        log_diag: :math:`\ell`, the log of the diagonal part of the covariance, shape
+            ``(*, D)``.
+        validate_args: check that no input is NaN; ``None`` checks CPU tensors only.
+
+    Returns:
+        One log density per event, shape ``(*)`` (batch dimensions broadcast); float32 for
+        half-precision inputs, else their dtype.
+
+    Raises:
+        ValueError: ``cov_factor`` is not ``(*, D, R)``, ``value``, ``loc`` or ``log_diag``
+            do not end in ``D``, batch shapes do not broadcast, or (when validating) an
+            input is NaN.
+
+    Example:
+        A point along the factor, with diagonal noise :math:`e^{-30}`: its quadratic form is
+        :math:`\approx 1`, which the subtraction form (as in
+        ``torch.distributions.LowRankMultivariateNormal``, 26.3473 here) rounds to 0.
+
+        >>> W = torch.tensor([[2.0], [1.0], [-1.0]])
+        >>> x = torch.tensor([2.0, 1.0, -1.0])
+        >>> lowrank_multivariate_normal_log_prob(x, torch.zeros(3), W, torch.full((3,), -30.0))
+        tensor(25.8473)
+
+    References:
+        Woodbury (1950), "Inverting modified matrices"; Harville (1997), *Matrix Algebra
+        From a Statistician's Perspective*, thm. 18.1.1 (matrix determinant lemma);
+        Golub & Van Loan (2013), *Matrix Computations*, sec. 5.3 (least squares by QR
+        rather than the normal equations).
+    """
+    value, loc, cov_factor, log_diag = as_loss_tensors(
+        value=value, loc=loc, cov_factor=cov_factor, log_diag=log_diag
+    )
+    if cov_factor.dim() < 2:
+        raise _matrix_shape_error("cov_factor", cov_factor, "(*, D, R)")
+    dim, rank = cov_factor.shape[-2:]
+    _check_event(
+        dim, f"cov_factor {tuple(cov_factor.shape)}", value=value, loc=loc, log_diag=log_diag
+    )
+    _batch_shape(
+        value=value.shape[:-1],
+        loc=loc.shape[:-1],
+        cov_factor=cov_factor.shape[:-2],
+        log_diag=log_diag.shape[:-1],
+    )
+    if should_validate(validate_args, value, loc, cov_factor, log_diag):
+        for name, t in (
+            ("value", value),
+            ("loc", loc),
+            ("cov_factor", cov_factor),
+            ("log_diag", log_diag),
+        ):
+            check_not_nan(t, name)
+    inv_sqrt_diag = torch.exp(-0.5 * log_diag)  # d^{-1/2}
+    r = (value - loc) * inv_sqrt_diag
+    half_log_det = 0.5 * log_diag.sum(-1)  # log det(diag(d)) / 2
+    if rank == 0:
+        return -_HalfSquaredNorm.apply(r) - half_log_det - 0.5 * dim * _LOG_2PI
+    w = cov_factor * inv_sqrt_diag.unsqueeze(-1)  # rows of W scaled: d^{-1/2} W
+    eye = torch.eye(rank, dtype=w.dtype, device=w.device).expand((*w.shape[:-2], rank, rank))
+    q, c = torch.linalg.qr(torch.cat([w, eye], dim=-2))  # [W~; I] = Q C, C^T C = K
+    # log det K / 2 = sum log|C_jj|; |C_jj| >= 1 since K >= I
+    half_log_det = half_log_det + c.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
+    # y = C^{-1} Q_1^T r~ (least squares for [W~; I] y = [r~; 0]); Q_1 = top D rows of Q
+    qtr = (r.unsqueeze(-2) @ q[..., :dim, :]).squeeze(-2)
+    y = _solve_triangular(c, qtr, upper=True)
+    residual = r - (y.unsqueeze(-2) @ w.mT).squeeze(-2)
+    batch = torch.broadcast_shapes(residual.shape[:-1], y.shape[:-1])
+    stacked = torch.cat([residual.expand((*batch, dim)), y.expand((*batch, rank))], dim=-1)
+    return -_HalfSquaredNorm.apply(stacked) - half_log_det - 0.5 * dim * _LOG_2PI
