@@ -49,3 +49,16 @@ def loss_tensors(**named: Tensor | float | None) -> dict[str, Tensor]:
 def as_loss_tensors(**named: Tensor | float) -> list[Tensor]:
     """:func:`loss_tensors` as a list, in argument order (every argument given)."""
     return list(loss_tensors(**named).values())
+
+
+def promote_float_tensors(**named: Tensor | float) -> list[Tensor]:
+    """Named inputs as floating tensors of their promoted dtype, half staying half.
+
+    For functions that return their input dtype (CDFs, samples, distribution parameters),
+    unlike :func:`loss_tensors`, which moves half precision to float32.
+    """
+    converted = [as_float_tensor(t, name) for name, t in named.items()]
+    dtype = converted[0].dtype
+    for t in converted[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return [t.to(dtype) for t in converted]

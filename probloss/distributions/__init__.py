@@ -1,5 +1,7 @@
 """``torch.distributions.Distribution`` subclasses that call the functional core."""
 
+from .bivariate_normal import BivariateNormal
 from .continuous_bernoulli import ContinuousBernoulli
+from .normal import Normal
 
-__all__ = ["ContinuousBernoulli"]
+__all__ = ["BivariateNormal", "ContinuousBernoulli", "Normal"]

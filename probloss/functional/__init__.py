@@ -5,12 +5,29 @@ from .bernoulli import (
     continuous_bernoulli_icdf,
     continuous_bernoulli_log_prob,
 )
-from .divergence import bernoulli_kl, continuous_bernoulli_kl
+from .bivariate import bivariate_normal_log_prob, bivariate_normal_nll
+from .divergence import bernoulli_kl, continuous_bernoulli_kl, normal_kl
+from .multivariate import (
+    lowrank_multivariate_normal_log_prob,
+    multivariate_normal_log_prob,
+    scale_tril_from_raw,
+)
+from .normal import laplace_log_prob, normal_log_prob, normal_nll, student_t_log_prob
 
 __all__ = [
     "bernoulli_kl",
+    "bivariate_normal_log_prob",
+    "bivariate_normal_nll",
     "continuous_bernoulli_cdf",
     "continuous_bernoulli_icdf",
     "continuous_bernoulli_kl",
     "continuous_bernoulli_log_prob",
+    "laplace_log_prob",
+    "lowrank_multivariate_normal_log_prob",
+    "multivariate_normal_log_prob",
+    "normal_kl",
+    "normal_log_prob",
+    "normal_nll",
+    "scale_tril_from_raw",
+    "student_t_log_prob",
 ]

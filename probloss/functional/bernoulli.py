@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._dtype import as_loss_tensors
+from .._dtype import as_loss_tensors, promote_float_tensors
 from .._validation import broadcast_shapes, check_in_interval, should_validate
 from ..special import cb_log_partition, cb_mean, safe_where
-from ..special._dtype import as_float_tensor, upcast
+from ..special._dtype import upcast
 
 
 def continuous_bernoulli_log_prob(
@@ -86,7 +86,7 @@ def continuous_bernoulli_cdf(
     Returns:
         Tensor of the broadcast shape and the promoted dtype of the inputs.
     """
-    value, logits = _promote(value=value, logits=logits)
+    value, logits = promote_float_tensors(value=value, logits=logits)
     broadcast_shapes(value=value, logits=logits)
     if should_validate(validate_args, value):
         check_in_interval(value, "value", 0.0, 1.0)
@@ -194,19 +194,10 @@ def continuous_bernoulli_icdf(
     Returns:
         Tensor of the broadcast shape and the promoted dtype of the inputs, in ``[0, 1]``.
     """
-    quantile, logits = _promote(quantile=quantile, logits=logits)
+    quantile, logits = promote_float_tensors(quantile=quantile, logits=logits)
     broadcast_shapes(quantile=quantile, logits=logits)
     if should_validate(validate_args, quantile):
         check_in_interval(quantile, "quantile", 0.0, 1.0)
     out_dtype = quantile.dtype
     u, logits = torch.broadcast_tensors(upcast(quantile), upcast(logits))
     return _ContinuousBernoulliIcdf.apply(u, logits).to(out_dtype)
-
-
-def _promote(**tensors: Tensor | float) -> list[Tensor]:
-    """Named inputs as floating tensors of their promoted dtype (half stays half)."""
-    converted = [as_float_tensor(t, name) for name, t in tensors.items()]
-    dtype = converted[0].dtype
-    for t in converted[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return [t.to(dtype) for t in converted]

@@ -1,0 +1,156 @@
+"""Loss modules: agreement with the functional core and with torch.nn.GaussianNLLLoss.
+
+References: torch.nn.GaussianNLLLoss (float64) where its clamp is inactive (var >> eps);
+scipy.stats.norm.logpdf for the full form. Bounds are stated per test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import scipy.stats
+import torch
+
+from probloss.functional.bivariate import bivariate_normal_nll
+from probloss.functional.normal import normal_nll
+from probloss.nn import BivariateNormalNLLLoss, GaussianNLLLoss, NormalNLLLoss
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _data(shape, var_shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(shape, generator=g, dtype=torch.float64)
+    y = torch.randn(shape, generator=g, dtype=torch.float64)
+    var = torch.rand(var_shape, generator=g, dtype=torch.float64) + 0.5
+    return mu, y, var
+
+
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(
+    ("shape", "var_shape"),
+    [((4, 3), (4, 3)), ((4, 3), (4, 1)), ((4, 3), (4,)), ((2, 3, 5), (2, 3, 1))],
+)
+def test_gaussian_nll_matches_torch(shape, var_shape, reduction, full):
+    """Where torch accepts the shapes, values agree to a relative 2 eps/var (ours uses
+    var + eps, torch max(var, eps)); eps = 1e-6, var >= 0.5, so the bound is 4e-6."""
+    mu, y, var = _data(shape, var_shape)
+    ours = GaussianNLLLoss(full=full, reduction=reduction)(mu, y, var)
+    theirs = torch.nn.GaussianNLLLoss(full=full, reduction=reduction)(mu, y, var)
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=4e-6, atol=4e-6)
+
+
+def test_gaussian_nll_full_matches_scipy():
+    """full=True, reduction='none', eps=0 is -log N(y; mu, var) (scipy, float64, 1e-14)."""
+    mu, y, var = _data((6,), (6,))
+    ours = GaussianNLLLoss(full=True, eps=0.0, reduction="none")(mu, y, var)
+    expected = -scipy.stats.norm.logpdf(y.numpy(), mu.numpy(), var.sqrt().numpy())
+    torch.testing.assert_close(ours, torch.from_numpy(expected), rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    ("var_shape", "torch_accepts"),
+    [
+        ((2, 1, 4, 5), True),
+        ((2, 3, 1, 1), False),
+        ((1, 3, 1, 5), False),
+        ((), False),
+        ((3, 4, 5), False),
+    ],
+)
+def test_gaussian_nll_broadcasts_var(var_shape, torch_accepts):
+    """Any broadcastable var equals the explicitly expanded var (exactly); torch 2.13 only
+    accepts one size-1 dimension or a missing trailing one, and raises on the others."""
+    mu, y, var = _data((2, 3, 4, 5), var_shape)
+    ours = GaussianNLLLoss(reduction="none")(mu, y, var)
+    expanded = GaussianNLLLoss(reduction="none")(mu, y, var.expand(mu.shape).clone())
+    assert torch.equal(ours, expanded)
+    if torch_accepts:
+        theirs = torch.nn.GaussianNLLLoss(reduction="none")(mu, y, var)
+        torch.testing.assert_close(ours, theirs, rtol=4e-6, atol=4e-6)
+    else:
+        with pytest.raises(ValueError, match="incorrect size"):
+            torch.nn.GaussianNLLLoss(reduction="none")(mu, y, var)
+
+
+def test_gaussian_nll_soft_floor_gradient_is_exact():
+    """Below eps our loss is that of var + eps, with its exact gradient
+    d/dvar = 1/(2 v) - r^2/(2 v^2), v = var + eps (closed form, relative 1e-12). torch's
+    clamp is straight-through: its value uses eps but its gradient is that of the clamped
+    point, the same for every var < eps (here -4500), so the optimum under the floor is
+    invisible to it."""
+    eps = 1e-3
+    mu = torch.tensor([0.0], dtype=torch.float64)
+    y = torch.tensor([0.1], dtype=torch.float64)
+    grads = []
+    for v0 in (1e-5, 1e-4):
+        var = torch.tensor([v0], dtype=torch.float64, requires_grad=True)
+        GaussianNLLLoss(eps=eps)(mu, y, var).backward()
+        v = v0 + eps
+        assert var.grad.item() == pytest.approx(0.5 / v - 0.5 * 0.01 / v**2, rel=1e-12)
+        var_t = torch.tensor([v0], dtype=torch.float64, requires_grad=True)
+        torch.nn.GaussianNLLLoss(eps=eps)(mu, y, var_t).backward()
+        grads.append(var_t.grad.item())
+    assert grads[0] == grads[1] == pytest.approx(0.5 / eps - 0.5 * 0.01 / eps**2)
+
+
+def test_gaussian_nll_negative_var_is_an_error_only_when_validating():
+    mu, y, var = _data((3,), (3,))
+    var[1] = -1.0
+    with pytest.raises(ValueError, match=r"var of shape \(3,\) must be positive"):
+        GaussianNLLLoss()(mu, y, var)
+    GaussianNLLLoss(validate_args=False)(mu, y, var)  # no check, no error
+
+
+def test_gaussian_nll_does_not_read_values_of_non_cpu_tensors():
+    """Meta tensors have no values: any value check (a host sync on a GPU) would raise."""
+    mu = torch.empty(4, 3, device="meta")
+    out = GaussianNLLLoss()(mu, torch.empty(4, 3, device="meta"), torch.empty(4, 1, device="meta"))
+    assert out.device.type == "meta" and out.shape == ()
+
+
+def test_gaussian_nll_rejects_bad_settings():
+    with pytest.raises(ValueError, match="reduction"):
+        GaussianNLLLoss(reduction="avg")
+    with pytest.raises(ValueError, match="eps"):
+        GaussianNLLLoss(eps=-1.0)
+
+
+@pytest.mark.parametrize("form", ["log_scale", "log_var", "scale", "var"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_normal_nll_loss_is_the_functional_call(form, reduction):
+    mu, y, var = _data((5, 2), (5, 2))
+    param = {"log_scale": 0.5 * var.log(), "log_var": var.log(), "scale": var.sqrt(), "var": var}[
+        form
+    ]
+    loss = NormalNLLLoss(scale_form=form, beta=0.5, min_scale=1e-3, reduction=reduction)
+    expected = normal_nll(y, mu, **{form: param}, beta=0.5, min_scale=1e-3, reduction=reduction)
+    assert torch.equal(loss(mu, param, y), expected)
+    assert f"scale_form={form!r}" in repr(loss)
+
+
+def test_normal_nll_loss_masks_nan_targets():
+    mu, y, var = _data((4,), (4,))
+    y[2] = math.nan
+    loss = NormalNLLLoss(nan_policy="mask")(mu, 0.5 * var.log(), y)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="NaN"):
+        NormalNLLLoss()(mu, 0.5 * var.log(), y)
+
+
+def test_normal_nll_loss_rejects_bad_scale_form():
+    with pytest.raises(ValueError, match="scale_form"):
+        NormalNLLLoss(scale_form="std")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_bivariate_nll_loss_is_the_functional_call(reduction):
+    g = torch.Generator().manual_seed(1)
+    loc, log_scale, y = (torch.randn(7, 2, generator=g) for _ in range(3))
+    atanh_rho = torch.randn(7, generator=g)
+    loss = BivariateNormalNLLLoss(reduction=reduction)
+    expected = bivariate_normal_nll(y, loc, log_scale, atanh_rho, reduction=reduction)
+    assert torch.equal(loss(loc, log_scale, atanh_rho, y), expected)
