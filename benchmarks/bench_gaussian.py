@@ -25,10 +25,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
-import statistics
-import time
 
 import torch
+from _timing import median_times
 from torch.distributions import MultivariateNormal, Normal
 
 from probloss.functional.bivariate import bivariate_normal_log_prob
@@ -100,15 +99,6 @@ def bi_graves(x, mu, ls, a):
 # --- timing ----------------------------------------------------------------------------
 
 
-def forward_backward(fn, inputs: tuple[torch.Tensor, ...]) -> float:
-    """Wall time (seconds) of one ``fn(value, *params).sum().backward()`` on fresh leaves."""
-    value, *params = inputs
-    leaves = [p.detach().requires_grad_(True) for p in params]
-    start = time.perf_counter()
-    fn(value, *leaves).sum().backward()
-    return time.perf_counter() - start
-
-
 def saved_megabytes(fn, inputs: tuple[torch.Tensor, ...]) -> float:
     """Megabytes of the distinct storages autograd saves for the backward pass of ``fn``."""
     storages: dict[int, int] = {}
@@ -126,23 +116,12 @@ def saved_megabytes(fn, inputs: tuple[torch.Tensor, ...]) -> float:
     return sum(storages.values()) / 2**20
 
 
-def median_times(fns, inputs, repeats: int) -> list[float]:
-    """Median times of several functions, run interleaved so they share machine conditions."""
-    for fn in fns:  # warm-up (allocator, thread pool, lazy initialisation)
-        forward_backward(fn, inputs)
-    samples = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, times in zip(fns, samples, strict=True):
-            times.append(forward_backward(fn, inputs))
-    return [statistics.median(times) for times in samples]
-
-
 def report(title: str, rows: list[tuple[str, object]], inputs, repeats: int) -> None:
     """Time the available rows (callables) interleaved; the first row is the reference."""
     print(f"\n{title}")
     print(f"{'method':<46}{'ms':>10}{'ratio':>8}{'saved MB':>10}")
     available = [(name, fn) for name, fn in rows if fn is not None]
-    times = median_times([fn for _, fn in available], inputs, repeats)
+    times = median_times([fn for _, fn in available], inputs, repeats, grad_from=1)
     timed = dict(zip((name for name, _ in available), times, strict=True))
     reference = timed.get(rows[0][0])
     for name, fn in rows:

@@ -17,10 +17,9 @@ Run: ``python benchmarks/bench_multivariate.py [--batch 65536] [--repeats 21] [-
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from _timing import median_times
 from torch.distributions import LowRankMultivariateNormal, MultivariateNormal
 
 from probloss.functional.multivariate import (
@@ -28,25 +27,6 @@ from probloss.functional.multivariate import (
     multivariate_normal_log_prob,
     scale_tril_from_raw,
 )
-
-
-def forward_backward(fn, inputs: tuple[torch.Tensor, ...]) -> float:
-    """Wall time (seconds) of one ``fn(*inputs).sum().backward()`` on fresh leaves."""
-    leaves = [t.detach().requires_grad_(True) for t in inputs]
-    start = time.perf_counter()
-    fn(*leaves).sum().backward()
-    return time.perf_counter() - start
-
-
-def median_times(fns, inputs, repeats: int) -> list[float]:
-    """Median times of several functions, run interleaved so they share machine conditions."""
-    for fn in fns:  # warm-up
-        forward_backward(fn, inputs)
-    samples = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, times in zip(fns, samples, strict=True):
-            times.append(forward_backward(fn, inputs))
-    return [statistics.median(times) for times in samples]
 
 
 def ours_dense(value, loc, scale_tril):

@@ -8,10 +8,9 @@ Run: ``python benchmarks/bench_special.py [--n 1000000] [--repeats 15]``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from _timing import median_times
 
 from probloss.special import cb_log_partition, cb_mean, cb_variance
 
@@ -26,25 +25,6 @@ def patched_mean(x: torch.Tensor) -> torch.Tensor:
 
 def naive_log_partition(x: torch.Tensor) -> torch.Tensor:
     return torch.log(torch.expm1(x) / x)
-
-
-def forward_backward(fn, x: torch.Tensor) -> float:
-    """Wall time (seconds) of one ``fn(x).sum().backward()`` on a fresh leaf."""
-    xi = x.detach().requires_grad_(True)
-    start = time.perf_counter()
-    fn(xi).sum().backward()
-    return time.perf_counter() - start
-
-
-def median_times(fns, x: torch.Tensor, repeats: int) -> list[float]:
-    """Median times of several functions, run interleaved so they share machine conditions."""
-    for fn in fns:  # warm-up (allocator, thread pool, lazy initialisation)
-        forward_backward(fn, x)
-    samples = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, times in zip(fns, samples, strict=True):
-            times.append(forward_backward(fn, x))
-    return [statistics.median(times) for times in samples]
 
 
 def main() -> None:
@@ -71,7 +51,7 @@ def main() -> None:
         }
         for label, x in inputs.items():
             for name, ours, naive in cases:
-                t_ours, t_naive = median_times((ours, naive), x, args.repeats)
+                t_ours, t_naive = median_times((ours, naive), (x,), args.repeats)
                 print(
                     f"{name:<22}{str(dtype).removeprefix('torch.'):<10}{label:<14}"
                     f"{1e3 * t_ours:>12.2f}{1e3 * t_naive:>10.2f}{t_ours / t_naive:>8.2f}"
