@@ -98,10 +98,19 @@ def expm1mx(x: Tensor) -> Tensor:
 
 
 def _mul_exp_value(x: Tensor, t: Tensor) -> Tensor:
-    """The forward of :func:`_mul_exp` (see there)."""
+    """The forward of :func:`mul_exp` (see there)."""
     finfo = torch.finfo(t.dtype)
-    log_max = math.log(finfo.max)
-    direct = (t > math.log(finfo.tiny)) & (t < log_max)
+    log_max, log_tiny = math.log(finfo.max), math.log(finfo.tiny)
+    # Fast path when no element needs the four-step form: one reduction pass, free to read
+    # on CPU; on an accelerator reading it would wait for the device, so there both forms
+    # are always built.
+    if t.device.type == "cpu":
+        if t.numel() == 0:
+            return x * torch.exp(t)
+        low, high = torch.aminmax(t)
+        if bool(low > log_tiny) and bool(high < log_max):
+            return x * torch.exp(t)
+    direct = (t > log_tiny) & (t < log_max)
     # The clamp is exact: beyond |t| = 3.96 log(max) every nonzero float times exp(t) is 0
     # or inf already, so the result (and its gradient, formed from it) cannot change.
     quarter = torch.exp(0.25 * torch.where(direct, 0.0, t.clamp(-3.96 * log_max, 3.96 * log_max)))
