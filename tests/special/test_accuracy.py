@@ -18,6 +18,8 @@ absolute ``<= finfo.tiny`` below it; see ``_helpers`` for the full rules):
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -101,3 +103,20 @@ def test_finite_value_and_derivatives_on_extreme_grid(name, dtype):
         # The exclusion rule must not swallow the grid.
         assert representable.mean() > 0.99, (kind, representable.mean())
     assert not problems, f"{name} [{dtype}] non-finite results:\n" + "\n".join(problems)
+
+
+@dtype_param
+def test_log_cosh_single_form_path_matches_mpmath(dtype):
+    """log_cosh takes its one-formula path when every |x| <= log(finfo.max) (CPU): the
+    moderate part of the grid, evaluated in one call, must meet the same bounds."""
+    x, expected = reference_table("log_cosh", dtype, "value")
+    bound = math.log(torch.finfo(dtype if dtype == torch.float64 else torch.float32).max)
+    keep = np.abs(x) <= bound
+    assert keep.sum() > 1000 and np.abs(x[keep]).max() > 40  # the path covers large |x| too
+    (got,) = evaluate("log_cosh", x[keep], dtype)
+    assert_matches(x[keep], got, expected[keep], dtype, value_rtol(dtype), what="log_cosh fast")
+    _, grad = evaluate("log_cosh", x[keep], dtype, order=1)
+    _, grad_expected = reference_table("log_cosh", dtype, "grad")
+    assert_matches(
+        x[keep], grad, grad_expected[keep], dtype, value_rtol(dtype), what="log_cosh fast grad"
+    )
