@@ -2,6 +2,13 @@
 
 from .bivariate_normal import BivariateNormal
 from .continuous_bernoulli import ContinuousBernoulli
+from .mixture import BivariateNormalMixture, NormalMixture
 from .normal import Normal
 
-__all__ = ["BivariateNormal", "ContinuousBernoulli", "Normal"]
+__all__ = [
+    "BivariateNormal",
+    "BivariateNormalMixture",
+    "ContinuousBernoulli",
+    "Normal",
+    "NormalMixture",
+]

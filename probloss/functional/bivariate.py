@@ -147,8 +147,14 @@ class _BivariateLogDensity(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             # d log cosh(a)/da = tanh a; d(-Q/2)/d|a| = (e^{-2|a|} wide^2 - (n e^|a|)^2) / 4, as
             # d/d|a| of e^{-2|a|} is -2 e^{-2|a|} and of n e^|a| is n e^|a|: no 1 - rho^2
-            d_b = (0.5 * g * wide).square() - (0.5 * narrow_e).square()
-            grads[3] = (grad * (torch.tanh(atanh_rho) + sign * d_b)).sum_to_size(atanh_rho.shape)
+            # The incoming gradient goes inside the squares (as sqrt|grad|, its sign outside):
+            # (n e^|a|)^2 alone overflows where the density is -inf, and a zero incoming
+            # gradient (a component with no responsibility in a mixture) must give 0 there.
+            root = grad.abs().sqrt()
+            d_b = (0.5 * g * wide * root).square() - (0.5 * narrow_e * root).square()
+            grads[3] = (grad * torch.tanh(atanh_rho) + sign * torch.sign(grad) * d_b).sum_to_size(
+                atanh_rho.shape
+            )
         return tuple(grads)
 
 

@@ -705,3 +705,15 @@ def test_zero_residual_with_overflowing_inverse_scale():
     assert torch.equal(value.grad, torch.zeros_like(value))
     assert torch.equal(log_scale.grad, torch.full_like(log_scale, -1.0))
     assert atanh_rho.grad.item() == pytest.approx(math.tanh(0.5), rel=1e-6)
+
+
+def test_zero_incoming_gradient_where_the_density_overflows():
+    """Regression: a component with zero responsibility in a mixture back-propagates a zero
+    gradient; where its quadratic form overflows (float32, a = 50, off the line) the
+    atanh_rho gradient must be exactly 0, not 0 * inf = NaN."""
+    value = torch.tensor([[1.0, -1.0]])
+    atanh_rho = torch.tensor([50.0], requires_grad=True)
+    log_prob = bivariate_normal_log_prob(value, torch.zeros(1, 2), torch.zeros(1, 2), atanh_rho)
+    assert log_prob.item() == -math.inf
+    (0.0 * log_prob).sum().backward()
+    assert atanh_rho.grad.item() == 0.0

@@ -1,0 +1,319 @@
+r"""Gaussian mixtures (mixture density networks) as ``torch.distributions.Distribution`` s."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+from torch.distributions import Categorical, Distribution, constraints
+
+from ..functional.mixture import bivariate_normal_mixture_log_prob, normal_mixture_log_prob
+from ..functional.mixture_sampling import (
+    _prepare,
+    bivariate_normal_mixture_covariance,
+    bivariate_normal_mixture_mean,
+    bivariate_normal_mixture_mode,
+    bivariate_normal_mixture_sample,
+    normal_mixture_mean,
+    normal_mixture_mode,
+    normal_mixture_sample,
+    normal_mixture_variance,
+)
+from ..special._dtype import upcast
+from .bivariate_normal import BivariateNormal
+from .normal import Normal
+
+_VECTOR = constraints.independent(constraints.real, 1)  # (*, K)
+_MATRIX = constraints.independent(constraints.real, 2)  # (*, K, D)
+
+
+class _GaussianMixture(Distribution):
+    """What the two mixtures share: weights, sampling with temperature, expand."""
+
+    support = constraints.real_vector
+    has_rsample = False
+    _params: ClassVar[tuple[str, ...]]
+
+    def _init_params(self, event_size: int | None, validate_args: bool | None, **named) -> None:
+        # checked, promoted (half stays half) and broadcast to the common batch shape
+        tensors, dtype = _prepare(event_size, **named)
+        for name, t in zip(named, tensors, strict=True):
+            setattr(self, name, t.to(dtype))
+        batch_shape = self.logits.shape[:-1]
+        event_shape = self.loc.shape[-1:]
+        super().__init__(batch_shape, event_shape, validate_args=validate_args)
+
+    def expand(self, batch_shape: torch.Size, _instance=None):
+        new = self._get_checked_instance(type(self), _instance)
+        batch_shape = torch.Size(batch_shape)
+        for name in self._params:
+            t = getattr(self, name)
+            trailing = t.shape[len(self.batch_shape) :]
+            setattr(new, name, t.expand((*batch_shape, *trailing)))
+        Distribution.__init__(new, batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def num_components(self) -> int:
+        """The number of components ``K``."""
+        return self.logits.shape[-1]
+
+    @property
+    def mixture_weights(self) -> Tensor:
+        """``softmax(logits)``, shape ``(*batch_shape, K)``; sums to 1 over ``K``."""
+        return torch.softmax(upcast(self.logits), -1).to(self.logits.dtype)
+
+    @property
+    def mixture_distribution(self) -> Categorical:
+        """The component index as ``torch.distributions.Categorical(logits=logits)``."""
+        return Categorical(logits=self.logits, validate_args=False)
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+        raise NotImplementedError(
+            f"{type(self).__name__} has no reparameterised sampler (has_rsample=False): the "
+            "component index is discrete. For the conditional pathwise draw (gradient to "
+            "loc / log_scale only, none to logits) call "
+            "probloss.functional.mixture_sampling directly"
+        )
+
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+        """Draws ``(*sample_shape, *batch_shape, *event_shape)`` from torch's global RNG."""
+        return self.sample_with_temperature(1.0, sample_shape)
+
+
+class NormalMixture(_GaussianMixture):
+    r"""Mixture of ``K`` diagonal normals in ``D`` dimensions (the MDN of Bishop 1994).
+
+    .. math::
+        p(x) = \sum_{k=1}^K \pi_k \prod_{d=1}^D \mathcal N(x_d \mid \mu_{kd}, \sigma_{kd}^2),
+        \qquad \pi = \operatorname{softmax}(\ell), \quad \sigma = e^{\log\sigma}
+
+    from unconstrained parameters. ``log_prob`` is
+    :func:`~probloss.functional.mixture.normal_mixture_log_prob` (log-sum-exp of log
+    densities, finite far from every component); half-precision parameters give a float32
+    ``log_prob`` (DESIGN.md, half-precision policy), while moments and samples keep the
+    parameters' dtype. ``mean`` and ``variance`` are the exact mixture moments (law of
+    total variance); ``mode`` is the mean of the most probable component, **not** the mode
+    of the mixture density (see
+    :func:`~probloss.functional.mixture_sampling.normal_mixture_mode`).
+    :meth:`sample_with_temperature` samples as sketch-rnn does (weights
+    :math:`\operatorname{softmax}(\ell/\tau)`, variances :math:`\tau\sigma^2`).
+
+    ``has_rsample`` is ``False`` and :meth:`rsample` raises ``NotImplementedError`` (as for
+    ``torch.distributions.MixtureSameFamily``): a mixture has no standard
+    reparameterisation with respect to its weights, and code that checks ``has_rsample``
+    (Monte-Carlo ELBOs and other pathwise objectives) expects unbiased gradients for
+    *every* parameter. The differentiable draw that exists, the conditional pathwise
+    estimator (component drawn without gradient, pathwise gradient to ``loc`` and
+    ``log_scale`` only, none to ``logits``: unbiased for the component
+    parameters, biased for the weights), is available by name for those who want exactly
+    that: :mod:`probloss.functional.mixture_sampling`. :meth:`sample` and
+    :meth:`sample_with_temperature` run under ``torch.no_grad()``.
+
+    Args:
+        logits: mixture logits :math:`\ell`, shape ``(*, K)``.
+        loc: component means, shape ``(*, K, D)``.
+        log_scale: component log standard deviations, shape ``(*, K, D)``.
+        validate_args: as in ``torch.distributions``.
+
+    ``batch_shape`` is the broadcast ``(*)``, ``event_shape`` is ``(D,)``.
+
+    Example:
+        >>> d = NormalMixture(torch.tensor([0.0, 2.0]), torch.tensor([[-5.0], [5.0]]),
+        ...                   torch.zeros(2, 1))
+        >>> d.log_prob(torch.tensor([[-5.0], [5.0], [50.0]]))  # finite far from both
+        tensor([   -3.0459,    -1.0459, -1013.5459])
+        >>> d.mean, d.variance, d.mode
+        (tensor([3.8080]), tensor([11.4994]), tensor([5.]))
+        >>> g = torch.Generator().manual_seed(0)
+        >>> d.sample_with_temperature(0.5, (3,), generator=g)
+        tensor([[5.8941],
+                [4.5139],
+                [5.1134]])
+    """
+
+    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {
+        "logits": _VECTOR,
+        "loc": _MATRIX,
+        "log_scale": _MATRIX,
+    }
+    _params = ("logits", "loc", "log_scale")
+
+    def __init__(
+        self,
+        logits: Tensor,
+        loc: Tensor,
+        log_scale: Tensor,
+        validate_args: bool | None = None,
+    ) -> None:
+        self._init_params(None, validate_args, logits=logits, loc=loc, log_scale=log_scale)
+
+    @property
+    def component_distribution(self) -> Normal:
+        """The components as :class:`~probloss.distributions.Normal` with batch
+        ``(*, K, D)`` (scalar events; ``Independent(..., 1)`` makes ``D`` the event)."""
+        return Normal(self.loc, self.log_scale, validate_args=self._validate_args)
+
+    @property
+    def mean(self) -> Tensor:
+        return normal_mixture_mean(self.logits, self.loc)
+
+    @property
+    def variance(self) -> Tensor:
+        return normal_mixture_variance(self.logits, self.loc, self.log_scale)
+
+    @property
+    def mode(self) -> Tensor:
+        """The mean of the most probable component (not the density's highest point)."""
+        return normal_mixture_mode(self.logits, self.loc)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return normal_mixture_log_prob(value, self.logits, self.loc, self.log_scale)
+
+    def sample_with_temperature(
+        self,
+        temperature: float,
+        sample_shape: torch.Size | tuple[int, ...] = (),
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Draws at temperature ``tau`` (``0``: the ``mode``); see
+        :func:`~probloss.functional.mixture_sampling.normal_mixture_sample`."""
+        with torch.no_grad():
+            return normal_mixture_sample(
+                self.logits,
+                self.loc,
+                self.log_scale,
+                temperature=temperature,
+                sample_shape=sample_shape,
+                generator=generator,
+            )
+
+
+class BivariateNormalMixture(_GaussianMixture):
+    r"""Mixture of ``K`` correlated bivariate normals (Graves 2013 eqs. 23-25, sketch-rnn).
+
+    .. math::
+        p(x) = \sum_{k=1}^K \pi_k\, \mathcal N(x \mid \mu_k, \sigma_k, \rho_k), \qquad
+        \pi = \operatorname{softmax}(\ell), \quad \sigma_k = e^{\log\sigma_k}, \quad
+        \rho_k = \tanh a_k
+
+    from unconstrained parameters; each component is a
+    :class:`~probloss.distributions.BivariateNormal`. ``log_prob`` is
+    :func:`~probloss.functional.mixture.bivariate_normal_mixture_log_prob` (log space,
+    exact where ``tanh`` rounds to ``+-1``; float32 for half-precision parameters).
+    ``mean`` and ``covariance_matrix`` are the exact mixture moments (law of total
+    covariance), ``variance`` its diagonal; ``mode`` is the mean of the most probable
+    component, **not** the mode of the mixture density. Samples use
+    :math:`\sqrt{1-\rho^2} = 1/\cosh a`, so saturated correlations give points on the
+    line, never NaN; :meth:`sample_with_temperature` is sketch-rnn's temperature
+    (weights :math:`\operatorname{softmax}(\ell/\tau)`, covariances :math:`\tau\Sigma_k`,
+    correlations unchanged).
+
+    ``has_rsample`` is ``False`` and :meth:`rsample` raises ``NotImplementedError`` (as for
+    ``torch.distributions.MixtureSameFamily``): a mixture has no standard
+    reparameterisation with respect to its weights, and code that checks ``has_rsample``
+    (Monte-Carlo ELBOs and other pathwise objectives) expects unbiased gradients for
+    *every* parameter. The differentiable draw that exists, the conditional pathwise
+    estimator (component drawn without gradient, pathwise gradient to ``loc`` /
+    ``log_scale`` / ``atanh_rho`` only, none to ``logits``: unbiased for the component
+    parameters, biased for the weights), is available by name for those who want exactly
+    that: :mod:`probloss.functional.mixture_sampling`. :meth:`sample` and
+    :meth:`sample_with_temperature` run under ``torch.no_grad()``.
+
+    Args:
+        logits: mixture logits :math:`\ell`, shape ``(*, K)``.
+        loc: component means, shape ``(*, K, 2)``.
+        log_scale: component log standard deviations, shape ``(*, K, 2)``.
+        atanh_rho: :math:`a_k = \operatorname{atanh}\rho_k`, shape ``(*, K)``.
+        validate_args: as in ``torch.distributions``.
+
+    ``batch_shape`` is the broadcast ``(*)``, ``event_shape`` is ``(2,)``.
+
+    Example:
+        >>> d = BivariateNormalMixture(torch.zeros(2), torch.tensor([[-1.0, -1.0], [1.0, 1.0]]),
+        ...                            torch.zeros(2, 2), torch.tensor([0.0, 50.0]))
+        >>> d.log_prob(torch.tensor([[1.0, 1.0], [1.0, -1.0]]))  # rho = tanh(50) = 1.0
+        tensor([46.7758, -4.5310])
+        >>> d.covariance_matrix
+        tensor([[2.0000, 1.5000],
+                [1.5000, 2.0000]])
+    """
+
+    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {
+        "logits": _VECTOR,
+        "loc": _MATRIX,
+        "log_scale": _MATRIX,
+        "atanh_rho": _VECTOR,
+    }
+    _params = ("logits", "loc", "log_scale", "atanh_rho")
+
+    def __init__(
+        self,
+        logits: Tensor,
+        loc: Tensor,
+        log_scale: Tensor,
+        atanh_rho: Tensor,
+        validate_args: bool | None = None,
+    ) -> None:
+        self._init_params(
+            2, validate_args, logits=logits, loc=loc, log_scale=log_scale, atanh_rho=atanh_rho
+        )
+
+    @property
+    def component_distribution(self) -> BivariateNormal:
+        """The components as :class:`~probloss.distributions.BivariateNormal`, batch
+        ``(*, K)``, event ``(2,)``."""
+        return BivariateNormal(
+            self.loc, self.log_scale, self.atanh_rho, validate_args=self._validate_args
+        )
+
+    @property
+    def mean(self) -> Tensor:
+        return bivariate_normal_mixture_mean(self.logits, self.loc)
+
+    @property
+    def covariance_matrix(self) -> Tensor:
+        """Law of total covariance, shape ``(*batch_shape, 2, 2)``."""
+        return bivariate_normal_mixture_covariance(
+            self.logits, self.loc, self.log_scale, self.atanh_rho
+        )
+
+    @property
+    def variance(self) -> Tensor:
+        """The diagonal of :attr:`covariance_matrix`, shape ``(*batch_shape, 2)``."""
+        return normal_mixture_variance(self.logits, self.loc, self.log_scale)
+
+    @property
+    def mode(self) -> Tensor:
+        """The mean of the most probable component (not the density's highest point)."""
+        return bivariate_normal_mixture_mode(self.logits, self.loc)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return bivariate_normal_mixture_log_prob(
+            value, self.logits, self.loc, self.log_scale, self.atanh_rho
+        )
+
+    def sample_with_temperature(
+        self,
+        temperature: float,
+        sample_shape: torch.Size | tuple[int, ...] = (),
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Draws at temperature ``tau`` (``0``: the ``mode``); see
+        :func:`~probloss.functional.mixture_sampling.bivariate_normal_mixture_sample`."""
+        with torch.no_grad():
+            return bivariate_normal_mixture_sample(
+                self.logits,
+                self.loc,
+                self.log_scale,
+                self.atanh_rho,
+                temperature=temperature,
+                sample_shape=sample_shape,
+                generator=generator,
+            )

@@ -1,0 +1,941 @@
+r"""Mixture log densities and NLLs for mixture density networks, in log space.
+
+A mixture density network (Bishop 1994) predicts, per input, mixture ``logits``
+:math:`\ell_k` and the parameters of :math:`K` components; its loss is the negative log of
+
+.. math::
+    p(x) = \sum_{k=1}^K \pi_k\, p_k(x), \qquad \pi = \operatorname{softmax}(\ell).
+
+The tutorial form multiplies per-dimension densities and takes the log of the weighted sum:
+as soon as a target is 14.4 scales from every mean in float32 (38.6 in float64), every
+:math:`p_k(x)` underflows to 0 and the loss is ``inf`` (its gradient NaN). Here
+everything stays in log space:
+
+.. math::
+    \log p(x) = \operatorname{logsumexp}_k\big(\log\operatorname{softmax}(\ell)_k
+        + \log p_k(x)\big),
+
+finite wherever one term is (residuals of ``1e6`` scales give ``-5e11``, not ``-inf``), and
+its gradients are the *responsibilities* (posterior component weights)
+:math:`r_k = \pi_k p_k(x) / p(x)`, the softmax of the joint terms:
+
+.. math::
+    \frac{\partial \log p}{\partial \log p_k} = r_k, \qquad
+    \frac{\partial \log p}{\partial \ell_k} = r_k - \pi_k .
+
+``torch.logsumexp`` back-propagates ``exp(x - result)``, which is ``exp(-inf + inf) = NaN``
+when every term of a row is ``-inf`` (a target no component can produce, e.g. beyond the
+float range, or zero-weight components only). Here such a row has value ``-inf`` and
+gradient exactly 0 (:func:`mixture_log_prob`), and zero-weight components (``-inf``
+logits) or components with ``-inf`` log density get responsibility 0 without NaN.
+
+Functions (value first, one value per event, unreduced, batch dimensions broadcast):
+
+* :func:`mixture_log_prob`: any mixture, from component log densities ``(*, K)``;
+* :func:`normal_mixture_log_prob`: diagonal Gaussian components (Bishop 1994);
+* :func:`bivariate_normal_mixture_log_prob`: correlated bivariate Gaussians, the offset
+  likelihood of handwriting and sketch models (Graves 2013, arXiv:1308.0850, eqs. 23-26;
+  Ha & Eck 2017, sketch-rnn, arXiv:1704.03477);
+* :func:`multivariate_normal_mixture_log_prob`: full covariances from ``scale_tril``;
+* :func:`normal_mixture_nll`, :func:`bivariate_normal_mixture_nll`: the reduced losses,
+  with NaN-target masking.
+
+Fused kernels. With ``fused=True`` (the default) the diagonal and bivariate mixtures run a
+``torch.autograd.Function`` whose backward is written by hand from the responsibilities.
+It keeps for the backward only the standardised residuals ``(*, K, D)``, the
+responsibilities and the mixture weights ``(*, K)`` (no other intermediate), works in place
+on as few fresh buffers as possible (on CPU, writing a fresh large buffer costs several
+times an in-place pass) and handles the small event dimension one coordinate plane at a
+time (torch's CPU loops over a broadcast innermost dimension of size 2 run 2 elements per
+call). ``fused=False`` is the plain autograd composition of the component log density and
+:func:`mixture_log_prob`. Both agree to the rounding of the terms involved (tested: within
+``1e-5`` (float32) / ``1e-12`` (float64) times the sum of the magnitudes of the terms, in
+value and every gradient). The fused backward is not itself differentiated: a double
+backward (``create_graph=True``, Hessians, ``gradgradcheck``) recomputes the gradients
+through the plain path, so it is exact but not fast.
+
+Responsibilities below ``2 exp(-86) = 9e-38`` (float32) / ``2 exp(-707) = 1.8e-307``
+(float64) times the largest are flushed to exactly 0, and the others shifted by less than
+that in absolute terms, in both paths: torch's CPU ``exp`` is 12-100x slower on inputs whose result
+is subnormal or 0, which far-away components produce in every batch.
+
+Dtypes: float16 / bfloat16 inputs are computed and returned in float32 (DESIGN.md, half
+precision policy); float32 and float64 stay as they are.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .._dtype import as_loss_tensors
+from .._validation import check_not_nan, should_validate
+from ._reduction import check_reduction, reduce_loss
+from .bivariate import bivariate_normal_log_prob
+from .multivariate import multivariate_normal_log_prob
+from .normal import normal_log_prob
+
+__all__ = [
+    "bivariate_normal_mixture_log_prob",
+    "bivariate_normal_mixture_nll",
+    "mixture_log_prob",
+    "multivariate_normal_mixture_log_prob",
+    "normal_mixture_log_prob",
+    "normal_mixture_nll",
+]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+_LN2 = math.log(2.0)
+_NAN_POLICIES = ("raise", "mask")
+# Event sizes up to this are handled one (*, K) coordinate plane at a time; larger ones with
+# broadcasting ops over the whole (*, K, D) block, whose innermost loop is then long enough.
+_PLANAR_MAX_D = 4
+
+
+# ======================================================================================
+# Log-sum-exp with a finite gradient
+# ======================================================================================
+
+
+def _finite_shift(m: Tensor) -> Tensor:
+    """The row maximum as a shift, 0 where it is infinite or NaN (nothing to shift by)."""
+    return torch.where(torch.isfinite(m), m, 0.0)
+
+
+def _exp_floor(dtype: torch.dtype) -> float:
+    """``floor(log(tiny)) + 2`` (-86 in float32, -707 in float64): ``exp`` of it is normal."""
+    return math.floor(math.log(torch.finfo(dtype).tiny)) + 2.0
+
+
+def _exp_nonpositive(x: Tensor, *, inplace: bool = False) -> Tensor:
+    """``exp(x)`` for shifted log weights ``x <= 0``, flushed to 0 up to ``2 exp(floor)``.
+
+    torch's vectorised CPU ``exp`` takes a scalar slow path, 12-100x slower, for every
+    input whose result is subnormal or 0 (below ``log(tiny)``, ``-inf`` included), and
+    far-away mixture components put many such inputs in every batch. So the input is
+    clamped at ``floor`` (:func:`_exp_floor`), where ``exp`` is a normal number, and
+    ``2 exp(floor)`` is subtracted with a floor at 0: clamped entries (``-inf`` ones
+    included) become exactly 0, the others change by at most ``2 exp(floor)`` = ``9e-38``
+    (float32) / ``1.8e-307`` (float64) in absolute terms, far below the rounding of any
+    responsibility that matters next to the row's largest, which is 1.
+    """
+    floor = _exp_floor(x.dtype)
+    cut = 2.0 * math.exp(floor)
+    if inplace:
+        return x.clamp_(min=floor).exp_().sub_(cut).clamp_(min=0.0)
+    return (torch.exp(x.clamp(min=floor)) - cut).clamp(min=0.0)
+
+
+class _LogSumExp(torch.autograd.Function):
+    """``logsumexp`` over the last dimension whose gradient is finite for ``-inf`` rows.
+
+    Forward: ``m + log(sum(exp(x - m)))`` with ``m`` the row maximum, or 0 where that is
+    infinite: a row of ``-inf`` gives ``log(0) = -inf`` (torch's shift by ``-inf`` would
+    form ``-inf - -inf``). Backward: ``g exp(x - lse)`` with ``lse`` replaced by 0 in
+    ``-inf`` rows, where every ``x`` is ``-inf`` and ``exp(x) = 0``: the gradient of such
+    a row is exactly 0 (torch's is ``exp(-inf + inf) = NaN``). Both ``exp`` are
+    :func:`_exp_nonpositive` (fast, flushed below ``exp(floor)``). The backward is built
+    from the saved input and output with differentiable ops, so it is differentiable again.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        m = _finite_shift(x.amax(-1, keepdim=True))
+        out = _exp_nonpositive(x - m, inplace=True).sum(-1, keepdim=True)
+        out = out.log_().add_(m).squeeze(-1)
+        ctx.save_for_backward(x, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        x, out = ctx.saved_tensors
+        shift = torch.where(out == -math.inf, 0.0, out).unsqueeze(-1)
+        return grad.unsqueeze(-1) * _exp_nonpositive(x - shift)
+
+
+def _row_softmax_(j: Tensor) -> Tensor:
+    """In place ``j <- softmax(j)`` over the last dimension; returns ``logsumexp(j)``.
+
+    Rows of ``-inf`` become 0 (not ``0/0``) and their log-sum-exp ``-inf``. No graph.
+    """
+    m = _finite_shift(j.amax(-1, keepdim=True))
+    s = _exp_nonpositive(j.sub_(m), inplace=True).sum(-1, keepdim=True)
+    lse = torch.log(s).add_(m).squeeze(-1)
+    j.mul_(torch.where(s > 0.0, s.reciprocal(), 0.0))  # a -inf row: 0 * 0, not 0 * inf
+    return lse
+
+
+# ======================================================================================
+# Shape checks
+# ======================================================================================
+
+
+def _shape_error(name: str, t: Tensor, expected: str, detail: str) -> ValueError:
+    return ValueError(f"{name} must have shape {expected} ({detail}); got {tuple(t.shape)}")
+
+
+def _mixture_shapes(
+    value: Tensor, logits: Tensor, components: dict[str, Tensor], event: int | None
+) -> tuple[int, int, torch.Size]:
+    """Check ``value (*, D)``, ``logits (*, K)`` and ``(*, K, D)`` component parameters.
+
+    Returns ``(K, D, batch)`` with ``batch`` the broadcast ``(*)``. ``event`` fixes ``D``.
+    """
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise _shape_error("logits", logits, "(*, K)", "K >= 1 mixture components")
+    k = logits.shape[-1]
+    if value.dim() == 0 or (event is not None and value.shape[-1] != event):
+        size = "D" if event is None else str(event)
+        raise _shape_error("value", value, f"(*, {size})", "the event in the last dimension")
+    d = value.shape[-1]
+    for name, t in components.items():
+        if t.dim() < 2 or t.shape[-2:] != (k, d):
+            raise _shape_error(
+                name,
+                t,
+                f"(*, K, D) = (*, {k}, {d})",
+                f"K = {k} from logits {tuple(logits.shape)}, D = {d} from value "
+                f"{tuple(value.shape)}",
+            )
+    batches = {"value": value.shape[:-1], "logits": logits.shape[:-1]}
+    batches.update({name: t.shape[:-2] for name, t in components.items()})
+    return k, d, _broadcast_batch(batches)
+
+
+def _broadcast_batch(batches: dict[str, torch.Size], extra: str = "") -> torch.Size:
+    try:
+        return torch.broadcast_shapes(*batches.values())
+    except RuntimeError:
+        listed = ", ".join(f"{name} {tuple(s)}" for name, s in batches.items())
+        raise ValueError(f"batch shapes (*) do not broadcast: {listed}{extra}") from None
+
+
+def _check_nan_policy(nan_policy: str) -> None:
+    if nan_policy not in _NAN_POLICIES:
+        raise ValueError(f"nan_policy must be 'raise' or 'mask', got {nan_policy!r}")
+
+
+def _grad_to(grad: Tensor | None, t: Tensor, needed: bool) -> Tensor | None:
+    """``grad`` summed over broadcast dimensions to the shape of input ``t``, if needed."""
+    return grad.sum_to_size(t.shape) if needed and grad is not None else None
+
+
+# ======================================================================================
+# General mixture
+# ======================================================================================
+
+
+def mixture_log_prob(component_log_prob: Tensor, logits: Tensor) -> Tensor:
+    r"""Log density of a mixture from its component log densities and logits.
+
+    .. math::
+        \log p(x) = \operatorname{logsumexp}_k\big(\log\operatorname{softmax}(\ell)_k
+            + \log p_k(x)\big)
+
+    ``logits`` :math:`\ell` need not be normalised (they are, by ``log_softmax``). The
+    result is finite wherever one weighted component is, however small the densities
+    (no ``exp`` of a log density is ever formed). Gradients: :math:`r_k` with respect to
+    :math:`\log p_k` and :math:`r_k - \pi_k` with respect to :math:`\ell_k`, with the
+    responsibilities :math:`r = \operatorname{softmax}(\log\pi + \log p_k)`.
+
+    Edge cases, each finite in value and gradient (``torch.logsumexp`` gives NaN
+    gradients in the last one):
+
+    * a logit of ``-inf`` is a zero-weight component: responsibility 0, gradient 0;
+    * a component log density of ``-inf`` (a point outside its support): likewise;
+    * a row whose terms are *all* ``-inf``: value ``-inf`` and gradient exactly 0 with
+      respect to every input of the row.
+
+    Rows of logits that are all ``-inf`` (no mixture at all) or contain ``+inf`` give NaN.
+
+    Args:
+        component_log_prob: :math:`\log p_k(x)`, shape ``(*, K)``.
+        logits: mixture logits :math:`\ell`, shape ``(*, K)``; batch dimensions broadcast
+            with those of ``component_log_prob``.
+
+    Returns:
+        Tensor of shape ``(*)``, one value per event; float32 for half-precision inputs.
+
+    Raises:
+        ValueError: the last dimensions differ or are 0, or the batch shapes do not
+            broadcast.
+
+    Example:
+        >>> logits = torch.tensor([0.0, 0.0, -float("inf")])  # third component: weight 0
+        >>> lp = torch.tensor([[-1.0, -3.0, 5.0], [-float("inf")] * 3], requires_grad=True)
+        >>> out = mixture_log_prob(lp, logits)
+        >>> out
+        tensor([-1.5662,    -inf], grad_fn=<_LogSumExpBackward>)
+        >>> out.sum().backward()
+        >>> lp.grad  # responsibilities; an impossible row gets 0, not NaN
+        tensor([[0.8808, 0.1192, 0.0000],
+                [0.0000, 0.0000, 0.0000]])
+
+    References:
+        Bishop (1994), "Mixture density networks", Aston University NCRG/94/004, eqs. 22-23
+        (the negative log of the mixture as the error function), 34-37 (its gradients
+        through the posterior weights).
+    """
+    component_log_prob, logits = as_loss_tensors(
+        component_log_prob=component_log_prob, logits=logits
+    )
+    if component_log_prob.dim() == 0 or logits.dim() == 0:
+        raise ValueError(
+            "component_log_prob and logits must have shape (*, K); got "
+            f"{tuple(component_log_prob.shape)} and {tuple(logits.shape)}"
+        )
+    k = logits.shape[-1]
+    if component_log_prob.shape[-1] != k or k == 0:
+        raise ValueError(
+            "component_log_prob (*, K) and logits (*, K) must have the same K >= 1; got "
+            f"component_log_prob {tuple(component_log_prob.shape)} and logits "
+            f"{tuple(logits.shape)}"
+        )
+    _broadcast_batch(
+        {"component_log_prob": component_log_prob.shape[:-1], "logits": logits.shape[:-1]}
+    )
+    return _LogSumExp.apply(torch.log_softmax(logits, -1) + component_log_prob)
+
+
+# ======================================================================================
+# Diagonal normal mixture
+# ======================================================================================
+
+
+def _residuals(value: Tensor, loc: Tensor, shape: torch.Size) -> Tensor:
+    """``value[..., None, :] - loc`` as a new contiguous tensor of shape ``(*shape, D)``."""
+    d = value.shape[-1]
+    out = value.new_empty((*shape, d))
+    if d <= _PLANAR_MAX_D:
+        # One (*, K) plane per coordinate: 5-10x faster on CPU than the broadcast over K,
+        # whose innermost dimension D = 2 would be looped over 2 elements at a time.
+        for i in range(d):
+            torch.sub(value[..., i, None].expand(shape), loc[..., i].expand(shape), out=out[..., i])
+    else:
+        torch.sub(value.unsqueeze(-2).expand(out.shape), loc.expand(out.shape), out=out)
+    return out
+
+
+def _planes_mul(z: Tensor, w: Tensor) -> Tensor:
+    """``z * w[..., None]`` for ``z (*, K, D)`` and ``w (*, K)``, into a new tensor."""
+    out = torch.empty_like(z)
+    if z.shape[-1] <= _PLANAR_MAX_D:
+        for i in range(z.shape[-1]):
+            torch.mul(z[..., i], w, out=out[..., i])
+    else:
+        torch.mul(z, w.unsqueeze(-1), out=out)
+    return out
+
+
+def _planes_sub_(t: Tensor, w: Tensor) -> Tensor:
+    """In place ``t -= w[..., None]`` for ``t (*, K, D)`` and ``w (*, K)``."""
+    if t.shape[-1] <= _PLANAR_MAX_D:
+        for i in range(t.shape[-1]):
+            t[..., i].sub_(w)
+        return t
+    return t.sub_(w.unsqueeze(-1))
+
+
+def _standardized(value: Tensor, loc: Tensor, log_scale: Tensor, shape: torch.Size) -> Tensor:
+    """``z = (value - loc) / exp(log_scale)``, shape ``(*shape, D)``, new and contiguous.
+
+    Division by ``exp(log_scale)`` (one pass, no negation) is as exact as multiplication by
+    ``exp(-log_scale)``: two roundings either way.
+    """
+    z = _residuals(value, loc, shape)
+    return z.div_(torch.exp(log_scale))
+
+
+def _joint_init(logits: Tensor, shape: torch.Size) -> tuple[Tensor, Tensor]:
+    """``(log_softmax(logits), softmax(logits))``, the first as a new tensor of the full
+    ``(*, K)`` shape to add into, the second (the weights, for the backward) as ``logits``."""
+    j = torch.log_softmax(logits, -1)
+    weights = torch.exp(j)  # one pass; a second softmax kernel in the backward costs 3
+    return (j if j.shape == shape else j.expand(shape).clone()), weights
+
+
+def _logits_grad_(w: Tensor, weights: Tensor, g: Tensor) -> Tensor:
+    """``d/dlogits = w - g pi``, in place into ``w`` (its last use)."""
+    return w.addcmul_(weights, g, value=-1.0)
+
+
+def _plain_normal_mixture(value: Tensor, logits: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
+    """The plain autograd path: component log densities, summed over D, then the mixture."""
+    component = normal_log_prob(value.unsqueeze(-2), loc, log_scale=log_scale).sum(-1)
+    return mixture_log_prob(component, logits)
+
+
+def _double_backward(ctx, grad: Tensor, plain) -> tuple[Tensor | None, ...]:
+    """First derivatives recomputed through the plain path, differentiably (create_graph)."""
+    inputs = ctx.saved_tensors[: len(ctx.needs_input_grad)]
+    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad, strict=True) if need]
+    with torch.enable_grad():
+        out = plain(*inputs)
+        grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
+    return tuple(next(grads) if need else None for need in ctx.needs_input_grad)
+
+
+class _NormalMixture(torch.autograd.Function):
+    """Diagonal normal mixture log density with a hand-written backward.
+
+    Forward: ``z = (x - mu) / sigma`` (*, K, D); joint terms
+    ``j_k = log_softmax(l)_k - sum_d (z^2/2 + log sigma)``; ``log p = logsumexp(j) - D/2
+    log 2 pi``; ``j`` is turned into the responsibilities ``r`` in place. Saved: the inputs
+    (references), ``z``, ``r`` and the weights ``pi = softmax(l)``. With ``w = g r`` (``g``
+    the incoming gradient, 0 in rows whose value is ``-inf``)::
+
+        d/dlogits    = w - g pi             (in place into w, after its other uses)
+        d/dloc       = w z / sigma          (= r (x - mu) / sigma^2)
+        d/dlog_scale = w z^2 - w = (w z) z - w
+        d/dvalue     = -sum_k d/dloc
+
+    each formed with ``w`` multiplied in first, so that a component whose ``z^2/2``
+    overflowed (``r = 0``) contributes exactly 0.
+    """
+
+    @staticmethod
+    def forward(ctx, value: Tensor, logits: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
+        shape = torch.broadcast_shapes(
+            (*value.shape[:-1], 1), logits.shape, loc.shape[:-1], log_scale.shape[:-1]
+        )
+        z = _standardized(value, loc, log_scale, shape)
+        j, weights = _joint_init(logits, shape)
+        d = value.shape[-1]
+        if d <= _PLANAR_MAX_D:
+            for i in range(d):
+                j.addcmul_(z[..., i], z[..., i], value=-0.5).sub_(log_scale[..., i])
+        else:
+            j.sub_(torch.addcmul(log_scale, z, z, value=0.5).sum(-1))
+        lse = _row_softmax_(j)  # j is now the responsibilities
+        ctx.save_for_backward(value, logits, loc, log_scale, z, j, weights, lse)
+        return lse - 0.5 * d * _LOG_2PI
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
+            return _double_backward(ctx, grad, _plain_normal_mixture)
+        value, logits, loc, log_scale, z, resp, weights, lse = ctx.saved_tensors
+        need_value, need_logits, need_loc, need_log_scale = ctx.needs_input_grad
+        g = torch.where(lse == -math.inf, 0.0, grad).unsqueeze(-1)  # a -inf row: gradient 0
+        w = resp * g
+        d_logits = d_loc = d_log_scale = None
+        if need_value or need_loc or need_log_scale:
+            t = _planes_mul(z, w)  # w z
+            if need_value or need_loc:
+                scale = torch.exp(log_scale)
+                if scale.shape == t.shape:  # reuse the fresh buffer: d/dloc = w z / sigma
+                    d_loc = torch.div(t, scale, out=scale)
+                else:
+                    d_loc = t / scale
+            if need_log_scale:
+                d_log_scale = _planes_sub_(t.mul_(z), w)  # (w z) z - w
+        if need_logits:
+            d_logits = _logits_grad_(w, weights, g)
+        d_value = -d_loc.sum(-2) if need_value else None
+        return (
+            _grad_to(d_value, value, need_value),
+            _grad_to(d_logits, logits, need_logits),
+            _grad_to(d_loc, loc, need_loc),
+            _grad_to(d_log_scale, log_scale, need_log_scale),
+        )
+
+
+def _normal_inputs(value, logits, loc, log_scale) -> tuple[Tensor, ...]:
+    value, logits, loc, log_scale = as_loss_tensors(
+        value=value, logits=logits, loc=loc, log_scale=log_scale
+    )
+    _mixture_shapes(value, logits, {"loc": loc, "log_scale": log_scale}, None)
+    return value, logits, loc, log_scale
+
+
+def _in_fused_domain(*tensors: Tensor) -> bool:
+    """Whether the fused kernels are exact here: on CPU, every ``|t| < -log(tiny) - 1``.
+
+    The kernels take ``exp`` of ``log_scale`` (and ``atanh_rho``), which must be a normal
+    float: ``|t| < 86`` in float32, ``< 707`` in float64. One ``aminmax`` pass decides, free
+    to read on CPU. On an accelerator reading it would wait for the device, so there the
+    plain path (exact for every input, about 2x slower on CPU) is taken instead.
+    """
+    for t in tensors:
+        if t.device.type != "cpu":
+            return False
+        if t.numel() == 0:
+            continue
+        bound = -math.log(torch.finfo(t.dtype).tiny) - 1.0
+        low, high = torch.aminmax(t)
+        if not (bool(low > -bound) and bool(high < bound)):  # also False for NaN
+            return False
+    return True
+
+
+def normal_mixture_log_prob(
+    value: Tensor,
+    logits: Tensor,
+    loc: Tensor,
+    log_scale: Tensor,
+    *,
+    fused: bool = True,
+) -> Tensor:
+    r"""Log density of a mixture of diagonal Gaussians, in log space (Bishop 1994).
+
+    .. math::
+        \log p(x) = \operatorname{logsumexp}_k\Big(\log\operatorname{softmax}(\ell)_k
+            - \sum_{d=1}^D \big(\tfrac12 z_{kd}^2 + \log\sigma_{kd}\big)\Big)
+            - \tfrac D2 \log 2\pi,
+        \qquad z_{kd} = \frac{x_d - \mu_{kd}}{\sigma_{kd}}
+
+    The density of a mixture density network with ``K`` diagonal components in ``D``
+    dimensions. The tutorial form ``log(sum(pi * prod(pdf)))`` is ``-inf`` (NaN gradient)
+    once the target is 14.4 scales from every mean in float32, 38.6 in float64
+    (``exp(-z^2/2)`` underflows);
+    this one is exact there: at ``z = 1e6`` it is about ``-5e11``, accurate to float
+    rounding. Gradients are the responsibilities :math:`r_k` (see :mod:`.mixture`):
+    :math:`r_k - \pi_k` for the logits, :math:`r_k z_{kd}/\sigma_{kd}` for the means,
+    :math:`r_k (z_{kd}^2 - 1)` for the log-scales.
+
+    Args:
+        value: targets :math:`x`, shape ``(*, D)``.
+        logits: mixture logits :math:`\ell`, shape ``(*, K)``, unnormalised.
+        loc: means :math:`\mu`, shape ``(*, K, D)``.
+        log_scale: :math:`\log\sigma`, shape ``(*, K, D)``, unconstrained.
+        fused: use the fused kernel with a hand-written backward where it is exact (the
+            default; on CPU about 2x faster than the plain autograd path with two thirds of
+            its peak memory, see ``benchmarks/bench_mixture.py``). It needs
+            ``exp(log_scale)`` to be a normal float, ``|log_scale| < 86`` in float32
+            (``< 707`` in float64); when any element is outside, or off the CPU (where the
+            check would wait for the device), the plain path is taken automatically.
+            ``fused=False`` always takes the plain path, exact for any ``log_scale`` (see
+            :func:`~probloss.functional.normal.normal_log_prob`). A double backward
+            recomputes the gradients through the plain path.
+
+    Returns:
+        Tensor of shape ``(*)`` (the broadcast batch shape), one value per event;
+        float32 for float16 / bfloat16 inputs, else the promoted input dtype.
+
+    Raises:
+        ValueError: ``loc`` / ``log_scale`` are not ``(*, K, D)`` with ``K`` from ``logits``
+            and ``D`` from ``value``, or the batch shapes do not broadcast.
+
+    Example:
+        >>> logits = torch.tensor([0.0, 0.0])
+        >>> loc = torch.tensor([[-1.0, 0.0], [1.0, 0.0]])  # K = 2 components in D = 2
+        >>> log_scale = torch.zeros(2, 2)
+        >>> x = torch.tensor([[0.0, 0.0], [1e6, 0.0]])  # between the means; very far
+        >>> normal_mixture_log_prob(x, logits, loc, log_scale)
+        tensor([-2.3379e+00, -5.0000e+11])
+        >>> pdf = (-0.5 * (x[:, None] - loc) ** 2).exp().prod(-1) / (2 * torch.pi)
+        >>> (0.5 * pdf).sum(-1).log()  # the tutorial form
+        tensor([-2.3379,    -inf])
+
+    References:
+        Bishop (1994), "Mixture density networks", NCRG/94/004, eqs. 22-26 (error function)
+        and 34-39 (gradients through the posteriors).
+    """
+    value, logits, loc, log_scale = _normal_inputs(value, logits, loc, log_scale)
+    if fused and _in_fused_domain(log_scale):
+        return _NormalMixture.apply(value, logits, loc, log_scale)
+    return _plain_normal_mixture(value, logits, loc, log_scale)
+
+
+def _mask_nan_targets(value: Tensor, loc: Tensor) -> tuple[Tensor, Tensor]:
+    """Replace events with a NaN coordinate by the mean of component 0 (detached).
+
+    Returns ``(value, mask)`` with ``mask`` False at those events. At the fill every
+    standardised residual of component 0 is 0 and the others are finite for finite
+    parameters, so the event's loss is finite and its zero weight gives a zero gradient.
+    """
+    missing = torch.isnan(value).any(-1, keepdim=True)
+    value = torch.where(missing, loc[..., 0, :].detach(), value)
+    return value, ~missing.squeeze(-1)
+
+
+def normal_mixture_nll(
+    value: Tensor,
+    logits: Tensor,
+    loc: Tensor,
+    log_scale: Tensor,
+    *,
+    reduction: str = "mean",
+    nan_policy: str = "raise",
+    validate_args: bool | None = None,
+) -> Tensor:
+    r"""Negative log-likelihood of a diagonal Gaussian mixture: the MDN loss, reduced.
+
+    .. math::
+        \ell_i = -\log p(x_i) \quad\text{(see :func:`normal_mixture_log_prob`)}
+
+    one value per event (a ``D``-dimensional target), computed with the fused kernel, then
+    reduced: ``"mean"`` averages over events (never over the ``D`` coordinates or the
+    ``K`` components), ``"sum"`` adds them, ``"none"`` returns them. It is a density, so it
+    can be negative.
+
+    Args:
+        value, logits, loc, log_scale: as in :func:`normal_mixture_log_prob`.
+        reduction: ``"mean"`` (over events), ``"sum"`` or ``"none"``.
+        nan_policy: ``"raise"``: NaN in ``value`` is a ValueError (when validating;
+            otherwise it propagates). ``"mask"``: events with a NaN in any coordinate are
+            ignored: loss 0 under ``"none"``, left out of ``"sum"`` and of the count of
+            ``"mean"`` (a mean over no events is NaN); their gradient is exactly 0 with
+            respect to every parameter (they are evaluated at the mean of component 0,
+            detached, where the loss is finite for finite parameters).
+        validate_args: check ``value`` for NaN under ``"raise"``; ``None`` checks CPU
+            tensors only (no GPU host sync). Shapes are always checked.
+
+    Returns:
+        A scalar for ``"mean"`` / ``"sum"``, else shape ``(*)``; float32 for half inputs.
+
+    Raises:
+        ValueError: bad ``reduction`` or ``nan_policy``, shapes as in
+            :func:`normal_mixture_log_prob`, or NaN in ``value`` under ``"raise"``.
+
+    Example:
+        >>> x = torch.tensor([[0.5], [float("nan")], [3.0]])
+        >>> logits, loc, log_scale = torch.zeros(2), torch.tensor([[0.0], [3.0]]), torch.zeros(2, 1)
+        >>> normal_mixture_nll(x, logits, loc, log_scale, nan_policy="mask", reduction="none")
+        tensor([1.6885, 0.0000, 1.6010])
+        >>> normal_mixture_nll(x, logits, loc, log_scale, nan_policy="mask")
+        tensor(1.6448)
+    """
+    check_reduction(reduction)
+    _check_nan_policy(nan_policy)
+    value, logits, loc, log_scale = _normal_inputs(value, logits, loc, log_scale)
+    mask = None
+    if nan_policy == "mask":
+        value, mask = _mask_nan_targets(value, loc)
+    elif should_validate(validate_args, value):
+        check_not_nan(value, "value")
+    loss = -_NormalMixture.apply(value, logits, loc, log_scale)
+    return reduce_loss(loss, reduction, mask=mask)
+
+
+# ======================================================================================
+# Bivariate normal mixture (Graves 2013, sketch-rnn)
+# ======================================================================================
+
+
+def _plain_bivariate_mixture(
+    value: Tensor, logits: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor
+) -> Tensor:
+    component = bivariate_normal_log_prob(
+        value.unsqueeze(-2), loc, log_scale, atanh_rho, validate_args=False
+    )
+    return mixture_log_prob(component, logits)
+
+
+def _bivariate_pieces(z: Tensor, atanh_rho: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(e^a, e^-a, P, M)`` with ``P = (z1 + z2) e^-a`` and ``M = (z1 - z2) e^a``.
+
+    With ``rho = tanh a`` the quadratic form is a sum of four squares (the coordinates
+    ``z1 +- z2`` along the eigenvectors of the correlation matrix, eigenvalues ``1 +- rho``,
+    and ``1/(1 +- tanh a) = (1 + e^{-+2a})/2``)::
+
+        Q = (z1^2 - 2 rho z1 z2 + z2^2) / (1 - rho^2)
+          = ((z1 + z2)^2 (1 + e^{-2a}) + (z1 - z2)^2 (1 + e^{2a})) / 4
+          = (z1^2 + z2^2) / 2 + (P^2 + M^2) / 4
+
+    no ``1 - rho^2``, no cancellation; ``e^{+-a}`` are finite for ``|a| < log(max)``.
+    """
+    z1, z2 = z[..., 0], z[..., 1]
+    ea = torch.exp(atanh_rho)
+    inv_ea = torch.exp(-atanh_rho)
+    return ea, inv_ea, torch.add(z1, z2).mul_(inv_ea), torch.sub(z1, z2).mul_(ea)
+
+
+class _BivariateMixture(torch.autograd.Function):
+    """Bivariate normal mixture log density with a hand-written backward.
+
+    Component ``k``: ``log N = log cosh a - log 2 pi - log s1 - log s2 - Q/2`` with
+    ``Q/2 = (z1^2 + z2^2)/4 + (P^2 + M^2)/8`` (:func:`_bivariate_pieces`) and
+    ``log cosh a = log(e^a + e^-a) - log 2``. Saved: the inputs (references), ``z``, the
+    responsibilities ``r`` and the weights ``pi``; ``e^{+-a}``, ``P``, ``M`` are recomputed
+    in the backward (half the memory for a few cheap passes). With ``w = g r``, ``U = w P e^-a / 4 =
+    w (z1 + z2) e^{-2a} / 4`` and ``V = w M e^a / 4 = w (z1 - z2) e^{2a} / 4``::
+
+        w d(-Q/2)/dz1 = -(w z1/2 + U + V),   w d(-Q/2)/dz2 = -(w z2/2 + U - V)
+        d/dloc_i       = A_i / s_i,           A_1 = w z1/2 + U + V, A_2 = w z2/2 + U - V
+        d/dlog_scale_i = z_i A_i - w
+        d/datanh_rho   = w tanh a + U (z1 + z2) - V (z1 - z2)   (= w (tanh a + (P^2 - M^2)/4))
+        d/dlogits      = w - g pi,            d/dvalue = -sum_k d/dloc
+
+    Products are ordered with ``w`` first (``((w M) e^a)``), so a component whose ``Q``
+    overflowed (``r = 0``) contributes exactly 0, and nothing overflows unless the exact
+    derivative does.
+    """
+
+    @staticmethod
+    def forward(ctx, value, logits, loc, log_scale, atanh_rho) -> Tensor:
+        shape = torch.broadcast_shapes(
+            (*value.shape[:-1], 1), logits.shape, loc.shape[:-1], log_scale.shape[:-1],
+            atanh_rho.shape,
+        )  # fmt: skip
+        z = _standardized(value, loc, log_scale, shape)
+        ea, inv_ea, p, m = _bivariate_pieces(z, atanh_rho)
+        j, weights = _joint_init(logits, shape)
+        j.add_(ea.add_(inv_ea).log_())  # log cosh a + log 2
+        del ea, inv_ea
+        z1, z2 = z[..., 0], z[..., 1]
+        j.sub_(log_scale[..., 0]).sub_(log_scale[..., 1])
+        j.addcmul_(z1, z1, value=-0.25).addcmul_(z2, z2, value=-0.25)
+        j.addcmul_(p, p, value=-0.125).addcmul_(m, m, value=-0.125)
+        del p, m
+        lse = _row_softmax_(j)
+        ctx.save_for_backward(value, logits, loc, log_scale, atanh_rho, z, j, weights, lse)
+        return lse - (_LOG_2PI + _LN2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
+            return _double_backward(ctx, grad, _plain_bivariate_mixture)
+        value, logits, loc, log_scale, atanh_rho, z, resp, weights, lse = ctx.saved_tensors
+        need_value, need_logits, need_loc, need_log_scale, need_rho = ctx.needs_input_grad
+        g = torch.where(lse == -math.inf, 0.0, grad).unsqueeze(-1)  # a -inf row: gradient 0
+        w = resp * g
+        d_logits = d_loc = d_log_scale = d_rho = None
+        if not (need_value or need_loc or need_log_scale or need_rho):
+            d_logits = _logits_grad_(w, weights, g) if need_logits else None
+            return None, _grad_to(d_logits, logits, need_logits), None, None, None
+        ea, inv_ea, p, m = _bivariate_pieces(z, atanh_rho)
+        u = p.mul_(w).mul_(inv_ea).mul_(0.25)  # U = ((w P) e^-a) / 4
+        v = m.mul_(w).mul_(ea).mul_(0.25)  # V = ((w M) e^a) / 4
+        del ea, inv_ea, p, m
+        z1, z2 = z[..., 0], z[..., 1]
+        if need_rho:
+            # U (z1 + z2) = w P^2 / 4 and V (z1 - z2) = w M^2 / 4, without forming P^2, M^2
+            d_rho = torch.tanh(atanh_rho)
+            d_rho = d_rho.mul_(w) if d_rho.shape == w.shape else d_rho * w
+            d_rho.addcmul_(u, torch.add(z1, z2)).addcmul_(v, torch.sub(z1, z2), value=-1.0)
+        if need_value or need_loc or need_log_scale:
+            a = torch.empty_like(z)
+            torch.add(u, v, out=a[..., 0]).addcmul_(w, z1, value=0.5)
+            torch.sub(u, v, out=a[..., 1]).addcmul_(w, z2, value=0.5)
+            del u, v
+            if need_value or need_loc:
+                scale = torch.exp(log_scale)
+                if scale.shape == a.shape:
+                    d_loc = torch.div(a, scale, out=scale)
+                else:
+                    d_loc = a / scale
+            if need_log_scale:
+                d_log_scale = _planes_sub_(a.mul_(z), w)  # z_i A_i - w
+        if need_logits:
+            d_logits = _logits_grad_(w, weights, g)
+        d_value = -d_loc.sum(-2) if need_value else None
+        return (
+            _grad_to(d_value, value, need_value),
+            _grad_to(d_logits, logits, need_logits),
+            _grad_to(d_loc, loc, need_loc),
+            _grad_to(d_log_scale, log_scale, need_log_scale),
+            _grad_to(d_rho, atanh_rho, need_rho),
+        )
+
+
+def _bivariate_inputs(value, logits, loc, log_scale, atanh_rho) -> tuple[Tensor, ...]:
+    value, logits, loc, log_scale, atanh_rho = as_loss_tensors(
+        value=value, logits=logits, loc=loc, log_scale=log_scale, atanh_rho=atanh_rho
+    )
+    k, _, batch = _mixture_shapes(value, logits, {"loc": loc, "log_scale": log_scale}, 2)
+    if atanh_rho.dim() == 0 or atanh_rho.shape[-1] != k:
+        raise _shape_error(
+            "atanh_rho",
+            atanh_rho,
+            f"(*, K) = (*, {k})",
+            f"K = {k} from logits {tuple(logits.shape)}",
+        )
+    _broadcast_batch(
+        {"batch of value, logits, loc, log_scale": batch, "atanh_rho": atanh_rho.shape[:-1]}
+    )
+    return value, logits, loc, log_scale, atanh_rho
+
+
+def bivariate_normal_mixture_log_prob(
+    value: Tensor,
+    logits: Tensor,
+    loc: Tensor,
+    log_scale: Tensor,
+    atanh_rho: Tensor,
+    *,
+    fused: bool = True,
+) -> Tensor:
+    r"""Log density of a mixture of correlated bivariate Gaussians (Graves 2013, sketch-rnn).
+
+    .. math::
+        \log p(x) = \operatorname{logsumexp}_k\big(\log\operatorname{softmax}(\ell)_k
+            + \log\mathcal N(x \mid \mu_k, \sigma_k, \rho_k)\big),
+
+    .. math::
+        \log\mathcal N = -\log 2\pi - \log\sigma_1 - \log\sigma_2 + \log\cosh a - \tfrac12 Q,
+        \qquad Q = \frac{z_1^2 - 2\rho z_1 z_2 + z_2^2}{1 - \rho^2}
+          = \frac{z_1^2 + z_2^2}2 + \frac{(z_1 + z_2)^2 e^{-2a} + (z_1 - z_2)^2 e^{2a}}4,
+
+    with :math:`z_i = (x_i - \mu_i)/\sigma_i`, :math:`\rho = \tanh a`,
+    :math:`-\tfrac12\log(1-\rho^2) = \log\cosh a`. This is the pen-offset likelihood of
+    Graves (2013) eqs. 23-26 and of sketch-rnn (Ha & Eck 2017, eqs. 1-2 and the
+    reconstruction loss :math:`L_s`), in log space from unconstrained ``log_scale`` and
+    ``atanh_rho``: no ``1 - rho^2`` (0 in float32 once ``|a| > 9``), no ``exp`` of the
+    quadratic form, so far targets, tiny scales and saturated correlations give the exact
+    finite value instead of ``inf``/NaN. Each component equals
+    :func:`~probloss.functional.bivariate.bivariate_normal_log_prob`.
+
+    Args:
+        value: pen offsets :math:`x`, shape ``(*, 2)``.
+        logits: mixture logits, shape ``(*, K)``, unnormalised.
+        loc: means, shape ``(*, K, 2)``.
+        log_scale: :math:`\log\sigma`, shape ``(*, K, 2)``, unconstrained.
+        atanh_rho: :math:`a = \operatorname{atanh}\rho`, shape ``(*, K)``, unconstrained.
+        fused: fused kernel with a hand-written backward where it is exact (default). It
+            needs ``|log_scale| < 86`` and ``|atanh_rho| < 86`` in float32 (``< 707`` in
+            float64) so that ``exp`` of them is a normal float; otherwise, or off the CPU,
+            the plain path through ``bivariate_normal_log_prob`` (no such limit) is taken
+            automatically, as it always is with ``fused=False``. A double backward
+            recomputes the gradients through the plain path.
+
+    Returns:
+        Tensor of shape ``(*)``; float32 for half-precision inputs.
+
+    Raises:
+        ValueError: ``value`` is not ``(*, 2)``, ``loc`` / ``log_scale`` not ``(*, K, 2)``,
+            ``atanh_rho`` not ``(*, K)``, or the batch shapes do not broadcast.
+
+    Example:
+        >>> logits = torch.tensor([0.0, -1.0])
+        >>> loc, log_scale = torch.zeros(2, 2), torch.tensor([[0.0, 0.0], [-3.0, -3.0]])
+        >>> atanh_rho = torch.tensor([0.5, 12.0])  # second: tanh(12) == 1 in float32
+        >>> x = torch.tensor([[0.1, 0.1], [1e4, -1e4]])
+        >>> bivariate_normal_mixture_log_prob(x, logits, loc, log_scale, atanh_rho)
+        tensor([ 1.2139e+01, -1.8591e+08])
+
+    References:
+        Graves (2013), "Generating sequences with recurrent neural networks",
+        arXiv:1308.0850, eqs. 23-26; Ha & Eck (2017), "A neural representation of sketch
+        drawings", arXiv:1704.03477, sec. 3.
+    """
+    value, logits, loc, log_scale, atanh_rho = _bivariate_inputs(
+        value, logits, loc, log_scale, atanh_rho
+    )
+    if fused and _in_fused_domain(log_scale, atanh_rho):
+        return _BivariateMixture.apply(value, logits, loc, log_scale, atanh_rho)
+    return _plain_bivariate_mixture(value, logits, loc, log_scale, atanh_rho)
+
+
+def bivariate_normal_mixture_nll(
+    value: Tensor,
+    logits: Tensor,
+    loc: Tensor,
+    log_scale: Tensor,
+    atanh_rho: Tensor,
+    *,
+    reduction: str = "mean",
+    nan_policy: str = "raise",
+    validate_args: bool | None = None,
+) -> Tensor:
+    r"""Negative log-likelihood of a bivariate Gaussian mixture (the sketch-rnn offset loss).
+
+    .. math::
+        \ell_i = -\log p(x_i) \quad\text{(see :func:`bivariate_normal_mixture_log_prob`)}
+
+    per event (a 2-d offset), with the fused kernel, then reduced: ``"mean"`` averages over
+    events (not over the 2 coordinates), ``"sum"`` adds them, ``"none"`` returns them.
+    sketch-rnn's :math:`L_s` divides the sum over a sequence by the maximum length
+    :math:`N_{max}`: pass ``reduction="sum"`` and divide, or mask padding with NaN targets.
+
+    Args:
+        value, logits, loc, log_scale, atanh_rho: as in
+            :func:`bivariate_normal_mixture_log_prob`.
+        reduction: ``"mean"`` (over events), ``"sum"`` or ``"none"``.
+        nan_policy: ``"raise"`` or ``"mask"`` (events with a NaN coordinate get loss 0,
+            are not counted by ``"mean"`` and have gradient exactly 0), as in
+            :func:`normal_mixture_nll`.
+        validate_args: check ``value`` for NaN under ``"raise"``; ``None``: CPU only.
+
+    Returns:
+        A scalar for ``"mean"`` / ``"sum"``, else shape ``(*)``; float32 for half inputs.
+
+    Raises:
+        ValueError: bad ``reduction`` / ``nan_policy``, shapes, or NaN under ``"raise"``.
+
+    Example:
+        >>> x = torch.tensor([[0.5, 0.4], [float("nan"), 0.0]])
+        >>> logits, loc, log_scale = torch.zeros(1), torch.zeros(1, 2), torch.zeros(1, 2)
+        >>> bivariate_normal_mixture_nll(x, logits, loc, log_scale, torch.tensor([1.0]),
+        ...                              nan_policy="mask", reduction="none")
+        tensor([1.5295, 0.0000])
+    """
+    check_reduction(reduction)
+    _check_nan_policy(nan_policy)
+    value, logits, loc, log_scale, atanh_rho = _bivariate_inputs(
+        value, logits, loc, log_scale, atanh_rho
+    )
+    mask = None
+    if nan_policy == "mask":
+        value, mask = _mask_nan_targets(value, loc)
+    elif should_validate(validate_args, value):
+        check_not_nan(value, "value")
+    loss = -_BivariateMixture.apply(value, logits, loc, log_scale, atanh_rho)
+    return reduce_loss(loss, reduction, mask=mask)
+
+
+# ======================================================================================
+# Full-covariance mixture
+# ======================================================================================
+
+
+def multivariate_normal_mixture_log_prob(
+    value: Tensor,
+    logits: Tensor,
+    loc: Tensor,
+    scale_tril: Tensor,
+    *,
+    validate_args: bool | None = None,
+) -> Tensor:
+    r"""Log density of a mixture of Gaussians with full covariances :math:`L_k L_k^\top`.
+
+    .. math::
+        \log p(x) = \operatorname{logsumexp}_k\Big(\log\operatorname{softmax}(\ell)_k
+            - \tfrac12\lVert L_k^{-1}(x - \mu_k)\rVert^2 - \sum_i \log (L_k)_{ii}\Big)
+            - \tfrac D2 \log 2\pi
+
+    The components are
+    :func:`~probloss.functional.multivariate.multivariate_normal_log_prob` (one triangular
+    solve, no covariance formed) combined by :func:`mixture_log_prob` with plain autograd.
+    Build ``scale_tril`` from unconstrained network outputs with
+    :func:`~probloss.functional.multivariate.scale_tril_from_raw`.
+
+    Args:
+        value: targets, shape ``(*, D)``.
+        logits: mixture logits, shape ``(*, K)``.
+        loc: means, shape ``(*, K, D)``.
+        scale_tril: lower-triangular factors :math:`L_k` with positive diagonals, shape
+            ``(*, K, D, D)``.
+        validate_args: checks of ``multivariate_normal_log_prob`` (no NaN, positive
+            diagonal, lower triangular); ``None`` checks CPU tensors only.
+
+    Returns:
+        Tensor of shape ``(*)``; float32 for half-precision inputs.
+
+    Raises:
+        ValueError: shapes (``scale_tril`` must be ``(*, K, D, D)``), or the checks above.
+
+    Example:
+        >>> L = torch.tensor([[[1.0, 0.0], [0.9, 0.1]], [[2.0, 0.0], [0.0, 2.0]]])
+        >>> loc, logits = torch.zeros(2, 2), torch.tensor([1.0, 0.0])
+        >>> multivariate_normal_mixture_log_prob(torch.tensor([1.0, 0.9]), logits, loc, L)
+        tensor(-0.3365)
+    """
+    value, logits, loc, scale_tril = as_loss_tensors(
+        value=value, logits=logits, loc=loc, scale_tril=scale_tril
+    )
+    k, d, batch = _mixture_shapes(value, logits, {"loc": loc}, None)
+    if scale_tril.dim() < 3 or scale_tril.shape[-3:] != (k, d, d):
+        raise _shape_error(
+            "scale_tril",
+            scale_tril,
+            f"(*, K, D, D) = (*, {k}, {d}, {d})",
+            f"K = {k} from logits {tuple(logits.shape)}, D = {d} from value {tuple(value.shape)}",
+        )
+    _broadcast_batch({"batch of value, logits, loc": batch, "scale_tril": scale_tril.shape[:-3]})
+    component = multivariate_normal_log_prob(
+        value.unsqueeze(-2), loc, scale_tril, validate_args=validate_args
+    )
+    return mixture_log_prob(component, logits)

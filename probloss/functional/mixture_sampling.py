@@ -1,0 +1,453 @@
+r"""Sampling with temperature and summaries (mean, variance, mode) of Gaussian mixtures.
+
+The mixtures of a mixture density network (Bishop 1994) and of handwriting / sketch models
+(Graves 2013, arXiv:1308.0850; Ha & Eck 2017, sketch-rnn, arXiv:1704.03477), given by
+unconstrained parameters: mixture ``logits`` :math:`\ell` of shape ``(*, K)`` (weights
+:math:`\pi = \operatorname{softmax}(\ell)`), component means ``loc`` and ``log_scale``
+:math:`\log\sigma` of shape ``(*, K, D)`` and, for the bivariate mixture, ``atanh_rho``
+:math:`a` of shape ``(*, K)`` (:math:`\rho = \tanh a`). The batch dimensions ``(*)``
+broadcast like torch.
+
+Everything is vectorised: one call draws every point of every batch element, with no
+Python loop over points or components.
+
+**Temperature** (sketch-rnn, section 3.3): sampling at temperature :math:`\tau \ge 0` draws
+from the mixture with
+
+.. math::
+    \pi_k(\tau) = \frac{e^{\ell_k / \tau}}{\sum_j e^{\ell_j / \tau}}
+               = \frac{\pi_k^{1/\tau}}{\sum_j \pi_j^{1/\tau}}, \qquad
+    \sigma_{k}^2(\tau) = \tau\,\sigma_k^2, \qquad \rho_k(\tau) = \rho_k .
+
+:math:`\tau = 1` is the mixture itself; :math:`\tau < 1` sharpens the weights towards the
+most probable component and shrinks every component; :math:`\tau \to 0` (and
+``temperature=0`` exactly) returns the mean of the most probable component, deterministic.
+
+**Component draw** (Gumbel-max): :math:`k = \arg\max_k\,((\ell_k - \max_j \ell_j)/\tau +
+G_k)` with :math:`G_k = -\log(-\log U_k)`, :math:`U_k \sim U[0, 1)` independent, is a
+draw from :math:`\operatorname{Categorical}(\pi(\tau))` (subtracting the maximum keeps
+the scaled logits :math:`\le 0`, so a tiny :math:`\tau` cannot overflow to ``inf``).
+A component with logit ``-inf`` is never drawn. The uniforms have the resolution of the
+compute dtype (float32: multiples of :math:`2^{-24}`, so :math:`G_k \le 16.6`): a
+component whose scaled logit lies more than about 19 below the largest (probability
+below :math:`e^{-19} = 6 \cdot 10^{-9}`) is drawn with probability 0 in float32; in
+float64 the cut-off is about 40.
+
+**Gradients**: the draw :math:`x = \mu_k + \sigma_k\sqrt\tau\,\epsilon` is differentiable
+in ``loc``, ``log_scale`` and ``atanh_rho`` *for the drawn component* (the conditional
+pathwise, or "reparameterise given the component", estimator). The component index is
+discrete and gets no gradient, so nothing flows to ``logits``: as an estimator of
+:math:`\nabla \mathbb E[f(x)]` this is unbiased for the component parameters
+(:math:`\partial/\partial\mu_k = \pi_k \mathbb E[f'(x) \mid k]`, which is what it computes
+on average) and biased (zero) for the logits. Use a score-function or marginalised
+estimator where the weights must be learnt through samples.
+
+**Dtypes**: float16 / bfloat16 parameters are computed in float32 and the samples and
+summaries returned in the parameters' dtype (they are values of the random variable, not
+log densities). Every random number comes from ``generator`` (or torch's global generator
+when it is ``None``), so a seeded ``torch.Generator`` makes samples reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..special import mul_exp
+from ..special._dtype import as_float_tensor, compute_dtype
+
+__all__ = [
+    "bivariate_normal_mixture_covariance",
+    "bivariate_normal_mixture_mean",
+    "bivariate_normal_mixture_mode",
+    "bivariate_normal_mixture_sample",
+    "normal_mixture_mean",
+    "normal_mixture_mode",
+    "normal_mixture_sample",
+    "normal_mixture_variance",
+]
+
+# trailing (non-batch) dimensions of each parameter: (K,) or (K, D)
+_TRAILING = {"logits": 1, "loc": 2, "log_scale": 2, "atanh_rho": 1}
+_LAYOUT = {"logits": "(*, K)", "loc": "(*, K, D)", "log_scale": "(*, K, D)", "atanh_rho": "(*, K)"}
+
+
+# ======================================================================================
+# Shared pieces
+# ======================================================================================
+
+
+def _prepare(event_size: int | None, **named: Tensor) -> tuple[list[Tensor], torch.dtype]:
+    """Check shapes (always), promote dtypes, broadcast.
+
+    Returns the tensors expanded to ``(*, K)`` / ``(*, K, D)`` (views) in the compute dtype
+    (float32 for half inputs) and the promoted dtype results are returned in.
+    """
+    tensors = {name: as_float_tensor(t, name) for name, t in named.items()}
+    for name, t in tensors.items():
+        layout = _LAYOUT[name] if event_size is None else _LAYOUT[name].replace("D", "2")
+        if t.dim() < _TRAILING[name]:
+            raise ValueError(f"{name} must have shape {layout}; got shape {tuple(t.shape)}")
+        if event_size is not None and _TRAILING[name] == 2 and t.shape[-1] != event_size:
+            raise ValueError(
+                f"{name} must have shape {layout} (event size {event_size} in the last "
+                f"dimension); got shape {tuple(t.shape)}"
+            )
+    # (*, K) tensors get a unit D dimension, so one broadcast checks (*), K and D together
+    padded = [t.shape if _TRAILING[n] == 2 else (*t.shape, 1) for n, t in tensors.items()]
+    try:
+        full = torch.broadcast_shapes(*padded)
+    except RuntimeError:
+        layouts = ", ".join(f"{name} {_LAYOUT[name]}" for name in tensors)
+        shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in tensors.items())
+        raise ValueError(
+            f"shapes do not broadcast: expected {layouts} with broadcastable (*) and K; "
+            f"got {shapes}"
+        ) from None
+    dtype = next(iter(tensors.values())).dtype
+    for t in tensors.values():
+        dtype = torch.promote_types(dtype, t.dtype)
+    compute = compute_dtype(dtype)
+    out = [
+        t.to(compute).expand(full if _TRAILING[name] == 2 else full[:-1])
+        for name, t in tensors.items()
+    ]
+    return out, dtype
+
+
+def _check_temperature(temperature: float) -> float:
+    tau = float(temperature)
+    if not (0.0 <= tau < math.inf):  # also rejects NaN
+        raise ValueError(f"temperature must be a finite number >= 0; got {temperature!r}")
+    return tau
+
+
+def _component_index(
+    logits: Tensor, tau: float, sample_shape: torch.Size, generator: torch.Generator | None
+) -> Tensor:
+    """Component indices ``(*sample_shape, *)`` drawn from ``softmax(logits / tau)``.
+
+    ``tau == 0``: the argmax (the first one on ties), no randomness. Otherwise Gumbel-max
+    on the shifted logits ``(l - max l) / tau <= 0`` (no overflow for tiny ``tau``).
+    """
+    logits = logits.detach()  # the index is discrete: no gradient, no graph
+    if tau == 0.0:
+        return logits.argmax(-1).expand((*sample_shape, *logits.shape[:-1]))
+    shifted = (logits - logits.amax(-1, keepdim=True)) / tau
+    u = torch.rand(
+        (*sample_shape, *logits.shape),
+        generator=generator,
+        dtype=logits.dtype,
+        device=logits.device,
+    )
+    # -log(-log U) ~ Gumbel(0, 1); U = 0 gives -inf (that component simply loses)
+    gumbel = -torch.log(-torch.log(u))
+    return (shifted + gumbel).argmax(-1)
+
+
+def _pick(t: Tensor, index: Tensor, event_dims: int) -> Tensor:
+    """``t[..., index, ...]``: the drawn component of ``t`` (``(*, K)`` or ``(*, K, D)``).
+
+    ``index`` is ``(*sample_shape, *)``; the result ``(*sample_shape, *)`` or
+    ``(*sample_shape, *, D)``, differentiable in ``t``.
+    """
+    lead = index.dim() - (t.dim() - 1 - event_dims)  # number of sample dimensions
+    t = t[(None,) * lead]
+    idx = index[(..., *(None,) * (event_dims + 1))]
+    return torch.take_along_dim(t, idx, dim=-1 - event_dims).squeeze(-1 - event_dims)
+
+
+def _sech(atanh_rho: Tensor) -> Tensor:
+    # sqrt(1 - rho^2) = 1/cosh(a) = 2 e^{-|a|} / (1 + e^{-2|a|}): never 1 - tanh^2 (which is 0
+    # in float32 for |a| > 9), no overflow; abs' zero subgradient at 0 is sech'(0) = 0
+    g = torch.exp(-atanh_rho.abs())
+    return 2.0 * g / (1.0 + g * g)
+
+
+def _weighted_sum(weights: Tensor, t: Tensor) -> Tensor:
+    """``sum_k pi_k t_k`` for ``weights (*, K)`` and ``t (*, K, D)``: shape ``(*, D)``."""
+    return (weights.unsqueeze(-1) * t).sum(-2)
+
+
+# ======================================================================================
+# Diagonal normal mixture
+# ======================================================================================
+
+
+def normal_mixture_sample(
+    logits: Tensor,
+    loc: Tensor,
+    log_scale: Tensor,
+    *,
+    temperature: float = 1.0,
+    sample_shape: torch.Size | tuple[int, ...] = (),
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Draw from a mixture of diagonal normals, at a temperature, in one vectorised call.
+
+    .. math::
+        k \sim \operatorname{Categorical}\big(\operatorname{softmax}(\ell / \tau)\big),
+        \qquad x = \mu_k + \sqrt\tau\, e^{\log\sigma_k} \odot \epsilon,
+        \quad \epsilon \sim \mathcal N(0, I_D)
+
+    (sketch-rnn temperature, see the module docstring: :math:`\pi_k \to \pi_k^{1/\tau}`
+    renormalised, :math:`\sigma^2 \to \tau\sigma^2`). ``temperature=0`` returns exactly
+    ``loc`` of the component with the largest logit (the first on ties), draws no random
+    number and never divides by zero. :math:`\sqrt\tau\sigma` is applied as
+    ``mul_exp(eps, log_scale + log(tau) / 2)``: finite wherever the draw is
+    (``log_scale = 100`` in float32 gives ``inf`` only where ``exp(100) * eps`` truly
+    exceeds the range).
+
+    Differentiable in ``loc`` and ``log_scale`` given the drawn component (conditional
+    pathwise estimator); no gradient reaches ``logits`` (module docstring).
+
+    Args:
+        logits: mixture logits :math:`\ell`, shape ``(*, K)`` (unnormalised).
+        loc: component means, shape ``(*, K, D)``.
+        log_scale: component log standard deviations, shape ``(*, K, D)``.
+        temperature: :math:`\tau \ge 0`, a Python number.
+        sample_shape: leading shape of independent draws.
+        generator: the ``torch.Generator`` every random number is drawn from (``None``:
+            torch's global generator); same seed, same samples.
+
+    Returns:
+        Tensor of shape ``(*sample_shape, *, D)``, ``*`` the broadcast batch shape, in the
+        parameters' dtype (half precision computed in float32).
+
+    Raises:
+        ValueError: ``temperature`` negative, NaN or infinite; shapes not ``(*, K)`` /
+            ``(*, K, D)`` or not broadcastable (naming each argument and its shape).
+
+    Example:
+        >>> logits = torch.tensor([0.0, 2.0])  # weights softmax: 0.1192, 0.8808
+        >>> loc = torch.tensor([[-5.0], [5.0]])  # K = 2 components, D = 1
+        >>> log_scale = torch.zeros(2, 1)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = normal_mixture_sample(logits, loc, log_scale, sample_shape=(10000,), generator=g)
+        >>> x.shape, (x < 0).float().mean()  # the share of component 0
+        (torch.Size([10000, 1]), tensor(0.1186))
+        >>> x = normal_mixture_sample(
+        ...     logits, loc, log_scale, temperature=0.5, sample_shape=(10000,), generator=g)
+        >>> (x < 0).float().mean(), x[x > 0].var()  # softmax(logits / 0.5): 0.0180; var 0.5
+        (tensor(0.0190), tensor(0.4887))
+        >>> normal_mixture_sample(logits, loc, log_scale, temperature=0.0)
+        tensor([5.])
+    """
+    tau = _check_temperature(temperature)
+    (logits, loc, log_scale), dtype = _prepare(None, logits=logits, loc=loc, log_scale=log_scale)
+    index = _component_index(logits, tau, torch.Size(sample_shape), generator)
+    mean = _pick(loc, index, 1)
+    if tau == 0.0:
+        return mean.to(dtype)
+    eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+    # sqrt(tau) sigma eps = eps exp(log_scale + log(tau)/2); log(1) = 0 exactly
+    return (mean + mul_exp(eps, _pick(log_scale, index, 1) + 0.5 * math.log(tau))).to(dtype)
+
+
+def normal_mixture_mean(logits: Tensor, loc: Tensor) -> Tensor:
+    r"""Mean of a mixture of normals, :math:`\sum_k \pi_k \mu_k`, shape ``(*, D)``.
+
+    Args:
+        logits: mixture logits, shape ``(*, K)``; :math:`\pi = \operatorname{softmax}`.
+        loc: component means, shape ``(*, K, D)``.
+
+    Example:
+        >>> normal_mixture_mean(torch.tensor([0.0, 0.0]), torch.tensor([[-1.0], [3.0]]))
+        tensor([1.])
+    """
+    (logits, loc), dtype = _prepare(None, logits=logits, loc=loc)
+    return _weighted_sum(torch.softmax(logits, -1), loc).to(dtype)
+
+
+def normal_mixture_variance(logits: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
+    r"""Per-dimension variance of a mixture of normals (law of total variance), ``(*, D)``.
+
+    .. math::
+        \operatorname{Var}[x_d] = \sum_k \pi_k \big(\sigma_{kd}^2 + (\mu_{kd} - m_d)^2\big),
+        \qquad m = \sum_k \pi_k \mu_k
+
+    the expected within-component variance plus the variance of the component means,
+    summed as non-negative terms (never :math:`\mathbb E[x^2] - m^2`, which cancels when
+    the spread is small next to the mean).
+
+    Args:
+        logits: mixture logits, shape ``(*, K)``.
+        loc: component means, shape ``(*, K, D)``.
+        log_scale: component log standard deviations, shape ``(*, K, D)``.
+
+    Example:
+        >>> normal_mixture_variance(
+        ...     torch.tensor([0.0, 0.0]), torch.tensor([[-1.0], [3.0]]), torch.zeros(2, 1))
+        tensor([5.])
+    """
+    (logits, loc, log_scale), dtype = _prepare(None, logits=logits, loc=loc, log_scale=log_scale)
+    weights = torch.softmax(logits, -1)
+    spread = (loc - _weighted_sum(weights, loc).unsqueeze(-2)).square()
+    return _weighted_sum(weights, torch.exp(2.0 * log_scale) + spread).to(dtype)
+
+
+def normal_mixture_mode(logits: Tensor, loc: Tensor) -> Tensor:
+    r"""The mean of the most probable component, :math:`\mu_{\arg\max_k \ell_k}`, ``(*, D)``.
+
+    This is the "most-probable-component mode": the ``temperature -> 0`` limit of
+    :func:`normal_mixture_sample`, and what sketch-rnn-style greedy decoding uses. It is
+    *not* in general the mode (highest point) of the mixture density: overlapping
+    components shift and merge peaks, and a heavy component with a large scale can have a
+    lower peak than a light narrow one. Ties go to the first component. Cheap and
+    deterministic; the true density mode has no closed form.
+
+    Args:
+        logits: mixture logits, shape ``(*, K)``.
+        loc: component means, shape ``(*, K, D)``.
+
+    Example:
+        >>> normal_mixture_mode(torch.tensor([0.1, 0.0]), torch.tensor([[-1.0], [3.0]]))
+        tensor([-1.])
+    """
+    (logits, loc), dtype = _prepare(None, logits=logits, loc=loc)
+    return _pick(loc, logits.detach().argmax(-1), 1).to(dtype)
+
+
+# ======================================================================================
+# Bivariate normal mixture
+# ======================================================================================
+
+
+def bivariate_normal_mixture_sample(
+    logits: Tensor,
+    loc: Tensor,
+    log_scale: Tensor,
+    atanh_rho: Tensor,
+    *,
+    temperature: float = 1.0,
+    sample_shape: torch.Size | tuple[int, ...] = (),
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Draw from a mixture of correlated bivariate normals at a temperature (sketch-rnn).
+
+    .. math::
+        k \sim \operatorname{Categorical}\big(\operatorname{softmax}(\ell / \tau)\big),
+        \qquad x = \mu_k + \sqrt\tau\,\sigma_k \odot
+            \big(\epsilon_1,\ \rho_k\epsilon_1 + \sqrt{1 - \rho_k^2}\,\epsilon_2\big)
+
+    with :math:`\epsilon_1, \epsilon_2 \sim \mathcal N(0, 1)` independent, so
+    :math:`\operatorname{Cov}(x \mid k) = \tau\Sigma_k`; the correlation is unchanged by the
+    temperature. :math:`\sqrt{1 - \rho^2}` is computed as :math:`1/\cosh a`
+    (``2 e^{-|a|} / (1 + e^{-2|a|})``), never as ``1 - tanh(a)^2`` (0 in float32 for
+    ``|a| > 9``): at ``|atanh_rho| = 50`` the points lie on the line
+    :math:`x_2 - \mu_2 = \pm(\sigma_2/\sigma_1)(x_1 - \mu_1)`, finite. ``temperature=0``
+    returns exactly ``loc`` of the component with the largest logit.
+
+    Differentiable in ``loc``, ``log_scale`` and ``atanh_rho`` given the drawn component
+    (conditional pathwise estimator); no gradient reaches ``logits`` (module docstring).
+
+    Args:
+        logits: mixture logits, shape ``(*, K)``.
+        loc: component means, shape ``(*, K, 2)``.
+        log_scale: component log standard deviations, shape ``(*, K, 2)``.
+        atanh_rho: :math:`\operatorname{atanh}` of the component correlations, ``(*, K)``.
+        temperature: :math:`\tau \ge 0`, a Python number.
+        sample_shape: leading shape of independent draws.
+        generator: the ``torch.Generator`` every random number is drawn from.
+
+    Returns:
+        Tensor of shape ``(*sample_shape, *, 2)`` in the parameters' dtype.
+
+    Raises:
+        ValueError: bad ``temperature``; shapes not ``(*, K)`` / ``(*, K, 2)`` or not
+            broadcastable.
+
+    Example:
+        >>> logits, loc = torch.zeros(1), torch.zeros(1, 2)  # one component
+        >>> g = torch.Generator().manual_seed(0)
+        >>> bivariate_normal_mixture_sample(  # rho = tanh(50) = 1: on the line x1 = x2
+        ...     logits, loc, torch.zeros(1, 2), torch.tensor([50.0]), sample_shape=(2,),
+        ...     generator=g)
+        tensor([[-0.2905, -0.2905],
+                [ 1.2645,  1.2645]])
+    """
+    tau = _check_temperature(temperature)
+    (logits, loc, log_scale, atanh_rho), dtype = _prepare(
+        2, logits=logits, loc=loc, log_scale=log_scale, atanh_rho=atanh_rho
+    )
+    index = _component_index(logits, tau, torch.Size(sample_shape), generator)
+    mean = _pick(loc, index, 1)
+    if tau == 0.0:
+        return mean.to(dtype)
+    a = _pick(atanh_rho, index, 0)
+    e1, e2 = torch.randn(
+        mean.shape, generator=generator, dtype=mean.dtype, device=mean.device
+    ).unbind(-1)
+    z = torch.stack((e1, torch.tanh(a) * e1 + _sech(a) * e2), -1)
+    return (mean + mul_exp(z, _pick(log_scale, index, 1) + 0.5 * math.log(tau))).to(dtype)
+
+
+def bivariate_normal_mixture_mean(logits: Tensor, loc: Tensor) -> Tensor:
+    r"""Mean :math:`\sum_k \pi_k \mu_k` of a bivariate normal mixture, shape ``(*, 2)``.
+
+    Args:
+        logits: mixture logits, shape ``(*, K)``.
+        loc: component means, shape ``(*, K, 2)``.
+
+    Example:
+        >>> bivariate_normal_mixture_mean(torch.zeros(2), torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
+        tensor([1., 2.])
+    """
+    (logits, loc), dtype = _prepare(2, logits=logits, loc=loc)
+    return _weighted_sum(torch.softmax(logits, -1), loc).to(dtype)
+
+
+def bivariate_normal_mixture_covariance(
+    logits: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor
+) -> Tensor:
+    r"""Covariance of a bivariate normal mixture (law of total covariance), ``(*, 2, 2)``.
+
+    .. math::
+        \operatorname{Cov}[x] = \sum_k \pi_k \big(\Sigma_k + (\mu_k - m)(\mu_k - m)^\top\big),
+        \qquad \Sigma_k = \begin{pmatrix} \sigma_{k1}^2 & \rho_k\sigma_{k1}\sigma_{k2} \\
+            \rho_k\sigma_{k1}\sigma_{k2} & \sigma_{k2}^2 \end{pmatrix},
+
+    :math:`m = \sum_k \pi_k\mu_k`, :math:`\rho_k = \tanh a_k`,
+    :math:`\sigma_{k1}\sigma_{k2} = e^{\log\sigma_{k1} + \log\sigma_{k2}}`. The diagonal
+    is :func:`normal_mixture_variance`.
+
+    Args:
+        logits: mixture logits, shape ``(*, K)``.
+        loc: component means, shape ``(*, K, 2)``.
+        log_scale: component log standard deviations, shape ``(*, K, 2)``.
+        atanh_rho: :math:`\operatorname{atanh}` of the component correlations, ``(*, K)``.
+
+    Example:
+        >>> bivariate_normal_mixture_covariance(  # two unit normals at (-1, -1) and (1, 1)
+        ...     torch.zeros(2), torch.tensor([[-1.0, -1.0], [1.0, 1.0]]), torch.zeros(2, 2),
+        ...     torch.zeros(2))
+        tensor([[2., 1.],
+                [1., 2.]])
+    """
+    (logits, loc, log_scale, atanh_rho), dtype = _prepare(
+        2, logits=logits, loc=loc, log_scale=log_scale, atanh_rho=atanh_rho
+    )
+    weights = torch.softmax(logits, -1)
+    d1, d2 = (loc - _weighted_sum(weights, loc).unsqueeze(-2)).unbind(-1)
+    v1, v2 = torch.exp(2.0 * log_scale).unbind(-1)
+    cross = torch.tanh(atanh_rho) * torch.exp(log_scale.sum(-1))  # rho s1 s2
+    terms = torch.stack((v1 + d1 * d1, cross + d1 * d2, v2 + d2 * d2), -1)  # (*, K, 3)
+    c11, c12, c22 = _weighted_sum(weights, terms).unbind(-1)
+    return torch.stack((c11, c12, c12, c22), -1).unflatten(-1, (2, 2)).to(dtype)
+
+
+def bivariate_normal_mixture_mode(logits: Tensor, loc: Tensor) -> Tensor:
+    r"""The mean of the most probable component, shape ``(*, 2)``.
+
+    The "most-probable-component mode" (the ``temperature -> 0`` sample), not in general
+    the mode of the mixture density; see :func:`normal_mixture_mode`.
+
+    Example:
+        >>> bivariate_normal_mixture_mode(
+        ...     torch.tensor([0.0, 1.0]), torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
+        tensor([2., 3.])
+    """
+    (logits, loc), dtype = _prepare(2, logits=logits, loc=loc)
+    return _pick(loc, logits.detach().argmax(-1), 1).to(dtype)
