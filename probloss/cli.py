@@ -8,9 +8,19 @@ import sys
 from . import __version__
 
 DEMOS = {
+    "mdn": "mixture density networks against MSE regression on Bishop's inverse problem and "
+    "a spiral, with figures (user story 2; the default)",
     "cb": "continuous-Bernoulli mean without NaN, and torch's continuous Bernoulli at large "
     "logits (user story 4)",
 }
+DEFAULT_DEMO = "mdn"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,17 +35,36 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a user story on built-in data. Available: "
         + "; ".join(f"{k}: {v}" for k, v in DEMOS.items()),
     )
-    demo.add_argument("name", nargs="?", default="cb", choices=sorted(DEMOS))
-    demo.add_argument("--quick", action="store_true", help="short form (used by CI)")
+    demo.add_argument(
+        "name", nargs="?", default=DEFAULT_DEMO, choices=sorted(DEMOS), help="default: mdn"
+    )
+    demo.add_argument("--quick", action="store_true", help="short form, a few seconds (CI)")
+    demo.add_argument(
+        "--out",
+        default="probloss-demo",
+        metavar="DIR",
+        help="directory for the figures (mdn; default: ./probloss-demo)",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="random seed (mdn; default: 0)")
+    demo.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        help="full-batch training steps per model (mdn; default: 2000, 400 with --quick)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from .demos import continuous_bernoulli
+        if args.name == "cb":
+            from .demos import continuous_bernoulli
 
-        return continuous_bernoulli.run()
+            return continuous_bernoulli.run()
+        from .demos import mdn
+
+        return mdn.run(quick=args.quick, out=args.out, seed=args.seed, epochs=args.epochs)
     return 2  # unreachable: argparse requires a command
 
 

@@ -1,4 +1,5 @@
-"""The command line: ``probloss demo`` runs and shows what user story 4 promises."""
+"""The command line: ``probloss demo`` (the MDN demo, tested in tests/test_demo_mdn.py) and
+``probloss demo cb``, which shows what user story 4 promises."""
 
 from __future__ import annotations
 
@@ -8,12 +9,27 @@ import sys
 
 import pytest
 
-from probloss.cli import main
+from probloss.cli import build_parser, main
 from probloss.demos.continuous_bernoulli import mean_table, torch_comparison_table
 
 
-def test_demo_runs_and_prints_both_tables(capsys):
-    assert main(["demo", "--quick"]) == 0
+def test_demo_defaults_to_mdn_and_keeps_cb():
+    parser = build_parser()
+    default = parser.parse_args(["demo", "--quick"])
+    assert default.name == "mdn" and default.quick and default.out == "probloss-demo"
+    assert parser.parse_args(["demo", "mdn"]).name == "mdn"
+    assert parser.parse_args(["demo", "cb"]).name == "cb"
+
+
+def test_demo_epochs_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--epochs", "0"])
+    assert exc.value.code == 2
+    assert "must be a positive integer" in capsys.readouterr().err
+
+
+def test_cb_demo_runs_and_prints_both_tables(capsys):
+    assert main(["demo", "cb", "--quick"]) == 0
     out = capsys.readouterr().out
     assert "d probloss" in out
     assert "torch.distributions.ContinuousBernoulli vs probloss" in out

@@ -95,6 +95,9 @@ class _BivariateLogDensity(torch.autograd.Function):
         # no intermediate exceeds Q/2, so nothing overflows unless the result does
         k = torch.sqrt(0.125 + 0.125 * g.square())
         half_q = (k * wide).square() + (k * narrow_e).square()
+        # An infinite z (a target infinitely many scales away) makes Q infinite, since
+        # Q >= |z|^2 / (1 + |rho|); z1 - z2 would be inf - inf = NaN on the way.
+        half_q = torch.where(torch.isinf(z).any(-1), math.inf, half_q)
         # -log(2 pi s1 s2 sqrt(1 - rho^2)) with -0.5 log(1 - rho^2) = log cosh(a)
         log_scale_sum = log_scale[..., 0] + log_scale[..., 1]  # 8x faster than sum(-1) here
         return (log_cosh(atanh_rho) - _LOG_2PI) - log_scale_sum - half_q

@@ -363,8 +363,35 @@ def _logits_grad_(w: Tensor, weights: Tensor, g: Tensor) -> Tensor:
 
 def _plain_normal_mixture(value: Tensor, logits: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
     """The plain autograd path: component log densities, summed over D, then the mixture."""
-    component = normal_log_prob(value.unsqueeze(-2), loc, log_scale=log_scale).sum(-1)
-    return mixture_log_prob(component, logits)
+
+    def components(loc: Tensor, log_scale: Tensor) -> Tensor:
+        return normal_log_prob(value.unsqueeze(-2), loc, log_scale=log_scale).sum(-1)
+
+    return mixture_log_prob(_without_dead_components(components, loc, log_scale), logits)
+
+
+def _without_dead_components(components, loc: Tensor, *scales: Tensor) -> Tensor:
+    """Component log densities whose ``-inf`` entries carry an exactly zero gradient.
+
+    ``scales`` are ``log_scale`` of shape ``(*, K, D)``, then optionally per-component
+    parameters of shape ``(*, K)`` (the bivariate ``atanh_rho``).
+
+    A component whose quadratic form overflows (log density ``-inf``: a target infinitely
+    many of its scales away) has responsibility 0, but autograd through its density
+    multiplies that 0 by an infinite derivative (NaN). A first pass without a graph finds
+    those components; the differentiable pass feeds them a safe point (the mean, unit
+    scale) and puts ``-inf`` back as a constant: the double-where pattern, applied to a
+    condition known only after evaluation. The plain path is the fallback outside the fused
+    kernels' domain, so the extra pass costs only there.
+    """
+    with torch.no_grad():
+        dead = components(loc, *scales) == -math.inf
+    per_coordinate = dead.unsqueeze(-1)  # against the (*, K, D) parameters
+    safe_loc = torch.where(per_coordinate, loc.detach(), loc)
+    safe_scales = [
+        torch.where(per_coordinate if i == 0 else dead, 0.0, t) for i, t in enumerate(scales)
+    ]
+    return torch.where(dead, -math.inf, components(safe_loc, *safe_scales))
 
 
 def _double_backward(ctx, grad: Tensor, plain) -> tuple[Tensor | None, ...]:
@@ -618,10 +645,13 @@ def normal_mixture_nll(
 def _plain_bivariate_mixture(
     value: Tensor, logits: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor
 ) -> Tensor:
-    component = bivariate_normal_log_prob(
-        value.unsqueeze(-2), loc, log_scale, atanh_rho, validate_args=False
-    )
-    return mixture_log_prob(component, logits)
+
+    def components(loc: Tensor, log_scale: Tensor, atanh_rho: Tensor) -> Tensor:
+        return bivariate_normal_log_prob(
+            value.unsqueeze(-2), loc, log_scale, atanh_rho, validate_args=False
+        )
+
+    return mixture_log_prob(_without_dead_components(components, loc, log_scale, atanh_rho), logits)
 
 
 def _bivariate_pieces(z: Tensor, atanh_rho: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -1089,3 +1089,25 @@ def test_properties_float64(seed, k, d, shift, spread):
     ref = scipy.stats.norm.logpdf(x.numpy(), loc[:, 0].numpy(), log_scale[:, 0].exp().numpy())
     scale = np.abs(ref).sum(-1) + np.abs(log_scale[:, 0].numpy()).sum(-1) + d * LOG_2PI
     assert_within(single, ref.sum(-1), REF_EPS * _eps(torch.float64) * scale, range(8), "K=1")
+
+
+@pytest.mark.parametrize("family", ["normal", "bivariate"])
+def test_plain_path_dead_component_has_zero_gradient(family):
+    """Regression: a component whose log density overflows to -inf (here log_scale = -1e4 in
+    float32, outside the fused domain, so the plain path runs) has responsibility 0 and
+    must contribute an exactly zero gradient, not 0 * inf = NaN. The other component's
+    density at its own mean is -log(2 pi) per 2 dims (closed form), weight 1/2."""
+    value = torch.tensor([[1.0, 1.0]])
+    logits = torch.zeros(1, 2)
+    loc = torch.tensor([[[0.0, 0.0], [1.0, 1.0]]], requires_grad=True)
+    log_scale = torch.tensor([[[-1e4, -1e4], [0.0, 0.0]]], requires_grad=True)
+    if family == "normal":
+        out = normal_mixture_log_prob(value, logits, loc, log_scale)
+    else:
+        atanh_rho = torch.zeros(1, 2, requires_grad=True)
+        out = bivariate_normal_mixture_log_prob(value, logits, loc, log_scale, atanh_rho)
+    assert out.item() == pytest.approx(-math.log(2 * math.pi) - math.log(2.0), rel=1e-6)
+    out.sum().backward()
+    assert torch.equal(loc.grad[0, 0], torch.zeros(2))
+    assert torch.equal(log_scale.grad[0, 0], torch.zeros(2))
+    assert torch.isfinite(loc.grad).all() and torch.isfinite(log_scale.grad).all()
