@@ -33,7 +33,9 @@ class _GaussianMixture(Distribution):
 
     support = constraints.real_vector
     has_rsample = False
-    _params: ClassVar[tuple[str, ...]]
+    _params: ClassVar[tuple[str, ...]]  # constructor parameters, in functional order
+    _log_prob_fn: ClassVar  # (value, *params) -> log density
+    _sample_fn: ClassVar  # (*params, temperature=, sample_shape=, generator=) -> draws
 
     def _init_params(self, event_size: int | None, validate_args: bool | None, **named) -> None:
         # checked, promoted (half stays half) and broadcast to the common batch shape
@@ -81,6 +83,27 @@ class _GaussianMixture(Distribution):
     def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
         """Draws ``(*sample_shape, *batch_shape, *event_shape)`` from torch's global RNG."""
         return self.sample_with_temperature(1.0, sample_shape)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return self._log_prob_fn(value, *(getattr(self, name) for name in self._params))
+
+    def sample_with_temperature(
+        self,
+        temperature: float,
+        sample_shape: torch.Size | tuple[int, ...] = (),
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Draws at temperature ``tau`` (``0``: the ``mode``); see the family's sampler in
+        :mod:`probloss.functional.mixture_sampling` for the temperature semantics."""
+        with torch.no_grad():
+            return self._sample_fn(
+                *(getattr(self, name) for name in self._params),
+                temperature=temperature,
+                sample_shape=sample_shape,
+                generator=generator,
+            )
 
 
 class NormalMixture(_GaussianMixture):
@@ -140,6 +163,8 @@ class NormalMixture(_GaussianMixture):
         "log_scale": _MATRIX,
     }
     _params = ("logits", "loc", "log_scale")
+    _log_prob_fn = staticmethod(normal_mixture_log_prob)
+    _sample_fn = staticmethod(normal_mixture_sample)
 
     def __init__(
         self,
@@ -168,29 +193,6 @@ class NormalMixture(_GaussianMixture):
     def mode(self) -> Tensor:
         """The mean of the most probable component (not the density's highest point)."""
         return normal_mixture_mode(self.logits, self.loc)
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        return normal_mixture_log_prob(value, self.logits, self.loc, self.log_scale)
-
-    def sample_with_temperature(
-        self,
-        temperature: float,
-        sample_shape: torch.Size | tuple[int, ...] = (),
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Draws at temperature ``tau`` (``0``: the ``mode``); see
-        :func:`~probloss.functional.mixture_sampling.normal_mixture_sample`."""
-        with torch.no_grad():
-            return normal_mixture_sample(
-                self.logits,
-                self.loc,
-                self.log_scale,
-                temperature=temperature,
-                sample_shape=sample_shape,
-                generator=generator,
-            )
 
 
 class BivariateNormalMixture(_GaussianMixture):
@@ -250,6 +252,8 @@ class BivariateNormalMixture(_GaussianMixture):
         "atanh_rho": _VECTOR,
     }
     _params = ("logits", "loc", "log_scale", "atanh_rho")
+    _log_prob_fn = staticmethod(bivariate_normal_mixture_log_prob)
+    _sample_fn = staticmethod(bivariate_normal_mixture_sample)
 
     def __init__(
         self,
@@ -291,29 +295,3 @@ class BivariateNormalMixture(_GaussianMixture):
     def mode(self) -> Tensor:
         """The mean of the most probable component (not the density's highest point)."""
         return bivariate_normal_mixture_mode(self.logits, self.loc)
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        return bivariate_normal_mixture_log_prob(
-            value, self.logits, self.loc, self.log_scale, self.atanh_rho
-        )
-
-    def sample_with_temperature(
-        self,
-        temperature: float,
-        sample_shape: torch.Size | tuple[int, ...] = (),
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Draws at temperature ``tau`` (``0``: the ``mode``); see
-        :func:`~probloss.functional.mixture_sampling.bivariate_normal_mixture_sample`."""
-        with torch.no_grad():
-            return bivariate_normal_mixture_sample(
-                self.logits,
-                self.loc,
-                self.log_scale,
-                self.atanh_rho,
-                temperature=temperature,
-                sample_shape=sample_shape,
-                generator=generator,
-            )
