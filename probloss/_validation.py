@@ -19,6 +19,20 @@ def should_validate(validate_args: bool | None, *tensors: Tensor) -> bool:
     return all(t.device.type == "cpu" for t in tensors)
 
 
+def distribution_validate_args(validate_args: bool | None, *tensors: Tensor) -> bool:
+    """``validate_args`` for a probloss Distribution: the explicit choice, else torch's
+    global default (``Distribution.set_default_validate_args``) but only for CPU tensors.
+
+    torch validates parameters and samples by default, which reads them on the host and so
+    waits for a GPU at every step; probloss keeps torch's switch and skips the read there.
+    """
+    if validate_args is not None:
+        return validate_args
+    from torch.distributions import Distribution
+
+    return bool(Distribution._validate_args) and should_validate(None, *tensors)
+
+
 def broadcast_shapes(**tensors: Tensor) -> torch.Size:
     """The broadcast shape of the named tensors, or a ValueError listing every shape."""
     try:

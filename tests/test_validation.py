@@ -12,6 +12,13 @@ from probloss._validation import (
     check_not_nan,
     should_validate,
 )
+from probloss.distributions import (
+    BivariateNormal,
+    BivariateNormalMixture,
+    ContinuousBernoulli,
+    Normal,
+    NormalMixture,
+)
 
 
 def test_should_validate_defaults_to_cpu_only():
@@ -60,3 +67,42 @@ def test_loss_dtype_policy(dtypes, expected):
 def test_integer_tensors_are_rejected_by_name():
     with pytest.raises(TypeError, match="logits must be a real floating-point tensor"):
         as_loss_tensors(logits=torch.zeros(2, dtype=torch.int64))
+
+
+def _meta(*shape):
+    return torch.zeros(shape, device="meta")
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Normal(_meta(3), _meta(3)),
+        lambda: BivariateNormal(_meta(3, 2), _meta(3, 2), _meta(3)),
+        lambda: ContinuousBernoulli(logits=_meta(3)),
+        lambda: NormalMixture(_meta(3, 4), _meta(3, 4, 2), _meta(3, 4, 2)),
+        lambda: BivariateNormalMixture(_meta(3, 4), _meta(3, 4, 2), _meta(3, 4, 2), _meta(3, 4)),
+    ],
+    ids=[
+        "Normal",
+        "BivariateNormal",
+        "ContinuousBernoulli",
+        "NormalMixture",
+        "BivariateNormalMixture",
+    ],
+)
+def test_distributions_do_not_read_non_cpu_values_by_default(build):
+    """Meta tensors have no values: torch's default validation would read them (a host sync
+    on a GPU) and raise; ours validates CPU tensors only unless asked."""
+    d = build()
+    assert d.batch_shape == (3,)
+
+
+def test_distributions_validate_cpu_values_and_keep_torch_switch():
+    with pytest.raises(ValueError):
+        Normal(torch.tensor([float("nan")]), torch.zeros(1))
+    previous = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
+    try:
+        Normal(torch.tensor([float("nan")]), torch.zeros(1))  # the global switch is respected
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(previous)

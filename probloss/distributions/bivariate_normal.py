@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.distributions import Distribution, constraints
 
 from .._dtype import as_loss_tensors, promote_float_tensors
+from .._validation import distribution_validate_args
 from ..functional.bivariate import _batch_shape, _check_event_size, bivariate_normal_log_prob
 from ..special import log_cosh
 
@@ -71,6 +72,7 @@ class BivariateNormal(Distribution):
         self.loc = loc.expand((*batch_shape, 2))
         self.log_scale = log_scale.expand((*batch_shape, 2))
         self.atanh_rho = atanh_rho.expand(batch_shape)
+        validate_args = distribution_validate_args(validate_args, loc, log_scale, atanh_rho)
         super().__init__(batch_shape, torch.Size((2,)), validate_args=validate_args)
 
     def expand(self, batch_shape: torch.Size, _instance=None) -> BivariateNormal:

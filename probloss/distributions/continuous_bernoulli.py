@@ -9,6 +9,7 @@ from torch import Tensor
 from torch.distributions import Distribution, constraints, register_kl
 from torch.distributions.utils import broadcast_all, lazy_property
 
+from .._validation import distribution_validate_args
 from ..functional.bernoulli import (
     continuous_bernoulli_cdf,
     continuous_bernoulli_icdf,
@@ -62,13 +63,17 @@ class ContinuousBernoulli(Distribution):
             raise ValueError("pass exactly one of logits and probs")
         if probs is not None:
             (probs,) = broadcast_all(probs)
-            if validate_args is not False and ((probs <= 0) | (probs >= 1)).any():
+            if (
+                distribution_validate_args(validate_args, probs)
+                and ((probs <= 0) | (probs >= 1)).any()
+            ):
                 raise ValueError(
                     f"probs of shape {tuple(probs.shape)} must lie in (0, 1); use logits "
                     "for the limits"
                 )
             logits = torch.log(probs) - torch.log1p(-probs)
         (self.logits,) = broadcast_all(logits)
+        validate_args = distribution_validate_args(validate_args, self.logits)
         super().__init__(self.logits.shape, validate_args=validate_args)
 
     def expand(self, batch_shape: torch.Size, _instance=None) -> ContinuousBernoulli:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Categorical, Distribution, constraints
 
+from .._validation import distribution_validate_args
 from ..functional.mixture import bivariate_normal_mixture_log_prob, normal_mixture_log_prob
 from ..functional.mixture_sampling import (
     _prepare,
@@ -44,6 +45,7 @@ class _GaussianMixture(Distribution):
             setattr(self, name, t.to(dtype))
         batch_shape = self.logits.shape[:-1]
         event_shape = self.loc.shape[-1:]
+        validate_args = distribution_validate_args(validate_args, *tensors)
         super().__init__(batch_shape, event_shape, validate_args=validate_args)
 
     def expand(self, batch_shape: torch.Size, _instance=None):

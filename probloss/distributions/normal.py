@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 
+from .._validation import distribution_validate_args
 from ..functional.normal import normal_log_prob
 
 _HALF_LOG_2PI_E = 0.5 * math.log(2.0 * math.pi * math.e)
@@ -56,11 +57,12 @@ class Normal(torch.distributions.Normal):
             raise ValueError("pass exactly one of log_scale and scale")
         if log_scale is None:
             loc, scale = broadcast_all(loc, scale)
-            if validate_args is not False and not (scale > 0).all():
+            if distribution_validate_args(validate_args, scale) and not (scale > 0).all():
                 raise ValueError(f"scale of shape {tuple(scale.shape)} must be positive")
             log_scale = torch.log(scale)
         loc, log_scale = broadcast_all(loc, log_scale)
         self.log_scale = log_scale
+        validate_args = distribution_validate_args(validate_args, loc, log_scale)
         super().__init__(loc, log_scale.exp(), validate_args=validate_args)
 
     def expand(self, batch_shape: torch.Size, _instance=None) -> Normal:
