@@ -392,6 +392,7 @@ def plot_mdn_density(figure_cls, tasks: list[Task], models: dict, path: Path) ->
         lo_y, hi_y = float(task.y_test.min()) - 2, float(task.y_test.max()) + 2
         inputs = torch.linspace(lo_x, hi_x, 300)
         targets = torch.linspace(lo_y, hi_y, 300)
+        # display only (no gradient): the colour scale stops at the floor
         log_p = _grid_log_density(mdn, task, inputs, targets).clamp(min=LOG_DENSITY_FLOOR)
         image = ax.pcolormesh(_np(inputs), _np(targets), _np(log_p), cmap="viridis", shading="auto")
         fig.colorbar(image, ax=ax, label=f"log p(target | input), floored at {LOG_DENSITY_FLOOR:g}")
@@ -435,6 +436,7 @@ def plot_spiral(figure_cls, task: Task, models: dict, path: Path) -> None:
         mixture = mdn(direction / task.x_scale)  # batch shape (1,)
         log_p = mixture.log_prob(points[:, :, None, :])[..., 0] - 2 * math.log(task.y_scale)
         ax.pcolormesh(
+            # display only (no gradient): the colour scale stops at the floor
             _np(gx), _np(gy), _np(log_p.clamp(min=LOG_DENSITY_FLOOR)), cmap="viridis",
             shading="auto",
         )  # fmt: skip

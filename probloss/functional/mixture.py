@@ -561,6 +561,11 @@ def normal_mixture_log_prob(
         and 34-39 (gradients through the posteriors).
     """
     value, logits, loc, log_scale = _normal_inputs(value, logits, loc, log_scale)
+    return _normal_mixture(value, logits, loc, log_scale, fused)
+
+
+def _normal_mixture(value, logits, loc, log_scale, fused: bool) -> Tensor:
+    """The fused kernel where it is exact (see :func:`_in_fused_domain`), else the plain path."""
     if fused and _in_fused_domain(log_scale):
         return _NormalMixture.apply(value, logits, loc, log_scale)
     return _plain_normal_mixture(value, logits, loc, log_scale)
@@ -576,6 +581,15 @@ def _mask_nan_targets(value: Tensor, loc: Tensor) -> tuple[Tensor, Tensor]:
     missing = torch.isnan(value).any(-1, keepdim=True)
     value = torch.where(missing, loc[..., 0, :].detach(), value)
     return value, ~missing.squeeze(-1)
+
+
+def _targets(value: Tensor, loc: Tensor, nan_policy: str, validate_args: bool | None):
+    """``(value, mask)`` for the NLLs: NaN events masked (``"mask"``) or rejected."""
+    if nan_policy == "mask":
+        return _mask_nan_targets(value, loc)
+    if should_validate(validate_args, value):
+        check_not_nan(value, "value")
+    return value, None
 
 
 def normal_mixture_nll(
@@ -628,12 +642,8 @@ def normal_mixture_nll(
     check_reduction(reduction)
     _check_nan_policy(nan_policy)
     value, logits, loc, log_scale = _normal_inputs(value, logits, loc, log_scale)
-    mask = None
-    if nan_policy == "mask":
-        value, mask = _mask_nan_targets(value, loc)
-    elif should_validate(validate_args, value):
-        check_not_nan(value, "value")
-    loss = -_NormalMixture.apply(value, logits, loc, log_scale)
+    value, mask = _targets(value, loc, nan_policy, validate_args)
+    loss = -_normal_mixture(value, logits, loc, log_scale, fused=True)
     return reduce_loss(loss, reduction, mask=mask)
 
 
@@ -844,6 +854,11 @@ def bivariate_normal_mixture_log_prob(
     value, logits, loc, log_scale, atanh_rho = _bivariate_inputs(
         value, logits, loc, log_scale, atanh_rho
     )
+    return _bivariate_mixture(value, logits, loc, log_scale, atanh_rho, fused)
+
+
+def _bivariate_mixture(value, logits, loc, log_scale, atanh_rho, fused: bool) -> Tensor:
+    """The fused kernel where it is exact (see :func:`_in_fused_domain`), else the plain path."""
     if fused and _in_fused_domain(log_scale, atanh_rho):
         return _BivariateMixture.apply(value, logits, loc, log_scale, atanh_rho)
     return _plain_bivariate_mixture(value, logits, loc, log_scale, atanh_rho)
@@ -897,12 +912,8 @@ def bivariate_normal_mixture_nll(
     value, logits, loc, log_scale, atanh_rho = _bivariate_inputs(
         value, logits, loc, log_scale, atanh_rho
     )
-    mask = None
-    if nan_policy == "mask":
-        value, mask = _mask_nan_targets(value, loc)
-    elif should_validate(validate_args, value):
-        check_not_nan(value, "value")
-    loss = -_BivariateMixture.apply(value, logits, loc, log_scale, atanh_rho)
+    value, mask = _targets(value, loc, nan_policy, validate_args)
+    loss = -_bivariate_mixture(value, logits, loc, log_scale, atanh_rho, fused=True)
     return reduce_loss(loss, reduction, mask=mask)
 
 

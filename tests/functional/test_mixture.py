@@ -1111,3 +1111,22 @@ def test_plain_path_dead_component_has_zero_gradient(family):
     assert torch.equal(loc.grad[0, 0], torch.zeros(2))
     assert torch.equal(log_scale.grad[0, 0], torch.zeros(2))
     assert torch.isfinite(loc.grad).all() and torch.isfinite(log_scale.grad).all()
+
+
+@pytest.mark.parametrize("family", ["normal", "bivariate"])
+def test_nll_takes_the_plain_path_outside_the_fused_domain(family):
+    """Regression: the NLLs called the fused kernel directly, bypassing the fallback, so a
+    log_scale of -200 in float32 (a target on the component mean) gave NaN. The exact loss
+    (closed form, relative 1e-6) is dominated by that component."""
+    value = torch.zeros(1, 2)
+    logits = torch.zeros(1, 2)
+    loc = torch.zeros(1, 2, 2)
+    log_scale = torch.tensor([[[-200.0, -200.0], [0.0, 0.0]]], requires_grad=True)
+    if family == "normal":
+        loss = normal_mixture_nll(value, logits, loc, log_scale)
+    else:
+        loss = bivariate_normal_mixture_nll(value, logits, loc, log_scale, torch.zeros(1, 2))
+    # component 0 dominates: -log(1/2) + log(2 pi) - 400 (its density is e^400 / (2 pi))
+    assert loss.item() == pytest.approx(math.log(2.0) + math.log(2 * math.pi) - 400.0, rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(log_scale.grad).all()
