@@ -29,7 +29,8 @@ What is measured, per method, in one run:
   C library keeps cached. (``tracemalloc`` does not see torch's allocations.)
 
 Run: ``python benchmarks/bench_mixture.py [--batch 65536] [--components 16]
-[--repeats 31] [--threads 2]``. On a shared machine, compare the "cpu ms" column and rerun
+[--repeats 31] [--threads 2] [--compile]``. ``--compile`` adds the hand-written formulas
+compiled by ``torch.compile``. On a shared machine, compare the "cpu ms" column and rerun
 when the load average (printed before and after) is high.
 """
 
@@ -208,6 +209,16 @@ def targets(results: dict, fused: str, torch_name: str, eager_name: str) -> None
         print(f"  peak memory / torch.distributions': {f_peak / t_peak:.2f} (target <= 0.5)")
 
 
+def compiled_row(name: str, fn: Method, enabled: bool) -> list[tuple[str, Method]]:
+    """``[(name, torch.compile(fn))]`` when asked for, else ``[]``.
+
+    The compiled formula is what a user gets from fusing the plain formula with the best tool
+    PyTorch ships (inductor: one generated C++ loop nest per fused region, forward and
+    backward). Compilation happens in the first call, the warm-up, outside the timings.
+    """
+    return [(name, torch.compile(fn, dynamic=False))] if enabled else []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=65536, help="events B")
@@ -215,6 +226,12 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2, help="event size D of (a)")
     parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the hand-written formulas compiled by torch.compile (inductor, C++ "
+        "through the system compiler; about 25 s of compilation per formula)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -237,6 +254,7 @@ def main() -> None:
             ("probloss fused=False (plain autograd)", normal_plain),
             ("torch MixtureSameFamily(Normal)", normal_torch),
             ("hand-written eager log-sum-exp", normal_eager),
+            *compiled_row("hand-written log-sum-exp, torch.compile", normal_eager, args.compile),
         ],
         (x, logits, loc, log_scale),
         args.repeats,
@@ -260,6 +278,7 @@ def main() -> None:
             ("probloss fused=False (plain autograd)", bivariate_plain),
             ("torch MixtureSameFamily(MVN scale_tril)", bivariate_torch),
             ("hand-written eager sketch-rnn formula", bivariate_eager),
+            *compiled_row("hand-written sketch-rnn, torch.compile", bivariate_eager, args.compile),
         ],
         (x2, logits, loc2, log_scale2, atanh_rho),
         args.repeats,
