@@ -1,4 +1,4 @@
-"""Command line: ``probloss demo [NAME]``."""
+"""Command line: ``probloss demo [NAME]`` and ``probloss audit TARGET ...``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from . import __version__
+from .audit import command as audit_command
 
 DEMOS = {
     "mdn": "mixture density networks against MSE regression on Bishop's inverse problem and "
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="full-batch training steps per model (mdn; default: 2000, 400 with --quick)",
     )
+    audit_command.add_parser(commands)
     return parser
 
 
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         from .demos import mdn
 
         return mdn.run(quick=args.quick, out=args.out, seed=args.seed, epochs=args.epochs)
+    if args.command == "audit":
+        return audit_command.run(args)
     return 2  # unreachable: argparse requires a command
 
 

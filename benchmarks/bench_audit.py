@@ -1,0 +1,83 @@
+"""Wall time of the stability audit (``probloss.audit``) and of the ``probloss audit`` CLI.
+
+1. ``audit(fn)`` of two-argument functions over the default grid in the four dtypes
+   (float32, float16, bfloat16, float64): ``bernoulli_kl`` (probloss, hand-written
+   backward) and ``x * y``; median of ``--repeats`` runs after one warm-up.
+2. The CLI on each naive example of ``probloss/audit/naive.py`` and its stable twin, as a
+   subprocess (Python start-up and ``import torch`` included), median of ``--cli-repeats``.
+
+Run: ``python benchmarks/bench_audit.py [--repeats 5] [--cli-repeats 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from probloss.audit.runner import audit
+from probloss.functional import bernoulli_kl
+
+BIVARIATE = [
+    f"--domain={name}=real[-1,1]" for name in ("x1", "x2", "mu1", "mu2", "log_sigma1", "log_sigma2")
+] + ["--domain=raw_rho=real[-20,20]"]
+MIXTURE = [
+    "--domain=logit=real[-5,5]",
+    "--domain=mu1=real[-5,5]",
+    "--domain=mu2=real[-5,5]",
+    "--domain=log_sigma1=real[-3,3]",
+    "--domain=log_sigma2=real[-3,3]",
+]
+CLI_CASES = [
+    ("naive_cb_mean", []),
+    ("stable_cb_mean", []),
+    ("naive_bivariate_nll", BIVARIATE),
+    ("stable_bivariate_nll", BIVARIATE),
+    ("naive_mixture_nll", MIXTURE),
+    ("stable_mixture_nll", MIXTURE),
+]
+
+
+def product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return x * y
+
+
+def median_seconds(run, repeats: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cli-repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'audit(fn), four dtypes':<34}{'points':>8}{'seconds':>10}")
+    for name, fn in (("bernoulli_kl(logits_q, logits_p)", bernoulli_kl), ("x * y", product)):
+        report = audit(fn)
+        seconds = median_seconds(lambda fn=fn: audit(fn), args.repeats)
+        print(f"{name:<34}{sum(report.points.values()):>8}{seconds:>10.3f}")
+    print()
+    print(f"{'probloss audit probloss.audit.naive:...':<42}{'exit':>5}{'seconds':>10}")
+    for name, extra in CLI_CASES:
+        command = [sys.executable, "-m", "probloss", "audit", f"probloss.audit.naive:{name}"]
+        times, code = [], None
+        for _ in range(args.cli_repeats):
+            start = time.perf_counter()
+            code = subprocess.run([*command, *extra], capture_output=True).returncode
+            times.append(time.perf_counter() - start)
+        print(f"{name:<42}{code:>5}{statistics.median(times):>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
