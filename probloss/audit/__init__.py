@@ -8,7 +8,18 @@
 """
 
 from .domains import AuditUsageError, Domain
+from .guard import NaNGuard, NonFiniteError, NonFiniteReport, NonFiniteWarning
 from .report import AuditReport
 from .runner import assert_stable, audit
 
-__all__ = ["AuditReport", "AuditUsageError", "Domain", "assert_stable", "audit"]
+__all__ = [
+    "AuditReport",
+    "AuditUsageError",
+    "Domain",
+    "NaNGuard",
+    "NonFiniteError",
+    "NonFiniteReport",
+    "NonFiniteWarning",
+    "assert_stable",
+    "audit",
+]
