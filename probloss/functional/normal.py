@@ -280,7 +280,9 @@ def laplace_log_prob(value: Tensor, loc: Tensor, log_scale: Tensor | float) -> T
     t = loss_tensors(value=value, loc=loc, log_scale=log_scale)
     broadcast_shapes(**t)
     value, loc, log_scale = t["value"], t["loc"], t["log_scale"]
-    return -mul_exp((value - loc).abs(), -log_scale) - log_scale - _LN2
+    # |r e^{-s}|, not |r| e^{-s}: at r = 0 the abs's zero gradient then reaches mul_exp's
+    # backward, which gives 0 * e^{-s} = 0 even where e^{-s} overflows (not sign(0) * inf)
+    return -mul_exp(value - loc, -log_scale).abs() - log_scale - _LN2
 
 
 # ======================================================================================

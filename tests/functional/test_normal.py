@@ -678,6 +678,20 @@ def test_laplace_matches_mpmath(dtype):
     _check(ls.grad.double(), ref[:, 3], ref[:, 4], g_rtol, dtype, points, "d/dlog_scale")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_laplace_gradient_at_the_location_where_the_inverse_scale_overflows(dtype):
+    """x == loc with exp(-log_scale) beyond the range (log_scale = -100 in float32, -800 in
+    float64; found by ``probloss audit``): the density is exp(-log_scale) / 2, finite in log
+    space, and the gradients are the subgradient 0 in value and loc and -1 in log_scale
+    (d/ds of -s - log 2), not 0 * inf = NaN."""
+    s = -100.0 if dtype == torch.float32 else -800.0
+    x, mu, ls = (torch.tensor([v], dtype=dtype, requires_grad=True) for v in (3.0, 3.0, s))
+    out = laplace_log_prob(x, mu, ls)
+    out.sum().backward()
+    assert out.item() == pytest.approx(-s - math.log(2.0), rel=1e-7)
+    assert (x.grad.item(), mu.grad.item(), ls.grad.item()) == (0.0, 0.0, -1.0)
+
+
 def test_laplace_against_scipy_and_gradcheck_float64():
     rng = np.random.default_rng(2)
     mu = rng.normal(size=300) * 5
