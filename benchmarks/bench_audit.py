@@ -19,19 +19,12 @@ import time
 
 import torch
 
+from probloss.audit.naive import BIVARIATE_DOMAINS, MIXTURE_DOMAINS, domain_options
 from probloss.audit.runner import audit
 from probloss.functional import bernoulli_kl
 
-BIVARIATE = [
-    f"--domain={name}=real[-1,1]" for name in ("x1", "x2", "mu1", "mu2", "log_sigma1", "log_sigma2")
-] + ["--domain=raw_rho=real[-20,20]"]
-MIXTURE = [
-    "--domain=logit=real[-5,5]",
-    "--domain=mu1=real[-5,5]",
-    "--domain=mu2=real[-5,5]",
-    "--domain=log_sigma1=real[-3,3]",
-    "--domain=log_sigma2=real[-3,3]",
-]
+BIVARIATE = domain_options(BIVARIATE_DOMAINS)
+MIXTURE = domain_options(MIXTURE_DOMAINS)
 CLI_CASES = [
     ("naive_cb_mean", []),
     ("stable_cb_mean", []),

@@ -29,6 +29,9 @@ from ..functional import bivariate_normal_nll, normal_mixture_log_prob
 from ..special import cb_mean
 
 __all__ = [
+    "BIVARIATE_DOMAINS",
+    "MIXTURE_DOMAINS",
+    "domain_options",
     "naive_bivariate_nll",
     "naive_cb_mean",
     "naive_mixture_nll",
@@ -36,6 +39,25 @@ __all__ = [
     "stable_cb_mean",
     "stable_mixture_nll",
 ]
+
+# The domains the examples are audited on (the docstring's commands): unit-order data and
+# parameters, with the correlation's raw output up to 20, where tanh saturates in float32.
+BIVARIATE_DOMAINS = {
+    **{k: "real[-1,1]" for k in ("x1", "x2", "mu1", "mu2", "log_sigma1", "log_sigma2")},
+    "raw_rho": "real[-20,20]",
+}
+MIXTURE_DOMAINS = {
+    "logit": "real[-5,5]",
+    "mu1": "real[-5,5]",
+    "mu2": "real[-5,5]",
+    "log_sigma1": "real[-3,3]",
+    "log_sigma2": "real[-3,3]",
+}
+
+
+def domain_options(domains: dict[str, str]) -> list[str]:
+    """``{"rho": "correlation"}`` as the CLI's ``["--domain=rho=correlation"]``."""
+    return [f"--domain={name}={kind}" for name, kind in domains.items()]
 
 
 def naive_bivariate_nll(

@@ -18,22 +18,8 @@ import probloss.audit.naive as naive_module
 from probloss.cli import build_parser, main
 
 NAIVE_FILE = naive_module.__file__  # the FILE.py:FUNCTION form
-BIVARIATE = [
-    "--domain=x1=real[-1,1]",
-    "--domain=x2=real[-1,1]",
-    "--domain=mu1=real[-1,1]",
-    "--domain=mu2=real[-1,1]",
-    "--domain=log_sigma1=real[-1,1]",
-    "--domain=log_sigma2=real[-1,1]",
-    "--domain=raw_rho=real[-20,20]",
-]
-MIXTURE = [
-    "--domain=logit=real[-5,5]",
-    "--domain=mu1=real[-5,5]",
-    "--domain=mu2=real[-5,5]",
-    "--domain=log_sigma1=real[-3,3]",
-    "--domain=log_sigma2=real[-3,3]",
-]
+BIVARIATE = naive_module.domain_options(naive_module.BIVARIATE_DOMAINS)
+MIXTURE = naive_module.domain_options(naive_module.MIXTURE_DOMAINS)
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

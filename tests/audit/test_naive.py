@@ -21,6 +21,8 @@ import torch
 from scipy import special, stats
 
 from probloss.audit.naive import (
+    BIVARIATE_DOMAINS,
+    MIXTURE_DOMAINS,
     naive_bivariate_nll,
     naive_cb_mean,
     naive_mixture_nll,
@@ -30,17 +32,6 @@ from probloss.audit.naive import (
 )
 from probloss.audit.runner import audit
 
-BIVARIATE_DOMAINS = {
-    **{k: "real[-1,1]" for k in ("x1", "x2", "mu1", "mu2", "log_sigma1", "log_sigma2")},
-    "raw_rho": "real[-20,20]",
-}
-MIXTURE_DOMAINS = {
-    "logit": "real[-5,5]",
-    "mu1": "real[-5,5]",
-    "mu2": "real[-5,5]",
-    "log_sigma1": "real[-3,3]",
-    "log_sigma2": "real[-3,3]",
-}
 MODERATE = np.array(
     [
         [0.3, -0.2, 0.1, 0.0, -0.5, 0.2, 0.7],
