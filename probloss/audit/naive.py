@@ -185,6 +185,14 @@ def stable_mixture_nll(
 
     The logits of the two components are ``(logit, 0)``; ``K = 2``, ``D = 1``.
 
+    Audited on :data:`MIXTURE_DOMAINS` it has no non-finite value or gradient in any dtype,
+    but the audit still exits 1: in float32, a target 20 to 90 scales from two nearly
+    coincident components loses 2 to 3 digits of the gradient (up to 30x the tolerance; 7
+    of 6357 points). ``z_k^2 / 2`` of each component is rounded on its own, while the
+    responsibilities depend on their small difference, so the roundings do not cancel.
+    Every log-sum-exp mixture shares this. ``torch.distributions.MixtureSameFamily`` on the
+    same grid has 18 such points, plus 220 with NaN gradients at ``|x| = 1e36``.
+
     Example:
         >>> zero = torch.tensor([0.0, 0.0])
         >>> stable_mixture_nll(torch.tensor([0.0, 20.0]), zero, zero, zero, zero, zero)
