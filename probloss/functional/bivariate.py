@@ -79,11 +79,12 @@ def _rotated(z: Tensor, atanh_rho: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
 class _BivariateLogDensity(torch.autograd.Function):
     """The log density (inputs in one compute dtype, no checks) with a hand-written backward.
 
-    The same derivatives as autograd through the forward, from a third of the memory: only
-    the inputs are saved, no intermediates, and the backward is a few fused expressions
-    whose products are ordered so that nothing overflows where the exact value and
-    derivative are representable. It is built from the saved inputs with differentiable
-    torch ops, so it is differentiable again (Hessians, ``gradgradcheck``).
+    The derivatives in closed form (:func:`_gradient_pieces`), from a third of the memory of
+    autograd through the forward and more accurate than it: only the inputs are saved, no
+    intermediates, and the backward is a few fused expressions whose products are ordered
+    so that nothing overflows where the exact value and derivative are representable. It
+    is built from the saved inputs with differentiable torch ops, so it is differentiable
+    again (Hessians, ``gradgradcheck``).
     """
 
     @staticmethod
@@ -106,34 +107,22 @@ class _BivariateLogDensity(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         value, loc, log_scale, atanh_rho = ctx.saved_tensors
         z = mul_exp(value - loc, -log_scale)
-        sign, b, wide, narrow_e, g = _rotated(z, atanh_rho)
-        f = _exp_half(b)
-        grad_alpha = grad * (0.25 + 0.25 * g * g)  # alpha = (1 + e^{-2|a|}) / 4
-        signed_grad_alpha = sign * grad_alpha
-
-        def along(c1: Tensor, c2: Tensor) -> tuple[Tensor, Tensor]:
-            """``c1 (wide + (n e^|a|) e^|a|)`` and ``c2 (wide - (n e^|a|) e^|a|)``.
-
-            With wide, narrow = z1 +- sign z2 and -Q/2 = -alpha (wide^2 + (n e^|a|)^2) / 2,
-            ``d(-Q/2)/dz1 = -alpha (wide + (n e^|a|) e^|a|)`` and
-            ``d(-Q/2)/dz2 = -sign alpha (wide - (n e^|a|) e^|a|)``. Each coefficient
-            multiplies before the last e^|a| = f f, one finite f at a time:
-            (n e^|a|) e^|a| alone can overflow where the product does not, and n = 0 or a
-            zero coefficient gives exactly 0, never 0 * inf.
-            """
-            return c1 * wide + c1 * narrow_e * f * f, c2 * wide - c2 * narrow_e * f * f
-
+        sign, z1, z2, ns, c, f, inv_eb = _gradient_pieces(z, atanh_rho)
+        # d(-Q/2)/dz1 = -c (z1 + n s e^{2b}), d(-Q/2)/dz2' = -c (z2' - n s e^{2b}): the
+        # coefficient multiplies first and e^{2b} last, one finite f = e^{b/2} at a time, so
+        # no partial product exceeds the result and a zero coefficient gives exactly 0
+        gc = grad * c
         grads: list[Tensor | None] = [None] * 4
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            # dz_i/dx_i = e^{-log_scale_i}, applied by mul_exp before the last finite factor
-            # f: a zero term stays 0 where e^{-log_scale} overflows (a point on the mean at
-            # log_scale < -88 in float32), and no partial product exceeds the result.
+            # dz_i/dx_i = e^{-log_scale_i}, applied by mul_exp before the last factor f: a
+            # zero term stays 0 where e^{-log_scale} overflows (a point on the mean at
+            # log_scale < -88 in float32)
             s1, s2 = (-log_scale).unbind(-1)
-            c1, c2 = -grad_alpha, -signed_grad_alpha
+            gcns = gc * ns
             d_value = torch.stack(
                 (
-                    mul_exp(c1 * wide, s1) + mul_exp(c1 * narrow_e * f, s1) * f,
-                    mul_exp(c2 * wide, s2) - mul_exp(c2 * narrow_e * f, s2) * f,
+                    -(mul_exp(gc * z1, s1) + mul_exp(gcns * f * f * f, s1) * f),
+                    -sign * (mul_exp(gc * z2, s2) - mul_exp(gcns * f * f * f, s2) * f),
                 ),
                 -1,
             )
@@ -142,23 +131,56 @@ class _BivariateLogDensity(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grads[1] = (-d_value).sum_to_size(loc.shape)
         if ctx.needs_input_grad[2]:
-            # z_i = r_i e^{-log_scale_i}: d/dlog_scale_i = -1 - z_i d/dz_i (exactly -1 at z_i = 0,
-            # even where d/dz_i overflows: a point on an axis, off the line at large |a|)
-            z1, z2 = z.unbind(-1)
-            d1, d2 = along(grad_alpha * z1, signed_grad_alpha * z2)
+            # z_i = r_i e^{-log_scale_i}: d/dlog_scale_i = -1 - z_i d/dz_i (exactly -1 at
+            # z_i = 0, even where d/dz_i overflows: a point on an axis at large |a|)
+            gcz1, gcz2 = gc * z1, gc * z2
+            d1 = gcz1 * z1 + gcz1 * ns * f * f * f * f
+            d2 = gcz2 * z2 - gcz2 * ns * f * f * f * f
             grads[2] = torch.stack((d1 - grad, d2 - grad), -1).sum_to_size(log_scale.shape)
         if ctx.needs_input_grad[3]:
-            # d log cosh(a)/da = tanh a; d(-Q/2)/d|a| = (e^{-2|a|} wide^2 - (n e^|a|)^2) / 4, as
-            # d/d|a| of e^{-2|a|} is -2 e^{-2|a|} and of n e^|a| is n e^|a|: no 1 - rho^2
-            # The incoming gradient goes inside the squares (as sqrt|grad|, its sign outside):
-            # (n e^|a|)^2 alone overflows where the density is -inf, and a zero incoming
-            # gradient (a component with no responsibility in a mixture) must give 0 there.
+            # d log cosh(a)/da = tanh a and d(-Q/2)/d|a| = u v with u = z1 e^{-b} + n s e^b,
+            # v = z2' e^{-b} - n s e^b. The incoming gradient goes into both factors as
+            # sqrt|grad| (its sign outside): u v alone can overflow where the density is
+            # -inf, and a zero incoming gradient (a component with no responsibility in a
+            # mixture) must give 0 there, not 0 * inf.
             root = grad.abs().sqrt()
-            d_b = (0.5 * g * wide * root).square() - (0.5 * narrow_e * root).square()
-            grads[3] = (grad * torch.tanh(atanh_rho) + sign * torch.sign(grad) * d_b).sum_to_size(
+            rns = root * ns * f * f
+            u = root * z1 * inv_eb + rns
+            v = root * z2 * inv_eb - rns
+            grads[3] = (grad * torch.tanh(atanh_rho) + sign * torch.sign(grad) * u * v).sum_to_size(
                 atanh_rho.shape
             )
         return tuple(grads)
+
+
+def _gradient_pieces(z: Tensor, atanh_rho: Tensor) -> tuple[Tensor, ...]:
+    r"""``(sign(a), z1, z2', n s, c, f, e^{-b})`` for the backward, ``b = |a|``.
+
+    With ``z2' = sign(a) z2``, ``1/(1 - rho^2) = cosh^2 b`` and ``rho/(1 - rho^2) = sinh b
+    cosh b``, ``Q = cosh^2(b) (z1^2 + z2'^2) - 2 sinh(b) cosh(b) z1 z2'``, and with ``c =
+    cosh(b) e^{-b} = (1 + e^{-2b})/2``, ``s = sinh(b) e^{-b} = -expm1(-2b)/2`` (so ``e^{2b}
+    (c - s) = 1``) and ``n = z1 - z2'``::
+
+        d(-Q/2)/dz1  = -c e^{2b} (c z1 - s z2')  = -c (z1 + n s e^{2b})
+        d(-Q/2)/dz2' = -c e^{2b} (c z2' - s z1)  = -c (z2' - n s e^{2b})
+        d(-Q/2)/db   = (z1 e^{-b} + n s e^b) (z2' e^{-b} - n s e^b)
+
+    One form, accurate in every regime: near the correlation line ``n`` is exact
+    (Sterbenz) and small; where one coordinate dwarfs the other, the small one enters
+    through its own term (through the eigen-coordinates ``z1 +- z2'`` of the forward it
+    would be rounded away: d/dx1 = 0 instead of -2.7 at z2 = 2e8, found by ``probloss
+    audit``); ``s`` is exact for small ``b``; ``e^{2b}`` never multiplies ``e^{-2b}``, which
+    underflows for ``b > 52`` in float32. ``e^b = f f`` with ``f`` the finite
+    :func:`_exp_half`.
+    """
+    # copysign, not where(a >= 0, 1, -1): 15x faster on CPU; sign(-0.0) = -1 is as good
+    sign = torch.copysign(torch.ones((), dtype=z.dtype, device=z.device), atanh_rho)
+    b = sign * atanh_rho
+    z1, z2 = z.unbind(-1)
+    z2 = sign * z2
+    c = 0.5 + 0.5 * torch.exp(-2.0 * b)
+    s = -0.5 * torch.expm1(-2.0 * b)
+    return sign, z1, z2, (z1 - z2) * s, c, _exp_half(b), torch.exp(-b)
 
 
 def _check_event_size(**tensors: Tensor) -> None:
