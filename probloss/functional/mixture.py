@@ -683,25 +683,45 @@ def _bivariate_pieces(z: Tensor, atanh_rho: Tensor) -> tuple[Tensor, Tensor, Ten
     return ea, inv_ea, torch.add(z1, z2).mul_(inv_ea), torch.sub(z1, z2).mul_(ea)
 
 
+def _bivariate_gradient_pieces(z: Tensor, atanh_rho: Tensor) -> tuple[Tensor, ...]:
+    """``(sign(a), n s, s, e^{|a|})``, each ``(*, K)``, for the backward of the mixture.
+
+    The closed-form derivatives of :func:`~probloss.functional.bivariate._gradient_pieces`
+    (``z2' = sign(a) z2``, ``n = z1 - z2'``, ``s = -expm1(-2|a|)/2``, ``c = 1 - s``),
+    formed from ``z1`` and ``z2`` directly: through ``z1 +- z2`` a coordinate dwarfed by
+    the other would be rounded away. ``e^{|a|}`` is finite in the fused kernel's domain
+    (``|a| < -log(tiny) - 1``). In place where possible: the backward's peak memory.
+    """
+    sign = torch.copysign(torch.ones((), dtype=z.dtype, device=z.device), atanh_rho)
+    s = torch.abs(atanh_rho)
+    eb = torch.exp(s)
+    s = s.mul_(-2.0).expm1_().mul_(-0.5)
+    ns = torch.mul(z[..., 1], sign)
+    ns = torch.sub(z[..., 0], ns, out=ns).mul_(s)
+    return sign, ns, s, eb
+
+
 class _BivariateMixture(torch.autograd.Function):
     """Bivariate normal mixture log density with a hand-written backward.
 
     Component ``k``: ``log N = log cosh a - log 2 pi - log s1 - log s2 - Q/2`` with
     ``Q/2 = (z1^2 + z2^2)/4 + (P^2 + M^2)/8`` (:func:`_bivariate_pieces`) and
     ``log cosh a = log(e^a + e^-a) - log 2``. Saved: the inputs (references), ``z``, the
-    responsibilities ``r`` and the weights ``pi``; ``e^{+-a}``, ``P``, ``M`` are recomputed
-    in the backward (half the memory for a few cheap passes). With ``w = g r``, ``U = w P e^-a / 4 =
-    w (z1 + z2) e^{-2a} / 4`` and ``V = w M e^a / 4 = w (z1 - z2) e^{2a} / 4``::
+    responsibilities ``r`` and the weights ``pi``; the backward's pieces are recomputed
+    from them (less memory for a few cheap passes). With ``w = g r``, ``b = |a|``,
+    ``z2' = sign(a) z2``, ``n = z1 - z2'``, ``s = -expm1(-2b)/2``, ``c = 1 - s``
+    (:func:`_bivariate_gradient_pieces`, the closed forms of the single density's
+    backward, formed from ``z1`` and ``z2`` directly)::
 
-        w d(-Q/2)/dz1 = -(w z1/2 + U + V),   w d(-Q/2)/dz2 = -(w z2/2 + U - V)
-        d/dloc_i       = A_i / s_i,           A_1 = w z1/2 + U + V, A_2 = w z2/2 + U - V
-        d/dlog_scale_i = z_i A_i - w
-        d/datanh_rho   = w tanh a + U (z1 + z2) - V (z1 - z2)   (= w (tanh a + (P^2 - M^2)/4))
-        d/dlogits      = w - g pi,            d/dvalue = -sum_k d/dloc
+        A_1 = w d(Q/2)/dz1 = w c (z1 + n s e^{2b}),   A_2 = sign w c (z2' - n s e^{2b})
+        d/dloc_i       = A_i / s_i,     d/dlog_scale_i = z_i A_i - w
+        d/datanh_rho   = w tanh a + sign w u v,
+                         u = z1 e^{-b} + n s e^b,  v = z2' e^{-b} - n s e^b
+        d/dlogits      = w - g pi,      d/dvalue = -sum_k d/dloc
 
-    Products are ordered with ``w`` first (``((w M) e^a)``), so a component whose ``Q``
-    overflowed (``r = 0``) contributes exactly 0, and nothing overflows unless the exact
-    derivative does.
+    Products are ordered with ``w`` first (``((w c n s) e^b) e^b``), so a component whose
+    ``Q`` overflowed (``r = 0``) contributes exactly 0, and nothing overflows unless the
+    exact derivative does.
     """
 
     @staticmethod
@@ -736,21 +756,34 @@ class _BivariateMixture(torch.autograd.Function):
         if not (need_value or need_loc or need_log_scale or need_rho):
             d_logits = _logits_grad_(w, weights, g) if need_logits else None
             return None, _grad_to(d_logits, logits, need_logits), None, None, None
-        ea, inv_ea, p, m = _bivariate_pieces(z, atanh_rho)
-        u = p.mul_(w).mul_(inv_ea).mul_(0.25)  # U = ((w P) e^-a) / 4
-        v = m.mul_(w).mul_(ea).mul_(0.25)  # V = ((w M) e^a) / 4
-        del ea, inv_ea, p, m
+        # closed-form derivatives (see _bivariate_gradient_pieces), w multiplied in first so a
+        # component with no responsibility contributes exactly 0; every temporary is (*, K)
+        sign, ns, s, eb = _bivariate_gradient_pieces(z, atanh_rho)
         z1, z2 = z[..., 0], z[..., 1]
+        if need_value or need_loc or need_log_scale:
+            wc = torch.addcmul(w, w, s, value=-1.0)  # w c, c = 1 - s = (1 + e^{-2|a|})/2
+            del s  # before the next (*, K) buffers: the backward's peak memory is here
+            t = torch.mul(wc, ns).mul_(eb).mul_(eb)  # w c n s e^{2|a|}
+            # A_i = w d(Q/2)/dz_i: A_1 = w c (z1 + n s e^{2|a|}), A_2 = w c z2 - sign t
+            a = torch.empty_like(z)
+            torch.addcmul(t, wc, z1, out=a[..., 0])
+            torch.mul(wc, z2, out=a[..., 1]).addcmul_(sign, t, value=-1.0)
+            del wc, t
         if need_rho:
-            # U (z1 + z2) = w P^2 / 4 and V (z1 - z2) = w M^2 / 4, without forming P^2, M^2
+            # d/da = w tanh a + sign u v, u = z1 e^{-|a|} + n s e^{|a|}, v = z2' e^{-|a|} -
+            # n s e^{|a|}, z2' = sign z2 (w multiplied into u first)
+            # in place where possible: the (*, K) buffers here set the backward's peak memory
+            n_e = ns.mul_(eb)
+            inv_eb = eb.reciprocal_()
+            v = torch.mul(z2, sign).mul_(inv_eb).sub_(n_e)
+            w_z1 = inv_eb.mul_(z1) if inv_eb.shape == z1.shape else inv_eb * z1
+            wu = n_e.mul_(w).add_(w_z1.mul_(w))  # w n s e^{|a|} + w z1 e^{-|a|}
             d_rho = torch.tanh(atanh_rho)
             d_rho = d_rho.mul_(w) if d_rho.shape == w.shape else d_rho * w
-            d_rho.addcmul_(u, torch.add(z1, z2)).addcmul_(v, torch.sub(z1, z2), value=-1.0)
+            d_rho.addcmul_(wu.mul_(v), sign)
+            del n_e, inv_eb, w_z1, wu, v
+        del ns, eb, sign
         if need_value or need_loc or need_log_scale:
-            a = torch.empty_like(z)
-            torch.add(u, v, out=a[..., 0]).addcmul_(w, z1, value=0.5)
-            torch.sub(u, v, out=a[..., 1]).addcmul_(w, z2, value=0.5)
-            del u, v
             if need_value or need_loc:
                 scale = torch.exp(log_scale)
                 if scale.shape == a.shape:

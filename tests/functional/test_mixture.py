@@ -63,6 +63,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mpmath import mp
 
+from probloss.functional.bivariate import bivariate_normal_log_prob
 from probloss.functional.mixture import (
     bivariate_normal_mixture_log_prob,
     bivariate_normal_mixture_nll,
@@ -637,6 +638,34 @@ def test_bivariate_saturated_on_the_line_fused_equals_plain(a_value, dtype):
     fused = _value_and_grads(bivariate_normal_mixture_log_prob, inputs)
     assert all(np.isfinite(t).all() for t in fused)
     _agree(bivariate_normal_mixture_log_prob, inputs, BIVARIATE_NAMES, f"a={a_value}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_bivariate_fused_gradients_when_one_coordinate_dwarfs_the_other(dtype):
+    """K = 1 (the mixture is the bivariate density) at ``z2 = 2e8 z1`` (``2e17`` in
+    float64): the fused backward's gradients equal the single density's, which
+    ``test_bivariate.py`` checks against mpmath to ``64 eps`` relative here, within
+    ``16 eps`` relative. (Through ``z1 +- z2`` the earlier fused backward rounded ``z1``
+    away: d/dloc1 = -199976 for -199999 in float32.)"""
+    big = 2e8 if dtype == torch.float32 else 2e17
+    value = torch.tensor([[1.0, big]] * 3 + [[big, -1.0]] * 2, dtype=dtype)
+    log_scale = torch.tensor([[0.0, 0.0]] * 3 + [[-1.0, 0.5]] * 2, dtype=dtype)
+    atanh_rho = torch.tensor([1e-3, 0.3, -2.0, 1e-3, -0.3], dtype=dtype)
+    loc = torch.zeros(5, 2, dtype=dtype)
+    logits = torch.zeros(5, 1, dtype=dtype)
+    leaves = [t.clone().requires_grad_() for t in (loc, log_scale, atanh_rho)]
+    bivariate_normal_mixture_log_prob(
+        value, logits, leaves[0][:, None], leaves[1][:, None], leaves[2][:, None]
+    ).sum().backward()
+    single = [t.clone().requires_grad_() for t in (loc, log_scale, atanh_rho)]
+    bivariate_normal_log_prob(value, *single).sum().backward()
+    eps = torch.finfo(dtype).eps
+    for name, got, ref in zip(("loc", "log_scale", "atanh_rho"), leaves, single, strict=True):
+        expected = ref.grad.double().numpy().ravel()
+        assert_within(
+            got.grad.double().numpy().ravel(), expected, 16 * eps * np.abs(expected),
+            list(range(expected.size)), name,
+        )  # fmt: skip
 
 
 SHAPES = [
