@@ -44,7 +44,7 @@ def _gauss_legendre_01(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def bregman_divergence(
     f: Callable[[Tensor], Tensor],
-    f_prime: Callable[[Tensor], Tensor],
+    slope_times: Callable[[Tensor, Tensor], Tensor],
     curvature_times_square: Callable[[Tensor, Tensor], Tensor],
     x_q: Tensor,
     x_p: Tensor,
@@ -53,7 +53,10 @@ def bregman_divergence(
     """``f(x_p) - f(x_q) - f'(x_q) (x_p - x_q)`` for ``f(x) = x + f(-x)``, never negative.
 
     Args:
-        f, f_prime: the convex function and its derivative, elementwise, differentiable.
+        f: the convex function, elementwise, differentiable.
+        slope_times: ``(x, delta) -> f'(x) delta``, elementwise, differentiable; one function
+            so that it can be formed without underflow where ``f'(x)`` alone would be
+            subnormal (a saturated sigmoid times a huge step).
         curvature_times_square: ``(x, delta) -> delta^2 f''(x)``, elementwise; given as one
             function so that it can be formed without overflow or underflow where
             ``delta^2`` or ``f''(x)`` alone would (huge logits).
@@ -80,5 +83,5 @@ def bregman_divergence(
     q, p = x_q * flip, x_p * flip
     # relu is exact: the divergence is >= 0, and only underflow to subnormals (sigmoid may
     # flush to 0 where softplus does not) can make the closed form round below 0.
-    closed = torch.relu(f(p) - f(q) - f_prime(q) * (p - q))
+    closed = torch.relu(f(p) - f(q) - slope_times(q, p - q))
     return torch.where(near, quadrature, closed)

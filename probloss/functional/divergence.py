@@ -45,7 +45,9 @@ def bernoulli_kl(logits_q: Tensor, logits_p: Tensor) -> Tensor:
     broadcast_shapes(logits_q=logits_q, logits_p=logits_p)
     return bregman_divergence(
         softplus,
-        torch.sigmoid,
+        # sigmoid(x) delta = delta e^{-softplus(-x)}: no subnormal sigmoid (e^-88.7 in float32)
+        # rounded or flushed before it meets a huge delta
+        lambda x, delta: mul_exp(delta, -softplus(-x)),
         lambda x, delta: delta.square() * torch.sigmoid(x) * torch.sigmoid(-x),
         logits_q,
         logits_p,
@@ -85,7 +87,12 @@ def continuous_bernoulli_kl(logits_q: Tensor, logits_p: Tensor) -> Tensor:
     # and the quadrature converges; the closed form then only meets |Delta| > |eta_q| / 2.
     near_width = torch.maximum(logits_q.abs() * 0.5, torch.tensor(4.0, dtype=logits_q.dtype))
     return bregman_divergence(
-        cb_log_partition, cb_mean, _cb_curvature_times_square, logits_q, logits_p, near_width
+        cb_log_partition,
+        lambda eta, delta: cb_mean(eta) * delta,
+        _cb_curvature_times_square,
+        logits_q,
+        logits_p,
+        near_width,
     )
 
 

@@ -328,6 +328,22 @@ def test_torch_continuous_bernoulli_kl_is_wrong_in_float32_and_ours_is_not():
 # ======================================================================================
 
 
+def test_bernoulli_kl_saturated_sigmoid_times_a_huge_step_float32():
+    """(88.72, 1e36) in float32 (found by ``probloss audit``): KL = sigmoid(-88.72) (1e36 -
+    88.72) = 0.00294, where sigmoid(-88.72) = 3e-39 is subnormal; formed as the product
+    ``delta e^{-softplus(-x)}`` it keeps its accuracy (it was 0, in value and gradient)."""
+    raw = [(88.72, 1e36), (-88.72, -1e36), (95.0, 1e38)]
+    pairs = [tuple(float(np.float32(v)) for v in pq) for pq in raw]  # the float32 inputs
+    q, p = _tensors(pairs, torch.float32, requires_grad=True)
+    got = bernoulli_kl(q, p)
+    got.sum().backward()
+    exact = np.array([ref.to_float64(ref.bernoulli_kl(a, b)) for a, b in pairs])
+    grads = [ref.bernoulli_kl_grad(a, b) for a, b in pairs]
+    exact_dq = np.array([ref.to_float64(g[0]) for g in grads])
+    assert_within(got.detach().double().numpy(), exact, 1e-6 * exact, pairs, "value")
+    assert_within(q.grad.double().numpy(), exact_dq, 1e-6 * np.abs(exact_dq), pairs, "dKL/dlq")
+
+
 def test_bernoulli_kl_softplus_threshold_float64():
     """float64 pairs in the closed-form region with a (reflected) logit in (20, 37), and
     gradcheck across the threshold."""
