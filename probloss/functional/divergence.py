@@ -183,7 +183,7 @@ def _half_expm1mx_of_difference(a: Tensor, b: Tensor) -> Tensor:
     expm1(d) err + O(e^d err^2)``. ``err`` is detached (as a function of ``a`` and ``b`` it
     is the constant 0 of exact arithmetic), so the gradient ``expm1(d) / 2`` is corrected
     the same way through ``d``. Where ``exp(d)`` is within a factor e of ``finfo.max``,
-    ``e^d (1 + err) / 2`` is formed by ``mul_exp``, which overflows (value or gradient)
+    ``e^d e^err / 2`` is formed by ``mul_exp``, which overflows (value or gradient)
     only if the result does.
     """
     d = a - b
@@ -193,5 +193,7 @@ def _half_expm1mx_of_difference(a: Tensor, b: Tensor) -> Tensor:
     big = d > top
     d_big = torch.where(big, d, top)  # safe inputs for the unselected branches
     d_small = torch.where(big, 0.0, d)
-    near_overflow = mul_exp(0.5 + 0.5 * err, d_big) - 0.5 * (1.0 + d_big)
+    # e^{d + err} / 2 = e^d (e^err / 2): err, exact but not small when |b| dwarfs |a| (-1.07
+    # against -1e19 is lost in d entirely), is taken whole, not to first order
+    near_overflow = mul_exp(0.5 * torch.exp(err), d_big) - 0.5 * (1.0 + d_big)
     return torch.where(big, near_overflow, 0.5 * (expm1mx(d_small) + torch.expm1(d_small) * err))

@@ -333,3 +333,21 @@ def test_rounding_of_the_log_variance_difference_is_compensated():
     ref = np.array([kl_ref(*q) for q in quads])
     assert_within(out.detach().double(), ref[:, 0], 1e-6 * ref[:, 0], quads, "KL")
     assert_within(lq.grad.double(), ref[:, 2], 1e-6 * ref[:, 2], quads, "dKL/dlog_var_q")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_prior_log_variance_that_dwarfs_the_posterior_one(dtype):
+    """log_var_p = -1e19 (float32) / -1e154 (float64) against log_var_q = -1.07 (found by
+    ``probloss audit``): d = log_var_q - log_var_p rounds to 1e19 and its rounding error
+    is the whole of log_var_q. The KL is +inf (e^d / 2 overflows), with gradients +-inf,
+    never NaN: the error term e^err is applied whole (the first-order 1 + err = -0.07
+    made e^d negative)."""
+    huge = -1e19 if dtype == torch.float32 else -1e154
+    args = [torch.tensor([v], dtype=dtype, requires_grad=True) for v in (0.249, -1.07, -0.0035)]
+    log_var_p = torch.tensor([huge], dtype=dtype, requires_grad=True)
+    out = normal_kl(args[0], args[1], args[2], log_var_p)
+    out.sum().backward()
+    assert out.item() == math.inf
+    grads = [t.grad.item() for t in (*args, log_var_p)]
+    assert not any(math.isnan(g) for g in grads), grads
+    assert grads[1] == math.inf and grads[3] == -math.inf  # d/dlog_var_q, d/dlog_var_p
