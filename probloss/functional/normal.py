@@ -39,6 +39,7 @@ from ._reduction import check_reduction, reduce_loss
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 _LN2 = math.log(2.0)
+_LGAMMA_HALF = 0.5 * math.log(math.pi)  # lgamma(1/2) = log sqrt(pi)
 _NAN_POLICIES = ("raise", "mask")
 
 
@@ -367,6 +368,26 @@ def _log_gamma_ratio(a: Tensor) -> Tensor:
     )
 
 
+def _student_t_normaliser(df: Tensor) -> Tensor:
+    """``lgamma((df + 1)/2) - lgamma(df/2) - log(pi df)/2 = D(df/2) - log(2 pi)/2``.
+
+    Below ``df = eps``, ``D(a) = lgamma(1/2) + log(a)/2 - 2 log(2) a + O(a^2)`` (``lgamma(a)
+    = -log a - gamma a``, ``psi(1/2) = -gamma - 2 log 2``) with the linear term below
+    rounding, and ``log(a) = log(df) - log 2`` from ``df`` itself: ``df/2`` of a subnormal
+    ``df`` is inexact, and 0 for the smallest one.
+    """
+    eps = torch.finfo(df.dtype).eps
+    d = safe_where(
+        df < eps,
+        df,
+        lambda x: _LGAMMA_HALF + 0.5 * (torch.log(x) - _LN2),
+        lambda x: _log_gamma_ratio(0.5 * x),
+        safe_true=0.5 * eps,
+        safe_false=1.0,
+    )
+    return d - _HALF_LOG_2PI
+
+
 def _student_t_kernel(z: Tensor, df: Tensor) -> Tensor:
     r"""``(df + 1)/2 * log1p(z^2/df)`` without overflow, with accurate df-gradients.
 
@@ -402,6 +423,19 @@ def _student_t_kernel(z: Tensor, df: Tensor) -> Tensor:
     inv_u = torch.sqrt(df_far) / z_far  # < 1; may underflow harmlessly
     far_value = (0.5 * (df_far + 1.0)) * (2.0 * log_u + torch.log1p(inv_u * inv_u))
     return torch.where(near, near_value, far_value)
+
+
+def _student_t_far_tail(log_abs_r: Tensor, log_scale: Tensor, df: Tensor) -> Tensor:
+    """``log_scale + (df + 1)/2 * log1p(z^2/df)`` from ``log|r|`` where ``z`` overflows.
+
+    There ``z^2/df >= (max/e)^2 / df``, so ``log1p(z^2/df) = 2 log|z| - log df + log1p(df/z^2)``
+    with ``df/z^2 < eps`` for every representable ``df``: below rounding. With ``L = log|z|
+    - log(df)/2 = log|r| - log_scale - log(df)/2 > 0`` the sum is ``df L + log|r| -
+    log(df)/2``: a product (``+inf`` only where the true sum overflows) plus a moderate term,
+    no difference of huge terms (``-df log_scale`` against ``df log df / 2``).
+    """
+    half_log_df = 0.5 * torch.log(df)
+    return df * (log_abs_r - log_scale - half_log_df) + (log_abs_r - half_log_df)
 
 
 def student_t_log_prob(
@@ -454,6 +488,19 @@ def student_t_log_prob(
     value, df, loc, log_scale = t["value"], t["df"], t["loc"], t["log_scale"]
     if should_validate(validate_args, df):
         check_positive(df, "df")
-    z = mul_exp(value - loc, -log_scale)
-    normaliser = _log_gamma_ratio(0.5 * df) - _HALF_LOG_2PI
-    return normaliser - log_scale - _student_t_kernel(z, df)
+    residual = value - loc
+    with torch.no_grad():  # where z = r e^{-log_scale} would overflow (within a factor e)
+        beyond = (
+            torch.log(residual.abs()) - log_scale > math.log(torch.finfo(residual.dtype).max) - 1.0
+        )
+    # double where: where z overflows mul_exp is fed 0 (its gradient 0 * inf would be NaN),
+    # elsewhere log|r| is fed 1
+    z = mul_exp(torch.where(beyond, 0.0, residual), -log_scale)
+    log_abs_r = torch.log(torch.where(beyond, residual, 1.0).abs())
+    normaliser = _student_t_normaliser(df)
+    tail = torch.where(
+        beyond,
+        _student_t_far_tail(log_abs_r, log_scale, df),
+        log_scale + _student_t_kernel(z, df),
+    )
+    return normaliser - tail
