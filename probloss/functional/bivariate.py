@@ -49,8 +49,8 @@ def _exp_half(b: Tensor) -> Tensor:
     return torch.exp(0.5 * b.clamp(max=_exp_cap(b.dtype)))
 
 
-def _rotated(z: Tensor, atanh_rho: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The pieces of the quadratic form: ``(sign(a), |a|, wide, narrow e^|a|, e^{-|a|})``.
+def _rotated(z: Tensor, atanh_rho: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The pieces of the quadratic form: ``(wide, narrow e^|a|, e^{-|a|})``.
 
     With ``p = z1 + z2``, ``m = z1 - z2`` (twice the coordinates along the eigenvectors
     ``(1, 1)/sqrt2`` and ``(1, -1)/sqrt2`` of the correlation matrix, eigenvalues
@@ -73,7 +73,7 @@ def _rotated(z: Tensor, atanh_rho: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     z2 = sign * z2
     b = sign * atanh_rho
     f = _exp_half(b)
-    return sign, b, z1 + z2, (z1 - z2) * f * f, torch.exp(-b)
+    return z1 + z2, (z1 - z2) * f * f, torch.exp(-b)
 
 
 class _BivariateLogDensity(torch.autograd.Function):
@@ -91,7 +91,7 @@ class _BivariateLogDensity(torch.autograd.Function):
     def forward(ctx, value: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor) -> Tensor:
         ctx.save_for_backward(value, loc, log_scale, atanh_rho)
         z = mul_exp(value - loc, -log_scale)  # 0 on the mean even where e^{-log_scale} = inf
-        _, _, wide, narrow_e, g = _rotated(z, atanh_rho)
+        wide, narrow_e, g = _rotated(z, atanh_rho)
         # Q/2 = (1 + e^{-2|a|})/8 (wide^2 + (n e^|a|)^2), the factor taken inside the squares:
         # no intermediate exceeds Q/2, so nothing overflows unless the result does
         k = torch.sqrt(0.125 + 0.125 * g.square())
