@@ -40,3 +40,32 @@ def reduce_loss(loss: Tensor, reduction: str, *, mask: Tensor | None = None) -> 
         return total
     count = loss.numel() if mask is None else mask.expand(loss.shape).sum()
     return total / count
+
+
+def check_value_batch(value_batch: torch.Size, event: str = "", **param_batches: torch.Size) -> None:
+    """In a reduced loss, raise ValueError if a parameter would enlarge the value's batch shape.
+
+    ``normal_nll(value of shape (8,), loc of shape (8, 1))`` broadcasts to an (8, 8) matrix of
+    every target against every prediction, and its mean is a finite, silently wrong loss (the
+    classic ``out[:, 4:5]`` slice where ``out[:, 4]`` was meant). Unreduced log densities keep
+    torch's broadcasting; a reduced loss refuses it. Parameters may still broadcast *up to*
+    the value's batch shape (a shared scale of shape ``()`` or ``(1,)`` is fine).
+
+    Args:
+        value_batch: the batch shape of the value (its shape less the event dimensions).
+        event: the event shape in words, for the message (e.g. ``" (event dimension 2 last)"``).
+        **param_batches: each parameter's batch shape, by argument name.
+    """
+    for name, batch in param_batches.items():
+        try:
+            full = torch.broadcast_shapes(value_batch, batch)
+        except RuntimeError:
+            continue  # shape errors are reported by the caller's own broadcast check
+        if full != value_batch:
+            raise ValueError(
+                f"{name} of batch shape {tuple(batch)} would broadcast the value's batch shape "
+                f"{tuple(value_batch)}{event} to {tuple(full)}, and a reduced loss would then "
+                f"average every value against every parameter; give {name} the value's batch "
+                f"shape (e.g. out[:, 4] rather than out[:, 4:5]), or use reduction='none' to "
+                f"broadcast on purpose"
+            )

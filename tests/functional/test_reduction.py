@@ -109,3 +109,14 @@ def test_bad_reduction(bad):
         reduce_loss(torch.zeros(2), bad)
     with pytest.raises(ValueError, match=repr(bad).replace("(", r"\(")):
         check_reduction(bad)
+
+
+def test_check_value_batch_refuses_enlarging_broadcast():
+    # the (B, 1) slice mistake: a (64, 1) parameter against a (64,) value batch
+    from probloss.functional._reduction import check_value_batch
+
+    with pytest.raises(ValueError, match=r"atanh_rho of batch shape \(64, 1\).*\(64, 64\)"):
+        check_value_batch(torch.Size([64]), atanh_rho=torch.Size([64, 1]))
+    # broadcasting up to the value's batch shape is fine
+    check_value_batch(torch.Size([64]), loc=torch.Size([64]), scale=torch.Size([]))
+    check_value_batch(torch.Size([4, 64]), log_scale=torch.Size([1, 64]))
