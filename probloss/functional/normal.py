@@ -35,7 +35,7 @@ from .._validation import broadcast_shapes, check_not_nan, should_validate
 from ..special.exp import expm1mx, mul_exp
 from ..special.where import safe_where
 from ._params import check_positive, log_scale_from
-from ._reduction import check_reduction, reduce_loss
+from ._reduction import check_reduction, check_value_batch, reduce_loss
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 _LN2 = math.log(2.0)
@@ -126,8 +126,9 @@ def normal_log_prob(
             only (no GPU host sync).
 
     Returns:
-        Tensor of the broadcast shape, one value per element (event shape ``()``);
-        float32 for half-precision inputs, else the promoted input dtype.
+        Tensor of the broadcast shape (torch's broadcasting; an empty batch gives an empty
+        result), one value per element (event shape ``()``); float32 for half-precision
+        inputs, else the promoted input dtype.
 
     Raises:
         ValueError: not exactly one scale form, shapes do not broadcast, or (when
@@ -169,13 +170,22 @@ def normal_nll(
         \qquad z_i = \frac{x_i - \mu_i}{\sigma_i}
 
     per element (the event shape is ``()``), then reduced: ``"mean"`` averages over the
-    elements of the broadcast shape (the events), ``"sum"`` adds them, ``"none"`` returns
-    them. ``sg`` is stop-gradient.
+    events (the elements of ``value``), ``"sum"`` adds them, ``"none"`` returns them
+    (broadcast like torch). ``sg`` is stop-gradient. A reduced loss refuses a parameter that
+    would enlarge the value's shape (``value`` of shape ``(8,)`` against ``loc`` of shape
+    ``(8, 1)`` would average an ``(8, 8)`` matrix of every target against every prediction):
+    that is a ValueError naming the argument and both shapes; parameters may broadcast *up
+    to* the value's shape. Like torch, the ``"sum"`` of an empty batch is 0 and its
+    ``"mean"`` NaN.
 
     * ``beta`` (beta-NLL, Seitzer et al. 2022, arXiv:2203.09168): each element is weighted
       by :math:`\sigma^{2\beta}` = ``var ** beta``, detached, which undoes the NLL's
       down-weighting of badly fit points by their predicted variance. ``beta = 0`` is the
       plain NLL (bitwise), ``beta = 1`` gives the mean gradient of the squared error.
+      The product is formed in log space (``(r sigma^{beta - 1})^2 / 2`` in one
+      :func:`~probloss.special.mul_exp`), so it is finite, with finite gradients, wherever
+      it is representable, although ``z^2`` alone overflows (``log_scale = -50`` in
+      float32), and ``+inf`` where it is not.
     * ``min_scale`` (:math:`m`): a soft floor on the scale that keeps its gradient,
       :math:`\sigma' = \sigma + m`, i.e. ``log_scale' = logaddexp(log_scale, log(m))`` =
       :func:`~probloss.special.soft_floor` ``(log_scale, log(m))``. It changes the
@@ -204,7 +214,8 @@ def normal_nll(
 
     Raises:
         ValueError: a bad ``reduction``, ``nan_policy``, ``beta`` or ``min_scale``, not
-            exactly one scale form, shapes that do not broadcast, a non-positive
+            exactly one scale form, shapes that do not broadcast, a parameter that would
+            broadcast the value's shape in a reduced loss, a non-positive
             ``scale`` / ``var``, or NaN in ``value`` under ``"raise"`` (when validating).
 
     Example:
@@ -233,6 +244,10 @@ def normal_nll(
         if (is_number or should_validate(validate_args, floor)) and not (floor > 0).all():
             raise ValueError(f"min_scale must be positive, got {min_scale!r}")
 
+    if reduction != "none":
+        params = {"loc": loc, name: param} | ({} if floor is None else {"min_scale": floor})
+        check_value_batch(value.shape, **{k: t.shape for k, t in params.items()})
+
     mask = None
     if nan_policy == "mask":
         mask = ~torch.isnan(value)
@@ -240,11 +255,31 @@ def normal_nll(
     elif should_validate(validate_args, value):
         check_not_nan(value, "value")
 
-    z, log_sigma = _standardize(value - loc, name, param, log_sigma, floor)
-    loss = -_normal_log_density(z, log_sigma)
-    if beta != 0.0:
-        loss = loss * torch.exp((2.0 * beta) * log_sigma).detach()  # var ** beta
+    if beta == 0.0:
+        z, log_sigma = _standardize(value - loc, name, param, log_sigma, floor)
+        loss = -_normal_log_density(z, log_sigma)
+    else:
+        if floor is not None:
+            _, log_sigma = _standardize(value - loc, name, param, log_sigma, floor)
+        loss = _beta_weighted_nll(value - loc, log_sigma, beta)
     return reduce_loss(loss, reduction, mask=mask)
+
+
+def _beta_weighted_nll(residual: Tensor, log_sigma: Tensor, beta: float) -> Tensor:
+    r"""``sg[sigma^{2 beta}] (z^2/2 + log sigma + log(2 pi)/2)`` with no factor overflowing alone.
+
+    The quadratic part is ``y^2 / 2`` with ``y = r e^{-(1 - beta) log sigma}`` (``w z^2 =
+    (z sqrt(w))^2``, ``w = sigma^{2 beta}``), one :func:`mul_exp` whose exponent carries the
+    weight detached: ``t = -log sigma + beta sg[log sigma]``, so ``d/dlog sigma = -y^2 = -w
+    z^2`` and ``d/dr = y e^t = w z / sigma``, the derivatives of the detached-weight loss.
+    ``z`` alone overflows (``log_scale = -50`` in float32) where ``y`` does not, and ``w``
+    alone underflows where ``w z^2`` is large. The rest, ``w (log sigma + log(2 pi)/2)``,
+    overflows only where the whole loss does (``w`` is large only for large ``log sigma``).
+    """
+    t = beta * log_sigma.detach() - log_sigma  # -(1 - beta) log sigma, weight detached
+    y = mul_exp(residual, t)
+    weight = torch.exp((2.0 * beta) * log_sigma).detach()  # sg[var ** beta]
+    return (0.5 * y) * y + weight * (log_sigma + _HALF_LOG_2PI)
 
 
 # ======================================================================================

@@ -1,0 +1,184 @@
+"""Edge cases of ``probloss.functional.normal`` (issue 10): beta-NLL at extreme scales, reduced
+losses that refuse to broadcast the value, empty batches, and huge / infinite inputs.
+
+Where the numbers come from
+---------------------------
+mpmath at 50 significant digits, evaluated at the inputs *after* the cast to the dtype under
+test (``x - mu`` formed exactly): the beta-NLL
+``w (z^2/2 + log sigma + log(2 pi)/2)`` with ``w = e^{2 beta log sigma}`` detached, and its
+derivatives ``d/dloc = -w (x - mu) / sigma^2`` and ``d/dlog_scale = w (1 - z^2)``.
+
+Bounds
+------
+The loss is computed as ``y^2/2 + w (log sigma + c)`` with ``y = mul_exp(r, t)`` and
+``t = -(1 - beta) log sigma``: ``r`` and ``t`` are rounded once (``t`` carries an absolute
+error ``eps |log sigma|``, a relative error of ``y`` of the same size), ``mul_exp`` within
+7 roundings (four quarter steps and ``exp``), ``w = exp(2 beta log sigma)`` within
+``(2 |log sigma| + 2) eps`` and the sum of terms of either sign within one more rounding:
+``|err| <= (2 |log sigma| + 16) eps M`` with ``M = w (z^2/2 + |log sigma| + c)``. We allow twice
+that (libm's ``exp`` is within 2 ulp on every platform we know of, not 1). The gradients
+obey the same bound relative to ``|d/dloc|`` itself and to ``w (1 + z^2)`` for
+``d/dlog_scale``. Half-precision inputs are computed in float32 (float32 ``eps``); their
+gradients are returned in the input dtype, one more rounding (``eps_half / 2`` of the
+gradient, or up to ``finfo(half).tiny`` below the normal range; ``inf`` where it exceeds
+``finfo(half).max``). Where the exact value exceeds
+``finfo.max`` of the output dtype, the result must be that infinity (not NaN).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from mpmath import mp, mpf
+
+from probloss.functional.normal import (
+    laplace_log_prob,
+    normal_log_prob,
+    normal_nll,
+    student_t_log_prob,
+)
+from tests.functional._checks import FLOAT_DTYPES, HALF_DTYPES, assert_within, dtype_id
+
+LOG_SCALES = [-104.0, -88.0, -50.0, -20.0, 0.0, 20.0, 50.0, 88.0]
+POINTS = [(-0.7686, 0.6543), (0.6543, 0.6543), (300.0, -2.0), (-6.0e4, 1.0), (1.0e-5, 0.0)]
+BETAS = [0.25, 0.5, 1.0]
+
+
+def _exact(x: float, mu: float, ls: float, beta: float) -> tuple[mpf, ...]:
+    """(loss, d/dloc, d/dlog_scale, w, z^2, c) of the detached-weight beta-NLL, 50 digits."""
+    with mp.workdps(50):
+        r = mpf(x) - mpf(mu)
+        sigma = mp.exp(mpf(ls))
+        w = mp.exp(2 * beta * mpf(ls))
+        z = r / sigma
+        c = mp.log(2 * mp.pi) / 2
+        return w * (z * z / 2 + ls + c), -w * r / sigma**2, w * (1 - z * z), w, z * z, c
+
+
+def _as_float(v: mpf, dtype: torch.dtype) -> float:
+    """``v`` rounded to ``dtype`` (inf beyond its range), as a Python float."""
+    limit = torch.finfo(dtype).max
+    if abs(v) > limit:
+        return math.copysign(math.inf, v) if abs(v) > limit * (1 + torch.finfo(dtype).eps) else None
+    return float(v)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("beta", BETAS)
+def test_beta_nll_extreme_scales_against_mpmath(dtype, beta):
+    """Issue 10: beta-NLL at log_scale = -50 was inf (exact 5.2e21 at beta = 0.5) and NaN at
+    -104; now value and both gradients match mpmath within the stated bound, and are the
+    infinity of the right sign exactly where the true value overflows the dtype."""
+    compute = torch.float32 if dtype in HALF_DTYPES else dtype
+    eps = torch.finfo(compute).eps
+    half_eps = torch.finfo(dtype).eps / 2 if dtype in HALF_DTYPES else 0.0
+    tiny = torch.finfo(compute).tiny
+    rows = [(x, mu, ls) for x, mu in POINTS for ls in LOG_SCALES]
+    x = torch.tensor([r[0] for r in rows], dtype=dtype)
+    mu = torch.tensor([r[1] for r in rows], dtype=dtype, requires_grad=True)
+    ls = torch.tensor([r[2] for r in rows], dtype=dtype, requires_grad=True)
+    loss = normal_nll(x, mu, log_scale=ls, beta=beta, reduction="none")
+    assert loss.dtype == compute
+    loss.sum().backward()
+    got = {"value": loss.detach(), "d/dloc": mu.grad, "d/dlog_scale": ls.grad}
+    expected = {k: [] for k in got}
+    bounds = {k: [] for k in got}
+    keep = {k: [] for k in got}
+    labels = []
+    for xi, mi, li in zip(x.tolist(), mu.tolist(), ls.tolist(), strict=True):
+        value, d_loc, d_ls, w, z2, c = _exact(xi, mi, li, beta)
+        k = 2 * (2 * abs(li) + 16) * eps
+        scale = {
+            "value": w * (z2 / 2 + abs(li) + c),
+            "d/dloc": abs(d_loc),
+            "d/dlog_scale": w * (1 + z2),
+        }
+        labels.append(f"x={xi:g} mu={mi:g} ls={li:g}")
+        for name, exact in (("value", value), ("d/dloc", d_loc), ("d/dlog_scale", d_ls)):
+            out_dtype = compute if name == "value" else dtype
+            ref = _as_float(exact, out_dtype)
+            keep[name].append(ref is not None)
+            expected[name].append(math.nan if ref is None else ref)
+            # the half rounding of a gradient: eps/2 relative, or up to tiny(half) below it
+            extra = half_eps * abs(float(exact)) + torch.finfo(dtype).tiny if name != "value" else 0
+            bounds[name].append(float(k * scale[name]) + extra + tiny)
+    for name in got:
+        idx = [i for i, k in enumerate(keep[name]) if k]
+        assert_within(
+            got[name][idx].double().numpy(),
+            [expected[name][i] for i in idx],
+            [bounds[name][i] for i in idx],
+            [labels[i] for i in idx],
+            f"{dtype_id(dtype)} beta={beta} {name}",
+        )
+
+
+def test_beta_nll_issue_reproduction():
+    """The issue's numbers: 5.2486e21 at log_scale = -50 (mpmath), +inf (not NaN) at -104 in
+    float32 where the exact 1.49e45 overflows; gradients finite at -50."""
+    x, mu = torch.tensor([-0.7686]), torch.tensor([0.6543], requires_grad=True)
+    ls = torch.tensor([-50.0], requires_grad=True)
+    out = normal_nll(x, mu, log_scale=ls, beta=0.5, reduction="none")
+    value = _exact(x.item(), mu.item(), -50.0, 0.5)[0]
+    assert abs(out.item() - float(value)) <= 2 * (2 * 50 + 16) * 2**-23 * float(value)
+    out.sum().backward()
+    assert torch.isfinite(mu.grad).all() and torch.isfinite(ls.grad).all()
+    out = normal_nll(x, mu.detach(), log_scale=torch.tensor([-104.0]), beta=0.5, reduction="none")
+    assert out.item() == math.inf
+
+
+# --------------------------------------------------------------------------------------
+# Reduced losses refuse a parameter that enlarges the value's batch shape
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["scale", "log_scale", "var", "log_var"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reduced_nll_refuses_a_parameter_that_broadcasts_the_value(form, reduction):
+    """Issue 10: normal_nll(value (8,), loc (8, 1)) averaged an (8, 8) matrix; now a ValueError
+    naming the argument and both shapes. The scale forms and min_scale are checked too; a
+    parameter broadcasting *up to* the value's shape stays allowed, 'none' broadcasts."""
+    value = torch.randn(8)
+    ones = torch.ones(8)
+    with pytest.raises(ValueError, match=r"loc of batch shape \(8, 1\).*\(8,\).*\(8, 8\)"):
+        normal_nll(value, torch.zeros(8, 1), reduction=reduction, **{form: ones})
+    with pytest.raises(ValueError, match=rf"{form} of batch shape \(8, 1\).*\(8,\)"):
+        normal_nll(value, torch.zeros(8), reduction=reduction, **{form: torch.ones(8, 1)})
+    with pytest.raises(ValueError, match=r"min_scale of batch shape \(8, 1\)"):
+        normal_nll(
+            value, torch.zeros(8), reduction=reduction, min_scale=torch.ones(8, 1), **{form: ones}
+        )
+    # allowed: a shared parameter of shape () or (1,), and unreduced broadcasting
+    normal_nll(value, torch.zeros(1), reduction=reduction, **{form: torch.ones(())})
+    assert normal_nll(value, torch.zeros(8, 1), reduction="none", **{form: ones}).shape == (8, 8)
+
+
+# --------------------------------------------------------------------------------------
+# Empty batches
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_empty_batch(dtype):
+    """0 events in, 0 values out (float32 for half inputs); like torch, the 'sum' of an empty
+    batch is 0 and its 'mean' NaN; backward runs and gives empty gradients."""
+    compute = torch.float32 if dtype in HALF_DTYPES else dtype
+    x = torch.zeros(0, dtype=dtype)
+    mu = torch.zeros(0, dtype=dtype, requires_grad=True)
+    ls = torch.zeros(0, dtype=dtype, requires_grad=True)
+    for out in (
+        normal_log_prob(x, mu, log_scale=ls),
+        normal_nll(x, mu, log_scale=ls, reduction="none"),
+        normal_nll(x, mu, log_scale=ls, beta=0.5, min_scale=0.1, reduction="none"),
+        laplace_log_prob(x, mu, ls),
+        student_t_log_prob(x, torch.ones(0, dtype=dtype), mu, ls),
+    ):
+        assert out.shape == (0,) and out.dtype == compute
+        out.sum().backward()
+        assert mu.grad.shape == (0,) and ls.grad.shape == (0,)
+    for kwargs in ({}, {"beta": 0.5}, {"nan_policy": "mask"}):
+        total = normal_nll(x, mu, log_scale=ls, reduction="sum", **kwargs)
+        mean = normal_nll(x, mu, log_scale=ls, reduction="mean", **kwargs)
+        assert total.item() == 0.0 and math.isnan(mean.item())
