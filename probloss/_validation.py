@@ -25,12 +25,29 @@ def distribution_validate_args(validate_args: bool | None, *tensors: Tensor) -> 
 
     torch validates parameters and samples by default, which reads them on the host and so
     waits for a GPU at every step; probloss keeps torch's switch and skips the read there.
+    An empty parameter (a batch of 0 elements) is never checked, whatever the choice:
+    it holds no value to check, and torch's ``constraints.independent`` cannot even
+    reshape it (``cannot reshape tensor of 0 elements``). ``numel`` is a shape property,
+    so this reads no value.
     """
+    if any(t.numel() == 0 for t in tensors):
+        return False
     if validate_args is not None:
         return validate_args
     from torch.distributions import Distribution
 
     return bool(Distribution._validate_args) and should_validate(None, *tensors)
+
+
+def validate_sample(distribution, value: Tensor) -> None:
+    """``distribution._validate_sample(value)`` if it validates, and unless ``value`` is empty.
+
+    An empty value (``sample_shape`` with a 0, or an empty batch) has no element to check,
+    and torch's check of a vector support fails on it with "cannot reshape tensor of 0
+    elements"; the log density then returns its empty result.
+    """
+    if distribution._validate_args and value.numel() > 0:
+        distribution._validate_sample(value)
 
 
 def broadcast_shapes(**tensors: Tensor) -> torch.Size:

@@ -10,9 +10,11 @@ from torch import Tensor
 from torch.distributions import Distribution, constraints
 
 from .._dtype import as_loss_tensors, promote_float_tensors
-from .._validation import distribution_validate_args
+from .._validation import distribution_validate_args, validate_sample
 from ..functional.bivariate import _batch_shape, _check_event_size, bivariate_normal_log_prob
-from ..special import log_cosh
+from ..functional.mixture_sampling import _sech
+from ..special import log_cosh, mul_exp
+from ..special._dtype import upcast
 
 _ONE_PLUS_LOG_2PI = 1.0 + math.log(2.0 * math.pi)
 
@@ -31,7 +33,8 @@ class BivariateNormal(Distribution):
     using :math:`\sqrt{1-\rho^2} = 1/\cosh a` (never ``1 - tanh^2``). The entropy is
     :math:`1 + \log 2\pi + \log\sigma_1 + \log\sigma_2 - \log\cosh a`, finite for every
     finite ``a``. ``log_prob`` and ``entropy`` of half-precision parameters are float32
-    (DESIGN.md, half-precision policy); moments and samples keep the parameters' dtype.
+    (DESIGN.md, half-precision policy); samples (computed in float32) and moments are
+    returned in the parameters' dtype.
 
     Args:
         loc: mean, shape ``(*, 2)``.
@@ -98,10 +101,8 @@ class BivariateNormal(Distribution):
 
     @property
     def _sech(self) -> Tensor:
-        # sqrt(1 - rho^2) = 1 / cosh(a) = 2 e^{-|a|} / (1 + e^{-2|a|}): no 1 - tanh^2, no
-        # overflow, a few ulps for every a (exp(-log_cosh(a)) would lose log_cosh(a) ulps)
-        g = torch.exp(-self.atanh_rho.abs())  # abs' zero subgradient at 0 is sech'(0) = 0
-        return 2.0 * g / (1.0 + g * g)
+        # sqrt(1 - rho^2) = 1 / cosh(a), never 1 - tanh^2 (the samplers' one helper)
+        return _sech(self.atanh_rho)
 
     @property
     def mean(self) -> Tensor:
@@ -139,19 +140,24 @@ class BivariateNormal(Distribution):
         return (_ONE_PLUS_LOG_2PI - log_cosh(atanh_rho)) + log_scale.sum(-1)
 
     def log_prob(self, value: Tensor) -> Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
+        validate_sample(self, value)
         return bivariate_normal_log_prob(
             value, self.loc, self.log_scale, self.atanh_rho, validate_args=False
         )
 
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
-        """Reparameterised samples: ``loc + scale * (e1, rho e1 + e2 / cosh a)``."""
+        """Reparameterised samples: ``loc + scale * (e1, rho e1 + e2 / cosh a)``.
+
+        Computed in float32 for half-precision parameters (``exp(log_scale)`` alone
+        overflows float16 at ``log_scale > 11.1``) and returned in their dtype; ``scale *
+        z`` is :func:`~probloss.special.mul_exp`, finite wherever the draw is.
+        """
         shape = self._extended_shape(torch.Size(sample_shape))
-        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        loc, log_scale, atanh_rho = (upcast(t) for t in (self.loc, self.log_scale, self.atanh_rho))
+        eps = torch.randn(shape, dtype=loc.dtype, device=loc.device)
         e1, e2 = eps.unbind(-1)
-        z = torch.stack((e1, self.rho * e1 + self._sech * e2), -1)
-        return self.loc + self.scale * z
+        z = torch.stack((e1, torch.tanh(atanh_rho) * e1 + _sech(atanh_rho) * e2), -1)
+        return (loc + mul_exp(z, log_scale)).to(self.loc.dtype)
 
     def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
         with torch.no_grad():

@@ -2,15 +2,24 @@ r"""Gaussian mixtures (mixture density networks) as ``torch.distributions.Distri
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
 from torch import Tensor
-from torch.distributions import Categorical, Distribution, constraints
+from torch.distributions import Categorical, Distribution, MultivariateNormal, constraints
 
-from .._validation import distribution_validate_args
-from ..functional.mixture import bivariate_normal_mixture_log_prob, normal_mixture_log_prob
+from .._dtype import promote_float_tensors
+from .._validation import broadcast_shapes, distribution_validate_args, validate_sample
+from ..functional.mixture import (
+    bivariate_normal_mixture_log_prob,
+    multivariate_normal_mixture_log_prob,
+    normal_mixture_log_prob,
+)
 from ..functional.mixture_sampling import (
+    _check_temperature,
+    _component_index,
+    _pick,
     _prepare,
     bivariate_normal_mixture_covariance,
     bivariate_normal_mixture_mean,
@@ -21,7 +30,7 @@ from ..functional.mixture_sampling import (
     normal_mixture_sample,
     normal_mixture_variance,
 )
-from ..special._dtype import upcast
+from ..special._dtype import compute_dtype, upcast
 from .bivariate_normal import BivariateNormal
 from .normal import Normal
 
@@ -87,8 +96,7 @@ class _GaussianMixture(Distribution):
         return self.sample_with_temperature(1.0, sample_shape)
 
     def log_prob(self, value: Tensor) -> Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
+        validate_sample(self, value)
         return self._log_prob_fn(value, *(getattr(self, name) for name in self._params))
 
     def sample_with_temperature(
@@ -118,10 +126,10 @@ class NormalMixture(_GaussianMixture):
     from unconstrained parameters. ``log_prob`` is
     :func:`~probloss.functional.mixture.normal_mixture_log_prob` (log-sum-exp of log
     densities, finite far from every component); half-precision parameters give a float32
-    ``log_prob`` (DESIGN.md, half-precision policy), while moments and samples keep the
-    parameters' dtype. ``mean`` and ``variance`` are the exact mixture moments (law of
-    total variance); ``mode`` is the mean of the most probable component, **not** the mode
-    of the mixture density (see
+    ``log_prob`` (DESIGN.md, half-precision policy), while samples and moments are
+    computed in float32 and returned in the parameters' dtype. ``mean`` and ``variance``
+    are the exact mixture moments (law of total variance); ``mode`` is the mean of the
+    most probable component, **not** the mode of the mixture density (see
     :func:`~probloss.functional.mixture_sampling.normal_mixture_mode`).
     :meth:`sample_with_temperature` samples as sketch-rnn does (weights
     :math:`\operatorname{softmax}(\ell/\tau)`, variances :math:`\tau\sigma^2`).
@@ -208,7 +216,8 @@ class BivariateNormalMixture(_GaussianMixture):
     from unconstrained parameters; each component is a
     :class:`~probloss.distributions.BivariateNormal`. ``log_prob`` is
     :func:`~probloss.functional.mixture.bivariate_normal_mixture_log_prob` (log space,
-    exact where ``tanh`` rounds to ``+-1``; float32 for half-precision parameters).
+    exact where ``tanh`` rounds to ``+-1``; float32 for half-precision parameters, whose
+    samples and moments are computed in float32 and returned in the parameters' dtype).
     ``mean`` and ``covariance_matrix`` are the exact mixture moments (law of total
     covariance), ``variance`` its diagonal; ``mode`` is the mean of the most probable
     component, **not** the mode of the mixture density. Samples use
@@ -297,3 +306,156 @@ class BivariateNormalMixture(_GaussianMixture):
     def mode(self) -> Tensor:
         """The mean of the most probable component (not the density's highest point)."""
         return bivariate_normal_mixture_mode(self.logits, self.loc)
+
+
+def _log_row_norm(scale_tril: Tensor) -> Tensor:
+    r"""``log sqrt(sum_j L_ij^2)`` per row of ``(*, D, D)``: the log standard deviations.
+
+    ``log m + log ||L / m||`` with ``m`` the row's largest ``|L_ij|`` (detached: the
+    identity holds for every ``m > 0``, so the gradient is still exact), so that squares of
+    entries near ``finfo.max`` do not overflow where the log is finite.
+    """
+    m = scale_tril.detach().abs().amax(-1)
+    m = torch.where((m > 0) & torch.isfinite(m), m, 1.0)  # a 0 / inf row keeps log||L||
+    return torch.log(m) + 0.5 * torch.log((scale_tril / m.unsqueeze(-1)).square().sum(-1))
+
+
+def multivariate_normal_mixture_sample(
+    logits: Tensor,
+    loc: Tensor,
+    scale_tril: Tensor,
+    *,
+    temperature: float = 1.0,
+    sample_shape: torch.Size | tuple[int, ...] = (),
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Draw from a full-covariance normal mixture at temperature :math:`\tau`.
+
+    :math:`k \sim \operatorname{Categorical}(\operatorname{softmax}(\ell/\tau))`,
+    :math:`x = \mu_k + \sqrt\tau\, L_k \epsilon`, :math:`\epsilon \sim \mathcal N(0, I_D)`:
+    the temperature semantics and the component draw of
+    :mod:`probloss.functional.mixture_sampling`. Computed in float32 for half-precision
+    parameters and returned in the parameters' dtype; shape ``(*sample_shape, *, D)``.
+    """
+    tau = _check_temperature(temperature)
+    dtype = loc.dtype
+    compute = compute_dtype(dtype)
+    logits, loc, scale_tril = (t.to(compute) for t in (logits, loc, scale_tril))
+    index = _component_index(logits, tau, torch.Size(sample_shape), generator)
+    mean = _pick(loc, index, 1)
+    if tau == 0.0:
+        return mean.to(dtype)
+    tril = _pick(scale_tril, index, 2)
+    eps = torch.randn(mean.shape, generator=generator, dtype=compute, device=mean.device)
+    step = (tril @ eps.unsqueeze(-1)).squeeze(-1)
+    return (mean + math.sqrt(tau) * step).to(dtype)
+
+
+class MultivariateNormalMixture(_GaussianMixture):
+    r"""Mixture of ``K`` normals in ``D`` dimensions with full covariances :math:`L_k L_k^\top`.
+
+    .. math::
+        p(x) = \sum_{k=1}^K \pi_k\, \mathcal N(x \mid \mu_k, L_k L_k^\top), \qquad
+        \pi = \operatorname{softmax}(\ell)
+
+    ``log_prob`` is
+    :func:`~probloss.functional.mixture.multivariate_normal_mixture_log_prob` (one
+    triangular solve per component, no covariance formed, no Cholesky decomposition);
+    ``mean`` and ``variance`` (the diagonal of the covariance) are the exact mixture
+    moments (law of total variance); ``mode`` is the mean of the most probable component,
+    **not** the mode of the mixture density. :meth:`sample_with_temperature` draws at
+    temperature :math:`\tau` (weights :math:`\operatorname{softmax}(\ell/\tau)`,
+    covariances :math:`\tau L_k L_k^\top`). ``mixture_distribution`` and
+    ``component_distribution`` are ``torch.distributions``' ``Categorical`` and
+    ``MultivariateNormal``, as for a ``MixtureSameFamily``.
+
+    Dtypes, as for every probloss distribution: half-precision parameters give a float32
+    ``log_prob`` (DESIGN.md, half-precision policy); samples, ``mean``, ``variance`` and
+    ``mode`` are computed in float32 and returned in the parameters' dtype. No
+    ``rsample`` (see :class:`NormalMixture`); :meth:`sample` runs under
+    ``torch.no_grad()``.
+
+    Args:
+        logits: mixture logits :math:`\ell`, shape ``(*, K)``.
+        loc: component means, shape ``(*, K, D)``.
+        scale_tril: lower-triangular :math:`L_k` with positive diagonals, shape
+            ``(*, K, D, D)`` (from network outputs:
+            :func:`~probloss.functional.multivariate.scale_tril_from_raw`).
+        validate_args: as in ``torch.distributions``.
+
+    ``batch_shape`` is the broadcast ``(*)``, ``event_shape`` is ``(D,)``.
+
+    Example:
+        >>> L = torch.tensor([[[1.0, 0.0], [0.9, 0.1]], [[2.0, 0.0], [0.0, 2.0]]])
+        >>> d = MultivariateNormalMixture(torch.tensor([1.0, 0.0]), torch.zeros(2, 2), L)
+        >>> d.log_prob(torch.tensor([1.0, 0.9]))
+        tensor(-0.3365)
+        >>> d.variance  # 0.7311 * (1, 0.82) + 0.2689 * (4, 4)
+        tensor([1.8068, 1.6752])
+    """
+
+    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {
+        "logits": _VECTOR,
+        "loc": _MATRIX,
+        "scale_tril": constraints.independent(constraints.lower_cholesky, 1),
+    }
+    _params = ("logits", "loc", "scale_tril")
+    _log_prob_fn = staticmethod(multivariate_normal_mixture_log_prob)
+    _sample_fn = staticmethod(multivariate_normal_mixture_sample)
+
+    def __init__(
+        self,
+        logits: Tensor,
+        loc: Tensor,
+        scale_tril: Tensor,
+        validate_args: bool | None = None,
+    ) -> None:
+        logits, loc, scale_tril = promote_float_tensors(
+            logits=logits, loc=loc, scale_tril=scale_tril
+        )
+        layouts = (("logits", logits, 1, "(*, K)"), ("loc", loc, 2, "(*, K, D)"))
+        for name, t, dims, layout in (*layouts, ("scale_tril", scale_tril, 3, "(*, K, D, D)")):
+            if t.dim() < dims:
+                raise ValueError(f"{name} must have shape {layout}; got shape {tuple(t.shape)}")
+        d = loc.shape[-1]
+        if scale_tril.shape[-2:] != (d, d):
+            raise ValueError(
+                f"scale_tril must have shape (*, K, D, D) = (*, K, {d}, {d}) (D = {d} from loc "
+                f"{tuple(loc.shape)}); got shape {tuple(scale_tril.shape)}"
+            )
+        # (*, K) and (*, K, D) get unit trailing dimensions: one broadcast checks (*) and K
+        full = broadcast_shapes(
+            logits=logits[..., None, None], loc=loc[..., None], scale_tril=scale_tril
+        )
+        self.logits = logits.expand(full[:-2])
+        self.loc = loc.expand(full[:-1])
+        self.scale_tril = scale_tril.expand(full)
+        validate_args = distribution_validate_args(validate_args, logits, loc, scale_tril)
+        Distribution.__init__(self, full[:-3], full[-1:], validate_args=validate_args)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        validate_sample(self, value)
+        return multivariate_normal_mixture_log_prob(
+            value, self.logits, self.loc, self.scale_tril, validate_args=False
+        )
+
+    @property
+    def component_distribution(self) -> MultivariateNormal:
+        """The components as ``torch.distributions.MultivariateNormal``, batch ``(*, K)``."""
+        return MultivariateNormal(self.loc, scale_tril=self.scale_tril, validate_args=False)
+
+    @property
+    def mean(self) -> Tensor:
+        return normal_mixture_mean(self.logits, self.loc)
+
+    @property
+    def variance(self) -> Tensor:
+        """``sum_k pi_k (diag(L_k L_k^T) + (mu_k - mean)^2)``, shape ``(*batch_shape, D)``."""
+        logits, loc, scale_tril = (upcast(t) for t in (self.logits, self.loc, self.scale_tril))
+        log_sd = _log_row_norm(scale_tril)  # (Sigma_k)_ii = sum_j (L_k)_ij^2
+        return normal_mixture_variance(logits, loc, log_sd).to(self.loc.dtype)
+
+    @property
+    def mode(self) -> Tensor:
+        """The mean of the most probable component (not the density's highest point)."""
+        return normal_mixture_mode(self.logits, self.loc)

@@ -35,7 +35,9 @@ class NormalHead(nn.Module):
     small values, so training starts at ``scale ~= init_scale`` everywhere.
 
     Returns a distribution with batch shape ``(*, out_features)``; a loss is
-    ``-head(x).log_prob(y).mean()``.
+    ``-head(x).log_prob(y).mean()``. Like every head: an empty batch ``(0, in_features)``
+    gives an empty distribution, and a half-precision head (``head.half()``) gives a
+    float32 ``log_prob`` and samples in its own dtype.
 
     Example:
         >>> head = NormalHead(8, 3, init_scale=0.5)
@@ -70,7 +72,9 @@ class BivariateNormalHead(nn.Module):
     Five outputs per input: ``loc`` (2), raw scales (2) and ``atanh_rho`` (1), the Graves
     (2013) / sketch-rnn parameterisation without its ``exp`` and ``tanh`` round trips:
     ``scale = softplus(raw) + min_scale`` as a log-scale, ``rho = tanh(atanh_rho)`` never
-    formed. Biases start at ``scale = init_scale`` and ``rho = 0``.
+    formed. Biases start at ``scale = init_scale`` and ``rho = 0``. An empty batch gives
+    an empty distribution; a half-precision head gives a float32 ``log_prob`` and samples
+    in its own dtype.
 
     Example:
         >>> head = BivariateNormalHead(16, init_scale=0.1)

@@ -21,11 +21,15 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Categorical, Distribution, MixtureSameFamily, MultivariateNormal
+from torch.distributions import Categorical, Distribution
 
-from .._validation import check_not_nan, should_validate
-from ..distributions.mixture import BivariateNormalMixture, NormalMixture
-from ..functional._reduction import check_reduction, reduce_loss
+from .._validation import check_not_nan, distribution_validate_args, should_validate
+from ..distributions.mixture import (
+    BivariateNormalMixture,
+    MultivariateNormalMixture,
+    NormalMixture,
+)
+from ..functional._reduction import check_reduction, check_value_batch, reduce_loss
 from ..functional.multivariate import default_min_diag, scale_tril_from_raw
 from .heads import _log_scale, _raw_for_scale
 
@@ -62,16 +66,11 @@ class MixtureDensityHead(nn.Module):
       round to 0.
     * ``"full"``: a full covariance :math:`L_k L_k^\top` per component, ``K x D(D+1)/2``
       raw entries of :math:`L_k` through
-      :func:`~probloss.functional.multivariate.scale_tril_from_raw`. probloss has no
-      full-covariance mixture class, so this returns
-      ``torch.distributions.MixtureSameFamily(Categorical(logits=logits),
-      MultivariateNormal(loc, scale_tril=L))``: torch's own log-sum-exp mixture over
-      torch's triangular-solve log density (no Cholesky decomposition, no
-      "not positive definite"). probloss's core computes the same log density with an
-      overflow-safe squared norm:
-      :func:`~probloss.functional.mixture.multivariate_normal_mixture_log_prob` ``(y,
-      m.mixture_distribution.logits, m.component_distribution.loc,
-      m.component_distribution.scale_tril)``.
+      :func:`~probloss.functional.multivariate.scale_tril_from_raw`; returns a
+      :class:`~probloss.distributions.mixture.MultivariateNormalMixture`, whose
+      ``log_prob`` is :func:`~probloss.functional.mixture.multivariate_normal_mixture_log_prob`
+      (one triangular solve per component, an overflow-safe squared norm, no Cholesky
+      decomposition and so no "not positive definite").
 
     Scales (``"normal"``, ``"bivariate"``) are :math:`\sigma = \operatorname{softplus}(r)
     + m` with ``m = min_scale``, formed as a log-scale ``log(softplus(r) + m)`` (via
@@ -82,11 +81,7 @@ class MixtureDensityHead(nn.Module):
     ``m = min_scale`` if positive, else the float32 default of
     :func:`~probloss.functional.multivariate.default_min_diag` (``3.45e-4``, in the units
     of the target): a zero diagonal would make the triangular solve divide by 0, so this
-    form always has a floor. The fused log-density kernels of the two probloss mixtures
-    need ``|log_scale| < 87`` and ``|atanh_rho| < 88`` in float32 (see
-    :func:`~probloss.functional.mixture.normal_mixture_log_prob`); a ``min_scale > 0``
-    keeps ``log_scale >= log(min_scale)`` for any features, so set one (e.g. ``1e-3`` in
-    the target's units) when features can be extreme.
+    form always has a floor.
 
     Initialisation: the raw-scale biases (the diagonal ones for ``"full"``) start at
     ``softplus_inverse(init_scale - m)`` and the ``atanh_rho`` and off-diagonal biases at 0,
@@ -97,6 +92,15 @@ class MixtureDensityHead(nn.Module):
     which breaks the symmetry between components (equal initial means get equal
     gradients and may never separate). Scale the targets to unit order (or choose
     ``init_scale`` in their units) so that these initial means and scales are sensible.
+
+    Empty batches: features of shape ``(0, in_features)`` give a mixture of batch shape
+    ``(0,)`` whose ``log_prob``, samples and moments are empty.
+
+    Dtypes: the head follows its parameters (``head.to(torch.bfloat16)``). As for every
+    probloss distribution, the mixture's ``log_prob`` of half-precision parameters is
+    computed and returned in float32 (DESIGN.md, half-precision policy); samples,
+    ``mean``, ``variance`` and ``mode`` are computed in float32 and returned in the
+    parameters' dtype (values of the random variable, like the target).
 
     Output layout of ``self.linear`` (the last dimension): ``logits`` (``K``), ``loc``
     (``K*D``, component-major), scale parameters (``K*D``, ``K*2 + K`` for ``"bivariate"``
@@ -229,14 +233,15 @@ class MixtureDensityHead(nn.Module):
             mixture = BivariateNormalMixture(logits, loc, log_scale, parts[3], validate_args=check)
         else:
             raw = parts[2].unflatten(-1, (k, d * (d + 1) // 2))
-            scale_tril = scale_tril_from_raw(raw, d, min_diag=self.min_diag)
-            mixture = MixtureSameFamily(
-                Categorical(logits=logits, validate_args=check),
-                MultivariateNormal(loc, scale_tril=scale_tril, validate_args=check),
-                validate_args=check,
-            )
+            # scale_tril_from_raw computes half precision in float32; the mixture's
+            # parameters keep the module's dtype, like loc (and like the other components)
+            scale_tril = scale_tril_from_raw(raw, d, min_diag=self.min_diag).to(loc.dtype)
+            mixture = MultivariateNormalMixture(logits, loc, scale_tril, validate_args=check)
         if self.pen_states:
-            pen = Categorical(logits=parts[-1], validate_args=check)
+            pen_logits = parts[-1]
+            pen = Categorical(
+                logits=pen_logits, validate_args=distribution_validate_args(check, pen_logits)
+            )
             return MixtureDensityOutput(mixture, pen)
         return mixture
 
@@ -256,6 +261,12 @@ class MixtureNLLLoss(nn.Module):
     ``"sum"`` adds them, ``"none"`` returns them with shape ``(*)``. ``mixture`` is what
     :class:`MixtureDensityHead` returns (its ``.mixture`` when it predicts pen states),
     or any ``torch.distributions.Distribution`` with ``log_prob``.
+
+    A reduced loss (``"mean"``, ``"sum"``) refuses a ``mixture`` whose batch shape would
+    broadcast the target's batch shape to a larger one (``ValueError`` naming both
+    shapes): a mixture of batch shape ``(64, 1)`` against targets ``(64, 2)`` would
+    average all 64 x 64 pairs. ``"none"`` broadcasts like ``log_prob``. An empty batch
+    reduces like torch's losses: ``"mean"`` is NaN (0 / 0 events), ``"sum"`` is 0.
 
     Args:
         reduction: ``"mean"`` (over events), ``"sum"`` or ``"none"``.
@@ -282,6 +293,11 @@ class MixtureNLLLoss(nn.Module):
         self.nan_policy = nan_policy
 
     def forward(self, mixture: Distribution, target: Tensor) -> Tensor:
+        if self.reduction != "none":
+            event = mixture.event_shape
+            value_batch = target.shape[: target.dim() - len(event)]
+            where = f" (event shape {tuple(event)} last)" if event else ""
+            check_value_batch(value_batch, where, mixture=mixture.batch_shape)
         mask = None
         if self.nan_policy == "mask":
             event_dims = tuple(range(-len(mixture.event_shape), 0))

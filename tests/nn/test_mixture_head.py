@@ -22,7 +22,11 @@ from torch.distributions import (
     Normal,
 )
 
-from probloss.distributions.mixture import BivariateNormalMixture, NormalMixture
+from probloss.distributions.mixture import (
+    BivariateNormalMixture,
+    MultivariateNormalMixture,
+    NormalMixture,
+)
 from probloss.nn.mixture import MixtureDensityHead, MixtureDensityOutput, MixtureNLLLoss
 
 IN, K = 6, 4
@@ -79,7 +83,7 @@ def test_shapes_and_type(component):
     expected_type = {
         "normal": NormalMixture,
         "bivariate": BivariateNormalMixture,
-        "full": MixtureSameFamily,
+        "full": MultivariateNormalMixture,
     }[component]
     assert isinstance(mixture, expected_type)
     d = DIM[component]
