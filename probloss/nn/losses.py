@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..functional._reduction import check_reduction
+from ..functional._reduction import check_reduction, check_value_batch
 from ..functional.bivariate import bivariate_normal_nll
 from ..functional.normal import normal_nll
 
@@ -28,6 +28,10 @@ class NormalNLLLoss(nn.Module):
         min_scale: optional soft floor, the scale used is ``scale + min_scale``.
         reduction: ``"mean"`` (over events, i.e. elements), ``"sum"`` or ``"none"``.
         nan_policy: ``"raise"`` or ``"mask"`` (NaN targets ignored, "mean" over the rest).
+
+    Reduced losses refuse parameters that would broadcast ``target``'s shape to a larger
+    one (``ValueError`` from :func:`~probloss.functional.normal_nll`); an empty batch
+    gives NaN for ``"mean"`` and 0 for ``"sum"``, like torch's losses.
 
     Example:
         >>> loss = NormalNLLLoss()
@@ -93,7 +97,15 @@ class GaussianNLLLoss(nn.Module):
     * A negative ``var`` raises ``ValueError`` only when values are validated
       (``validate_args=None``: CPU tensors only), so a GPU step never waits for the host.
 
-    ``"mean"`` averages over elements (each element is one univariate event).
+    Reduced losses (``"mean"``, ``"sum"``) refuse a silent outer product: the batch is
+    the larger of ``input`` and ``target`` where one broadcasts up to the other (torch's
+    ``target`` with a size-1 dimension, and the converse); ``input`` and ``target`` whose
+    broadcast exceeds both (``(8,)`` and ``(8, 1)``, an ``(8, 8)`` matrix that torch
+    averages) or a ``var`` that enlarges the batch raise ``ValueError`` naming the
+    argument and both shapes. ``reduction="none"`` broadcasts freely.
+
+    ``"mean"`` averages over elements (each element is one univariate event); over an
+    empty batch it is NaN and ``"sum"`` is 0, as in torch.
     """
 
     def __init__(
@@ -117,6 +129,8 @@ class GaussianNLLLoss(nn.Module):
         var = torch.as_tensor(var, dtype=input.dtype, device=input.device)
         if var.dim() == input.dim() - 1 and var.shape == input.shape[:-1] and var.dim() > 0:
             var = var.unsqueeze(-1)  # torch's rule: one fewer (trailing) dimension
+        if self.reduction != "none":
+            target = self._batch_target(input, target, var)
         nll = normal_nll(
             target,
             input,
@@ -135,6 +149,25 @@ class GaussianNLLLoss(nn.Module):
             )
         return nll - _HALF_LOG_2PI
 
+    @staticmethod
+    def _batch_target(input: Tensor, target: Tensor, var: Tensor) -> Tensor:
+        """``target`` expanded to the batch shape of a reduced loss, after checking that
+        neither ``input`` nor ``var`` enlarges it.
+
+        The batch is the larger of ``input`` and ``target`` where one broadcasts up to the
+        other (torch's documented ``target`` with a size-1 dimension, and its converse);
+        where their broadcast exceeds both (``input`` ``(8,)``, ``target`` ``(8, 1)``) it
+        is ``target``'s shape and ``input`` is refused. ``var`` may broadcast up to the
+        batch, never beyond it.
+        """
+        try:
+            both = torch.broadcast_shapes(input.shape, target.shape)
+        except RuntimeError:
+            return target  # incompatible shapes: normal_nll names them
+        batch = both if both in (input.shape, target.shape) else target.shape
+        check_value_batch(batch, input=input.shape, var=var.shape)
+        return target.expand(batch)  # a view; normal_nll then sees value = the batch
+
     def extra_repr(self) -> str:
         return f"full={self.full}, eps={self.eps}, reduction={self.reduction!r}"
 
@@ -145,7 +178,10 @@ class BivariateNormalNLLLoss(nn.Module):
     ``forward(loc, log_scale, atanh_rho, target)`` is
     :func:`probloss.functional.bivariate_normal_nll`: ``loc``, ``log_scale`` and ``target``
     of shape ``(*, 2)``, ``atanh_rho`` of shape ``(*)``; ``"mean"`` averages over events
-    (points), not coordinates.
+    (points), not coordinates. Reduced losses refuse parameters that would broadcast the
+    target's batch shape to a larger one (``atanh_rho`` of shape ``(N, 1)`` against
+    targets ``(N, 2)``; ``ValueError`` from the functional call); an empty batch gives NaN
+    for ``"mean"`` and 0 for ``"sum"``, like torch's losses.
     """
 
     def __init__(self, *, reduction: str = "mean", nan_policy: str = "raise") -> None:

@@ -154,3 +154,97 @@ def test_bivariate_nll_loss_is_the_functional_call(reduction):
     loss = BivariateNormalNLLLoss(reduction=reduction)
     expected = bivariate_normal_nll(y, loc, log_scale, atanh_rho, reduction=reduction)
     assert torch.equal(loss(loc, log_scale, atanh_rho, y), expected)
+
+
+# --------------------------------------------------------------------------------------
+# Reduced losses refuse a parameter that enlarges the target's batch shape (issue 10)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize(
+    ("input_shape", "target_shape", "var_shape", "culprit"),
+    [
+        ((8,), (8, 1), (8,), "input"),  # torch averages an (8, 8) matrix here
+        ((8, 1), (8,), (8, 1), "input"),
+        ((8,), (8,), (8, 1), "var"),
+        ((8, 3), (8, 3), (2, 8, 1), "var"),
+    ],
+)
+def test_gaussian_nll_refuses_outer_product(input_shape, target_shape, var_shape, culprit,
+                                            reduction):  # fmt: skip
+    """A ValueError naming the argument and both shapes, never a silent (8, 8) mean."""
+    mu, y, var = torch.zeros(input_shape), torch.ones(target_shape), torch.ones(var_shape)
+    with pytest.raises(ValueError, match=rf"{culprit} of batch shape") as info:
+        GaussianNLLLoss(reduction=reduction)(mu, y, var)
+    assert str(tuple(var_shape if culprit == "var" else input_shape)) in str(info.value)
+    # reduction="none" keeps torch's broadcasting
+    full = torch.broadcast_shapes(input_shape, target_shape, var_shape)
+    assert GaussianNLLLoss(reduction="none")(mu, y, var).shape == full
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize(
+    ("input_shape", "target_shape", "var_shape"),
+    [
+        ((8, 3), (8, 1), (8,)),  # torch's documented target with a size-1 dimension
+        ((8, 3), (8, 1), (8, 1)),
+        ((8, 3), (8, 3), (8,)),  # torch's var with one fewer dimension
+        ((8, 3), (8, 3), (8, 1)),
+    ],
+)
+def test_gaussian_nll_keeps_torch_broadcasts(input_shape, target_shape, var_shape, reduction):
+    """The shapes torch.nn.GaussianNLLLoss accepts still work and agree with it to the
+    soft-floor bound 2 eps/var = 4e-6 (eps = 1e-6, var >= 0.5), as in the tests above."""
+    g = torch.Generator().manual_seed(3)
+    mu = torch.randn(input_shape, generator=g, dtype=torch.float64)
+    y = torch.randn(target_shape, generator=g, dtype=torch.float64)
+    var = torch.rand(var_shape, generator=g, dtype=torch.float64) + 0.5
+    ours = GaussianNLLLoss(reduction=reduction)(mu, y, var)
+    theirs = torch.nn.GaussianNLLLoss(reduction=reduction)(mu, y, var)
+    torch.testing.assert_close(ours, theirs, rtol=4e-6, atol=4e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_normal_nll_loss_refuses_outer_product(reduction):
+    """loc of shape (8, 1) against targets (8,): through normal_nll's check (the module is
+    one functional call)."""
+    with pytest.raises(ValueError, match=r"loc of batch shape \(8, 1\)"):
+        NormalNLLLoss(reduction=reduction)(torch.zeros(8, 1), torch.zeros(8), torch.zeros(8))
+    with pytest.raises(ValueError, match=r"log_scale of batch shape \(8, 1\)"):
+        NormalNLLLoss(reduction=reduction)(torch.zeros(8), torch.zeros(8, 1), torch.zeros(8))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_bivariate_nll_loss_refuses_outer_product(reduction):
+    """The issue's example: atanh_rho = out[:, 4:5] of shape (64, 1) against targets
+    (64, 2) would average a (64, 64) matrix."""
+    out = torch.zeros(64, 5)
+    with pytest.raises(ValueError, match=r"atanh_rho of batch shape \(64, 1\)"):
+        BivariateNormalNLLLoss(reduction=reduction)(
+            out[:, 0:2], out[:, 2:4], out[:, 4:5], torch.zeros(64, 2)
+        )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda r: (GaussianNLLLoss(reduction=r), (torch.zeros(0, 3),) * 2 + (torch.ones(0, 3),)),
+        lambda r: (NormalNLLLoss(reduction=r), (torch.zeros(0),) * 3),
+        lambda r: (
+            BivariateNormalNLLLoss(reduction=r),
+            (torch.zeros(0, 2), torch.zeros(0, 2), torch.zeros(0), torch.zeros(0, 2)),
+        ),
+    ],
+    ids=["gaussian", "normal", "bivariate"],
+)
+def test_empty_batch_reduces_like_torch(make):
+    """An empty batch: "mean" is NaN (0 / 0, torch.nn.GaussianNLLLoss and torch.mean do the
+    same), "sum" is 0, "none" is empty."""
+    loss, args = make("mean")
+    assert torch.isnan(loss(*args))
+    assert torch.isnan(torch.nn.GaussianNLLLoss()(torch.zeros(0), torch.zeros(0), torch.ones(0)))
+    loss, args = make("sum")
+    assert loss(*args) == 0
+    loss, args = make("none")
+    assert loss(*args).numel() == 0
