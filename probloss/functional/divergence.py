@@ -88,7 +88,7 @@ def continuous_bernoulli_kl(logits_q: Tensor, logits_p: Tensor) -> Tensor:
     near_width = torch.maximum(logits_q.abs() * 0.5, torch.tensor(4.0, dtype=logits_q.dtype))
     return bregman_divergence(
         cb_log_partition,
-        lambda eta, delta: cb_mean(eta) * delta,
+        _cb_mean_times,
         _cb_curvature_times_square,
         logits_q,
         logits_p,
@@ -96,23 +96,48 @@ def continuous_bernoulli_kl(logits_q: Tensor, logits_p: Tensor) -> Tensor:
     )
 
 
+def _cb_mean_times(eta: Tensor, delta: Tensor) -> Tensor:
+    """``mean(eta) * delta``, with a gradient in ``eta`` that is finite where it is.
+
+    For ``a = |eta| > 8``, ``mean = [eta > 0] - sign(eta) (1/a - 1/expm1(a))`` is applied to
+    ``delta`` term by term: the derivative of ``delta / a`` is formed by autograd as
+    ``(delta / a) / a``, which stays finite (3e-24 at ``delta = 1.7e38``, ``a = 1e31``) where
+    ``var(eta) = 1/a^2`` underflows to 0 and ``cb_mean``'s backward would give ``0 * inf``.
+    """
+    big = eta.abs() > 8.0
+    eta_small = torch.where(big, 0.0, eta)  # safe inputs for the unselected branch
+    delta_small = torch.where(big, 0.0, delta)
+    eta_big = torch.where(big, eta, -16.0)
+    a = eta_big.abs()
+    # delta / expm1(a) = delta e^{-a} / (1 - e^{-a}); mul_exp: 0 with a 0 gradient for huge a
+    tail = delta / a - mul_exp(delta, -a) / -torch.expm1(-a)
+    on_big = torch.where(eta_big > 0, delta, 0.0) - torch.sign(eta_big) * tail
+    return torch.where(big, on_big, cb_mean(eta_small) * delta_small)
+
+
 def _cb_curvature_times_square(eta: Tensor, delta: Tensor) -> Tensor:
     """``delta^2 var(eta)`` without overflow of ``delta^2`` or underflow of ``var``.
 
     For ``|eta| > 8`` it is ``(delta/eta)^2 (eta^2 var)`` with
-    ``eta^2 var = 1 - eta^2 q (1 + q)``, ``q = 1/expm1(|eta|) = e^-a / (1 - e^-a)`` (from
-    ``var = 1/eta^2 - q (1 + q)``), which tends to 1 instead of underflowing; on the
+    ``eta^2 var = 1 - eta^2 q (1 + q) = 1 - (a e^{-a/2} / (1 - e^{-a}))^2``,
+    ``q = 1/expm1(a)``, ``a = |eta|`` (from ``var = 1/eta^2 - q (1 + q)``), which tends to 1
+    instead of underflowing; on the
     quadrature branch ``|delta| <= |eta_q| / 2`` keeps ``delta / eta`` of order one there,
     and ``|eta| <= 8`` at a node implies ``|delta| <= 8``.
     """
     big = eta.abs() > 8.0
     eta_small = torch.where(big, 0.0, eta)  # safe inputs for the unselected branch
     eta_big = torch.where(big, eta, 16.0)
+    # delta too: at a node with |eta| > 8 it may be huge (1e33 at eta 3e34), and delta^2 = inf
+    # on the unselected branch would turn its zero gradient into 0 * inf = NaN
+    delta_small = torch.where(big, 0.0, delta)
     a = eta_big.abs()
-    q = torch.exp(-a) / -torch.expm1(-a)  # 1/expm1(a), with a finite gradient for huge a
-    scaled = 1.0 - (eta_big * q) * eta_big * (1.0 + q)  # eta^2 var; eta*q first: no inf*0
+    # eta^2 q (1 + q) = (a e^{-a/2} / (1 - e^{-a}))^2, as 1 + q = 1 / (1 - e^{-a}): a e^{-a/2}
+    # by mul_exp is 0 with a 0 gradient for huge a, where eta^2 * q would meet inf * 0
+    root = mul_exp(a, -0.5 * a) / -torch.expm1(-a)
+    scaled = 1.0 - root.square()  # eta^2 var
     return torch.where(
-        big, (delta / eta_big).square() * scaled, delta.square() * cb_variance(eta_small)
+        big, (delta / eta_big).square() * scaled, delta_small.square() * cb_variance(eta_small)
     )
 
 
@@ -169,9 +194,47 @@ def normal_kl(
     broadcast_shapes(**t)
     zero = torch.zeros((), dtype=t["loc_q"].dtype, device=t["loc_q"].device)
     loc_p_t, log_var_p_t = t.get("loc_p", zero), t.get("log_var_p", zero)
-    # (Delta mu / sigma_p) without overflow of exp(-log_var_p / 2) where the ratio is finite
-    w = mul_exp(t["loc_q"] - loc_p_t, -0.5 * log_var_p_t)
-    return _half_expm1mx_of_difference(t["log_var_q"], log_var_p_t) + (0.5 * w) * w
+    loc_q_t, loc_p_t, log_var_p_b = torch.broadcast_tensors(t["loc_q"], loc_p_t, log_var_p_t)
+    mahalanobis = _HalfSquareOverVariance.apply(loc_q_t, loc_p_t, log_var_p_b)
+    return _half_expm1mx_of_difference(t["log_var_q"], log_var_p_t) + mahalanobis
+
+
+def _half_square_over_variance(loc_q: Tensor, loc_p: Tensor, log_var_p: Tensor) -> Tensor:
+    """``(loc_q - loc_p)^2 exp(-log_var_p) / 2`` as ``2 w^2``, ``w = (Delta/2) e^{-lv/2}``.
+
+    ``Delta / 2 = loc_q/2 - loc_p/2`` cannot overflow where ``Delta`` does (-3.4e38 against
+    3.4e38 in float32), the halvings are exact (to the subnormals, where the term is
+    dominated by the other anyway), and ``w`` comes from ``mul_exp``: nothing overflows unless
+    the result does.
+    """
+    w = mul_exp(0.5 * loc_q - 0.5 * loc_p, -0.5 * log_var_p)
+    return (w * w) * 2.0
+
+
+class _HalfSquareOverVariance(torch.autograd.Function):
+    """:func:`_half_square_over_variance` with the backward written from the result.
+
+    ``dM/dlog_var_p = -M`` and ``dM/dloc_q = -dM/dloc_p = Delta e^{-lv} = 2 (Delta/2) e^{-lv}``
+    (by ``mul_exp``): each overflows only if it is itself out of range, where autograd of
+    ``2 w^2`` would form ``dM/dw * w = 2 M`` and overflow for ``M > max / 2``. The backward
+    is differentiable again (built from this function and ``mul_exp``).
+    """
+
+    @staticmethod
+    def forward(ctx, loc_q: Tensor, loc_p: Tensor, log_var_p: Tensor) -> Tensor:
+        out = _half_square_over_variance(loc_q, loc_p, log_var_p)
+        ctx.save_for_backward(loc_q, loc_p, log_var_p, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        loc_q, loc_p, log_var_p, out = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: rebuild the result differentiably
+            out = _HalfSquareOverVariance.apply(loc_q, loc_p, log_var_p)
+        # grad first: the slope may be near max while grad is small (a mean over a batch)
+        slope = mul_exp(grad * (0.5 * loc_q - 0.5 * loc_p), -log_var_p)
+        slope = slope + slope
+        return slope, -slope, -(grad * out)
 
 
 def _half_expm1mx_of_difference(a: Tensor, b: Tensor) -> Tensor:
@@ -189,11 +252,23 @@ def _half_expm1mx_of_difference(a: Tensor, b: Tensor) -> Tensor:
     d = a - b
     b_virtual = d - a  # TwoSum of (a, -b): err = (a - a_virtual) + (-b - b_virtual), exact
     err = ((a - (d - b_virtual)) - (b + b_virtual)).detach()
+    err = torch.where(torch.isfinite(d), err, 0.0)  # inf - inf where a - b overflows
     top = math.log(torch.finfo(d.dtype).max) - 1.0
     big = d > top
-    d_big = torch.where(big, d, top)  # safe inputs for the unselected branches
-    d_small = torch.where(big, 0.0, d)
+    # Far below 0, e^d - 1 - d = (b/2 - a/2) * 2 + e^d - 1: -d may exceed finfo.max (-3.4e38
+    # against 1e32 in float32) while its half cannot; its rounding is relative (no TwoSum)
+    very_negative = d < -top
+    # safe inputs for the unselected branches; where a - b overflows to inf (the result is
+    # inf), finfo.max stands in for it, as inf - (1 + inf) / 2 would be NaN
+    d_big = torch.where(big, torch.where(torch.isinf(d), torch.finfo(d.dtype).max, d), top)
+    err_big = torch.where(d_big < 2.0 * (top + 1.0), err, 0.0)  # e^d e^err: no 0 * inf
+    d_small = torch.where(big | very_negative, 0.0, d)
+    d_negative = torch.where(very_negative, d, -top)
+    a_negative = torch.where(very_negative, a, 0.0)
+    b_negative = torch.where(very_negative, b, top)
+    negative = (0.5 * b_negative - 0.5 * a_negative) + 0.5 * (torch.exp(d_negative) - 1.0)
     # e^{d + err} / 2 = e^d (e^err / 2): err, exact but not small when |b| dwarfs |a| (-1.07
     # against -1e19 is lost in d entirely), is taken whole, not to first order
-    near_overflow = mul_exp(0.5 * torch.exp(err), d_big) - 0.5 * (1.0 + d_big)
-    return torch.where(big, near_overflow, 0.5 * (expm1mx(d_small) + torch.expm1(d_small) * err))
+    near_overflow = mul_exp(0.5 * torch.exp(err_big), d_big) - 0.5 * (1.0 + d_big)
+    moderate = 0.5 * (expm1mx(d_small) + torch.expm1(d_small) * torch.where(big, 0.0, err))
+    return torch.where(big, near_overflow, torch.where(very_negative, negative, moderate))

@@ -36,7 +36,8 @@ Regression tests at the end pin four failure modes found and fixed during develo
 ``F.softplus``'s threshold of 20 (a relative 2e-10 error in float64), ``(p - q)^2``
 overflowing in the quadrature for huge same-sign logits, NaN gradients from the unselected
 quadrature branch when ``|p - q| > sqrt(finfo.max)``, and the variance's derivative
-underflowing for huge logits.
+underflowing for huge logits; and two from issue 10: ``p - q`` overflowing ``finfo.max``
+in the closed form, and huge logits (3e34) on the quadrature branch.
 """
 
 from __future__ import annotations
@@ -413,3 +414,63 @@ def test_documented_torch_failure_point():
     theirs = kl_divergence(TorchCB(logits=q), TorchCB(logits=p)).item()
     assert abs(theirs - exact) > 10 * exact  # measured: torch 9.3727, exact 0.0231436
     assert math.isclose(continuous_bernoulli_kl(q, p).item(), exact, rel_tol=1e-5)
+
+
+def _overflowing_step_pairs(dtype: torch.dtype) -> list[tuple[float, float]]:
+    """(q, p) with p - q beyond finfo.max (the KL itself is below it)."""
+    top = torch.finfo(dtype).max
+    mid = 1e33 if dtype == torch.float32 else 1e300
+    pairs = [(-top, mid), (mid, -top), (-top, top), (top, -top), (-0.9 * top, 0.5 * top)]
+    pairs += [(0.6 * top, -0.6 * top), (-top, 1.0)]
+    return [tuple(cast(pq, dtype)) for pq in pairs]
+
+
+@pytest.mark.parametrize("dtype", F32_F64, ids=dtype_id)
+@pytest.mark.parametrize("family", list(KL))
+def test_kl_step_overflows(family, dtype):
+    """Regression (issue 10): ``p - q`` overflowing to inf made the closed form
+    ``f(p) - f(q) - f'(q)(p - q)`` NaN or 0 (bernoulli_kl(-3.4e38, 1e33) was 0, exact 1e33),
+    and its gradient NaN (an underflowed ``f''(q) = 0`` times the infinite step). Value and
+    both partials against mpmath with the module's bounds (relative; within ``tiny`` where
+    the exact value is below it)."""
+    pairs = _overflowing_step_pairs(dtype)
+    q, p = _tensors(pairs, dtype, requires_grad=True)
+    assert torch.isinf(p.detach() - q.detach()).sum() >= 5  # the case under test
+    out = KL[family](q, p)
+    out.sum().backward()
+    rtol = RTOL[family][dtype]
+    exact = np.array([ref.to_float64(ORACLE[family](a, b)) for a, b in pairs])
+    grads = [GRAD_ORACLE[family](a, b) for a, b in pairs]
+    bound = relative_bound(exact, rtol, dtype)
+    assert_within(out.detach().numpy(), exact, bound, pairs, f"{family} KL {dtype}")
+    for k, (name, got) in enumerate((("dq", q.grad), ("dp", p.grad))):
+        e = np.array([ref.to_float64(g[k]) for g in grads])
+        assert_within(got.numpy(), e, relative_bound(e, rtol, dtype), pairs, f"{name} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, *F32_F64], ids=dtype_id)
+def test_cb_kl_gradient_at_huge_logits_in_the_quadrature(dtype):
+    """Regression (issue 10: the continuous-Bernoulli KL gradient at logits near 3e34 was
+    NaN): on the quadrature branch (|p - q| <= |q| / 2) with ``(p - q)^2`` beyond
+    ``finfo.max``, the unselected small-|eta| branch squared the step (inf times a zero
+    upstream gradient) and ``eta^2 / expm1(|eta|)`` met ``inf * 0`` in the backward. Value
+    and gradients against mpmath; bfloat16 inputs are computed in float32 (float32 bound,
+    the gradients rounded once to bfloat16: its eps); float16 holds no such logits."""
+    if dtype == torch.float64:
+        raw = [(1e300, 1.2e300), (-1e300, -1.3e300), (1e200, 1.4e200)]
+    else:
+        raw = [(3e34, 3.1e34), (-3e34, -3.6e34), (1e38, 1.4e38), (-3e38, -2e38), (2e25, 2.5e25)]
+    pairs = [tuple(cast(pq, dtype)) for pq in raw]
+    q, p = _tensors(pairs, dtype, requires_grad=True)
+    out = continuous_bernoulli_kl(q, p)
+    out.sum().backward()
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    exact = np.array([ref.to_float64(ref.cb_kl(a, b)) for a, b in pairs])
+    bound = relative_bound(exact, CBKL_RTOL[out_dtype], out_dtype)
+    assert_within(out.detach().double().numpy(), exact, bound, pairs, f"KL {dtype}")
+    grads = [ref.cb_kl_grad(a, b) for a, b in pairs]
+    g_rtol = torch.finfo(dtype).eps if dtype in HALF_DTYPES else CBKL_RTOL[dtype]
+    for k, (name, got) in enumerate((("dq", q.grad), ("dp", p.grad))):
+        e = np.array([ref.to_float64(g[k]) for g in grads])
+        got = got.double().numpy()
+        assert_within(got, e, relative_bound(e, g_rtol, dtype), pairs, f"{name} {dtype}")

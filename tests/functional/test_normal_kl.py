@@ -43,7 +43,7 @@ from mpmath import mp
 from torch.distributions import Normal, kl_divergence
 
 from probloss.functional.divergence import normal_kl
-from tests.functional._checks import FLOAT_DTYPES, HALF_DTYPES, assert_within, dtype_id
+from tests.functional._checks import FLOAT_DTYPES, HALF_DTYPES, assert_within, cast, dtype_id
 from tests.functional.cb_reference import _converged, to_float64
 
 RTOL = {torch.float32: 1e-6, torch.float64: 1e-13}
@@ -351,3 +351,52 @@ def test_prior_log_variance_that_dwarfs_the_posterior_one(dtype):
     grads = [t.grad.item() for t in (*args, log_var_p)]
     assert not any(math.isnan(g) for g in grads), grads
     assert grads[1] == math.inf and grads[3] == -math.inf  # d/dlog_var_q, d/dlog_var_p
+
+
+def _overflow_quads(dtype: torch.dtype) -> list[tuple[float, float, float, float]]:
+    """Inputs whose differences overflow ``dtype`` (or float32, where half inputs are
+    computed) while the KL does not, and one whose KL overflows."""
+    top = torch.finfo(dtype).max
+    root = 2.0**64 if dtype != torch.float64 else 2.0**512  # root^2 / 2 = max / 2 (about)
+    quads = [
+        (-top, -top, 0.0, top / 8),  # d = log_var_q - log_var_p < -max: KL ~ 0.56 max
+        (0.0, -top, 0.0, top / 4),
+        (-0.9 * top, 0.0, 0.9 * top, 100.0 if dtype != torch.float64 else 1000.0),  # loc
+        (root, 0.0, 0.0, -0.4),  # (Delta mu)^2 e^-lvp / 2 = 0.74 max: dKL/dlvp near -max
+        (-root, 1.0, 0.0, -0.4),
+        (0.0, top, 0.0, -top),  # d > max: the KL is +inf
+    ]
+    return [tuple(cast(q, dtype)) for q in quads]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=dtype_id)
+def test_overflowing_differences(dtype):
+    """Regression (issue 10, NaN at inputs 1e16..3e38): ``log_var_q - log_var_p`` or
+    ``loc_q - loc_p`` beyond ``finfo.max`` gave a NaN KL (inf - inf) although the KL is
+    below ``max``, and ``dKL/dlog_var_p = -(Delta mu)^2 e^-lvp / 2`` between max/2 and max
+    came out -inf (autograd of ``w^2`` formed twice that). Bounds as for the grid (relative,
+    the float32 one for half inputs, the input dtype's eps for their gradients); where the
+    exact KL overflows it is +inf and no gradient is NaN."""
+    quads = _overflow_quads(dtype)
+    mq, lq, mp_, lp = (_cast([q[k] for q in quads], dtype).requires_grad_() for k in range(4))
+    out = normal_kl(mq, lq, mp_, lp)
+    out.sum().backward()
+    out_dtype = torch.float32 if dtype in HALF_DTYPES else dtype
+    ref = np.array([kl_ref(*q) for q in quads])
+    rtol = RTOL[out_dtype]
+    g_rtol = torch.finfo(dtype).eps if dtype in HALF_DTYPES else rtol
+    finite = np.isfinite(ref[:, 0]) & (ref[:, 0] <= torch.finfo(out_dtype).max)
+    assert finite[:-1].all() and not finite[-1]
+    assert out[-1].item() == math.inf
+    for t in (mq, lq, mp_, lp):
+        assert not torch.isnan(t.grad).any()
+    keep = np.flatnonzero(finite)
+    labels = [quads[i] for i in keep]
+    got = [out.detach().double(), mq.grad.double(), mp_.grad.double(), lq.grad.double()]
+    got.append(lp.grad.double())
+    expected = [ref[:, 0], ref[:, 1], -ref[:, 1], ref[:, 2], ref[:, 3]]
+    magnitudes = [ref[:, 0], ref[:, 1], ref[:, 1], ref[:, 2], ref[:, 4]]
+    names = ["KL", "dKL/dloc_q", "dKL/dloc_p", "dKL/dlog_var_q", "dKL/dlog_var_p"]
+    for k, (g, e, m, name) in enumerate(zip(got, expected, magnitudes, names, strict=True)):
+        tol, dt = (rtol, out_dtype) if k == 0 else (g_rtol, dtype)
+        _check(g.numpy()[keep], e[keep], m[keep], tol, dt, labels, name)
