@@ -328,3 +328,175 @@ def test_loss_masked_events_get_zero_gradient():
 def test_loss_bad_settings_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MixtureNLLLoss(**kwargs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_loss_refuses_a_mixture_that_enlarges_the_target_batch(component, reduction):
+    """Features of shape (64, 1, IN) give a mixture of batch shape (64, 1); against
+    targets (64, D) its log_prob is a (64, 64) matrix whose mean is a silent wrong loss.
+    A reduced loss raises, naming the argument and both shapes; "none" broadcasts."""
+    head = _head(component)
+    mixture = head(torch.zeros(64, 1, IN))
+    target = torch.zeros(64, DIM[component])
+    with pytest.raises(ValueError, match=r"mixture of batch shape \(64, 1\).*\(64,\)"):
+        MixtureNLLLoss(reduction=reduction)(mixture, target)
+    assert MixtureNLLLoss(reduction="none")(mixture, target).shape == (64, 64)
+    # a mixture broadcast *up to* the targets (one shared mixture) is fine
+    shared = head(torch.zeros(1, IN))
+    assert MixtureNLLLoss(reduction=reduction)(shared, target).shape == ()
+
+
+@pytest.mark.parametrize("nan_policy", ["raise", "mask"])
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_loss_of_an_empty_batch_reduces_like_torch(component, nan_policy):
+    """Empty in, empty out: "none" is empty, "sum" is 0, "mean" is NaN (0 / 0 events, as
+    torch's losses and torch.mean), and backward runs (zero gradient)."""
+    head = _head(component)
+    mixture = head(torch.zeros(0, IN))
+    target = torch.zeros(0, DIM[component])
+    assert MixtureNLLLoss("none", nan_policy)(mixture, target).shape == (0,)
+    total = MixtureNLLLoss("sum", nan_policy)(mixture, target)
+    assert total == 0
+    total.backward()
+    assert (head.linear.weight.grad == 0).all()
+    assert torch.isnan(MixtureNLLLoss("mean", nan_policy)(mixture, target))
+
+
+# --------------------------------------------------------------------------------------
+# Extreme features with min_scale = 0 (issue 10: NaN from the fused kernels)
+# --------------------------------------------------------------------------------------
+
+
+def _mp_log_prob(value, logits, loc, log_scale, atanh_rho=None):
+    """mpmath oracle: log sum_k softmax(logits)_k N(value | component k), from the closed
+    form (diagonal normal, or the bivariate density with rho = tanh(atanh_rho)) at 60
+    digits (more inside ``mp.diff``, which raises the precision for its differences);
+    exp of -1e87 is an ordinary mpf there, nothing under- or overflows."""
+    from mpmath import mp
+
+    with mp.workdps(max(60, mp.dps)):
+        log_w = [mp.mpf(v) for v in logits]
+        lse_w = mp.log(mp.fsum(mp.exp(v) for v in log_w))
+        terms = []
+        for k in range(len(log_w)):
+            z = [(mp.mpf(x) - mp.mpf(m)) / mp.exp(mp.mpf(s))
+                 for x, m, s in zip(value, loc[k], log_scale[k], strict=True)]  # fmt: skip
+            log_norm = -mp.fsum(mp.mpf(s) for s in log_scale[k]) - len(z) * mp.log(2 * mp.pi) / 2
+            if atanh_rho is None:
+                quad = mp.fsum(v * v for v in z) / 2
+            else:
+                rho = mp.tanh(mp.mpf(atanh_rho[k]))
+                one_m = 1 - rho * rho
+                log_norm -= mp.log(one_m) / 2
+                quad = (z[0] ** 2 - 2 * rho * z[0] * z[1] + z[1] ** 2) / (2 * one_m)
+            terms.append(log_w[k] - lse_w + log_norm - quad)
+        top = max(terms)
+        return top + mp.log(mp.fsum(mp.exp(t - top) for t in terms))
+
+
+def _mp_gradient(f, args):
+    """d f / d args[i][j] by mpmath's high-precision numerical differentiation."""
+    from mpmath import mp
+
+    grads = []
+    with mp.workdps(60):
+        for i, arg in enumerate(args):
+            flat = list(arg)
+            row = []
+            for j in range(len(flat)):
+
+                def g(t, i=i, j=j):
+                    new = [list(a) for a in args]
+                    new[i][j] = t
+                    return f(*new)
+
+                row.append(float(mp.diff(g, mp.mpf(flat[j]))))
+            grads.append(row)
+    return grads
+
+
+@pytest.mark.parametrize("component", ["normal", "bivariate"])
+def test_far_value_with_a_degenerate_component_is_finite_and_exact(component):
+    """The issue's reproduction through the head, default min_scale = 0, float32: two
+    equal-weight components at 0 with log-scales -80 and 5 (the raw biases -80, where
+    log_softplus(-80) = -80 in float32, and softplus_inverse(e^5)), value (1e6, 1e6).
+    Component 0's residual 1e6 e^80 overflows; the exact log density is that of
+    component 1, -4.54e7, with gradients 45.4 (loc), 4.54e7 (log_scale, atanh_rho),
+    -+0.5 (logits) and 0 for component 0.
+
+    Reference: mpmath (``_mp_log_prob``) at the head's own float32 parameters. Bound:
+    the value and each gradient is z^2, z or a constant with z = r e^{-s}: exp within
+    2 ulp, a product and a square add 1.5 ulp, so z^2 carries at most 8 ulp and the few
+    O(1) terms added to it nothing visible: 16 eps32 relative, the entries that are
+    exactly 0 must be 0."""
+    from probloss.special import softplus_inverse
+
+    d = DIM[component]
+    head = MixtureDensityHead(1, d, 2, component=component)  # min_scale = 0
+    with torch.no_grad():
+        head.linear.weight.zero_()
+        bias = list(head.linear.bias.split(head._sizes))
+        bias[0].zero_()
+        bias[1].zero_()
+        raw = bias[2].view(2, d)
+        raw[0] = -80.0
+        raw[1] = float(softplus_inverse(torch.tensor(math.exp(5.0), dtype=torch.float64)))
+        if component == "bivariate":
+            bias[3].zero_()
+    mixture = head(torch.zeros(1, 1))
+    params = ["logits", "loc", "log_scale"] + (["atanh_rho"] if component == "bivariate" else [])
+    for name in params:
+        getattr(mixture, name).retain_grad()
+    value = torch.full((1, d), 1e6)
+    lp = mixture.log_prob(value)
+    lp.sum().backward()
+
+    flat = [getattr(mixture, n).detach()[0].double().flatten().tolist() for n in params]
+
+    def f(logits, loc, log_scale, *rest):
+        k2 = lambda v: [v[:d], v[d:]]  # noqa: E731
+        return _mp_log_prob(value[0].tolist(), logits, k2(loc), k2(log_scale), *rest)
+
+    expected = float(f(*flat))
+    bound = 16 * torch.finfo(torch.float32).eps
+    assert math.isfinite(lp.item()) and lp.item() == pytest.approx(expected, rel=bound)
+    for name, exp_grad in zip(params, _mp_gradient(f, flat), strict=True):
+        got = getattr(mixture, name).grad[0].double().flatten()
+        exp_grad = torch.tensor(exp_grad, dtype=torch.float64)
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(
+            got, exp_grad, rtol=bound, atol=0, msg=lambda m, name=name: f"{name}: {m}"
+        )
+    for pname, p in head.named_parameters():
+        assert torch.isfinite(p.grad).all(), pname
+
+
+@pytest.mark.parametrize("component", ["normal", "bivariate"])
+def test_zero_weight_component_with_overflowing_residual_is_finite(component):
+    """The sibling case: a component whose weight underflows (logit -200 against 0,
+    softmax weight e^-200 = 0 in float32) and whose residual overflows (log-scale -80 at
+    distance 1e6) must drop out of the log density and its gradient, not give NaN. The
+    exact value is that of the other component (unit scale, at distance 1 per
+    coordinate): log N = -D/2 log 2 pi - D/2, float32 to 4 ulp."""
+    d = DIM[component]
+    head = MixtureDensityHead(1, d, 2, component=component)
+    with torch.no_grad():
+        head.linear.weight.zero_()
+        bias = list(head.linear.bias.split(head._sizes))
+        bias[0].copy_(torch.tensor([-200.0, 0.0]))
+        loc = bias[1].view(2, d)
+        loc[0] = 0.0
+        loc[1] = 1e6 - 1.0
+        raw = bias[2].view(2, d)
+        raw[0] = -80.0
+        raw[1] = math.log(math.e - 1.0)  # softplus = 1: unit scale
+        if component == "bivariate":
+            bias[3].zero_()
+    mixture = head(torch.zeros(1, 1))
+    lp = mixture.log_prob(torch.full((1, d), 1e6))
+    lp.sum().backward()
+    expected = -d / 2 * math.log(2 * math.pi) - d / 2
+    assert lp.item() == pytest.approx(expected, rel=4 * torch.finfo(torch.float32).eps, abs=1e-6)
+    for pname, p in head.named_parameters():
+        assert torch.isfinite(p.grad).all(), pname
