@@ -61,3 +61,20 @@ def log_scale_from(
     if name == "log_var":
         return 0.5 * value
     return value
+
+
+def split_residual(value: Tensor, loc: Tensor) -> tuple[Tensor, Tensor]:
+    """``(r, m)`` with ``value - loc = r m`` and ``r`` finite wherever both inputs are.
+
+    ``value - loc`` of two finite numbers overflows when they are huge and of opposite signs
+    (``3e38 - (-3e38)`` in float32), although ``z = (value - loc) / sigma`` may be finite for
+    a large ``sigma``. There ``r = value/2 - loc/2`` (halving is exact above the subnormal
+    range, where such numbers lie) and ``m = 2``; elsewhere ``r = value - loc``, ``m = 1``.
+    Apply ``m`` last (``(r / sigma) m``): it overflows only where the result does.
+    """
+    r = value - loc
+    over = torch.isinf(r) & torch.isfinite(value) & torch.isfinite(loc)
+    # double where: the halves are formed from 0 where not needed (no inf - inf anywhere)
+    v_half, l_half = torch.where(over, value, 0.0), torch.where(over, loc, 0.0)
+    factor = torch.where(over, 2.0, 1.0).to(r.dtype)
+    return torch.where(over, 0.5 * v_half - 0.5 * l_half, r), factor

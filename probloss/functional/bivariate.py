@@ -27,7 +27,8 @@ from torch import Tensor
 from .._dtype import as_loss_tensors
 from .._validation import check_not_nan, should_validate
 from ..special import log_cosh, mul_exp
-from ._reduction import check_reduction, reduce_loss
+from ._params import split_residual
+from ._reduction import check_reduction, check_value_batch, reduce_loss
 
 _LOG_2PI = math.log(2.0 * math.pi)
 _NAN_POLICIES = ("raise", "mask")
@@ -90,7 +91,7 @@ class _BivariateLogDensity(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor) -> Tensor:
         ctx.save_for_backward(value, loc, log_scale, atanh_rho)
-        z = mul_exp(value - loc, -log_scale)  # 0 on the mean even where e^{-log_scale} = inf
+        z = _standardized(value, loc, log_scale)
         wide, narrow_e, g = _rotated(z, atanh_rho)
         # Q/2 = (1 + e^{-2|a|})/8 (wide^2 + (n e^|a|)^2), the factor taken inside the squares:
         # no intermediate exceeds Q/2, so nothing overflows unless the result does
@@ -106,7 +107,7 @@ class _BivariateLogDensity(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         value, loc, log_scale, atanh_rho = ctx.saved_tensors
-        z = mul_exp(value - loc, -log_scale)
+        z = _standardized(value, loc, log_scale)
         sign, z1, z2, ns, c, f, inv_eb = _gradient_pieces(z, atanh_rho)
         # d(-Q/2)/dz1 = -c (z1 + n s e^{2b}), d(-Q/2)/dz2' = -c (z2' - n s e^{2b}): the
         # coefficient multiplies first and e^{2b} last, one finite f = e^{b/2} at a time, so
@@ -150,7 +151,124 @@ class _BivariateLogDensity(torch.autograd.Function):
             grads[3] = (grad * torch.tanh(atanh_rho) + sign * torch.sign(grad) * u * v).sum_to_size(
                 atanh_rho.shape
             )
+        return _with_fallback(grads, grad, value, loc, log_scale, atanh_rho)
+
+
+def _standardized(value: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
+    """``z = (value - loc) e^{-log_scale}``, 0 on the mean even where ``e^{-log_scale} = inf``
+    and finite where ``value - loc`` overflows but ``z`` does not (:func:`split_residual`)."""
+    r, m = split_residual(value, loc)
+    return mul_exp(r, -log_scale) * m
+
+
+def _with_fallback(
+    grads: list[Tensor | None],
+    grad: Tensor,
+    value: Tensor,
+    loc: Tensor,
+    log_scale: Tensor,
+    atanh_rho: Tensor,
+) -> tuple[Tensor | None, ...]:
+    """Each non-finite entry of the closed-form gradients replaced by its log-scaled value.
+
+    The closed forms are exact while every partial product is finite; where two terms of a
+    derivative both overflow (``inf - inf``) or ``z`` itself does, they give NaN, and a NaN
+    in one entry is no reason for another. :func:`_log_scaled_gradients` recomputes those
+    entries with every magnitude carried as a logarithm, so each is its own value: finite
+    where it is representable, the infinity of the right sign where it is not. On CPU (not
+    compiling) the fallback is skipped when every entry is finite already.
+    """
+    present = [g for g in grads if g is not None]
+    if not present:
         return tuple(grads)
+    if (
+        value.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and all(bool(torch.isfinite(g).all()) for g in present)
+    ):
+        return tuple(grads)
+    scaled = _log_scaled_gradients(grad, value, loc, log_scale, atanh_rho)
+    shapes = (value.shape, loc.shape, log_scale.shape, atanh_rho.shape)
+    out: list[Tensor | None] = []
+    for g, fallback, shape in zip(grads, scaled, shapes, strict=True):
+        if g is None:
+            out.append(None)
+            continue
+        fallback = fallback.sum_to_size(shape)
+        out.append(torch.where(torch.isfinite(g), g, fallback))
+    return tuple(out)
+
+
+def _scaled_sum(x1: Tensor, t1: Tensor, x2: Tensor, t2: Tensor) -> tuple[Tensor, Tensor]:
+    """``(m, t)`` with ``m e^t = x1 e^{t1} + x2 e^{t2}`` and ``|m| <= 2``: no overflow.
+
+    ``t`` is the larger of ``log|x_i| + t_i``, so both scaled terms are at most 1 in
+    magnitude and a term underflows only where it is below rounding of the other. The error
+    is that of rounding the exponents, ``eps (|t1| + |t2| + |t|)`` relative to the terms: the
+    first-order effect of relative perturbations eps of the inputs that enter exponentially.
+    """
+    with torch.no_grad():
+        ref = torch.maximum(_log_abs(x1) + t1, _log_abs(x2) + t2)
+        ref = torch.where(torch.isfinite(ref), ref, torch.where(ref > 0, _CLAMP_SENTINEL, 0.0))
+    return mul_exp(x1, t1 - ref) + mul_exp(x2, t2 - ref), ref
+
+
+_CLAMP_SENTINEL = 1e4  # beyond every dtype's exp range: e^{t} is 0 or inf there
+
+
+def _log_abs(x: Tensor) -> Tensor:
+    """``log|x|``, ``-inf`` at 0."""
+    return torch.log(x.abs())
+
+
+def _log_scaled_gradients(
+    grad: Tensor, value: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""The closed-form derivatives (:func:`_gradient_pieces`) with magnitudes as logarithms.
+
+    Each standardised coordinate is ``z_i = sign(r_i) e^{Z_i}`` with ``Z_i = log|r_i| -
+    log_scale_i`` (never formed as a float, so it may exceed the dtype's range), and every
+    sum of two terms goes through :func:`_scaled_sum`, a mantissa of magnitude at most 2 and
+    a logarithmic exponent; only the final product is exponentiated (by :func:`mul_exp`):
+
+        n = z1 - z2'                      d/dx1 = -c g1 e^{-ls1},  g1 = z1 + n s e^{2b}
+        d/dls1 = -1 - z1 d/dz1            d/dx2 = -c g2 e^{-ls2} sign(a), g2 = z2' - n s e^{2b}
+        d/da = tanh a + sign(a) u v,      u = z1 e^{-b} + n s e^b,  v = z2' e^{-b} - n s e^b.
+
+    Accurate to ``eps`` times the exponents involved, relative to the terms: meant only for
+    the entries where the plain closed forms overflow on the way.
+    """
+    dtype = value.dtype
+    sign = torch.copysign(torch.ones((), dtype=dtype, device=value.device), atanh_rho)
+    b = sign * atanh_rho
+    r, m = split_residual(value, loc)
+    r, m = torch.broadcast_tensors(r, m)
+    mag = r.abs()
+    zhat = torch.sign(r)  # z_i = zhat_i e^{Z_i}
+    log_r = torch.log(torch.where(mag > 0, mag, 1.0)) + torch.log(m)
+    big = torch.finfo(dtype).max
+    z_log = (log_r - log_scale).clamp(-big, big)  # log|z_i| (clamp: only keeps inf out)
+    zh1, zh2 = zhat.unbind(-1)
+    zl1, zl2 = z_log.unbind(-1)
+    zh2 = sign * zh2
+    c = 0.5 + 0.5 * torch.exp(-2.0 * b)
+    s = -0.5 * torch.expm1(-2.0 * b)
+    n_m, n_t = _scaled_sum(zh1, zl1, -zh2, zl2)
+    two_b = 2.0 * b
+    g1_m, g1_t = _scaled_sum(zh1, zl1, n_m * s, n_t + two_b)
+    g2_m, g2_t = _scaled_sum(zh2, zl2, -n_m * s, n_t + two_b)
+    ls1, ls2 = log_scale.unbind(-1)
+    gc = grad * c
+    d_x1 = -mul_exp(gc * g1_m, g1_t - ls1)
+    d_x2 = -sign * mul_exp(gc * g2_m, g2_t - ls2)
+    d_value = torch.stack((d_x1, d_x2), -1)
+    # d/dls_i = -1 - z_i d/dz_i = -1 + c z_i g_i
+    d_ls1 = mul_exp(gc * zh1 * g1_m, zl1 + g1_t) - grad
+    d_ls2 = mul_exp(gc * zh2 * g2_m, zl2 + g2_t) - grad
+    u_m, u_t = _scaled_sum(zh1, zl1 - b, n_m * s, n_t + b)
+    v_m, v_t = _scaled_sum(zh2, zl2 - b, -n_m * s, n_t + b)
+    d_a = grad * torch.tanh(atanh_rho) + mul_exp(sign * grad * u_m * v_m, u_t + v_t)
+    return d_value, -d_value, torch.stack((d_ls1, d_ls2), -1), d_a
 
 
 def _gradient_pieces(z: Tensor, atanh_rho: Tensor) -> tuple[Tensor, ...]:
@@ -269,7 +387,10 @@ def bivariate_normal_log_prob(
     exactly ``+-1`` (``|a| > 9.01`` in float32). Value and gradients are finite and
     accurate for ``|atanh_rho|`` up to 50 and beyond, residuals of ``1e6`` scales and
     ``log_scale`` in ``[-20, 20]``, wherever the exact result is representable in the
-    compute dtype (``Q`` beyond ``3.4e38`` is ``-inf`` in float32, correctly). The value is a
+    compute dtype (``Q`` beyond ``3.4e38`` is ``-inf`` in float32, correctly). Each of the
+    seven gradient entries is its own value: where a partial product overflows (a
+    ``log_scale`` near ``-log(finfo.max)``) only the entries whose exact value exceeds the
+    dtype are infinite, the others stay finite and accurate. The value is a
     log *density*: it is positive where the density exceeds 1 (small scales), so the NLL
     can be negative.
 
@@ -288,7 +409,8 @@ def bivariate_normal_log_prob(
             always checked.
 
     Returns:
-        Tensor of shape ``(*)`` (one value per event, unreduced); float32 for float16 /
+        Tensor of shape ``(*)`` (one value per event, unreduced, batch dimensions broadcast
+        like torch; an empty batch gives an empty result); float32 for float16 /
         bfloat16 inputs (computed in float32), else the promoted input dtype.
 
     Raises:
@@ -336,7 +458,11 @@ def bivariate_normal_nll(
             :func:`bivariate_normal_log_prob` (shapes ``(*, 2)`` and ``(*)``).
         reduction: ``"none"`` (shape ``(*)``), ``"sum"``, or ``"mean"``: the average over
             *events* (points), i.e. the sum divided by the number of (unmasked) events, never
-            by the number of scalars ``2 * events``.
+            by the number of scalars ``2 * events``. Like torch, the sum over an empty batch
+            is 0 and its mean NaN. A reduced loss refuses a parameter whose batch shape
+            would enlarge the value's (``atanh_rho`` of shape ``(N, 1)`` against ``value``
+            ``(N, 2)`` would average an ``(N, N)`` matrix): a ValueError naming the argument
+            and both shapes.
         nan_policy: ``"raise"`` (NaN in ``value`` is a ValueError when validating) or
             ``"mask"``: events with a NaN in either coordinate are ignored: loss 0 with
             ``"none"``, left out of ``"sum"`` and of the count of ``"mean"`` (a mean over no
@@ -358,6 +484,15 @@ def bivariate_normal_nll(
     value, loc, log_scale, atanh_rho = _prepare(
         value, loc, log_scale, atanh_rho, rho, validate_args, check_value_nan=not masked
     )
+    if reduction != "none":
+        corr_name = "atanh_rho" if rho is None else "rho"
+        check_value_batch(
+            value.shape[:-1],
+            " (event dimension 2 last)",
+            loc=loc.shape[:-1],
+            log_scale=log_scale.shape[:-1],
+            **{corr_name: atanh_rho.shape},
+        )
     mask = None
     if masked:
         missing = torch.isnan(value).any(-1, keepdim=True)

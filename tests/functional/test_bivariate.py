@@ -574,8 +574,9 @@ def _random_batch(shape, seed=0, dtype=torch.float64):
 
 def test_reductions_average_over_events():
     """'none' is -log_prob (shape (3, 4)); 'sum' its sum; 'mean' the sum over 12 events
-    (not 24 scalars). Broadcast parameters count the broadcast events: value (2,) against
-    loc (3, 4, 2) is 12 events."""
+    (not 24 scalars). A shared parameter broadcasts up to the value's events (loc (2,)
+    against value (3, 4, 2) is 12 events); a value that parameters would broadcast is
+    refused by a reduced loss (test_reduced_nll_refuses_a_parameter_that_broadcasts_the_value)."""
     value, loc, log_scale, a = _random_batch((3, 4))
     lp = bivariate_normal_log_prob(value, loc, log_scale, a)
     none = bivariate_normal_nll(value, loc, log_scale, a, reduction="none")
@@ -584,8 +585,8 @@ def test_reductions_average_over_events():
     assert torch.equal(total, (-lp).sum())
     mean = bivariate_normal_nll(value, loc, log_scale, a)
     assert mean.shape == () and torch.equal(mean, (-lp).sum() / 12)
-    shared = bivariate_normal_nll(value[0, 0], loc, log_scale, a)
-    expected = -bivariate_normal_log_prob(value[0, 0], loc, log_scale, a).sum() / 12
+    shared = bivariate_normal_nll(value, loc[0, 0], log_scale, a)
+    expected = -bivariate_normal_log_prob(value, loc[0, 0], log_scale, a).sum() / 12
     assert torch.equal(shared, expected)
 
 

@@ -1,0 +1,228 @@
+"""Edge cases of ``probloss.functional.bivariate`` (issue 10): every gradient entry its own
+exact value where partial products overflow, reduced losses that refuse to broadcast the
+value, empty batches, huge and infinite inputs.
+
+Where the numbers come from
+---------------------------
+mpmath at ``60 + 2|a| / ln 10`` significant digits (the quadratic form's terms reach
+``e^{2|a|}`` times the result near the correlation line), evaluated at the inputs after the
+cast to the dtype under test, from the textbook form (not the implementation's rotated or
+log-scaled one): with ``z_i = (x_i - mu_i) e^{-l_i}``, ``C = cosh a``, ``S = sinh a``,
+``Q = C^2 (z1^2 + z2^2) - 2 S C z1 z2``,
+
+    d/dx1 = -(C^2 z1 - S C z2) e^{-l1},          d/dl1 = -1 + (C^2 z1^2 - S C z1 z2),
+    d/da  = tanh a - (S C (z1^2 + z2^2) - cosh(2a) z1 z2),   d/dmu = -d/dx,
+
+and symmetrically in the second coordinate.
+
+Bounds
+------
+Each entry is a sum of terms of either sign; it is bounded relative to the sum ``T`` of the
+magnitudes of its terms above (the first-order effect of relative perturbations of the
+inputs). Where the closed forms overflow on the way, the entry is recomputed from logarithms
+of the magnitudes (``_log_scaled_gradients``): the rounding of each exponent (``log|r_i| -
+l_i``, ``2|a|``, sums of them) is an absolute error ``eps E`` in the exponent, ``E`` the sum of
+the magnitudes of the exponents involved, hence a relative error ``eps E`` of the terms,
+plus a few roundings per operation (under 16 in all). Bound: ``|err| <= 2 eps (E + 16) T``
+(the factor 2 for libm's exp / log within 2 ulp), with ``E = |log|r1|| + |log|r2|| + |l1| +
+|l2| + 4|a|``. Half-precision inputs compute in float32; their gradients are rounded once
+more to the half dtype (``eps_half / 2`` relative, up to ``finfo(half).tiny`` absolute).
+Where the exact entry exceeds the output dtype's ``finfo.max`` it must be that infinity.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from mpmath import mp, mpf
+
+from probloss.functional.bivariate import bivariate_normal_log_prob, bivariate_normal_nll
+from tests.functional._checks import FLOAT_DTYPES, HALF_DTYPES, assert_within, dtype_id
+
+ENTRIES = ("d/dx1", "d/dx2", "d/dmu1", "d/dmu2", "d/dl1", "d/dl2", "d/da")
+
+
+def _exact(x1, x2, mu1, mu2, l1, l2, a):
+    """(value, {entry: (exact, T)}) at the given (already rounded) inputs."""
+    with mp.workdps(60 + int(2 * abs(a) / 2.3)):
+        x1, x2, mu1, mu2, l1, l2, a = map(mpf, (x1, x2, mu1, mu2, l1, l2, a))
+        e1, e2 = mp.exp(-l1), mp.exp(-l2)
+        z1, z2 = (x1 - mu1) * e1, (x2 - mu2) * e2
+        c, s = mp.cosh(a), mp.sinh(a)
+        q = c * c * (z1 * z1 + z2 * z2) - 2 * s * c * z1 * z2
+        value = -mp.log(2 * mp.pi) - l1 - l2 + mp.log(c) - q / 2
+        dz1 = c * c * z1 - s * c * z2  # dQ/dz1 / 2
+        dz2 = c * c * z2 - s * c * z1
+        t1 = (c * c * abs(z1) + abs(s * c * z2)) * e1
+        t2 = (c * c * abs(z2) + abs(s * c * z1)) * e2
+        out = {
+            "d/dx1": (-dz1 * e1, t1),
+            "d/dx2": (-dz2 * e2, t2),
+            "d/dmu1": (dz1 * e1, t1),
+            "d/dmu2": (dz2 * e2, t2),
+            "d/dl1": (-1 + dz1 * z1, 1 + c * c * z1 * z1 + abs(s * c * z1 * z2)),
+            "d/dl2": (-1 + dz2 * z2, 1 + c * c * z2 * z2 + abs(s * c * z1 * z2)),
+            "d/da": (
+                mp.tanh(a) - (s * c * (z1 * z1 + z2 * z2) - mp.cosh(2 * a) * z1 * z2),
+                1 + abs(s * c) * (z1 * z1 + z2 * z2) + mp.cosh(2 * a) * abs(z1 * z2),
+            ),
+        }
+        return value, out
+
+
+def _grid(dtype):
+    """Inputs around the overflow of ``e^{-l}`` (l near -log(max)) and of products of the
+    closed forms, scaled to the compute dtype's range ``L = log(finfo.max)``."""
+    compute = torch.float32 if dtype in HALF_DTYPES else dtype
+    big = math.log(torch.finfo(compute).max)
+    x1s = [math.exp(-0.99 * big), 1.99 * math.exp(-0.77 * big), 3.46e-5, 1.0, math.exp(0.5 * big)]
+    x2s = [2.0, -0.19 * math.exp(0.99 * big), 2.85 * math.exp(0.58 * big)]
+    l1s = [-big, -big + 1.7, -big - 0.8, -1.13 * big, -0.74 * big]
+    l2s = [0.0, -0.26 * big, -0.7 * big, -1.08 * big]
+    as_ = [0.0, 0.3, -0.2 * big, 0.68 * big]
+    rows = list(itertools.product(x1s, x2s, l1s, l2s, as_))
+    t = torch.tensor(rows, dtype=torch.float64).to(dtype)
+    return t[torch.isfinite(t).all(-1)]
+
+
+def _limit(v, dtype):
+    """``v`` as a float of ``dtype``'s range: inf beyond it, None in the rounding gap."""
+    top = torch.finfo(dtype).max
+    if abs(v) <= top:
+        return float(v)
+    if abs(v) > top * (1 + torch.finfo(dtype).eps):
+        return math.copysign(math.inf, v)
+    return None
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_each_gradient_entry_is_its_own_value_against_mpmath(dtype):
+    """Issue 10: one overflowing partial product (a coordinate's log_scale near -88.7 in
+    float32, -709.8 in float64) turned all seven gradient entries into NaN. Now each entry is
+    within the bound of its mpmath value: finite where it is representable, the right
+    infinity where it is not; and the value likewise."""
+    compute = torch.float32 if dtype in HALF_DTYPES else dtype
+    eps = torch.finfo(compute).eps
+    tiny = torch.finfo(compute).tiny
+    rows = _grid(dtype)
+    x = rows[:, 0:2].clone().requires_grad_()
+    mu = torch.zeros_like(x, requires_grad=True)
+    ls = rows[:, 2:4].clone().requires_grad_()
+    a = rows[:, 4].clone().requires_grad_()
+    out = bivariate_normal_log_prob(x, mu, ls, a)
+    out.sum().backward()
+    got = {
+        "value": out.detach(),
+        "d/dx1": x.grad[:, 0],
+        "d/dx2": x.grad[:, 1],
+        "d/dmu1": mu.grad[:, 0],
+        "d/dmu2": mu.grad[:, 1],
+        "d/dl1": ls.grad[:, 0],
+        "d/dl2": ls.grad[:, 1],
+        "d/da": a.grad,
+    }
+    expected = {k: [] for k in got}
+    bounds = {k: [] for k in got}
+    labels = []
+    for row in rows.double().tolist():
+        x1, x2, l1, l2, ai = row
+        value, entries = _exact(x1, x2, 0.0, 0.0, l1, l2, ai)
+        logs = [abs(math.log(abs(v))) if v else 0.0 for v in (x1, x2)]
+        e_sum = sum(logs) + abs(l1) + abs(l2) + 4 * abs(ai)
+        k = 2 * eps * (e_sum + 16)
+        labels.append(f"x=({x1:.3g}, {x2:.3g}) l=({l1:.4g}, {l2:.4g}) a={ai:.3g}")
+        with mp.workdps(30):
+            z1, z2 = mpf(x1) * mp.exp(-l1), mpf(x2) * mp.exp(-l2)
+            c, s = mp.cosh(ai), mp.sinh(ai)
+            size = 2 + abs(l1) + abs(l2) + abs(mp.log(c)) + c * c * (z1 * z1 + z2 * z2)
+            size += abs(2 * s * c * z1 * z2)
+        ref = _limit(value, compute)
+        expected["value"].append(math.nan if ref is None else ref)
+        bounds["value"].append(float(k * size) + tiny)
+        for name in ENTRIES:
+            exact, terms = entries[name]
+            ref = _limit(exact, dtype)
+            expected[name].append(math.nan if ref is None else ref)
+            half = 0.0
+            if dtype in HALF_DTYPES:
+                half = torch.finfo(dtype).eps / 2 * abs(float(exact)) + torch.finfo(dtype).tiny
+            bounds[name].append(float(k * terms) + half + tiny)
+    for name in got:
+        keep = [i for i, v in enumerate(expected[name]) if not math.isnan(v)]
+        assert_within(
+            got[name][keep].double().numpy(),
+            [expected[name][i] for i in keep],
+            [bounds[name][i] for i in keep],
+            [labels[i] for i in keep],
+            f"{dtype_id(dtype)} {name}",
+        )
+
+
+def test_issue_example_finite_entries_stay_finite():
+    """A point whose second coordinate overflows z (|z2| > finfo.max) at atanh_rho = 0: the
+    first coordinate's log_scale derivative is z1^2 - 1 = 1.4e16 (mpmath), finite, and no
+    entry is NaN (all seven were)."""
+    x = torch.tensor([1.9878243298958845e-30, -6.393187907552638e37], requires_grad=True)
+    ls = torch.tensor([-87.01373291015625, -62.070556640625], requires_grad=True)
+    a = torch.tensor(0.0, requires_grad=True)
+    bivariate_normal_log_prob(x, torch.zeros(2), ls, a).backward()
+    z1 = mpf(x[0].item()) * mp.exp(-mpf(ls[0].item()))
+    assert not torch.isnan(torch.cat([x.grad, ls.grad, a.grad[None]])).any()
+    assert abs(float(ls.grad[0]) - float(z1 * z1 - 1)) <= 1e-5 * float(z1 * z1)
+    assert x.grad[0] == -math.inf and x.grad[1] == math.inf and ls.grad[1] == math.inf
+
+
+# --------------------------------------------------------------------------------------
+# Reduced losses refuse a parameter that enlarges the value's batch shape
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reduced_nll_refuses_a_parameter_that_broadcasts_the_value(reduction):
+    """Issue 10: bivariate_normal_nll(t, out[:, 0:2], out[:, 2:4], out[:, 4:5]) with t of
+    shape (64, 2) averaged a (64, 64) matrix; now a ValueError naming atanh_rho and both
+    shapes. The same for loc, log_scale and rho; 'none' keeps torch's broadcasting."""
+    t, out = torch.randn(64, 2), torch.randn(64, 5)
+    with pytest.raises(
+        ValueError, match=r"atanh_rho of batch shape \(64, 1\).*\(64,\).*\(64, 64\)"
+    ):
+        bivariate_normal_nll(t, out[:, 0:2], out[:, 2:4], out[:, 4:5], reduction=reduction)
+    with pytest.raises(ValueError, match=r"rho of batch shape \(64, 1\)"):
+        bivariate_normal_nll(
+            t, out[:, 0:2], out[:, 2:4], rho=out[:, 4:5].tanh(), reduction=reduction
+        )
+    with pytest.raises(ValueError, match=r"loc of batch shape \(64, 1\)"):
+        bivariate_normal_nll(t, out[:, None, 0:2], out[:, 2:4], out[:, 4], reduction=reduction)
+    with pytest.raises(ValueError, match=r"log_scale of batch shape \(64, 1\)"):
+        bivariate_normal_nll(t, out[:, 0:2], out[:, None, 2:4], out[:, 4], reduction=reduction)
+    bivariate_normal_nll(t, out[:, 0:2], out[:, 2:4], out[:, 4], reduction=reduction)
+    bivariate_normal_nll(t, torch.zeros(2), torch.zeros(2), torch.tensor(0.0), reduction=reduction)
+    none = bivariate_normal_nll(t, out[:, 0:2], out[:, 2:4], out[:, 4:5], reduction="none")
+    assert none.shape == (64, 64)
+
+
+# --------------------------------------------------------------------------------------
+# Empty batches
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_empty_batch(dtype):
+    """0 events in, 0 values out (float32 for half inputs), empty gradients; like torch, the
+    'sum' of an empty batch is 0 and its 'mean' NaN."""
+    compute = torch.float32 if dtype in HALF_DTYPES else dtype
+    x = torch.zeros(0, 2, dtype=dtype)
+    mu = torch.zeros(0, 2, dtype=dtype, requires_grad=True)
+    ls = torch.zeros(0, 2, dtype=dtype, requires_grad=True)
+    a = torch.zeros(0, dtype=dtype, requires_grad=True)
+    out = bivariate_normal_log_prob(x, mu, ls, a)
+    assert out.shape == (0,) and out.dtype == compute
+    out.sum().backward()
+    assert mu.grad.shape == (0, 2) and ls.grad.shape == (0, 2) and a.grad.shape == (0,)
+    for policy in ("raise", "mask"):
+        assert bivariate_normal_nll(x, mu, ls, a, reduction="sum", nan_policy=policy).item() == 0
+        assert math.isnan(bivariate_normal_nll(x, mu, ls, a, nan_policy=policy).item())
+        assert bivariate_normal_nll(x, mu, ls, a, reduction="none").shape == (0,)
