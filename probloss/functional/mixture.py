@@ -29,7 +29,8 @@ float range, or zero-weight components only). Here such a row has value ``-inf``
 gradient exactly 0 (:func:`mixture_log_prob`), and zero-weight components (``-inf``
 logits) or components with ``-inf`` log density get responsibility 0 without NaN.
 
-Functions (value first, one value per event, unreduced, batch dimensions broadcast):
+Functions (value first, one value per event, unreduced; batch dimensions broadcast like
+torch, every target against every mixture if the shapes say so):
 
 * :func:`mixture_log_prob`: any mixture, from component log densities ``(*, K)``;
 * :func:`normal_mixture_log_prob`: diagonal Gaussian components (Bishop 1994);
@@ -38,7 +39,10 @@ Functions (value first, one value per event, unreduced, batch dimensions broadca
   Ha & Eck 2017, sketch-rnn, arXiv:1704.03477);
 * :func:`multivariate_normal_mixture_log_prob`: full covariances from ``scale_tril``;
 * :func:`normal_mixture_nll`, :func:`bivariate_normal_mixture_nll`: the reduced losses,
-  with NaN-target masking.
+  with NaN-target masking; reduced, they refuse a parameter that would enlarge the
+  targets' batch shape (``out[:, 4:5]`` for ``out[:, 4]``), a silently wrong average.
+
+A batch of no events gives an empty result (and an empty gradient) everywhere.
 
 Fused kernels. With ``fused=True`` (the default) the diagonal and bivariate mixtures run a
 ``torch.autograd.Function`` whose backward is written by hand from the responsibilities.
@@ -50,14 +54,19 @@ time (torch's CPU loops over a broadcast innermost dimension of size 2 run 2 ele
 call). ``fused=False`` is the plain autograd composition of the component log density and
 :func:`mixture_log_prob`. Both agree to the rounding of the terms involved (tested: within
 ``1e-5`` (float32) / ``1e-12`` (float64) times the sum of the magnitudes of the terms, in
-value and every gradient). The fused backward is not itself differentiated: a double
-backward (``create_graph=True``, Hessians, ``gradgradcheck``) recomputes the gradients
-through the plain path, so it is exact but not fast.
+value and every gradient). The fused kernels run on CPU where ``exp`` of ``log_scale``
+(and ``atanh_rho``) is a normal float (one ``aminmax`` pass decides); elsewhere, off the
+CPU and while compiling, the plain path runs by itself, so no input is out of bounds. A
+component whose residual or quadratic form overflows (``1e6`` at ``log_scale = -80`` in
+float32) has term ``-inf`` and gradient exactly 0 in both paths. The fused backward is
+not itself differentiated: a double backward (``create_graph=True``, Hessians,
+``gradgradcheck``) recomputes the gradients through the plain path, so it is exact but
+not fast.
 
 Responsibilities below ``2 exp(-86) = 9e-38`` (float32) / ``2 exp(-707) = 1.8e-307``
 (float64) times the largest are flushed to exactly 0, and the others shifted by less than
-that in absolute terms, in both paths: torch's CPU ``exp`` is 12-100x slower on inputs whose result
-is subnormal or 0, which far-away components produce in every batch.
+that in absolute terms, in both paths: torch's CPU ``exp`` takes a slow scalar path on
+inputs whose result is subnormal or 0, which far-away components produce in every batch.
 
 Dtypes: float16 / bfloat16 inputs are computed and returned in float32 (DESIGN.md, half
 precision policy); float32 and float64 stay as they are.
@@ -71,8 +80,8 @@ import torch
 from torch import Tensor
 
 from .._dtype import as_loss_tensors
-from .._validation import check_not_nan, should_validate
-from ._reduction import check_reduction, reduce_loss
+from .._validation import check_in_interval, check_not_nan, should_validate
+from ._reduction import check_reduction, check_value_batch, reduce_loss
 from .bivariate import bivariate_normal_log_prob
 from .multivariate import multivariate_normal_log_prob
 from .normal import normal_log_prob
@@ -112,7 +121,7 @@ def _exp_floor(dtype: torch.dtype) -> float:
 def _exp_nonpositive(x: Tensor, *, inplace: bool = False) -> Tensor:
     """``exp(x)`` for shifted log weights ``x <= 0``, flushed to 0 up to ``2 exp(floor)``.
 
-    torch's vectorised CPU ``exp`` takes a scalar slow path, 12-100x slower, for every
+    torch's vectorised CPU ``exp`` takes a much slower scalar path for every
     input whose result is subnormal or 0 (below ``log(tiny)``, ``-inf`` included), and
     far-away mixture components put many such inputs in every batch. So the input is
     clamped at ``floor`` (:func:`_exp_floor`), where ``exp`` is a normal number, and
@@ -133,11 +142,12 @@ class _LogSumExp(torch.autograd.Function):
 
     Forward: ``m + log(sum(exp(x - m)))`` with ``m`` the row maximum, or 0 where that is
     infinite: a row of ``-inf`` gives ``log(0) = -inf`` (torch's shift by ``-inf`` would
-    form ``-inf - -inf``). Backward: ``g exp(x - lse)`` with ``lse`` replaced by 0 in
-    ``-inf`` rows, where every ``x`` is ``-inf`` and ``exp(x) = 0``: the gradient of such
-    a row is exactly 0 (torch's is ``exp(-inf + inf) = NaN``). Both ``exp`` are
-    :func:`_exp_nonpositive` (fast, flushed below ``exp(floor)``). The backward is built
-    from the saved input and output with differentiable ops, so it is differentiable again.
+    form ``-inf - -inf``). Backward: ``g softmax(x)`` (:func:`_softmax`), normalised by its
+    own sum rather than formed as ``exp(x - lse)``, so the weights of a row sum to 1 even
+    where ``lse`` rounds away ``log K`` (ties of terms near ``-1e8`` in float32); a row of
+    ``-inf`` gets gradient exactly 0 (torch's is ``exp(-inf + inf) = NaN``). Both ``exp``
+    are :func:`_exp_nonpositive` (fast, flushed below ``exp(floor)``). The backward is built
+    from the saved input with differentiable ops, so it is differentiable again.
     """
 
     @staticmethod
@@ -145,14 +155,29 @@ class _LogSumExp(torch.autograd.Function):
         m = _finite_shift(x.amax(-1, keepdim=True))
         out = _exp_nonpositive(x - m, inplace=True).sum(-1, keepdim=True)
         out = out.log_().add_(m).squeeze(-1)
-        ctx.save_for_backward(x, out)
+        ctx.save_for_backward(x)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        x, out = ctx.saved_tensors
-        shift = torch.where(out == -math.inf, 0.0, out).unsqueeze(-1)
-        return grad.unsqueeze(-1) * _exp_nonpositive(x - shift)
+        (x,) = ctx.saved_tensors
+        return grad.unsqueeze(-1) * _softmax(x)
+
+
+def _softmax(x: Tensor) -> Tensor:
+    """``softmax(x)`` over the last dimension, differentiable; rows of ``-inf`` give 0.
+
+    Normalised by the sum of the shifted exponentials, so a row sums to 1 up to rounding
+    whatever its magnitude: ``exp(x - logsumexp(x))`` does not (at ``x = (-1e8, -1e8)`` in
+    float32 ``logsumexp`` rounds to ``-1e8`` and both entries are 1). The shift is the
+    detached row maximum (softmax does not depend on it), the exponentials
+    :func:`_exp_nonpositive`; the largest is 1, so the sum is 0 only in a ``-inf`` row,
+    which the double-where turns into 0 instead of ``0 / 0``.
+    """
+    m = _finite_shift(x.detach().amax(-1, keepdim=True))
+    e = _exp_nonpositive(x - m)
+    s = e.sum(-1, keepdim=True)
+    return e / torch.where(s > 0.0, s, 1.0)
 
 
 def _row_softmax_(j: Tensor) -> Tensor:
@@ -227,40 +252,64 @@ def _grad_to(grad: Tensor | None, t: Tensor, needed: bool) -> Tensor | None:
 # ======================================================================================
 
 
-def mixture_log_prob(component_log_prob: Tensor, logits: Tensor) -> Tensor:
-    r"""Log density of a mixture from its component log densities and logits.
+def mixture_log_prob(
+    component_log_prob: Tensor,
+    logits: Tensor | None = None,
+    *,
+    probs: Tensor | None = None,
+    validate_args: bool | None = None,
+) -> Tensor:
+    r"""Log density of a mixture from its component log densities and logits (or probs).
 
     .. math::
         \log p(x) = \operatorname{logsumexp}_k\big(\log\operatorname{softmax}(\ell)_k
             + \log p_k(x)\big)
+          = \log \sum_k w_k p_k(x) - \log \sum_k w_k
 
-    ``logits`` :math:`\ell` need not be normalised (they are, by ``log_softmax``). The
+    The weights are given by exactly one of ``logits`` :math:`\ell` (need not be
+    normalised: they are, by ``log_softmax``) or ``probs`` :math:`w \ge 0` (need not sum
+    to 1: they are divided by their sum, like ``torch.distributions.Categorical``). The
     result is finite wherever one weighted component is, however small the densities
-    (no ``exp`` of a log density is ever formed). Gradients: :math:`r_k` with respect to
-    :math:`\log p_k` and :math:`r_k - \pi_k` with respect to :math:`\ell_k`, with the
-    responsibilities :math:`r = \operatorname{softmax}(\log\pi + \log p_k)`.
+    (no ``exp`` of a log density is ever formed). Gradients: the responsibilities
+    :math:`r_k = \pi_k p_k / p` with respect to :math:`\log p_k` (summing to 1 up to
+    rounding, also at ties of huge terms), :math:`r_k - \pi_k` with respect to
+    :math:`\ell_k`, and
+
+    .. math::
+        \frac{\partial \log p}{\partial w_k} = \frac{p_k(x)}{\sum_j w_j p_j(x)}
+            - \frac1{\sum_j w_j}
+
+    with respect to ``probs``: finite also at :math:`w_k = 0` (where ``log(probs)``
+    passed as logits has gradient ``0 * inf = NaN``, numpyro issue 1870); it is ``inf``
+    only where that ratio exceeds the float range.
 
     Edge cases, each finite in value and gradient (``torch.logsumexp`` gives NaN
     gradients in the last one):
 
-    * a logit of ``-inf`` is a zero-weight component: responsibility 0, gradient 0;
+    * a logit of ``-inf`` or a prob of 0 is a zero-weight component: responsibility 0;
     * a component log density of ``-inf`` (a point outside its support): likewise;
     * a row whose terms are *all* ``-inf``: value ``-inf`` and gradient exactly 0 with
       respect to every input of the row.
 
-    Rows of logits that are all ``-inf`` (no mixture at all) or contain ``+inf`` give NaN.
+    Rows of logits that are all ``-inf`` (no mixture at all) or contain ``+inf`` give NaN;
+    so do rows of probs that are all 0 (rejected when validating).
 
     Args:
         component_log_prob: :math:`\log p_k(x)`, shape ``(*, K)``.
-        logits: mixture logits :math:`\ell`, shape ``(*, K)``; batch dimensions broadcast
-            with those of ``component_log_prob``.
+        logits: mixture logits :math:`\ell`, shape ``(*, K)``.
+        probs: keyword alternative to ``logits``: non-negative mixture weights :math:`w`,
+            shape ``(*, K)``. Batch dimensions of either broadcast with those of
+            ``component_log_prob`` (torch's broadcasting: this is an unreduced density).
+        validate_args: check that ``probs`` is finite, non-negative and not all 0 in a
+            row; ``None`` checks CPU tensors only.
 
     Returns:
         Tensor of shape ``(*)``, one value per event; float32 for half-precision inputs.
 
     Raises:
-        ValueError: the last dimensions differ or are 0, or the batch shapes do not
-            broadcast.
+        ValueError: not exactly one of ``logits`` / ``probs``; the last dimensions differ
+            or are 0, or the batch shapes do not broadcast; invalid ``probs`` (when
+            validating).
 
     Example:
         >>> logits = torch.tensor([0.0, 0.0, -float("inf")])  # third component: weight 0
@@ -272,31 +321,113 @@ def mixture_log_prob(component_log_prob: Tensor, logits: Tensor) -> Tensor:
         >>> lp.grad  # responsibilities; an impossible row gets 0, not NaN
         tensor([[0.8808, 0.1192, 0.0000],
                 [0.0000, 0.0000, 0.0000]])
+        >>> probs = torch.tensor([0.5, 0.5, 0.0], requires_grad=True)
+        >>> mixture_log_prob(lp.detach()[0], probs=probs).backward()
+        >>> probs.grad  # p_k / p - 1: finite at the zero weight
+        tensor([  0.7616,  -0.7616, 709.6779])
 
     References:
         Bishop (1994), "Mixture density networks", Aston University NCRG/94/004, eqs. 22-23
         (the negative log of the mixture as the error function), 34-37 (its gradients
         through the posterior weights).
     """
-    component_log_prob, logits = as_loss_tensors(
-        component_log_prob=component_log_prob, logits=logits
+    weights_name, weights = _one_weight_form(logits, probs)
+    component_log_prob, weights = as_loss_tensors(
+        component_log_prob=component_log_prob, **{weights_name: weights}
     )
-    if component_log_prob.dim() == 0 or logits.dim() == 0:
+    if component_log_prob.dim() == 0 or weights.dim() == 0:
         raise ValueError(
-            "component_log_prob and logits must have shape (*, K); got "
-            f"{tuple(component_log_prob.shape)} and {tuple(logits.shape)}"
+            f"component_log_prob and {weights_name} must have shape (*, K); got "
+            f"{tuple(component_log_prob.shape)} and {tuple(weights.shape)}"
         )
-    k = logits.shape[-1]
+    k = weights.shape[-1]
     if component_log_prob.shape[-1] != k or k == 0:
         raise ValueError(
-            "component_log_prob (*, K) and logits (*, K) must have the same K >= 1; got "
-            f"component_log_prob {tuple(component_log_prob.shape)} and logits "
-            f"{tuple(logits.shape)}"
+            f"component_log_prob (*, K) and {weights_name} (*, K) must have the same K >= 1; "
+            f"got component_log_prob {tuple(component_log_prob.shape)} and {weights_name} "
+            f"{tuple(weights.shape)}"
         )
     _broadcast_batch(
-        {"component_log_prob": component_log_prob.shape[:-1], "logits": logits.shape[:-1]}
+        {"component_log_prob": component_log_prob.shape[:-1], weights_name: weights.shape[:-1]}
     )
-    return _LogSumExp.apply(torch.log_softmax(logits, -1) + component_log_prob)
+    if weights_name == "probs":
+        if should_validate(validate_args, weights):
+            _check_probs(weights)
+        return _ProbsMixture.apply(component_log_prob, weights)
+    return _LogSumExp.apply(torch.log_softmax(weights, -1) + component_log_prob)
+
+
+def _one_weight_form(logits: Tensor | None, probs: Tensor | None) -> tuple[str, Tensor]:
+    """``("logits", logits)`` or ``("probs", probs)``: exactly one must be given."""
+    if (logits is None) == (probs is None):
+        got = "both" if logits is not None else "neither"
+        raise ValueError(f"pass exactly one of logits, probs (the mixture weights); got {got}")
+    return ("logits", logits) if probs is None else ("probs", probs)
+
+
+def _check_probs(probs: Tensor) -> None:
+    """ValueError unless ``probs`` is finite, non-negative and has a positive sum per row."""
+    check_in_interval(probs, "probs", 0.0, torch.finfo(probs.dtype).max)
+    empty = ~(probs.sum(-1) > 0.0)
+    if empty.any():
+        raise ValueError(
+            f"probs of shape {tuple(probs.shape)} must have a positive sum over the last "
+            f"dimension (K); {int(empty.sum())} row(s) are all 0"
+        )
+
+
+def _probs_mixture(lp: Tensor, probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(log p, r, dlog p/dprobs)`` of :func:`mixture_log_prob` from ``probs``, differentiable.
+
+    Shifted by ``c``, the largest ``lp_k`` among components of positive weight (detached),
+    ``D = sum_k w_k e^{lp_k - c}`` lies in ``[w_{k*}, sum w]`` (no overflow, no underflow to
+    0 unless the row is impossible) and::
+
+        log p = c + log D - log sum w,   r_k = w_k e^{lp_k - c} / D,
+        dlog p/dw_k = e^{lp_k - c - log D} - 1 / sum w
+
+    (the last from ``lp_k - c`` directly, not from ``r_k / w_k``: exact at ``w_k = 0``, and
+    ``lp_k - c`` is 0 exactly at ties, where a shift by the rounded ``log p`` is not).
+    Zero-weight components enter the sums through the double-where pattern.
+    """
+    positive = probs > 0.0
+    masked = torch.where(positive, lp, -math.inf)
+    c = _finite_shift(masked.detach().amax(-1, keepdim=True))
+    e = torch.where(positive, _exp_nonpositive(torch.where(positive, lp, c) - c), 0.0)
+    pe = probs * e
+    d = pe.sum(-1, keepdim=True)
+    s = probs.sum(-1, keepdim=True)
+    alive = d > 0.0  # False in an impossible row: value -inf, gradient 0 (double-where)
+    safe_d = torch.where(alive, d, 1.0)
+    value = (c + torch.log(d) - torch.log(s)).squeeze(-1)
+    r = pe / safe_d
+    d_probs = torch.where(alive, torch.exp(lp - c - torch.log(safe_d)), 0.0) - 1.0 / s
+    return value, r, d_probs
+
+
+class _ProbsMixture(torch.autograd.Function):
+    """:func:`mixture_log_prob` from ``probs``, with the gradient of :func:`_probs_mixture`.
+
+    Autograd through ``log(probs)`` would give ``r_k / w_k = 0 / 0`` at a zero weight; the
+    backward here is built from the saved inputs with differentiable ops (so a double
+    backward works), and is exactly 0 in rows whose value is ``-inf``.
+    """
+
+    @staticmethod
+    def forward(ctx, lp: Tensor, probs: Tensor) -> Tensor:
+        ctx.save_for_backward(lp, probs)
+        return _probs_mixture(lp, probs)[0]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        lp, probs = ctx.saved_tensors
+        value, r, d_probs = _probs_mixture(lp, probs)
+        g = torch.where(value == -math.inf, 0.0, grad).unsqueeze(-1)
+        need_lp, need_probs = ctx.needs_input_grad
+        d_lp = g * r if need_lp else None  # r in [0, 1]
+        # d_probs is inf where p_k / p exceeds the float range: 0, not NaN, where g = 0
+        d_w = torch.where(g == 0.0, 0.0, g * d_probs) if need_probs else None
+        return _grad_to(d_lp, lp, need_lp), _grad_to(d_w, probs, need_probs)
 
 
 # ======================================================================================
@@ -356,6 +487,18 @@ def _joint_init(logits: Tensor, shape: torch.Size) -> tuple[Tensor, Tensor]:
     return (j if j.shape == shape else j.expand(shape).clone()), weights
 
 
+def _clear_dead_(z: Tensor, j: Tensor) -> None:
+    """In place ``z = 0`` for the components whose joint term ``j`` is ``-inf``.
+
+    Such a component (a zero weight, or a quadratic form beyond the float range: a
+    residual of ``1e6`` at ``log_scale = -80`` in float32) has responsibility exactly 0 and
+    so an exactly zero gradient; but its ``z`` may be infinite, or huge enough that a
+    backward factor (``z1 - z2``) overflows, and ``0 * inf`` is NaN. Its ``z`` is used only
+    by the backward, where with ``w = 0`` any finite value gives the exact 0.
+    """
+    z.masked_fill_((j == -math.inf).unsqueeze(-1), 0.0)
+
+
 def _logits_grad_(w: Tensor, weights: Tensor, g: Tensor) -> Tensor:
     """``d/dlogits = w - g pi``, in place into ``w`` (its last use)."""
     return w.addcmul_(weights, g, value=-1.0)
@@ -367,10 +510,10 @@ def _plain_normal_mixture(value: Tensor, logits: Tensor, loc: Tensor, log_scale:
     def components(loc: Tensor, log_scale: Tensor) -> Tensor:
         return normal_log_prob(value.unsqueeze(-2), loc, log_scale=log_scale).sum(-1)
 
-    return mixture_log_prob(_without_dead_components(components, loc, log_scale), logits)
+    return mixture_log_prob(_without_dead_components(components, value, loc, log_scale), logits)
 
 
-def _without_dead_components(components, loc: Tensor, *scales: Tensor) -> Tensor:
+def _without_dead_components(components, value: Tensor, loc: Tensor, *scales: Tensor) -> Tensor:
     """Component log densities whose ``-inf`` entries carry an exactly zero gradient.
 
     ``scales`` are ``log_scale`` of shape ``(*, K, D)``, then optionally per-component
@@ -379,15 +522,18 @@ def _without_dead_components(components, loc: Tensor, *scales: Tensor) -> Tensor
     A component whose quadratic form overflows (log density ``-inf``: a target infinitely
     many of its scales away) has responsibility 0, but autograd through its density
     multiplies that 0 by an infinite derivative (NaN). A first pass without a graph finds
-    those components; the differentiable pass feeds them a safe point (the mean, unit
-    scale) and puts ``-inf`` back as a constant: the double-where pattern, applied to a
-    condition known only after evaluation. The plain path is the fallback outside the fused
-    kernels' domain, so the extra pass costs only there.
+    those components; the differentiable pass feeds them a safe point (a mean at the
+    detached target ``value (*, D)``, so the residual is 0, unit scale, no correlation)
+    and puts ``-inf`` back as a constant: the double-where pattern, applied to a condition
+    known only after evaluation. (At the old mean instead, a residual of ``3e38`` in both
+    coordinates still overflowed the bivariate ``z1 - z2`` at unit scale: NaN.) The plain
+    path runs where the fused kernels do not (off the CPU, while compiling,
+    ``exp(log_scale)`` not a normal float), so the extra pass costs only there.
     """
     with torch.no_grad():
         dead = components(loc, *scales) == -math.inf
     per_coordinate = dead.unsqueeze(-1)  # against the (*, K, D) parameters
-    safe_loc = torch.where(per_coordinate, loc.detach(), loc)
+    safe_loc = torch.where(per_coordinate, value.detach().unsqueeze(-2), loc)
     safe_scales = [
         torch.where(per_coordinate if i == 0 else dead, 0.0, t) for i, t in enumerate(scales)
     ]
@@ -435,6 +581,7 @@ class _NormalMixture(torch.autograd.Function):
                 j.addcmul_(z[..., i], z[..., i], value=-0.5).sub_(log_scale[..., i])
         else:
             j.sub_(torch.addcmul(log_scale, z, z, value=0.5).sum(-1))
+        _clear_dead_(z, j)
         lse = _row_softmax_(j)  # j is now the responsibilities
         ctx.save_for_backward(value, logits, loc, log_scale, z, j, weights, lse)
         return lse - 0.5 * d * _LOG_2PI
@@ -481,10 +628,16 @@ def _in_fused_domain(*tensors: Tensor) -> bool:
     """Whether the fused kernels are exact here: on CPU, every ``|t| < -log(tiny) - 1``.
 
     The kernels take ``exp`` of ``log_scale`` (and ``atanh_rho``), which must be a normal
-    float: ``|t| < 86`` in float32, ``< 707`` in float64. One ``aminmax`` pass decides, free
-    to read on CPU. On an accelerator reading it would wait for the device, so there the
-    plain path (exact for every input, about 2x slower on CPU) is taken instead.
+    float: ``|t| < 86`` in float32, ``< 707`` in float64. Nothing else limits them: a
+    standardised residual or quadratic form beyond the float range makes its component's
+    term ``-inf`` and its gradient exactly 0 (:func:`_clear_dead_`), which is exact, since
+    its responsibility is below any float. One ``aminmax`` pass decides, free to read on
+    CPU. On an accelerator reading it would wait for the device, and while tracing
+    (``torch.compile``) it would break the graph, so there the plain path (exact for every
+    input) is always taken: the result never depends on which path runs.
     """
+    if torch.compiler.is_compiling():
+        return False
     for t in tensors:
         if t.device.type != "cpu":
             return False
@@ -527,19 +680,20 @@ def normal_mixture_log_prob(
         logits: mixture logits :math:`\ell`, shape ``(*, K)``, unnormalised.
         loc: means :math:`\mu`, shape ``(*, K, D)``.
         log_scale: :math:`\log\sigma`, shape ``(*, K, D)``, unconstrained.
-        fused: use the fused kernel with a hand-written backward where it is exact (the
-            default; on CPU about 2x faster than the plain autograd path with two thirds of
-            its peak memory, see ``benchmarks/bench_mixture.py``). It needs
-            ``exp(log_scale)`` to be a normal float, ``|log_scale| < 86`` in float32
-            (``< 707`` in float64); when any element is outside, or off the CPU (where the
-            check would wait for the device), the plain path is taken automatically.
-            ``fused=False`` always takes the plain path, exact for any ``log_scale`` (see
+        fused: on CPU, use the fused kernel with a hand-written backward (the default;
+            faster and lighter than the plain autograd path, see
+            ``benchmarks/bench_mixture.py``). Any input is fine: where the kernel's
+            ``exp(log_scale)`` would not be a normal float, off the CPU (where the check
+            would wait for the device) and while compiling, the plain path is taken by
+            itself, and both paths agree (module docstring). ``fused=False`` always takes
+            the plain path (component densities from
             :func:`~probloss.functional.normal.normal_log_prob`). A double backward
             recomputes the gradients through the plain path.
 
     Returns:
-        Tensor of shape ``(*)`` (the broadcast batch shape), one value per event;
-        float32 for float16 / bfloat16 inputs, else the promoted input dtype.
+        Tensor of shape ``(*)``, the broadcast batch shape (torch's broadcasting: this is
+        the unreduced density), one value per event; float32 for float16 / bfloat16
+        inputs, else the promoted input dtype.
 
     Raises:
         ValueError: ``loc`` / ``log_scale`` are not ``(*, K, D)`` with ``K`` from ``logits``
@@ -610,7 +764,15 @@ def normal_mixture_nll(
     one value per event (a ``D``-dimensional target), computed with the fused kernel, then
     reduced: ``"mean"`` averages over events (never over the ``D`` coordinates or the
     ``K`` components), ``"sum"`` adds them, ``"none"`` returns them. It is a density, so it
-    can be negative.
+    can be negative. Like torch, a batch of no events gives ``"mean"`` NaN (0 / 0),
+    ``"sum"`` 0 and ``"none"`` an empty tensor.
+
+    Reduced losses do not broadcast the targets: the parameters' batch shapes may broadcast
+    *up to* that of ``value`` (a shared mixture of batch shape ``()``), but one that would
+    enlarge it (``logits`` of shape ``(N, 1, K)`` against ``value (N, D)``, every target
+    against every mixture, an ``(N, N)`` average) is a ValueError naming the argument and
+    both shapes. ``reduction="none"`` keeps torch's broadcasting, as
+    :func:`normal_mixture_log_prob` does.
 
     Args:
         value, logits, loc, log_scale: as in :func:`normal_mixture_log_prob`.
@@ -629,7 +791,8 @@ def normal_mixture_nll(
 
     Raises:
         ValueError: bad ``reduction`` or ``nan_policy``, shapes as in
-            :func:`normal_mixture_log_prob`, or NaN in ``value`` under ``"raise"``.
+            :func:`normal_mixture_log_prob`, a parameter that would enlarge the batch shape
+            of ``value`` (reduced losses), or NaN in ``value`` under ``"raise"``.
 
     Example:
         >>> x = torch.tensor([[0.5], [float("nan")], [3.0]])
@@ -642,6 +805,14 @@ def normal_mixture_nll(
     check_reduction(reduction)
     _check_nan_policy(nan_policy)
     value, logits, loc, log_scale = _normal_inputs(value, logits, loc, log_scale)
+    if reduction != "none":
+        check_value_batch(
+            value.shape[:-1],
+            " (event dimension D last)",
+            logits=logits.shape[:-1],
+            loc=loc.shape[:-2],
+            log_scale=log_scale.shape[:-2],
+        )
     value, mask = _targets(value, loc, nan_policy, validate_args)
     loss = -_normal_mixture(value, logits, loc, log_scale, fused=True)
     return reduce_loss(loss, reduction, mask=mask)
@@ -661,7 +832,9 @@ def _plain_bivariate_mixture(
             value.unsqueeze(-2), loc, log_scale, atanh_rho, validate_args=False
         )
 
-    return mixture_log_prob(_without_dead_components(components, loc, log_scale, atanh_rho), logits)
+    return mixture_log_prob(
+        _without_dead_components(components, value, loc, log_scale, atanh_rho), logits
+    )
 
 
 def _bivariate_pieces(z: Tensor, atanh_rho: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -731,6 +904,9 @@ class _BivariateMixture(torch.autograd.Function):
             atanh_rho.shape,
         )  # fmt: skip
         z = _standardized(value, loc, log_scale, shape)
+        # exact: |z| >= max gives Q >= z^2/2 = inf either way, and an infinite z would make
+        # M = (z1 - z2) e^a NaN where z1 = z2 = inf
+        z.clamp_(-torch.finfo(z.dtype).max, torch.finfo(z.dtype).max)
         ea, inv_ea, p, m = _bivariate_pieces(z, atanh_rho)
         j, weights = _joint_init(logits, shape)
         j.add_(ea.add_(inv_ea).log_())  # log cosh a + log 2
@@ -740,6 +916,7 @@ class _BivariateMixture(torch.autograd.Function):
         j.addcmul_(z1, z1, value=-0.25).addcmul_(z2, z2, value=-0.25)
         j.addcmul_(p, p, value=-0.125).addcmul_(m, m, value=-0.125)
         del p, m
+        _clear_dead_(z, j)
         lse = _row_softmax_(j)
         ctx.save_for_backward(value, logits, loc, log_scale, atanh_rho, z, j, weights, lse)
         return lse - (_LOG_2PI + _LN2)
@@ -857,15 +1034,16 @@ def bivariate_normal_mixture_log_prob(
         loc: means, shape ``(*, K, 2)``.
         log_scale: :math:`\log\sigma`, shape ``(*, K, 2)``, unconstrained.
         atanh_rho: :math:`a = \operatorname{atanh}\rho`, shape ``(*, K)``, unconstrained.
-        fused: fused kernel with a hand-written backward where it is exact (default). It
-            needs ``|log_scale| < 86`` and ``|atanh_rho| < 86`` in float32 (``< 707`` in
-            float64) so that ``exp`` of them is a normal float; otherwise, or off the CPU,
-            the plain path through ``bivariate_normal_log_prob`` (no such limit) is taken
-            automatically, as it always is with ``fused=False``. A double backward
+        fused: on CPU, use the fused kernel with a hand-written backward (the default).
+            Any input is fine: where the kernel's ``exp`` of ``log_scale`` or ``atanh_rho``
+            would not be a normal float, off the CPU and while compiling, the plain path
+            through ``bivariate_normal_log_prob`` is taken by itself, as it always is with
+            ``fused=False``; both paths agree (module docstring). A double backward
             recomputes the gradients through the plain path.
 
     Returns:
-        Tensor of shape ``(*)``; float32 for half-precision inputs.
+        Tensor of shape ``(*)``, the broadcast batch shape (torch's broadcasting, as for
+        every unreduced density); float32 for half-precision inputs.
 
     Raises:
         ValueError: ``value`` is not ``(*, 2)``, ``loc`` / ``log_scale`` not ``(*, K, 2)``,
@@ -917,6 +1095,9 @@ def bivariate_normal_mixture_nll(
     events (not over the 2 coordinates), ``"sum"`` adds them, ``"none"`` returns them.
     sketch-rnn's :math:`L_s` divides the sum over a sequence by the maximum length
     :math:`N_{max}`: pass ``reduction="sum"`` and divide, or mask padding with NaN targets.
+    No events: ``"mean"`` NaN, ``"sum"`` 0, like torch. As in :func:`normal_mixture_nll`,
+    a parameter whose batch shape would enlarge that of ``value`` is a ValueError unless
+    ``reduction="none"``.
 
     Args:
         value, logits, loc, log_scale, atanh_rho: as in
@@ -931,7 +1112,9 @@ def bivariate_normal_mixture_nll(
         A scalar for ``"mean"`` / ``"sum"``, else shape ``(*)``; float32 for half inputs.
 
     Raises:
-        ValueError: bad ``reduction`` / ``nan_policy``, shapes, or NaN under ``"raise"``.
+        ValueError: bad ``reduction`` / ``nan_policy``, shapes, a parameter that would
+            enlarge the batch shape of ``value`` (reduced losses), or NaN under
+            ``"raise"``.
 
     Example:
         >>> x = torch.tensor([[0.5, 0.4], [float("nan"), 0.0]])
@@ -945,6 +1128,15 @@ def bivariate_normal_mixture_nll(
     value, logits, loc, log_scale, atanh_rho = _bivariate_inputs(
         value, logits, loc, log_scale, atanh_rho
     )
+    if reduction != "none":
+        check_value_batch(
+            value.shape[:-1],
+            " (event dimension 2 last)",
+            logits=logits.shape[:-1],
+            loc=loc.shape[:-2],
+            log_scale=log_scale.shape[:-2],
+            atanh_rho=atanh_rho.shape[:-1],
+        )
     value, mask = _targets(value, loc, nan_policy, validate_args)
     loss = -_bivariate_mixture(value, logits, loc, log_scale, atanh_rho, fused=True)
     return reduce_loss(loss, reduction, mask=mask)
@@ -986,7 +1178,8 @@ def multivariate_normal_mixture_log_prob(
             diagonal, lower triangular); ``None`` checks CPU tensors only.
 
     Returns:
-        Tensor of shape ``(*)``; float32 for half-precision inputs.
+        Tensor of shape ``(*)``, the broadcast batch shape (torch's broadcasting, as for
+        every unreduced density); float32 for half-precision inputs.
 
     Raises:
         ValueError: shapes (``scale_tril`` must be ``(*, K, D, D)``), or the checks above.

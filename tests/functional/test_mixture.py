@@ -19,6 +19,11 @@ Where the numbers come from
   (1 - rho^2)``, ``d/da = rho + z1 z2 - rho N / (1 - rho^2)`` for the bivariate one), and
   ``r - pi`` for the logits; these formulas are checked against ``mpmath.diff`` of the
   probability-space mixture in :func:`test_reference_gradients_match_mpmath_diff`.
+* Mixture weights as ``probs``: ``scipy.special.logsumexp(lp, b=probs)`` in float64, and
+  ``d/dw_k = exp(lp_k - that) - 1 / sum w`` (the derivative of ``log sum_k w_k p_k``).
+* Closed forms where the answer is exact: responsibilities ``1/K`` at ties, the live
+  component's ``z / sigma`` when the other is beyond the float range, sub-mixtures
+  without a zero-weight component.
 
 Bounds
 ------
@@ -1159,3 +1164,386 @@ def test_nll_takes_the_plain_path_outside_the_fused_domain(family):
     assert loss.item() == pytest.approx(math.log(2.0) + math.log(2 * math.pi) - 400.0, rel=1e-6)
     loss.backward()
     assert torch.isfinite(log_scale.grad).all()
+
+
+# ======================================================================================
+# Issue 10: components beyond the float range in the fused kernels
+# ======================================================================================
+
+# log_scale at which a residual of 1e6 standardises beyond the float range (1e6 e^80 =
+# 5.5e40 > 3.4e38 in float32, 1e6 e^700 = 1.0e310 > 1.8e308 in float64), yet inside the
+# fused kernels' exp(log_scale) check (|log_scale| < 86 / 707): the fused path runs.
+TINY_LOG_SCALE = {torch.float32: -80.0, torch.float64: -700.0}
+
+
+def _dead_normal_events(dtype):
+    """Events whose component 0 is beyond the float range (its term is -inf exactly as
+    rounded, its responsibility e^{-1.5e81} or less): the issue's reproduction, the other
+    component order, and D = 2 with only one coordinate overflowing."""
+    t = TINY_LOG_SCALE[dtype]
+    x = torch.tensor([[1e6, 0.0], [1e6, 0.0], [1e6, 1.0]], dtype=dtype)
+    logits = torch.tensor([[0.0, 0.0], [1.0, -1.0], [0.0, 0.5]], dtype=dtype)
+    loc = torch.zeros(3, 2, 2, dtype=dtype)
+    log_scale = torch.tensor(
+        [[[t, 0.0], [5.0, 0.0]], [[t, 0.0], [5.0, 0.0]], [[t, t], [5.0, 1.0]]], dtype=dtype
+    )
+    return x, logits, loc, log_scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_normal_component_beyond_the_float_range(fused, dtype):
+    """Issue 10: a residual of 1e6 at log_scale -80 (float32) / -700 (float64) gave the
+    fused kernel a NaN gradient (``0 * inf``), inside its exp(log_scale) domain. Value and
+    every gradient within 32 eps S of mpmath (the probability-space formula); the dead
+    component's gradients exactly 0, its logit's ``r - pi = -pi``."""
+    inputs = _dead_normal_events(dtype)
+    got = _value_and_grads(normal_mixture_log_prob, inputs, fused=fused)
+    expected, scale = _oracle_arrays(normal_oracle, _events(*inputs), _flush_eps(dtype))
+    _check(got, expected, scale, REF_EPS * _eps(dtype), NORMAL_NAMES, f"dead {dtype}")
+    assert (got[3][:, 0] == 0).all() and (got[4][:, 0] == 0).all()
+
+
+def test_normal_component_beyond_the_float_range_issue_reproduction():
+    """The issue's exact call (float32): d/dloc = [0, 45.4] (the live component's
+    ``z / sigma = 1e6 e^{-10}``, closed form, 4 eps relative), not NaN."""
+    lc = torch.zeros(2, 1, requires_grad=True)
+    sc = torch.tensor([[-80.0], [5.0]], requires_grad=True)
+    normal_mixture_log_prob(torch.tensor([1e6]), torch.zeros(2), lc, sc).backward()
+    assert lc.grad[0, 0] == 0
+    expected = 1e6 * math.exp(-10.0)
+    assert abs(lc.grad[1, 0].item() - expected) <= 4 * _eps(torch.float32) * expected
+
+
+def _dead_bivariate_events(dtype):
+    """Bivariate events with a component beyond the float range: the issue's reproduction
+    (z1 = z2 = inf, whose ``z1 - z2`` was NaN in the value), correlated variants, and a
+    *finite* z whose ``z1 - z2`` overflows (3e38 and -3e38 at unit scale in float32; 1.7e308
+    in float64), which gave NaN gradients through ``(z1 - z2) * s`` with ``s = 0`` at a = 0."""
+    t = TINY_LOG_SCALE[dtype]
+    big = 3e38 if dtype == torch.float32 else 1.7e308
+    x = torch.tensor([[1e6, 1e6], [1e6, -1e6], [big, -big], [big, -big], [-big, -big]], dtype=dtype)
+    logits = torch.tensor([[0.0, 0.0], [0.5, 0.0], [0.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=dtype)
+    loc = torch.zeros(5, 2, 2, dtype=dtype)
+    wide = 85.0 if dtype == torch.float32 else 700.0  # the live component: |z| moderate
+    log_scale = torch.tensor(
+        [[[t, t], [5.0, 5.0]], [[t, t], [5.0, 6.0]]] + [[[0.0, 0.0], [wide, wide]]] * 3,
+        dtype=dtype,
+    )
+    a = torch.tensor([[0.0, 0.0], [0.7, -0.3], [0.0, 0.2], [1.0, 0.0], [-1.0, 0.0]], dtype=dtype)
+    return x, logits, loc, log_scale, a
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_bivariate_component_beyond_the_float_range(fused, dtype):
+    """Issue 10: the fused bivariate value was NaN (fused=False: -4.54e7) and gradients NaN
+    where a component's quadratic form is beyond the float range. Value and all gradients
+    within 32 eps S of mpmath; the dead component's parameter gradients exactly 0."""
+    inputs = _dead_bivariate_events(dtype)
+    got = _value_and_grads(bivariate_normal_mixture_log_prob, inputs, fused=fused)
+    expected, scale = _oracle_arrays(bivariate_oracle, _events(*inputs), _flush_eps(dtype))
+    _check(got, expected, scale, REF_EPS * _eps(dtype), BIVARIATE_NAMES, f"dead {dtype}")
+    for grad in got[3:]:
+        assert (grad[:, 0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_zero_weight_component_beyond_the_float_range(fused, dtype):
+    """Issue 10: a zero-weight (-inf logit) component whose residual overflows: the value
+    equals the mixture without it (1e-6 / 1e-14 relative: the same sum of the same
+    terms), every gradient is finite and the dropped component's are exactly 0."""
+    t = TINY_LOG_SCALE[dtype]
+    x = torch.tensor([[1e6, 1e6], [0.5, -1e6]], dtype=dtype)
+    logits = torch.tensor([[0.0, -INF, 1.0], [-INF, 0.0, 1.0]], dtype=dtype)
+    loc = torch.zeros(2, 3, 2, dtype=dtype)
+    log_scale = torch.tensor(
+        [[[5.0, 5.0], [t, t], [6.0, 7.0]], [[t, t], [6.0, 5.0], [7.0, 6.0]]], dtype=dtype
+    )
+    a = torch.tensor([[0.1, 0.0, -0.2], [0.0, 0.3, 0.4]], dtype=dtype)
+    rtol = 1e-6 if dtype == torch.float32 else 1e-14
+    dead = torch.tensor([[False, True, False], [True, False, False]])
+    for fn, args in (
+        (normal_mixture_log_prob, (x, logits, loc, log_scale)),
+        (bivariate_normal_mixture_log_prob, (x, logits, loc, log_scale, a)),
+    ):
+        out = _value_and_grads(fn, args, fused=fused)
+        assert all(np.isfinite(g).all() for g in out)
+        for row in range(2):
+            keep = ~dead[row]
+            sub = [args[0][row], *(t_[row][keep] for t_ in args[1:])]
+            ref = fn(*sub, fused=fused).double().item()
+            assert out[0][row] == pytest.approx(ref, rel=rtol)
+            for grad in out[2:]:
+                assert (grad[row][dead[row].numpy()] == 0).all()
+
+
+def test_fused_dispatch_takes_the_plain_path_while_compiling(monkeypatch):
+    """The fused kernels' domain check reads a reduction on the host; while tracing
+    (``torch.compiler.is_compiling()``) it must not, and the plain path runs: the result's
+    graph is the plain path's (``_LogSumExp`` at the top), its value that of
+    ``fused=False`` exactly (the same operations)."""
+    inputs = bivariate_inputs(4, 3, torch.float32, seed=200, spread=2.0)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    for fn, args in (
+        (normal_mixture_log_prob, inputs[:4]),
+        (bivariate_normal_mixture_log_prob, inputs),
+    ):
+        leaves = [t.clone().requires_grad_(True) for t in args]
+        out = fn(*leaves)
+        assert type(out.grad_fn).__name__ == "_LogSumExpBackward"
+        assert torch.equal(out, fn(*args, fused=False))
+
+
+# ======================================================================================
+# Issue 10: responsibilities at ties of huge terms
+# ======================================================================================
+
+# (dtype, magnitude): terms whose ulp exceeds log K, so that logsumexp rounds back to the
+# term itself (float32 ulp at 1e8 is 8, float64 ulp at 1e17 is 16; bfloat16 is computed
+# in float32, and -1e8 is close to a bfloat16 value, rounded on input)
+TIES = [(torch.float32, -1e8), (torch.bfloat16, -1e8), (torch.float64, -1e17)]
+
+
+@pytest.mark.parametrize(("dtype", "magnitude"), TIES, ids=lambda v: str(v))
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_mixture_log_prob_ties_of_huge_terms_give_responsibilities_one_over_k(k, dtype, magnitude):
+    """Issue 10: ``mixture_log_prob([[-1e8, -1e8]], zeros)`` back-propagated ``[[1, 1]]``
+    (``exp(x - lse)`` with ``lse`` rounded back to ``-1e8``); exact: equal components of
+    equal weight have responsibility ``1/K`` each (closed form) and logit gradient
+    ``r - pi = 0``. Bound: 2 eps of the compute dtype (``1/K`` and the division each round
+    once) plus half an ulp of the input dtype (the gradient is returned in it); the logit
+    gradient within twice that (a difference of two such numbers)."""
+    lp = torch.full((1, k), magnitude, dtype=dtype, requires_grad=True)
+    logits = torch.zeros(1, k, dtype=dtype, requires_grad=True)
+    mixture_log_prob(lp, logits).sum().backward()
+    bound = 2 * _eps(dtype) + torch.finfo(dtype).eps / 2
+    assert (lp.grad.double() - 1.0 / k).abs().max() <= bound
+    assert logits.grad.double().abs().max() <= 2 * bound
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_normal_mixture_ties_of_far_components(fused):
+    """The same class through a Gaussian mixture (the plain path is ``mixture_log_prob``):
+    two components at +-1 of the mean, the target 1e4 scales away on the axis midway in
+    float32, log densities ``-5e7`` each, equal: responsibilities 1/2, logit gradients 0,
+    loc gradients ``r z / sigma`` equal (closed form, 4 eps relative)."""
+    x = torch.tensor([[0.0, 1e4]])
+    logits = torch.zeros(1, 2, requires_grad=True)
+    loc = torch.tensor([[[-1.0, 0.0], [1.0, 0.0]]], requires_grad=True)
+    log_scale = torch.zeros(1, 2, 2)
+    normal_mixture_log_prob(x, logits, loc, log_scale, fused=fused).sum().backward()
+    eps = _eps(torch.float32)
+    assert logits.grad.abs().max() <= 4 * eps
+    expected = torch.tensor([[[0.5, 0.5e4], [-0.5, 0.5e4]]])
+    assert ((loc.grad - expected).abs() <= 4 * eps * expected.abs()).all()
+
+
+# ======================================================================================
+# Issue 10: mixture weights as probabilities
+# ======================================================================================
+
+
+def _probs_reference(lp: np.ndarray, probs: np.ndarray, flush: float) -> tuple[np.ndarray, ...]:
+    """float64 numpy/scipy: ``log sum_k w_k e^{lp_k} - log sum w``, ``r_k`` and
+    ``d/dw_k = e^{lp_k - log sum_j w_j e^{lp_j}} - 1 / sum w``, with scales (the rounding
+    of each exponent: ``r (1 + |lp| + |lse|)``; ``1/S`` for the normalisation; ``flush``
+    (in units of eps) times ``w_k / D`` for the documented flush of ``e^{lp_k - c}``, the
+    shift ``c`` the largest ``lp`` of positive weight, ``D = sum_j w_j e^{lp_j - c}``)."""
+    lse = scipy.special.logsumexp(lp, b=probs, axis=-1)
+    total = probs.sum(-1)
+    value = lse - np.log(total)
+    with np.errstate(divide="ignore"):
+        r = probs * np.exp(lp - lse[..., None])
+    ratio = np.exp(lp - lse[..., None])
+    d_probs = ratio - 1.0 / total[..., None]
+    s_value = np.abs(value) + np.abs(lse) + np.abs(np.log(total))
+    c = np.where(probs > 0, lp, -np.inf).max(-1, keepdims=True)
+    d = (probs * np.exp(np.where(probs > 0, lp, c) - c)).sum(-1, keepdims=True)
+    s_r = r * (1 + np.abs(lp) + np.abs(lse)[..., None]) + flush * probs / d
+    s_probs = ratio * (1 + np.abs(lp) + np.abs(lse)[..., None]) + 1.0 / total[..., None]
+    return value, r, d_probs, s_value, s_r, s_probs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_mixture_log_prob_from_probs_with_exact_zeros(dtype):
+    """Issue 10 / numpyro 1870: weights with exact zeros. ``log(probs)`` as logits gives a
+    NaN gradient at each zero weight; ``probs=`` gives the value and the gradients
+    ``r`` (component log densities) and ``p_k / sum_j w_j p_j - 1 / sum w`` (probs, finite
+    at ``w_k = 0``) within 32 eps S of float64 scipy (``logsumexp(lp, b=probs)``)."""
+    g = _seeded(210)
+    lp = (20 * torch.randn(30, 4, generator=g, dtype=torch.float64)).to(dtype)
+    probs = torch.rand(30, 4, generator=g, dtype=torch.float64).to(dtype)
+    probs[::3, 1] = 0.0
+    probs[1::3, 3] = 0.0
+    probs[2::5, :3] = 0.0  # one component left
+    probs[2::5, 3] = 0.5
+    leaves = [lp.clone().requires_grad_(True), probs.clone().requires_grad_(True)]
+    out = mixture_log_prob(leaves[0], probs=leaves[1])
+    out.sum().backward()
+    value, r, d_probs, s_value, s_r, s_probs = _probs_reference(
+        lp.double().numpy(), probs.double().numpy(), _flush_eps(dtype)
+    )
+    bound = REF_EPS * _eps(dtype)
+    labels = list(np.ndindex(30, 4))
+    assert_within(out.detach().double().numpy(), value, bound * s_value, range(30), "value")
+    assert_within(leaves[0].grad.double().numpy().ravel(), r.ravel(), (bound * s_r).ravel(),
+                  labels, "d/dlp")  # fmt: skip
+    assert_within(leaves[1].grad.double().numpy().ravel(), d_probs.ravel(),
+                  (bound * s_probs).ravel(), labels, "d/dprobs")  # fmt: skip
+    # the naive form: log(probs) as logits has a NaN gradient at the zeros
+    naive = probs.clone().requires_grad_(True)
+    mixture_log_prob(lp, torch.log(naive)).sum().backward()
+    assert torch.isnan(naive.grad).any()
+
+
+def test_mixture_log_prob_probs_agree_with_logits_and_ties():
+    """With positive probs the value equals that from ``logits = log(probs)`` (float64,
+    1e-14 relative to max(1, |value|): the same terms); a tie of huge terms (float32,
+    ``-1e8``) with probs ``(1/4, 1/4)``: responsibilities 1/2 and d/dprobs
+    ``1/(1/2) - 1/(1/2) = 0`` exactly (closed form), which a shift by the rounded
+    ``log p`` would miss by 1."""
+    g = _seeded(211)
+    lp = 5 * torch.randn(10, 3, generator=g, dtype=torch.float64)
+    probs = torch.rand(10, 3, generator=g, dtype=torch.float64) + 0.1
+    torch.testing.assert_close(
+        mixture_log_prob(lp, probs=probs), mixture_log_prob(lp, torch.log(probs)),
+        rtol=1e-14, atol=1e-14,
+    )  # fmt: skip
+    lp = torch.full((1, 2), -1e8, requires_grad=True)
+    probs = torch.full((1, 2), 0.25, requires_grad=True)
+    mixture_log_prob(lp, probs=probs).sum().backward()
+    assert torch.equal(lp.grad, torch.full((1, 2), 0.5))
+    assert torch.equal(probs.grad, torch.zeros(1, 2))
+
+
+def test_mixture_log_prob_probs_edge_rows_gradcheck_and_half():
+    """An impossible row (every weighted term -inf) has value -inf and gradient exactly 0;
+    the probs form passes float64 gradcheck and gradgradcheck at positive probs (finite
+    differences at 0 would leave the domain); half-precision probs are computed in float32
+    (identical to the float32 call)."""
+    lp = torch.tensor([[-INF, 0.0, -INF], [-1.0, -2.0, 3.0]], dtype=torch.float64,
+                      requires_grad=True)  # fmt: skip
+    probs = torch.tensor([[0.5, 0.0, 0.5], [0.2, 0.3, 0.0]], dtype=torch.float64,
+                         requires_grad=True)  # fmt: skip
+    out = mixture_log_prob(lp, probs=probs)
+    assert out[0] == -INF and torch.isfinite(out[1])
+    out.sum().backward()
+    assert (lp.grad[0] == 0).all() and (probs.grad[0] == 0).all()
+    assert torch.isfinite(probs.grad).all()
+    g = _seeded(212)
+    lp = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    probs = (torch.rand(3, 4, generator=g, dtype=torch.float64) + 0.1).requires_grad_(True)
+
+    def fn(lp, probs):
+        return mixture_log_prob(lp, probs=probs)
+
+    assert torch.autograd.gradcheck(fn, (lp, probs))
+    assert torch.autograd.gradgradcheck(fn, (lp, probs))
+    half = torch.tensor([[0.25, 0.75]], dtype=torch.float16)
+    lp16 = torch.tensor([[-1.0, 2.0]], dtype=torch.float16)
+    out = mixture_log_prob(lp16, probs=half)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, mixture_log_prob(lp16.float(), probs=half.float()))
+
+
+def test_mixture_log_prob_weight_form_errors():
+    """Exactly one of logits / probs (a ValueError naming both); probs negative, NaN,
+    infinite or all 0 in a row are ValueErrors naming probs and its shape (CPU,
+    ``validate_args=None``); ``validate_args=False`` skips the check."""
+    lp = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"exactly one of logits, probs.*got neither"):
+        mixture_log_prob(lp)
+    with pytest.raises(ValueError, match=r"exactly one of logits, probs.*got both"):
+        mixture_log_prob(lp, torch.zeros(3), probs=torch.ones(3))
+    for bad, pattern in (
+        (torch.tensor([0.5, -0.1, 0.6]), r"probs of shape \(3,\) must lie in"),
+        (torch.tensor([0.5, math.nan, 0.6]), r"probs of shape \(3,\) contains 1 NaN"),
+        (torch.tensor([0.5, INF, 0.6]), r"probs of shape \(3,\) must lie in"),
+        (torch.zeros(2, 3), r"probs of shape \(2, 3\) must have a positive sum.*1|2 row"),
+    ):
+        with pytest.raises(ValueError, match=pattern):
+            mixture_log_prob(lp, probs=bad)
+    out = mixture_log_prob(lp, probs=torch.zeros(3), validate_args=False)
+    assert torch.isnan(out).all()
+    with pytest.raises(ValueError, match=r"component_log_prob \(\*, K\) and probs \(\*, K\)"):
+        mixture_log_prob(lp, probs=torch.ones(2))
+
+
+# ======================================================================================
+# Issue 10: reduced losses refuse to broadcast the targets; empty batches
+# ======================================================================================
+
+
+def test_reduced_nll_refuses_a_parameter_that_enlarges_the_value_batch():
+    """Issue 10: ``logits`` of batch shape ``(8, 1)`` (the ``out[:, 4:5]``-style slip)
+    against ``value (8, D)`` made an (8, 8) matrix of every target against every mixture,
+    averaged silently. Reduced: a ValueError naming the argument and both shapes, for each
+    parameter of both NLLs; ``reduction="none"`` broadcasts as before; a shared mixture
+    (batch shape ``()``) is fine."""
+    x, logits, loc, log_scale, a = bivariate_inputs(8, 3, torch.float32, seed=220)
+    normal = {"logits": logits, "loc": loc, "log_scale": log_scale}
+    bivariate = {**normal, "atanh_rho": a}
+    for nll, params in ((normal_mixture_nll, normal), (bivariate_normal_mixture_nll, bivariate)):
+        for name in params:
+            wide = dict(params)
+            trailing = 1 if name in ("logits", "atanh_rho") else 2
+            wide[name] = params[name].unsqueeze(-1 - trailing)  # batch (8,) -> (8, 1)
+            for reduction in ("mean", "sum"):
+                with pytest.raises(
+                    ValueError,
+                    match=rf"{name} of batch shape \(8, 1\) would broadcast the value's batch "
+                    rf"shape \(8,\).* to \(8, 8\)",
+                ):
+                    nll(x, *wide.values(), reduction=reduction)
+            assert nll(x, *wide.values(), reduction="none").shape == (8, 8)
+        shared = {n: t[0] for n, t in params.items()}  # one mixture for every target
+        assert nll(x, *shared.values()).shape == ()
+
+
+EMPTY_CASES = [
+    # (batch of value, batch of the parameters): empty targets against empty or shared
+    ((0,), (0,)),
+    ((0,), ()),
+    ((2, 0), (1, 0)),
+]
+
+
+@pytest.mark.parametrize(("value_batch", "param_batch"), EMPTY_CASES, ids=str)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_empty_batch(value_batch, param_batch, fused):
+    """Issue 10: a batch of no events gives an empty result of the broadcast batch shape
+    and empty gradients of the inputs' shapes, in every function of the module; the
+    reduced NLLs do what torch does with nothing: mean NaN, sum 0."""
+    k = 3
+    x = torch.zeros(*value_batch, 2, requires_grad=True)
+    params = {
+        "logits": torch.zeros(*param_batch, k),
+        "loc": torch.zeros(*param_batch, k, 2),
+        "log_scale": torch.zeros(*param_batch, k, 2),
+        "atanh_rho": torch.zeros(*param_batch, k),
+    }
+    params = {n: t.requires_grad_(True) for n, t in params.items()}
+    batch = torch.broadcast_shapes(value_batch, param_batch)
+    lg, lc, ls, a = params.values()
+    tril = torch.eye(2).expand(*param_batch, k, 2, 2).clone().requires_grad_(True)
+    outputs = [
+        normal_mixture_log_prob(x, lg, lc, ls, fused=fused),
+        bivariate_normal_mixture_log_prob(x, lg, lc, ls, a, fused=fused),
+        multivariate_normal_mixture_log_prob(x, lg, lc, tril),
+        mixture_log_prob(torch.zeros(*batch, k), lg),
+        mixture_log_prob(torch.zeros(*batch, k), probs=torch.ones(*param_batch, k) + lg),
+        normal_mixture_nll(x, lg, lc, ls, reduction="none"),
+        bivariate_normal_mixture_nll(x, lg, lc, ls, a, reduction="none", nan_policy="mask"),
+    ]
+    for out in outputs:
+        assert out.shape == batch
+        out.sum().backward()
+    for t in (x, *params.values(), tril):
+        assert t.grad.shape == t.shape
+    if batch == value_batch:  # the reduced losses (a shared mixture or matching batches)
+        for nll, args in ((normal_mixture_nll, (lg, lc, ls)),
+                          (bivariate_normal_mixture_nll, (lg, lc, ls, a))):  # fmt: skip
+            assert torch.isnan(nll(x, *args))
+            assert nll(x, *args, reduction="sum") == 0
