@@ -16,6 +16,7 @@ from probloss.distributions import (
     BivariateNormal,
     BivariateNormalMixture,
     ContinuousBernoulli,
+    MultivariateNormalMixture,
     Normal,
     NormalMixture,
 )
@@ -81,6 +82,7 @@ def _meta(*shape):
         lambda: ContinuousBernoulli(logits=_meta(3)),
         lambda: NormalMixture(_meta(3, 4), _meta(3, 4, 2), _meta(3, 4, 2)),
         lambda: BivariateNormalMixture(_meta(3, 4), _meta(3, 4, 2), _meta(3, 4, 2), _meta(3, 4)),
+        lambda: MultivariateNormalMixture(_meta(3, 4), _meta(3, 4, 2), _meta(3, 4, 2, 2)),
     ],
     ids=[
         "Normal",
@@ -88,6 +90,7 @@ def _meta(*shape):
         "ContinuousBernoulli",
         "NormalMixture",
         "BivariateNormalMixture",
+        "MultivariateNormalMixture",
     ],
 )
 def test_distributions_do_not_read_non_cpu_values_by_default(build):
@@ -95,6 +98,8 @@ def test_distributions_do_not_read_non_cpu_values_by_default(build):
     on a GPU) and raise; ours validates CPU tensors only unless asked."""
     d = build()
     assert d.batch_shape == (3,)
+    if not isinstance(d, ContinuousBernoulli):  # its kernels pass a CPU scalar tensor
+        assert d.log_prob(torch.zeros(3, *d.event_shape, device="meta")).shape == (3,)
 
 
 def test_distributions_validate_cpu_values_and_keep_torch_switch():
@@ -106,3 +111,18 @@ def test_distributions_validate_cpu_values_and_keep_torch_switch():
         Normal(torch.tensor([float("nan")]), torch.zeros(1))  # the global switch is respected
     finally:
         torch.distributions.Distribution.set_default_validate_args(previous)
+
+
+def test_distribution_validation_skips_empty_tensors():
+    """An empty parameter has no value to check (and torch's independent constraint cannot
+    reshape 0 elements): validation is off for it whatever the choice, on for the rest."""
+    from probloss._validation import distribution_validate_args, validate_sample
+
+    empty, full = torch.zeros(0, 2), torch.zeros(3, 2)
+    assert not distribution_validate_args(True, empty)
+    assert not distribution_validate_args(None, full, empty)
+    assert distribution_validate_args(True, full)
+    d = BivariateNormal(full, full, torch.zeros(3), validate_args=True)
+    validate_sample(d, torch.zeros(0, 3, 2))  # nothing to check, no error
+    with pytest.raises(ValueError, match="value"):
+        validate_sample(d, torch.zeros(3, 3))  # a non-empty value is still checked

@@ -14,7 +14,9 @@ Where the numbers come from
 * Sampling: a fixed seed and N = 200000 draws; sample means within 5 standard errors
   ``s_i / sqrt(N)``; sample covariances within 5 standard errors
   ``sqrt((S_ii S_jj + S_ij^2) / N)`` (the variance of a Gaussian sample covariance); the
-  pathwise gradient against its closed form for the same noise (re-drawn with the seed).
+  pathwise gradient against its closed form for the same noise (re-drawn with the seed);
+  float16 draws against ``e exp(log_scale)`` in float64 for the same noise, one float16
+  ulp (a single rounding of a float32 computation).
 
 Bounds: covariance / Cholesky / entropy 1e-12 relative (float64; measured <= 4e-16 except
 scipy's entropy, 1e-15), saturated Cholesky entry and entropy ``8 eps`` of their size
@@ -334,3 +336,42 @@ def test_samples_on_the_line_at_saturated_correlation():
     z = d.sample((1000,)) / d.scale
     assert torch.isfinite(z).all()
     assert ((z[:, 0] - z[:, 1]).abs() <= 1e-6 * (1 + z[:, 0].abs())).all()
+
+
+def test_float16_samples_are_computed_in_float32():
+    """float16 log_scale = 12: exp(12) = 162755 overflows float16, but draws
+    e * exp(12) with |e| < 0.40 are representable. Samples are computed in float32 and
+    rounded once (issue 10's one dtype rule), so each is within one float16 ulp of the
+    float64 value ``e exp(12)`` (e re-drawn in float32 with the seed; rho = 0), and inf
+    only where that value exceeds float16's range."""
+    loc = torch.zeros(50, 2, dtype=torch.float16)
+    log_scale = torch.full((50, 2), 12.0, dtype=torch.float16)
+    d = BivariateNormal(loc, log_scale, torch.zeros(50, dtype=torch.float16))
+    torch.manual_seed(4)
+    x = d.sample()
+    torch.manual_seed(4)
+    ref = torch.randn(50, 2).double() * math.exp(12.0)
+    assert x.dtype == torch.float16
+    small = ref.abs() < 65504
+    assert small.any() and (~small).any()  # both regimes are exercised
+    ulp = torch.finfo(torch.float16).eps * 2.0 ** torch.floor(torch.log2(ref.abs()))
+    assert ((x.double() - ref).abs()[small] <= ulp[small]).all()
+    big = ref.abs() > 65520  # rounds to inf in float16
+    assert torch.equal(x.double()[big], ref.sign()[big] * math.inf)
+
+
+def test_empty_batch_in_empty_out():
+    """Batch (0,) with validate_args=True (nothing to check; torch's independent
+    constraint cannot reshape 0 elements, issue 10): every method returns an empty tensor;
+    a non-empty distribution evaluates an empty sample (sample_shape (0,))."""
+    d = BivariateNormal(torch.zeros(0, 2), torch.zeros(0, 2), torch.zeros(0), validate_args=True)
+    assert d.batch_shape == (0,) and d.event_shape == (2,)
+    value = torch.zeros(0, 2, requires_grad=True)
+    d.log_prob(value).sum().backward()
+    assert d.log_prob(value).shape == (0,) and value.grad.shape == (0, 2)
+    assert d.sample((3,)).shape == d.rsample((3,)).shape == (3, 0, 2)
+    assert d.entropy().shape == (0,)
+    assert d.mean.shape == d.variance.shape == d.mode.shape == (0, 2)
+    assert d.covariance_matrix.shape == d.scale_tril.shape == (0, 2, 2)
+    full = BivariateNormal(torch.zeros(2), torch.zeros(2), torch.tensor(0.0), validate_args=True)
+    assert full.log_prob(full.sample((0,))).shape == (0,)
