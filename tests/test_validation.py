@@ -126,3 +126,23 @@ def test_distribution_validation_skips_empty_tensors():
     validate_sample(d, torch.zeros(0, 3, 2))  # nothing to check, no error
     with pytest.raises(ValueError, match="value"):
         validate_sample(d, torch.zeros(3, 3))  # a non-empty value is still checked
+
+
+def test_loss_tensors_convert_numbers_to_the_tensors_dtype():
+    """_dtype.loss_tensors' documented rules: tensors decide the dtype (half -> float32),
+    Python numbers are converted straight to it (the float64 value of 0.1, not its float32
+    rounding), None is dropped, and with no tensor the default dtype is used;
+    promote_float_tensors keeps half precision."""
+    from probloss._dtype import loss_tensors, promote_float_tensors
+
+    out = loss_tensors(x=torch.zeros(2, dtype=torch.float64), c=0.1, skip=None)
+    assert set(out) == {"x", "c"} and out["c"].dtype == torch.float64 and out["c"].item() == 0.1
+    half = loss_tensors(x=torch.zeros(2, dtype=torch.bfloat16), c=0.1)
+    assert half["x"].dtype == half["c"].dtype == torch.float32
+    assert loss_tensors(c=0.5)["c"].dtype == torch.get_default_dtype()
+    a, b = promote_float_tensors(
+        a=torch.zeros(1, dtype=torch.float16), b=torch.zeros(1, dtype=torch.float16)
+    )
+    assert a.dtype == b.dtype == torch.float16
+    a, b = promote_float_tensors(a=torch.zeros(1, dtype=torch.float16), b=torch.zeros(1))
+    assert a.dtype == b.dtype == torch.float32

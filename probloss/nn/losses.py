@@ -93,7 +93,9 @@ class GaussianNLLLoss(nn.Module):
     * ``eps`` is a soft floor: the loss is that of ``var + eps``, with its exact gradient.
       torch clamps ``var`` at ``eps`` in place under ``no_grad``, a straight-through clamp:
       below ``eps`` the value is constant but the gradient is that of ``var = eps``, the same
-      for every smaller ``var``. Where ``var >> eps`` the two agree to a relative ``eps/var``.
+      for every smaller ``var``. Where ``var >= eps`` the two differ per element by at most
+      :math:`\tfrac12 (\epsilon/\sigma^2)(1 + (x - \mu)^2/\sigma^2)` (first order in
+      :math:`\epsilon/\sigma^2`, from :math:`\log(1 + t) \le t`).
     * A negative ``var`` raises ``ValueError`` only when values are validated
       (``validate_args=None``: CPU tensors only), so a GPU step never waits for the host.
 

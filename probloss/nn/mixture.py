@@ -271,10 +271,10 @@ class MixtureNLLLoss(nn.Module):
     Args:
         reduction: ``"mean"`` (over events), ``"sum"`` or ``"none"``.
         nan_policy: ``"raise"`` raises ``ValueError`` for NaN in ``target`` (checked for
-            CPU tensors only, so a GPU step never waits for the host; NaN propagates
-            otherwise); ``"mask"`` ignores every event with a NaN coordinate: it is
-            evaluated at the mixture's (detached) mean instead, its loss and gradient are
-            0, and ``"mean"`` divides by the number of the other events.
+            CPU tensors only, so a GPU step never waits for the host); ``"mask"``
+            ignores every event with a NaN coordinate: it is evaluated at the mixture's
+            (detached) mean instead, its loss and gradient are 0, and ``"mean"`` divides
+            by the number of the other events.
 
     Example:
         >>> _ = torch.manual_seed(0)

@@ -45,6 +45,7 @@ from probloss.distributions.mixture import (
 from probloss.distributions.normal import Normal
 from probloss.functional.mixture import (
     bivariate_normal_mixture_log_prob,
+    multivariate_normal_mixture_log_prob,
     normal_mixture_log_prob,
 )
 from probloss.functional.mixture_sampling import (
@@ -431,6 +432,7 @@ def test_full_covariance_agrees_with_torch_mixture_same_family_float64():
     ref = MixtureSameFamily(Categorical(logits=logits), MultivariateNormal(loc, scale_tril=tril))
     assert d.batch_shape == (B,) and d.event_shape == (D,)
     x = torch.cat((d.sample((20,)), d.mean + 5 * d.stddev[None]), 0)
+    assert torch.equal(d.log_prob(x), multivariate_normal_mixture_log_prob(x, logits, loc, tril))
     got, want = d.log_prob(x).numpy().ravel(), ref.log_prob(x).numpy().ravel()
     assert_within(got, want, 1e-12 * np.maximum(np.abs(want), 1.0), range(got.size), "log_prob")
     for moment in ("mean", "variance"):
@@ -459,6 +461,17 @@ def test_full_covariance_sample_moments_and_temperature():
     assert torch.equal(d.sample_with_temperature(0.0, (2,)), d.mode.expand(2, B, D))
     draws = [d.sample_with_temperature(0.5, (4,), torch.Generator().manual_seed(9)) for _ in "ab"]
     assert torch.equal(*draws)
+    # temperature tau scales each covariance by tau: one component, variance tau diag(L L^T)
+    one = MultivariateNormalMixture(d.logits[:, :1], d.loc[:, :1], d.scale_tril[:, :1])
+    cold = one.sample_with_temperature(0.25, (n,))
+    var = 0.25 * one.variance
+    assert_within(cold.var(0).numpy().ravel(), var.numpy().ravel(),
+                  5 * (var * math.sqrt(2.0 / n)).numpy().ravel(), range(B * D), "tau")  # fmt: skip
+    # no reparameterised sampler; sample() records no graph
+    with pytest.raises(NotImplementedError, match="rsample"):
+        d.rsample()
+    loc = d.loc.clone().requires_grad_()
+    assert not MultivariateNormalMixture(d.logits, loc, d.scale_tril).sample().requires_grad
 
 
 def test_full_covariance_shapes_and_errors():

@@ -215,6 +215,26 @@ def test_log_prob_and_gradient_finite_for_extreme_features(component, min_scale,
         assert torch.isfinite(p.grad).all(), name
 
 
+def test_full_covariance_floor_is_min_scale_when_positive():
+    """The documented floor of L's diagonal: min_scale if positive (else the float32
+    default, see the next test), fixed at construction whatever the module's dtype."""
+    head = _head("full", min_scale=1e-3)
+    assert head.min_diag == 1e-3
+    mixture = head.double()(torch.full((2, IN), -1e4, dtype=torch.float64))
+    diag = torch.diagonal(mixture.scale_tril, dim1=-2, dim2=-1)
+    assert (diag >= 1e-3).all()
+
+
+def test_loss_never_reads_non_cpu_values():
+    """nan_policy="raise" checks targets of CPU tensors only (a GPU step never waits for
+    the host): on meta tensors, which have no values, any read would raise."""
+    head = _head("bivariate").to("meta")
+    features, target = torch.zeros(4, IN, device="meta"), torch.zeros(4, 2, device="meta")
+    for reduction in ("mean", "sum", "none"):
+        out = MixtureNLLLoss(reduction)(head(features), target)
+        assert out.device.type == "meta"
+
+
 def test_full_covariance_finite_for_extreme_features():
     """The diagonal of L is floored at min_diag (3.45e-4 by default): finite log density
     and gradient even where softplus(raw) underflows to 0 (raw ~ -1e3)."""
