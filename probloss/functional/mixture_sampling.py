@@ -9,7 +9,8 @@ unconstrained parameters: mixture ``logits`` :math:`\ell` of shape ``(*, K)`` (w
 broadcast like torch.
 
 Everything is vectorised: one call draws every point of every batch element, with no
-Python loop over points or components.
+Python loop over points or components. A batch of no mixtures, or a ``sample_shape`` with
+a 0, gives an empty result of the documented shape.
 
 **Temperature** (sketch-rnn, section 3.3): sampling at temperature :math:`\tau \ge 0` draws
 from the mixture with
@@ -28,10 +29,13 @@ G_k)` with :math:`G_k = -\log(-\log U_k)`, :math:`U_k \sim U[0, 1)` independent,
 draw from :math:`\operatorname{Categorical}(\pi(\tau))` (subtracting the maximum keeps
 the scaled logits :math:`\le 0`, so a tiny :math:`\tau` cannot overflow to ``inf``).
 A component with logit ``-inf`` is never drawn. The uniforms have the resolution of the
-compute dtype (float32: multiples of :math:`2^{-24}`, so :math:`G_k \le 16.6`): a
-component whose scaled logit lies more than about 19 below the largest (probability
-below :math:`e^{-19} = 6 \cdot 10^{-9}`) is drawn with probability 0 in float32; in
-float64 the cut-off is about 40.
+compute dtype (``torch.rand``'s float32 values are multiples of :math:`2^{-24}`, so
+:math:`G_k \le 16.6`), and a uniform of exactly 0 is read as the middle of its cell,
+:math:`\epsilon/4` (:math:`2^{-25}`: :math:`G_k \ge -2.85`; as 0 it would give
+:math:`G_k = -\infty` and hand the draw to any other component): a component whose
+scaled logit lies more than 19.5 below the largest (probability below
+:math:`e^{-19.5} = 3 \cdot 10^{-9}`) is never drawn in float32; in float64 the cut-off
+is 40.4.
 
 **Gradients**: the draw :math:`x = \mu_k + \sigma_k\sqrt\tau\,\epsilon` is differentiable
 in ``loc``, ``log_scale`` and ``atanh_rho`` *for the drawn component* (the conditional
@@ -142,8 +146,11 @@ def _component_index(
         dtype=logits.dtype,
         device=logits.device,
     )
-    # -log(-log U) ~ Gumbel(0, 1); U = 0 gives -inf (that component simply loses)
-    gumbel = -torch.log(-torch.log(u))
+    # U = 0 stands for the cell [0, eps/2) of torch.rand's grid: read it as its middle, eps/4
+    # (exact for the grid: no other value moves); as 0, G = -inf would make the most
+    # probable component lose to any other, probability eps/2 per draw whatever the logits
+    u.clamp_(min=torch.finfo(u.dtype).eps / 4)
+    gumbel = -torch.log(-torch.log(u))  # -log(-log U) ~ Gumbel(0, 1)
     return (shifted + gumbel).argmax(-1)
 
 
@@ -166,9 +173,48 @@ def _sech(atanh_rho: Tensor) -> Tensor:
     return 2.0 * g / (1.0 + g * g)
 
 
-def _weighted_sum(weights: Tensor, t: Tensor) -> Tensor:
-    """``sum_k pi_k t_k`` for ``weights (*, K)`` and ``t (*, K, D)``: shape ``(*, D)``."""
-    return (weights.unsqueeze(-1) * t).sum(-2)
+def _weights(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(log w, zero, total)`` with ``pi = e^{log w} / total``, for weighted sums.
+
+    ``log w = l - max l <= 0`` (the detached maximum: ``softmax`` does not depend on the
+    shift, and ``l - max l`` is exact for logits within a factor 2 of the maximum),
+    ``total = sum_k e^{log w_k}`` in ``[1, K]``, ``zero`` where ``log w = -inf`` (a zero
+    weight). Sums are formed as ``sum_k e^{log w_k} t_k / total``: the weights are never
+    rounded to a float of their own, so a weight below the float range (``e^{-110}`` in
+    float32) still scales a ``t`` of ``1e38``, and equal weights give exact results.
+    """
+    log_w = logits - logits.detach().amax(-1, keepdim=True)
+    return log_w, log_w == -math.inf, torch.exp(log_w).sum(-1, keepdim=True)
+
+
+def _weighted(t: Tensor, log_w: Tensor, zero: Tensor) -> Tensor:
+    """``e^{log w_k} t_k`` for ``t (*, K, D)`` in one rounding, finite wherever the product
+    is (:func:`~probloss.special.mul_exp`); a zero weight gives exactly 0 whatever ``t`` is
+    (``inf`` or NaN included: ``t`` is replaced there, double-where)."""
+    safe = torch.where(zero.unsqueeze(-1), 0.0, t)
+    return mul_exp(safe, log_w.unsqueeze(-1))
+
+
+def _mixture_mean(log_w: Tensor, zero: Tensor, total: Tensor, loc: Tensor) -> Tensor:
+    """``m = sum_k pi_k mu_k``, ``(*, D)``: correctly rounded products, one sum, one division."""
+    return _weighted(loc, log_w, zero).sum(-2) / total
+
+
+def _spread(log_w: Tensor, zero: Tensor, total: Tensor, loc: Tensor) -> Tensor:
+    """``e^{log w_k / 2} (mu_k - m)``, ``(*, K, D)``: its square (or the product of two of
+    its coordinates) is ``total pi_k`` times the squared deviation, and overflows only if
+    that does."""
+    m = _mixture_mean(log_w, zero, total, loc).unsqueeze(-2)
+    return _weighted(loc - m, 0.5 * log_w, zero)
+
+
+def _weighted_exp(log_w: Tensor, zero: Tensor, t: Tensor) -> Tensor:
+    """``e^{log w_k + t_k}`` for ``t (*, K, ...)``, log variances of the components: no
+    ``exp(t)`` alone, which overflows where the weighted term does not; a zero weight gives
+    0 even for ``t = inf`` (``t`` replaced there, double-where)."""
+    extra = (None,) * (t.dim() - log_w.dim())
+    safe = torch.where(zero[(..., *extra)], 0.0, t)
+    return torch.exp(log_w[(..., *extra)] + safe)
 
 
 # ======================================================================================
@@ -249,6 +295,12 @@ def normal_mixture_sample(
 def normal_mixture_mean(logits: Tensor, loc: Tensor) -> Tensor:
     r"""Mean of a mixture of normals, :math:`\sum_k \pi_k \mu_k`, shape ``(*, D)``.
 
+    Each product :math:`\pi_k\mu_k` is formed as ``mul_exp(mu_k, l_k - max l)`` (then
+    divided by :math:`\sum_j e^{l_j - \max l}`), never from a rounded weight: a weight below
+    the float range (:math:`e^{-110}` in float32) still counts against a mean of ``1e38``,
+    and a zero weight (logit ``-inf``) contributes exactly 0, even against an infinite
+    mean. Finite wherever the result is.
+
     Args:
         logits: mixture logits, shape ``(*, K)``; :math:`\pi = \operatorname{softmax}`.
         loc: component means, shape ``(*, K, D)``.
@@ -258,7 +310,7 @@ def normal_mixture_mean(logits: Tensor, loc: Tensor) -> Tensor:
         tensor([1.])
     """
     (logits, loc), dtype = _prepare(None, logits=logits, loc=loc)
-    return _weighted_sum(torch.softmax(logits, -1), loc).to(dtype)
+    return _mixture_mean(*_weights(logits), loc).to(dtype)
 
 
 def normal_mixture_variance(logits: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
@@ -270,7 +322,12 @@ def normal_mixture_variance(logits: Tensor, loc: Tensor, log_scale: Tensor) -> T
 
     the expected within-component variance plus the variance of the component means,
     summed as non-negative terms (never :math:`\mathbb E[x^2] - m^2`, which cancels when
-    the spread is small next to the mean).
+    the spread is small next to the mean). Each term is formed without its factors:
+    :math:`\pi_k\sigma_k^2 = e^{\log\pi_k + 2\log\sigma_k}` and
+    :math:`\pi_k(\mu_k - m)^2 = (\sqrt{\pi_k}(\mu_k - m))^2`, so a term is finite
+    wherever it is representable (:math:`\sigma^2 = e^{120}` at weight :math:`e^{-100}` in
+    float32), and a zero-weight component contributes exactly 0, whatever its
+    ``log_scale`` or ``loc`` (``inf`` included).
 
     Args:
         logits: mixture logits, shape ``(*, K)``.
@@ -283,9 +340,10 @@ def normal_mixture_variance(logits: Tensor, loc: Tensor, log_scale: Tensor) -> T
         tensor([5.])
     """
     (logits, loc, log_scale), dtype = _prepare(None, logits=logits, loc=loc, log_scale=log_scale)
-    weights = torch.softmax(logits, -1)
-    spread = (loc - _weighted_sum(weights, loc).unsqueeze(-2)).square()
-    return _weighted_sum(weights, torch.exp(2.0 * log_scale) + spread).to(dtype)
+    log_w, zero, total = _weights(logits)
+    within = _weighted_exp(log_w, zero, 2.0 * log_scale)  # total pi sigma^2
+    between = _spread(log_w, zero, total, loc).square()  # total pi (mu - m)^2
+    return ((within + between).sum(-2) / total).to(dtype)
 
 
 def normal_mixture_mode(logits: Tensor, loc: Tensor) -> Tensor:
@@ -387,6 +445,9 @@ def bivariate_normal_mixture_sample(
 def bivariate_normal_mixture_mean(logits: Tensor, loc: Tensor) -> Tensor:
     r"""Mean :math:`\sum_k \pi_k \mu_k` of a bivariate normal mixture, shape ``(*, 2)``.
 
+    Computed as :func:`normal_mixture_mean` (weights below the float range still count,
+    zero weights contribute exactly 0).
+
     Args:
         logits: mixture logits, shape ``(*, K)``.
         loc: component means, shape ``(*, K, 2)``.
@@ -396,7 +457,7 @@ def bivariate_normal_mixture_mean(logits: Tensor, loc: Tensor) -> Tensor:
         tensor([1., 2.])
     """
     (logits, loc), dtype = _prepare(2, logits=logits, loc=loc)
-    return _weighted_sum(torch.softmax(logits, -1), loc).to(dtype)
+    return _mixture_mean(*_weights(logits), loc).to(dtype)
 
 
 def bivariate_normal_mixture_covariance(
@@ -410,8 +471,9 @@ def bivariate_normal_mixture_covariance(
             \rho_k\sigma_{k1}\sigma_{k2} & \sigma_{k2}^2 \end{pmatrix},
 
     :math:`m = \sum_k \pi_k\mu_k`, :math:`\rho_k = \tanh a_k`,
-    :math:`\sigma_{k1}\sigma_{k2} = e^{\log\sigma_{k1} + \log\sigma_{k2}}`. The diagonal
-    is :func:`normal_mixture_variance`.
+    :math:`\pi_k\sigma_{k1}\sigma_{k2} = e^{\log\pi_k + \log\sigma_{k1} + \log\sigma_{k2}}`.
+    The diagonal is :func:`normal_mixture_variance` (the same terms, so the same results;
+    zero weights contribute exactly 0).
 
     Args:
         logits: mixture logits, shape ``(*, K)``.
@@ -429,12 +491,12 @@ def bivariate_normal_mixture_covariance(
     (logits, loc, log_scale, atanh_rho), dtype = _prepare(
         2, logits=logits, loc=loc, log_scale=log_scale, atanh_rho=atanh_rho
     )
-    weights = torch.softmax(logits, -1)
-    d1, d2 = (loc - _weighted_sum(weights, loc).unsqueeze(-2)).unbind(-1)
-    v1, v2 = torch.exp(2.0 * log_scale).unbind(-1)
-    cross = torch.tanh(atanh_rho) * torch.exp(log_scale.sum(-1))  # rho s1 s2
+    log_w, zero, total = _weights(logits)  # every term below is total * pi_k * (...)
+    d1, d2 = _spread(log_w, zero, total, loc).unbind(-1)  # sqrt(total pi) (mu - m)
+    v1, v2 = _weighted_exp(log_w, zero, 2.0 * log_scale).unbind(-1)  # sigma_i^2
+    cross = torch.tanh(atanh_rho) * _weighted_exp(log_w, zero, log_scale.sum(-1))  # rho s1 s2
     terms = torch.stack((v1 + d1 * d1, cross + d1 * d2, v2 + d2 * d2), -1)  # (*, K, 3)
-    c11, c12, c22 = _weighted_sum(weights, terms).unbind(-1)
+    c11, c12, c22 = (terms.sum(-2) / total).unbind(-1)
     return torch.stack((c11, c12, c12, c22), -1).unflatten(-1, (2, 2)).to(dtype)
 
 

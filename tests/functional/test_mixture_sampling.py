@@ -14,6 +14,9 @@ Where the numbers come from
   4 d_i d_j S_ij + S_ii S_jj + 2 S_ij^2`` for ``Y ~ N(0, S)``, summed over components).
 * Most-probable-component mode and ``temperature=0``: ``loc[argmax(logits)]`` by numpy
   indexing.
+* Summaries with weights below the float32 range: the centred sums in float64 numpy
+  (:func:`_np_summaries`), where ``e^{-110}`` is a normal number; with a zero weight: the
+  live component's own mean / variance / ``rho s1 s2`` (closed form, exact).
 * Pathwise gradients: their closed forms for the drawn component (``dx/dloc = 1``,
   ``dx/dlog_scale = x - mu``, ``dx2/datanh_rho = s2 (z1 - rho z2)``), evaluated on the
   samples themselves in float64.
@@ -663,3 +666,154 @@ def test_conditional_pathwise_gradients():
     counts = np.bincount(k, minlength=3)
     assert np.array_equal(loc.grad.numpy(), np.repeat(counts[:, None], 2, 1).astype(float))
     assert logits.grad is None
+
+
+# ======================================================================================
+# Issue 10: zero and underflowing weights in the summaries; empty batches
+# ======================================================================================
+
+INF = math.inf
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_zero_weight_component_with_overflowing_terms_contributes_nothing(dtype):
+    """Issue 10: ``normal_mixture_variance([0, -inf], [[0], [3]], [[0], [50]])`` was NaN
+    (``0 * exp(100) = 0 * inf``); exact 1. A zero weight times anything, finite or infinite
+    (a ``sigma^2`` or ``mu^2`` beyond the range, ``inf`` parameters), contributes exactly 0
+    to mean, variance and covariance: the results equal those of the live component alone
+    (closed form: its mean, ``sigma^2``, ``rho s1 s2``), exactly; every gradient is finite
+    and the zero-weight component's are 0."""
+    big_log_scale = 50.0 if dtype == torch.float32 else 400.0  # sigma^2 overflows
+    big_loc = 1e20 if dtype == torch.float32 else 1e160  # (mu - m)^2 overflows
+    logits = torch.tensor([[0.0, -INF]] * 4, dtype=dtype)
+    loc = torch.tensor(
+        [[[0.0, 1.0], [3.0, 3.0]], [[0.5, 2.0], [big_loc, -big_loc]], [[0.0, 0.0], [INF, -INF]],
+         [[1.0, -1.0], [0.0, 0.0]]], dtype=dtype,
+    )  # fmt: skip
+    log_scale = torch.tensor(
+        [[[0.0, 0.5], [big_log_scale, 0.0]], [[0.0, 0.0], [0.0, 0.0]],
+         [[0.25, 0.0], [INF, INF]], [[0.0, 0.0], [big_log_scale, big_log_scale]]], dtype=dtype,
+    )  # fmt: skip
+    a = torch.tensor([[0.5, 0.3]] * 4, dtype=dtype)
+    leaves = [t.clone().requires_grad_(True) for t in (logits, loc, log_scale, a)]
+    mean = normal_mixture_mean(*leaves[:2])
+    var = normal_mixture_variance(*leaves[:3])
+    cov = bivariate_normal_mixture_covariance(*leaves)
+    assert torch.equal(mean, loc[:, 0])
+    assert torch.equal(bivariate_normal_mixture_mean(*leaves[:2]), loc[:, 0])
+    assert torch.equal(var, torch.exp(2 * log_scale[:, 0]))
+    assert torch.equal(torch.diagonal(cov, dim1=-2, dim2=-1), var)
+    cross = torch.tanh(a[:, 0]) * torch.exp(log_scale[:, 0].sum(-1))
+    assert torch.equal(cov[:, 0, 1], cross) and torch.equal(cov[:, 1, 0], cross)
+    (mean.sum() + var.sum() + cov.sum()).backward()
+    for leaf in leaves:
+        assert torch.isfinite(leaf.grad).all()
+        assert (leaf.grad[:, 1] == 0).all()
+
+
+def _np_summaries(logits, loc, log_scale):
+    """float64 numpy: weights ``softmax``, mean, per-dimension variance, and the bounds'
+    magnitudes ``sum_k pi_k |mu_k| (K + 4 + |l_k - max l|)`` (mean) and
+    ``sum_k pi_k (sigma^2 (K + 4 + |l_k - max l| + 2|log sigma|) + (|mu| + |m|)^2 (K + 4 +
+    |l_k - max l|))`` (variance)."""
+    logits, loc, log_scale = (np.asarray(t, dtype=np.float64) for t in (logits, loc, log_scale))
+    k = logits.shape[-1]
+    shift = logits - logits.max(-1, keepdims=True)
+    w = np.exp(shift)
+    w = w / w.sum(-1, keepdims=True)
+    mean = np.einsum("...k,...kd->...d", w, loc)
+    var2 = np.exp(2 * log_scale)
+    dev = (loc - mean[..., None, :]) ** 2
+    var = np.einsum("...k,...kd->...d", w, var2 + dev)
+    cond = (k + 4 + np.abs(shift))[..., None]
+    s_mean = np.einsum("...k,...kd->...d", w, np.abs(loc) * cond)
+    spread = (np.abs(loc) + np.abs(mean)[..., None, :]) ** 2
+    s_var = np.einsum("...k,...kd->...d", w, var2 * (cond + 2 * np.abs(log_scale)) + spread * cond)
+    return mean, var, s_mean, s_var
+
+
+def test_weights_below_the_float_range_still_count_float32():
+    """Issue 10: float32 ``normal_mixture_mean`` dropped a component whose weight underflows
+    (``e^{-110}`` is 0 in float32, yet ``e^{-110} 1e38 = 1.7e-10`` is the whole mean when the
+    other component sits at 0), and a weight of ``e^{-100}`` (subnormal) kept one digit.
+    Likewise the variance: ``pi sigma^2`` with ``sigma^2 = e^{120}`` beyond the range but
+    ``pi sigma^2 = e^{20}``, and ``pi (mu - m)^2`` with ``(mu - m)^2 = 1e60``. Against float64
+    numpy, within ``4 eps`` times the stated magnitudes (:func:`_np_summaries`): each term
+    carries the rounding of its exponent ``l_k - max l`` (relative ``eps |l_k - max l|``),
+    of ``mul_exp`` and the sum and division (a few eps each, ``K + 4`` in all), and the
+    variance also that of ``2 log sigma`` and of the deviation ``mu - m``; plus, for results
+    in the subnormal range (``e^{-100}`` times 1), an absolute ``4 K`` subnormal spacings
+    (``2^{-149}``: each of the ``K`` products, the sum and the division round to it)."""
+    logits = torch.tensor(
+        [[0.0, -110.0], [0.0, -100.0], [-100.0, 0.0], [0.0, -100.0], [0.0, -100.0], [0.0, -90.0]]
+    )
+    loc = torch.tensor(
+        [[[0.0, 1.0], [1e38, -1e38]], [[0.0, 0.0], [1e38, 3e38]], [[1e38, -2e38], [0.0, 1.0]],
+         [[0.0, 0.0], [1.0, -1.0]], [[0.0, 0.0], [1e30, -1e30]], [[1.0, 1.0], [-3e38, 3e38]]],
+    )  # fmt: skip
+    log_scale = torch.zeros(6, 2, 2)
+    log_scale[3, 1] = 60.0
+    eps = torch.finfo(torch.float32).eps
+    mean_ref, var_ref, s_mean, s_var = _np_summaries(logits, loc, log_scale)
+    subnormal = 4 * 2 * 2.0**-149  # 4 K spacings, K = 2
+    s_mean, s_var = s_mean + subnormal / (4 * eps), s_var + subnormal / (4 * eps)
+    labels = list(np.ndindex(6, 2))
+    for fn in (normal_mixture_mean, bivariate_normal_mixture_mean):
+        got = fn(logits, loc).double().numpy()
+        assert_within(got.ravel(), mean_ref.ravel(), 4 * eps * s_mean.ravel(), labels, "mean")
+    got = normal_mixture_variance(logits, loc, log_scale).double().numpy()
+    assert_within(got.ravel(), var_ref.ravel(), 4 * eps * s_var.ravel(), labels, "variance")
+    cov = bivariate_normal_mixture_covariance(logits, loc, log_scale, torch.zeros(6, 2))
+    diag = torch.diagonal(cov, dim1=-2, dim2=-1).double().numpy()
+    assert_within(diag.ravel(), var_ref.ravel(), 4 * eps * s_var.ravel(), labels, "cov diag")
+
+
+@pytest.mark.parametrize(("batch", "sample_shape"), [((0,), ()), ((2,), (0,)), ((0,), (3,))])
+def test_empty_batch_or_sample_shape(batch, sample_shape):
+    """Issue 10: no mixtures (batch of 0) or no draws (``sample_shape`` with a 0): every
+    function returns an empty tensor of the documented shape, and back-propagates."""
+    k = 3
+    params = [torch.zeros(*batch, k), torch.zeros(*batch, k, 2), torch.zeros(*batch, k, 2),
+              torch.zeros(*batch, k)]  # fmt: skip
+    leaves = [t.requires_grad_(True) for t in params]
+    lg, lc, ls, a = leaves
+    outputs = [
+        (normal_mixture_sample(lg, lc, ls, sample_shape=sample_shape), (*sample_shape, *batch, 2)),
+        (bivariate_normal_mixture_sample(lg, lc, ls, a, sample_shape=sample_shape),
+         (*sample_shape, *batch, 2)),
+        (normal_mixture_mean(lg, lc), (*batch, 2)),
+        (bivariate_normal_mixture_mean(lg, lc), (*batch, 2)),
+        (normal_mixture_variance(lg, lc, ls), (*batch, 2)),
+        (bivariate_normal_mixture_covariance(lg, lc, ls, a), (*batch, 2, 2)),
+        (normal_mixture_mode(lg, lc), (*batch, 2)),
+        (bivariate_normal_mixture_mode(lg, lc), (*batch, 2)),
+    ]  # fmt: skip
+    for out, shape in outputs:
+        assert out.shape == shape
+        out.sum().backward()
+    for leaf in leaves:
+        assert leaf.grad is None or leaf.grad.shape == leaf.shape
+
+
+@pytest.mark.parametrize(
+    ("dtype", "cut"), [(torch.float32, 19.4879), (torch.float64, 40.3593)], ids=["f32", "f64"]
+)
+def test_gumbel_cut_off_at_the_extreme_uniforms(monkeypatch, dtype, cut):
+    """The documented cut-off, at the worst uniforms (``torch.rand`` patched): the most
+    probable component gets ``U = 0`` and the other the largest value ``1 - eps/2``. A
+    component more than ``G_max - G_min`` below (``-log(-log(1 - eps/2)) + log(-log(eps/4))``
+    = 19.488 (float32) / 40.359 (float64), computed in float64) never wins; just inside the
+    cut-off it does. (Before, ``U = 0`` gave ``G = -inf``, and the component 1000 below won.)"""
+    eps = torch.finfo(dtype).eps
+
+    def extreme_rand(shape, generator=None, dtype=None, device=None):
+        u = torch.full(shape, 1.0 - eps / 2, dtype=dtype, device=device)
+        u[..., 0] = 0.0
+        return u
+
+    monkeypatch.setattr(torch, "rand", extreme_rand)
+    loc = torch.tensor([[-1.0], [1.0]], dtype=dtype)  # (K, D) = (2, 1)
+    for gap, winner in ((cut + 1e-3, 0), (1000.0, 0), (cut - 1e-3, 1)):
+        logits = torch.tensor([0.0, -gap], dtype=dtype)
+        x = normal_mixture_sample(logits, loc, torch.full((2, 1), -30.0, dtype=dtype))
+        assert (x.sign() == loc[winner].sign()).all(), (gap, winner)
