@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .._dtype import as_loss_tensors, promote_float_tensors
 from .._validation import broadcast_shapes, check_in_interval, should_validate
-from ..special import cb_log_partition, cb_mean, safe_where
+from ..special import cb_log_partition, cb_mean, mul_exp, safe_where
 from ..special._dtype import upcast
 
 
@@ -76,10 +76,12 @@ def continuous_bernoulli_cdf(
     The first form (``expm1(z) = z e^{A(z)}`` with :math:`A` =
     :func:`~probloss.special.cb_log_partition`) is exact at and near ``eta = 0``, and so is
     its gradient :math:`F\,(x\,\mu(\eta x) - \mu(\eta))`, where the quotient of ``expm1`` s
-    would differentiate into a cancellation of terms of size ``1/eta``.
+    would differentiate into a cancellation of terms of size ``1/eta``. Outside the
+    support (when not validated) it is 0 below 0 and 1 above 1, with zero gradients.
 
     Args:
-        value: points in ``[0, 1]``, shape broadcastable with ``logits``.
+        value: points, shape broadcastable with ``logits``; outside ``[0, 1]`` only when not
+            validated.
         logits: natural parameter, shape ``(*)``.
         validate_args: as in :func:`continuous_bernoulli_log_prob`.
 
@@ -91,7 +93,12 @@ def continuous_bernoulli_cdf(
     if should_validate(validate_args, value):
         check_in_interval(value, "value", 0.0, 1.0)
     out_dtype = value.dtype
-    value, logits = torch.broadcast_tensors(upcast(value), upcast(logits))
+    raw, logits = torch.broadcast_tensors(upcast(value), upcast(logits))
+    # Outside the support F is 0 below and 1 above; the closed forms (which would
+    # extrapolate, -20 at x = -2) see a safe 1/2 there, so value and gradient are those of
+    # the constant (double where). NaN stays NaN.
+    below, above = raw < 0, raw > 1
+    value = torch.where(below | above, 0.5, raw)
 
     def small(eta: Tensor) -> Tensor:
         return value * torch.exp(cb_log_partition(eta * value) - cb_log_partition(eta))
@@ -106,6 +113,7 @@ def continuous_bernoulli_cdf(
         return safe_where(eta > 0, eta, positive, negative, safe_true=2.0, safe_false=-2.0)
 
     out = safe_where(logits.abs() <= 1.0, logits, small, large, safe_true=0.0, safe_false=2.0)
+    out = torch.where(below, 0.0, torch.where(above, 1.0, out))
     return out.to(out_dtype)
 
 
@@ -145,15 +153,43 @@ class _ContinuousBernoulliIcdf(torch.autograd.Function):
 
 
 def _icdf_value(u: Tensor, logits: Tensor) -> Tensor:
-    eps = torch.finfo(logits.dtype).eps
-    large = logits.abs() >= 1.0
-    # log(1 - u + u e^eta): log-sum-exp for |eta| >= 1 (no overflow, keeps tiny quantiles),
-    # log1p for |eta| < 1; first order in eta below eps (no 0/0).
-    log_sum = torch.logaddexp(torch.log1p(-u), torch.log(u) + logits)
-    moderate = torch.log1p(u * torch.expm1(logits))
-    safe_logits = torch.where(logits.abs() < eps, 1.0, logits)
-    ratio = torch.where(large, log_sum, moderate) / safe_logits
-    return torch.where(logits.abs() < eps, u - 0.5 * logits * u * (u - 1.0), ratio)
+    """``log1p(u expm1(eta)) / eta`` to a few ulp for every ``u`` in [0, 1] and finite ``eta``.
+
+    Runs inside the autograd function's forward (no graph), so the branches need no safe
+    inputs; ``w = u expm1(eta)`` throughout.
+    """
+    finfo = torch.finfo(logits.dtype)
+    # |eta| < 1: x = u (expm1(eta) / eta) (log1p(w) / w), a product of accurate factors; the
+    # quotient log1p(w) / eta would lose digits where w = u eta is subnormal and x is not
+    safe_eta = torch.where(logits == 0, 1.0, logits)
+    exprel = torch.where(logits == 0, 1.0, torch.expm1(safe_eta) / safe_eta)
+    w_small = u * torch.expm1(logits)
+    # log1p(w) / w = 1 - w/2 + w^2/3 - ...: 1 - w/2 is exact to eps^2 for |w| < eps (and
+    # needs no log1p of a subnormal, which may flush to 0)
+    tiny_w = w_small.abs() < finfo.eps
+    safe_w = torch.where(tiny_w, 1.0, w_small)
+    ratio = torch.where(tiny_w, 1.0 - 0.5 * w_small, torch.log1p(safe_w) / safe_w)
+    on_small = (u * exprel) * ratio
+    # eta >= 1: w = u e^eta (1 - e^-eta) by mul_exp (no overflow of e^eta unless of w);
+    # where w does overflow, log1p(w) = log u + eta + log1p(-e^-eta) (+ 1/w, below eps)
+    w_pos = mul_exp(u, logits) * -torch.expm1(-logits)
+    on_overflow = torch.log(u) + logits + torch.log1p(-torch.exp(-logits))
+    log_pos = torch.where(w_pos <= finfo.max, torch.log1p(w_pos), on_overflow)
+    # eta <= -1: 1 + w = (1 - u) + u e^eta is a sum of two non-negative terms; log1p(w) is
+    # exact while 1 + w >= 1/2, below that u > 1/2 and the log of the sum is taken as a
+    # log-sum-exp of log1p(-u) and log u + eta, both exact there (1/|log(1 + w)| <= 1.44)
+    w_neg = u * torch.expm1(logits)
+    log_neg = torch.where(
+        w_neg >= -0.5,
+        torch.log1p(w_neg),
+        torch.logaddexp(torch.log1p(-u), torch.log(u) + logits),
+    )
+    on_large = torch.where(logits > 0, log_pos, log_neg) / logits
+    x = torch.where(logits.abs() < 1.0, on_small, on_large)
+    # The clamp is exact: x lies in [0, 1]; only the last rounding can step outside.
+    x = x.clamp(0.0, 1.0)
+    # Quantiles outside [0, 1] (unvalidated) have no inverse: NaN, as in torch.
+    return torch.where((u < 0) | (u > 1), torch.nan, x)
 
 
 def _log_density(x: Tensor, logits: Tensor) -> Tensor:
@@ -168,23 +204,29 @@ def _log_density(x: Tensor, logits: Tensor) -> Tensor:
 def continuous_bernoulli_icdf(
     quantile: Tensor, logits: Tensor, *, validate_args: bool | None = None
 ) -> Tensor:
-    r"""Inverse CDF of the continuous Bernoulli, stable for every finite logit.
+    r"""Inverse CDF of the continuous Bernoulli, to a few ulp for every finite logit.
 
     .. math::
-        F^{-1}(u) = \frac{\log(1 - u + u e^\eta)}{\eta} = \begin{cases}
+        F^{-1}(u) = \frac{\operatorname{log1p}(w)}{\eta}, \quad w = u\,\operatorname{expm1}(\eta),
+        \qquad \text{evaluated as} \begin{cases}
+            u\,\dfrac{\operatorname{expm1}(\eta)}{\eta}\,\dfrac{\operatorname{log1p}(w)}{w}
+                & |\eta| < 1 \\
+            \operatorname{log1p}\big(u e^\eta (1 - e^{-\eta})\big) / \eta & \eta \ge 1 \\
+            \operatorname{log1p}(w) / \eta & \eta \le -1,\ w \ge -\tfrac12 \\
             \operatorname{logaddexp}(\operatorname{log1p}(-u), \log u + \eta) / \eta
-                & |\eta| \ge 1 \\
-            \operatorname{log1p}(u \operatorname{expm1}(\eta)) / \eta
-                & \epsilon \le |\eta| < 1 \\
-            u - \tfrac12 \eta\,u (u - 1) & |\eta| < \epsilon
+                & \eta \le -1,\ w < -\tfrac12
         \end{cases}
 
-    The log-sum-exp form never overflows and keeps tiny quantiles (samples near 0 when
-    ``eta`` is large, near 1 when it is very negative); ``log1p`` keeps ``|eta| < 1`` exact.
-    The gradient is the implicit-function one, ``dx/du = 1/p(x)`` and
-    ``dx/deta = -u (x mu(eta x) - mu(eta)) / p(x)``: exact, and finite at ``u = 0`` and
-    ``u = 1``. :meth:`ContinuousBernoulli.rsample` uses it, so its gradient in ``logits`` is
-    the reparameterisation (pathwise) gradient.
+    Each form is a product or quotient of accurately rounded factors of the exact inputs
+    (``u e^eta`` by :func:`~probloss.special.mul_exp`, so it overflows only where ``w``
+    does, and then ``log1p(w) = log u + eta + log1p(-e^-eta)``), which keeps tiny
+    quantiles (samples near 0 when ``eta`` is large, near 1 when it is very negative), a
+    subnormal ``u eta`` and ``u`` near 1 accurate: relative error below 8 ulp (tested
+    against mpmath). Quantiles outside ``[0, 1]`` (when not validated) give NaN, as in
+    torch. The gradient is the implicit-function one, ``dx/du = 1/p(x)`` and
+    ``dx/deta = -u (x mu(eta x) - mu(eta)) / p(x)``: finite at ``u = 0`` and ``u = 1``.
+    :meth:`ContinuousBernoulli.rsample` uses it, so its gradient in ``logits`` is the
+    reparameterisation (pathwise) gradient.
 
     Args:
         quantile: ``u`` in ``[0, 1]``, shape broadcastable with ``logits``.

@@ -313,3 +313,17 @@ def test_kolmogorov_smirnov_detects_a_wrong_distribution():
         return continuous_bernoulli_cdf(torch.from_numpy(np.asarray(x)), wrong).numpy()
 
     assert scipy.stats.kstest(samples.numpy(), cdf).pvalue < 1e-3
+
+
+def test_cdf_outside_the_support_is_zero_or_one():
+    """Regression (issue 10): the example of the issue, ``probs=0.2`` without validation,
+    gave ``[-20.0, 0.4537, 1.0431]``; a CDF is 0 below and 1 above the support, as torch's
+    (which is accurate at this moderate logit, so it is the reference; float32 inside the
+    support to 1e-6 relative, the module bound)."""
+    d = ContinuousBernoulli(probs=0.2, validate_args=False)
+    x = torch.tensor([-2.0, 0.3, 1.1])
+    got = d.cdf(x)
+    theirs = TorchCB(probs=0.2, validate_args=False).cdf(x)
+    assert got[0].item() == 0.0 and got[2].item() == 1.0
+    assert theirs[0].item() == 0.0 and theirs[2].item() == 1.0
+    assert math.isclose(got[1].item(), theirs[1].item(), rel_tol=1e-6)
