@@ -14,8 +14,11 @@ Nothing here forms a covariance matrix, inverts one, or takes its Cholesky decom
   Cholesky decomposition that rounding can make fail.
 
 Half-precision inputs are computed and returned in float32 (DESIGN.md, half-precision
-policy). Shapes: events are the last dimension, ``(*, D)``; matrices ``(*, D, D)``; batch
-dimensions broadcast like torch.
+policy); the low-rank form computes float32 inputs in float64 (see
+:func:`lowrank_multivariate_normal_log_prob`: its quadratic form can be ill-conditioned
+beyond float32) and returns float32. Shapes: events are the last dimension, ``(*, D)``;
+matrices ``(*, D, D)``; batch dimensions broadcast like torch (an empty batch gives an
+empty result).
 """
 
 from __future__ import annotations
@@ -347,13 +350,24 @@ def lowrank_multivariate_normal_log_prob(
     collinear columns with :math:`\lVert\tilde W\rVert \approx 3 \cdot 10^3`, as
     ``torch.distributions.LowRankMultivariateNormal`` does. :math:`y` is the QR
     least-squares solution :math:`C^{-1} Q_1^\top \tilde r`. Cost
-    :math:`O(D R^2)` per event instead of :math:`O(D^3)`. Measured against mpmath, the error
-    is below half the first-order effect of relative perturbations ``eps`` of every input
-    entry (that of a backward-stable evaluation) in every dtype, also where
-    ``torch.distributions.LowRankMultivariateNormal`` raises or cancels.
+    :math:`O(D R^2)` per event instead of :math:`O(D^3)`.
 
-    ``log_diag`` must keep :math:`e^{-\ell/2}` finite: :math:`|\ell| < 177` in float32,
-    :math:`|\ell| < 1419` in float64.
+    Accuracy: the evaluation is backward stable, and no working-precision evaluation can do
+    better for a point along a long factor direction: a relative rounding ``u`` of the
+    whitened residual :math:`\tilde r` leaves a component of size :math:`u\lVert\tilde
+    r\rVert` outside the factor's range and moves the Mahalanobis term by
+    :math:`(u\lVert\tilde r\rVert)^2`, whatever the QR or BLAS underneath (0.75 of the log
+    density of the example below in float32). So float32 inputs (and half-precision ones,
+    promoted to float32) are computed in float64 and the result rounded once to float32
+    (except on MPS, which has no float64); float64 inputs in float64. The error is at most
+    ``4 eps (scale + cond) + (4 eps ||r~||)^2`` with ``eps`` that of float64, ``scale``
+    the size of the terms summed and ``cond`` the first-order effect of relative
+    perturbations eps of the inputs, plus half an ulp of a float32 result; gradients in
+    whitened coordinates within ``16 eps G^2``, ``G = 1 + ||r~|| + ||W~||(1 + ||y||)``
+    (tests/functional/test_multivariate_edges.py).
+
+    ``log_diag`` must keep :math:`e^{-\ell/2}` finite in the compute dtype:
+    :math:`|\ell| < 1419` (float64, also for float32 inputs; float32 on MPS: 177).
 
     Args:
         value: points, shape ``(*, D)``.
@@ -375,7 +389,10 @@ def lowrank_multivariate_normal_log_prob(
     Example:
         A point along the factor, with diagonal noise :math:`e^{-30}`: its quadratic form is
         :math:`\approx 1`, which the subtraction form (as in
-        ``torch.distributions.LowRankMultivariateNormal``, 26.3473 here) rounds to 0.
+        ``torch.distributions.LowRankMultivariateNormal``, 26.3473 here) rounds to 0, and a
+        float32 evaluation of the ridge form misses by up to 0.75 depending on the last bit
+        of the QR solution (25.0973 on one CPU). Computed in float64 it is 25.847306...
+        (mpmath), correctly rounded to float32 here on every CPU.
 
         >>> W = torch.tensor([[2.0], [1.0], [-1.0]])
         >>> x = torch.tensor([2.0, 1.0, -1.0])
@@ -393,7 +410,7 @@ def lowrank_multivariate_normal_log_prob(
     )
     if cov_factor.dim() < 2:
         raise _matrix_shape_error("cov_factor", cov_factor, "(*, D, R)")
-    dim, rank = cov_factor.shape[-2:]
+    dim = cov_factor.shape[-2]
     _check_event(
         dim, f"cov_factor {tuple(cov_factor.shape)}", value=value, loc=loc, log_diag=log_diag
     )
@@ -411,6 +428,32 @@ def lowrank_multivariate_normal_log_prob(
             ("log_diag", log_diag),
         ):
             check_not_nan(t, name)
+    out_dtype = value.dtype
+    work = _lowrank_work_dtype(value)
+    value, loc, cov_factor, log_diag = (t.to(work) for t in (value, loc, cov_factor, log_diag))
+    return _lowrank_log_prob(value, loc, cov_factor, log_diag).to(out_dtype)
+
+
+def _lowrank_work_dtype(value: Tensor) -> torch.dtype:
+    """float64 for float32 (and half, already float32) inputs where the device has it.
+
+    The quadratic form of a point along a long factor direction is ill-conditioned: a
+    relative rounding ``u`` of the whitened residual or factor leaves a component ``u
+    ||r~||`` outside the factor's range, and changes the Mahalanobis term by ``(u ||r~||)^2``
+    in *any* working-precision evaluation, QR or not (0.75 of the log density for the
+    example below in float32: ``||r~|| = 8e6``). Computing float32 inputs in float64 makes
+    that ``(1.1e-16 ||r~||)^2``, below float32 rounding for ``||r~|| < 1e12``; the result is
+    then rounded once to float32. MPS has no float64: there the float32 inputs are computed
+    in float32 (backward-stable, within the bound above).
+    """
+    if value.dtype == torch.float32 and value.device.type != "mps":
+        return torch.float64
+    return value.dtype
+
+
+def _lowrank_log_prob(value: Tensor, loc: Tensor, cov_factor: Tensor, log_diag: Tensor) -> Tensor:
+    """The low-rank log density in the dtype of its (already checked) inputs."""
+    dim, rank = cov_factor.shape[-2:]
     inv_sqrt_diag = torch.exp(-0.5 * log_diag)  # d^{-1/2}
     r = (value - loc) * inv_sqrt_diag
     half_log_det = 0.5 * log_diag.sum(-1)  # log det(diag(d)) / 2

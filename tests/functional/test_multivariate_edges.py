@@ -1,0 +1,207 @@
+"""Edge cases of ``probloss.functional.multivariate`` (issue 10): the low-rank log density at
+extreme inputs (value and gradient), huge and infinite inputs, empty batches.
+
+Where the numbers come from
+---------------------------
+mpmath, through the oracles of ``tests/functional/test_multivariate.py`` (the covariance
+``W W^T + diag(e^l)`` formed as a matrix at 80, 160, ... digits until 25 digits agree,
+Gaussian elimination; nothing of the implementation reused), extended here by the gradient
+``d/dx = -v``, ``d/dW = (v v^T - Sigma^{-1}) W``, ``d/dl_i = d_i (v_i^2 - Sigma^{-1}_ii) / 2``
+with ``v = Sigma^{-1} (x - mu)``, and by the whitened sizes below. Inputs are the exact
+values after the cast to the dtype under test.
+
+Bounds
+------
+``eps`` is that of the dtype the computation runs in: float64 for float64 inputs
+and for float32 inputs (computed in float64 and rounded once to float32; see
+``_lowrank_work_dtype``). With ``r~ = d^{-1/2} (x - mu)``, ``W~ = d^{-1/2} W`` and
+``y = W^T v`` (the minimiser of the ridge problem whose optimum is the Mahalanobis term):
+
+* value: a backward-stable evaluation (every input entry perturbed by a relative ``k eps``)
+  errs by the first-order term ``k eps (scale + cond)`` of the module doc of
+  ``test_multivariate.py`` plus the second-order term: the quadratic form changes by
+  ``delta^T Sigma^{-1} delta <= ||d^{-1/2} delta||^2 <= (k eps)^2 ||r~||^2`` for a
+  perturbation ``delta`` of the residual (and the same for the factor rotating a point
+  along it), which no working-precision evaluation avoids for a point along a long
+  factor. With ``k = 4``: ``4 eps (scale + cond) + (4 eps ||r~||)^2``, plus half an ulp of
+  the float32 output.
+* gradients, in whitened (dimensionless) coordinates ``d/dx_i sqrt(d_i)``,
+  ``d/dW_ij sqrt(d_i)``, ``d/dl_i``: each is a product of two whitened quantities (the
+  residual, ``y``, ``W~ K^{-1}``) of size at most ``G = 1 + ||r~|| + ||W~||_F (1 + ||y||)``,
+  each with a backward error of at most ``k eps G``: error ``<= 2 k eps G^2`` with
+  ``k = 8``, plus half an ulp of the float32 output.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import mpmath
+import numpy as np
+import pytest
+import torch
+
+from probloss.functional.multivariate import (
+    lowrank_multivariate_normal_log_prob,
+    multivariate_normal_log_prob,
+    scale_tril_from_raw,
+)
+from tests.functional._checks import FLOAT_DTYPES, HALF_DTYPES, assert_within, dtype_id
+from tests.functional.test_multivariate import (
+    _converged,
+    _key,
+    _lowrank_value,
+    _mpf_vector,
+    _scale,
+    _solve,
+)
+
+F64 = torch.float64
+
+
+def _lowrank_full(x, mu, w, log_diag):
+    """``_lowrank_value``'s four numbers, then ``||r~||``, ``G`` and the gradient entries."""
+    n, rank = len(w), len(w[0])
+    log_p, half_maha, terms, cond = _lowrank_value(x, mu, w, log_diag)
+    wm = [_mpf_vector(row) for row in w]
+    d = [mpmath.exp(mpmath.mpf(t)) for t in log_diag]
+    sigma = [
+        [
+            mpmath.fsum(wm[i][k] * wm[j][k] for k in range(rank)) + (d[i] if i == j else 0)
+            for j in range(n)
+        ]
+        for i in range(n)
+    ]
+    r = [a - b for a, b in zip(_mpf_vector(x), _mpf_vector(mu), strict=True)]
+    identity = [[mpmath.mpf(int(i == j)) for i in range(n)] for j in range(n)]
+    (v, *inv_columns), _ = _solve(sigma, [r, *identity])
+    inv = [[inv_columns[j][i] for j in range(n)] for i in range(n)]
+    root = [mpmath.sqrt(t) for t in d]
+    r_white = mpmath.sqrt(mpmath.fsum((r[i] / root[i]) ** 2 for i in range(n)))
+    w_white = mpmath.sqrt(
+        mpmath.fsum((wm[i][k] / root[i]) ** 2 for i in range(n) for k in range(rank))
+    )
+    y = [mpmath.fsum(wm[i][k] * v[i] for i in range(n)) for k in range(rank)]
+    y_norm = mpmath.sqrt(mpmath.fsum(t * t for t in y))
+    size = 1 + r_white + w_white * (1 + y_norm)
+    grad_x = [-v[i] * root[i] for i in range(n)]
+    grad_w = [
+        mpmath.fsum((v[i] * v[j] - inv[i][j]) * wm[j][k] for j in range(n)) * root[i]
+        for i in range(n)
+        for k in range(rank)
+    ]
+    grad_l = [d[i] * (v[i] ** 2 - inv[i][i]) / 2 for i in range(n)]
+    return (log_p, half_maha, terms, cond, r_white, size, *grad_x, *grad_w, *grad_l)
+
+
+@functools.cache
+def _ref(x, mu, w, log_diag):
+    return _converged(_lowrank_full, x, mu, w, log_diag)
+
+
+def _cases():
+    """(value, W, log_diag) in float64: factors of norm 1e-10, 1, 1e10; diagonal e^-30, 1,
+    e^30 and mixed; points along the factor, orthogonal to it (unscaled), and both."""
+    base1 = torch.tensor([[2.0], [1.0], [-1.0]], dtype=F64)
+    base2 = torch.tensor([[2.0, 0.5], [1.0, -1.0], [-1.0, 0.25], [0.5, 3.0]], dtype=F64)
+    out = []
+    for base, orth in ((base1, [1.0, -1.0, 1.0]), (base2, None)):
+        dim, rank = base.shape
+        if orth is None:  # a vector orthogonal to both columns, from the complete QR
+            q, _ = torch.linalg.qr(base, mode="complete")
+            orth = q[:, rank].tolist()
+        orth_t = torch.tensor(orth, dtype=F64)
+        coef = torch.tensor([1.0, -2.0][:rank], dtype=F64)
+        diags = [
+            torch.full((dim,), -30.0, dtype=F64),
+            torch.zeros(dim, dtype=F64),
+            torch.full((dim,), 30.0, dtype=F64),
+            torch.tensor([-30.0, 30.0, 0.0, -12.0][:dim], dtype=F64),
+        ]
+        for norm, log_diag in itertools.product((1e-10, 1.0, 1e10), diags):
+            w = norm * base
+            along = w @ coef
+            points = (along, norm * orth_t, along + norm * orth_t, 1e-3 * along)
+            for value in points:
+                out.append((value, w, log_diag))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_lowrank_extreme_inputs_value_and_gradient_against_mpmath(dtype):
+    """Issue 10 (the README's test command failed on an AMD EPYC: the float32 QR solution one
+    ulp high, then ``r - W y`` cancelling at 6.5e6). Over log_diag -30 .. 30, factor norms
+    1e-10 .. 1e10, points along and orthogonal to the factor, value and every gradient
+    entry are within the module's bounds, which do not depend on the machine's rounding."""
+    eps = torch.finfo(F64).eps  # the working precision for float32 and float64 inputs
+    out_half_ulp = torch.finfo(dtype).eps / 2 if dtype == torch.float32 else 0.0
+    tiny = torch.finfo(dtype).tiny
+    got_v, exp_v, bnd_v, got_g, exp_g, bnd_g, labels, glabels = ([] for _ in range(8))
+    for value, w, log_diag in _cases():
+        dim = w.shape[0]
+        x = value.to(dtype).clone().requires_grad_()
+        wt = w.to(dtype).clone().requires_grad_()
+        ld = log_diag.to(dtype).clone().requires_grad_()
+        loc = torch.zeros(dim, dtype=dtype)
+        out = lowrank_multivariate_normal_log_prob(x, loc, wt, ld)
+        out.backward()
+        ref = _ref(_key(x), _key(loc), _key(wt), _key(ld))
+        log_p, half_maha, terms, cond, r_white, size = ref[:6]
+        grads = np.array(ref[6:])
+        label = f"|W|={w.norm():.0e} ld={log_diag.tolist()} x={value.tolist()}"
+        labels.append(label)
+        got_v.append(out.item())
+        exp_v.append(log_p)
+        bound = 4 * eps * (_scale(half_maha, terms, dim) + cond) + (4 * eps * r_white) ** 2
+        bnd_v.append(bound + out_half_ulp * abs(log_p) + tiny)
+        root = (0.5 * ld.detach().double()).exp()
+        mine = torch.cat(
+            [x.grad.double() * root, (wt.grad.double() * root[:, None]).flatten(), ld.grad.double()]
+        ).numpy()
+        got_g.extend(mine.tolist())
+        exp_g.extend(grads.tolist())
+        bnd_g.extend((2 * 8 * eps * size**2 + out_half_ulp * np.abs(grads) + tiny).tolist())
+        glabels.extend(f"{label} entry {i}" for i in range(len(grads)))
+    worst = assert_within(got_v, exp_v, bnd_v, labels, f"lowrank value {dtype}")
+    worst_g = assert_within(got_g, exp_g, bnd_g, glabels, f"lowrank gradient {dtype}")
+    print(f"{dtype}: worst value error / bound {worst:.3g}, gradient {worst_g:.3g}")
+
+
+def test_lowrank_issue_example_float32():
+    """The issue's example: 25.8473 (mpmath), was 25.0973 on an AMD EPYC; now within half an
+    ulp of float32 plus the float64 bound (negligible here: 4 eps64 (scale + cond) ~ 3e-14)."""
+    w = torch.tensor([[2.0], [1.0], [-1.0]])
+    x, loc, ld = torch.tensor([2.0, 1.0, -1.0]), torch.zeros(3), torch.full((3,), -30.0)
+    got = lowrank_multivariate_normal_log_prob(x, loc, w, ld).item()
+    ref = _ref(_key(x), _key(loc), _key(w), _key(ld))
+    assert abs(got - ref[0]) <= 2**-24 * abs(ref[0]) + 1e-12
+
+
+# --------------------------------------------------------------------------------------
+# Empty batches
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_empty_batch(dtype):
+    """0 events in, 0 values out (float32 for half inputs), empty gradients: dense and
+    low-rank log densities and scale_tril_from_raw."""
+    compute = torch.float32 if dtype in HALF_DTYPES else dtype
+    x = torch.zeros(0, 3, dtype=dtype, requires_grad=True)
+    loc = torch.zeros(3, dtype=dtype)
+    raw = torch.zeros(0, 6, dtype=dtype, requires_grad=True)
+    tril = scale_tril_from_raw(raw, 3)
+    assert tril.shape == (0, 3, 3) and tril.dtype == compute
+    out = multivariate_normal_log_prob(x, loc, tril)
+    assert out.shape == (0,) and out.dtype == compute
+    out.sum().backward()
+    assert x.grad.shape == (0, 3) and raw.grad.shape == (0, 6)
+    w = torch.ones(0, 3, 2, dtype=dtype, requires_grad=True)
+    ld = torch.zeros(0, 3, dtype=dtype, requires_grad=True)
+    out = lowrank_multivariate_normal_log_prob(torch.zeros(0, 3, dtype=dtype), loc, w, ld)
+    assert out.shape == (0,) and out.dtype == compute
+    out.sum().backward()
+    assert w.grad.shape == (0, 3, 2) and ld.grad.shape == (0, 3)
+    assert math.isnan(out.mean().item()) and out.sum().item() == 0
