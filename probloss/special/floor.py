@@ -43,11 +43,12 @@ def soft_floor(x: Tensor, floor: float | Tensor) -> Tensor:
     than ``m`` in the scale.
 
     Args:
-        x: tensor of shape ``(*)``.
+        x: tensor of shape ``(*)``, any floating dtype (half evaluated in float32).
         floor: the bound, a number or a tensor broadcastable with ``x``.
 
     Returns:
-        Tensor of the broadcast shape.
+        Tensor of the broadcast shape, in torch's promoted dtype of ``x`` and ``floor`` (the
+        dtype of ``x`` for a number).
 
     Example:
         >>> log_scale = torch.tensor([-30.0, 0.0, 5.0])
@@ -55,9 +56,13 @@ def soft_floor(x: Tensor, floor: float | Tensor) -> Tensor:
         tensor([9.1188e-04, 1.0009e+00, 1.4841e+02])
     """
     x = as_float_tensor(x, "x")
+    dtype = torch.result_type(x, floor)  # torch's promotion: a number keeps x's dtype
+    floor = torch.as_tensor(floor, dtype=dtype, device=x.device)
     # m + log(1 + e^{x - m}) = log(e^m + e^x): logaddexp is exact also where the result is
-    # near 0, where the sum of m and softplus(x - m) would cancel.
-    return torch.logaddexp(x, torch.as_tensor(floor, dtype=x.dtype, device=x.device))
+    # near 0, where the sum of m and softplus(x - m) would cancel. Half precision is
+    # evaluated in float32 and rounded once (DESIGN.md: special functions).
+    out = torch.logaddexp(upcast(x.to(dtype)), upcast(floor.to(dtype)))
+    return out.to(dtype)
 
 
 _LOG_SOFTPLUS_TAIL = -20.0  # below: e^x < 2.1e-9, so the dropped e^{2x}/3 is < 1.5e-18 (abs)
