@@ -7,9 +7,9 @@ A mixture density network (Bishop 1994) predicts, per input, mixture ``logits``
     p(x) = \sum_{k=1}^K \pi_k\, p_k(x), \qquad \pi = \operatorname{softmax}(\ell).
 
 The tutorial form multiplies per-dimension densities and takes the log of the weighted sum:
-as soon as a target is 14.4 scales from every mean in float32 (38.6 in float64), every
-:math:`p_k(x)` underflows to 0 and the loss is ``inf`` (its gradient NaN). Here
-everything stays in log space:
+as soon as a target is 14.4 scales from every mean in float32 (38.6 in float64; one
+dimension, unit scales), every :math:`p_k(x)` underflows to 0 and the loss is ``inf``
+(its gradient NaN). Here everything stays in log space:
 
 .. math::
     \log p(x) = \operatorname{logsumexp}_k\big(\log\operatorname{softmax}(\ell)_k
@@ -46,27 +46,28 @@ A batch of no events gives an empty result (and an empty gradient) everywhere.
 
 Fused kernels. With ``fused=True`` (the default) the diagonal and bivariate mixtures run a
 ``torch.autograd.Function`` whose backward is written by hand from the responsibilities.
-It keeps for the backward only the standardised residuals ``(*, K, D)``, the
-responsibilities and the mixture weights ``(*, K)`` (no other intermediate), works in place
-on as few fresh buffers as possible (on CPU, writing a fresh large buffer costs several
-times an in-place pass) and handles the small event dimension one coordinate plane at a
-time (torch's CPU loops over a broadcast innermost dimension of size 2 run 2 elements per
-call). ``fused=False`` is the plain autograd composition of the component log density and
-:func:`mixture_log_prob`. Both agree to the rounding of the terms involved (tested: within
-``1e-5`` (float32) / ``1e-12`` (float64) times the sum of the magnitudes of the terms, in
-value and every gradient). The fused kernels run on CPU where ``exp`` of ``log_scale``
-(and ``atanh_rho``) is a normal float (one ``aminmax`` pass decides); elsewhere, off the
-CPU and while compiling, the plain path runs by itself, so no input is out of bounds. A
-component whose residual or quadratic form overflows (``1e6`` at ``log_scale = -80`` in
-float32) has term ``-inf`` and gradient exactly 0 in both paths. The fused backward is
-not itself differentiated: a double backward (``create_graph=True``, Hessians,
-``gradgradcheck``) recomputes the gradients through the plain path, so it is exact but
-not fast.
+Besides its inputs it keeps for the backward only the standardised residuals ``(*, K, D)``,
+the responsibilities and the mixture weights ``(*, K)`` and the value ``(*)``, works in
+place on as few fresh buffers as possible and handles the small event dimension one
+coordinate plane at a time (torch's CPU loops over a broadcast innermost dimension of size
+2 run 2 elements per call); ``benchmarks/bench_mixture.py`` measures its speed and peak
+memory against the plain path. ``fused=False`` is the plain autograd composition of the
+component log density and :func:`mixture_log_prob`. Both agree to the rounding of the terms
+involved (tested: within ``1e-5`` (float32) / ``1e-12`` (float64) times the sum of the
+magnitudes of the terms, in value and every gradient). The fused kernels run on CPU where
+``exp`` of ``log_scale`` (and ``atanh_rho``) is a normal float (one ``aminmax`` pass
+decides); elsewhere, off the CPU and while compiling, the plain path runs by itself, so no
+input is out of bounds. A component whose residual or quadratic form overflows (``1e6`` at
+``log_scale = -80`` in float32) has term ``-inf`` and gradient exactly 0 in both paths. The
+fused backward is not itself differentiated: a double backward (``create_graph=True``,
+Hessians, ``gradgradcheck``) recomputes the gradients through the plain path, so it is
+exact but not fast.
 
 Responsibilities below ``2 exp(-86) = 9e-38`` (float32) / ``2 exp(-707) = 1.8e-307``
-(float64) times the largest are flushed to exactly 0, and the others shifted by less than
-that in absolute terms, in both paths: torch's CPU ``exp`` takes a slow scalar path on
-inputs whose result is subnormal or 0, which far-away components produce in every batch.
+(float64) times the largest are flushed to exactly 0, and the others shifted by at most
+that in absolute terms, in both paths (tested): torch's CPU ``exp`` takes a slow scalar
+path on inputs whose result is subnormal or 0, which far-away components produce in every
+batch.
 
 Dtypes: float16 / bfloat16 inputs are computed and returned in float32 (DESIGN.md, half
 precision policy); float32 and float64 stay as they are.
@@ -668,12 +669,12 @@ def normal_mixture_log_prob(
 
     The density of a mixture density network with ``K`` diagonal components in ``D``
     dimensions. The tutorial form ``log(sum(pi * prod(pdf)))`` is ``-inf`` (NaN gradient)
-    once the target is 14.4 scales from every mean in float32, 38.6 in float64
-    (``exp(-z^2/2)`` underflows);
-    this one is exact there: at ``z = 1e6`` it is about ``-5e11``, accurate to float
-    rounding. Gradients are the responsibilities :math:`r_k` (see :mod:`.mixture`):
-    :math:`r_k - \pi_k` for the logits, :math:`r_k z_{kd}/\sigma_{kd}` for the means,
-    :math:`r_k (z_{kd}^2 - 1)` for the log-scales.
+    once the target is 14.4 scales from every mean in float32, 38.6 in float64 (``D = 1``,
+    unit scales: ``exp(-z^2/2)`` underflows); this one is exact there: at ``z = 1e6`` it
+    is about ``-5e11``, accurate to float rounding. Gradients are the responsibilities
+    :math:`r_k` (see :mod:`.mixture`): :math:`r_k - \pi_k` for the logits,
+    :math:`r_k z_{kd}/\sigma_{kd}` for the means, :math:`r_k (z_{kd}^2 - 1)` for the
+    log-scales.
 
     Args:
         value: targets :math:`x`, shape ``(*, D)``.
@@ -681,8 +682,8 @@ def normal_mixture_log_prob(
         loc: means :math:`\mu`, shape ``(*, K, D)``.
         log_scale: :math:`\log\sigma`, shape ``(*, K, D)``, unconstrained.
         fused: on CPU, use the fused kernel with a hand-written backward (the default;
-            faster and lighter than the plain autograd path, see
-            ``benchmarks/bench_mixture.py``). Any input is fine: where the kernel's
+            ``benchmarks/bench_mixture.py`` measures its speed and memory against the plain
+            autograd path). Any input is fine: where the kernel's
             ``exp(log_scale)`` would not be a normal float, off the CPU (where the check
             would wait for the device) and while compiling, the plain path is taken by
             itself, and both paths agree (module docstring). ``fused=False`` always takes
@@ -1023,7 +1024,8 @@ def bivariate_normal_mixture_log_prob(
     :math:`-\tfrac12\log(1-\rho^2) = \log\cosh a`. This is the pen-offset likelihood of
     Graves (2013) eqs. 23-26 and of sketch-rnn (Ha & Eck 2017, eqs. 1-2 and the
     reconstruction loss :math:`L_s`), in log space from unconstrained ``log_scale`` and
-    ``atanh_rho``: no ``1 - rho^2`` (0 in float32 once ``|a| > 9``), no ``exp`` of the
+    ``atanh_rho``: no ``1 - rho^2`` (0 in float32 once ``tanh(a)`` rounds to 1, from
+    ``|a|`` of about 9), no ``exp`` of the
     quadratic form, so far targets, tiny scales and saturated correlations give the exact
     finite value instead of ``inf``/NaN. Each component equals
     :func:`~probloss.functional.bivariate.bivariate_normal_log_prob`.

@@ -1547,3 +1547,81 @@ def test_empty_batch(value_batch, param_batch, fused):
                           (bivariate_normal_mixture_nll, (lg, lc, ls, a))):  # fmt: skip
             assert torch.isnan(nll(x, *args))
             assert nll(x, *args, reduction="sum") == 0
+
+
+# ======================================================================================
+# Docstring claims (issue 10 audit)
+# ======================================================================================
+
+
+@pytest.mark.parametrize(
+    ("dtype", "inside", "beyond"),
+    [(torch.float32, 14.2, 14.6), (torch.float64, 38.4, 38.8)],
+    ids=["f32", "f64"],
+)
+def test_tutorial_form_underflows_beyond_14_4_and_38_6_scales(dtype, inside, beyond):
+    """The module's claim: with D = 1 and unit scales the tutorial ``log(sum pi pdf)`` is
+    ``-inf`` (NaN gradient) from 14.4 scales in float32, 38.6 in float64 (``e^{-z^2/2} /
+    sqrt(2 pi)`` below the smallest subnormal, by hand: ``e^{-107.5} = 2e-47 < 1.4e-45``,
+    ``e^{-753.6} < 4.9e-324``), finite just inside; ours is the closed form
+    ``-z^2/2 - log(2 pi)/2`` (one component's term, both components equal) within
+    32 eps S at both."""
+    for z, naive_finite in ((inside, True), (beyond, False)):
+        x = torch.tensor([[z]], dtype=dtype)
+        logits = torch.zeros(1, 2, dtype=dtype)
+        loc = torch.zeros(1, 2, 1, dtype=dtype, requires_grad=True)
+        log_scale = torch.zeros(1, 2, 1, dtype=dtype)
+        pdf = torch.distributions.Normal(loc, log_scale.exp()).log_prob(x[:, None]).exp()
+        naive = (torch.softmax(logits, -1) * pdf.prod(-1)).sum(-1).log()
+        assert bool(torch.isfinite(naive).all()) == naive_finite
+        if not naive_finite:
+            naive.sum().backward()
+            assert torch.isnan(loc.grad).all()
+        ours = normal_mixture_log_prob(x, logits, loc.detach(), log_scale).item()
+        zf = float(x)
+        expected = -0.5 * zf * zf - 0.5 * LOG_2PI
+        assert abs(ours - expected) <= REF_EPS * _eps(dtype) * (abs(expected) + LOG_2PI)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_responsibilities_flushed_below_the_documented_threshold(dtype):
+    """The module's claim: responsibilities below ``2 exp(floor(log tiny) + 2)`` (9e-38 /
+    1.8e-307) times the largest are exactly 0, the others within that of the exact
+    ``r = e^{-d} / (1 + e^{-d})`` (closed form, float64 math; plus 4 eps relative of the
+    rounding of ``exp``), in ``mixture_log_prob`` (the plain path) and in the fused normal
+    kernel (through ``d/dloc = r z / sigma`` of a component ``z`` scales off)."""
+    floor = math.floor(math.log(torch.finfo(dtype).tiny)) + 2.0
+    flush = 2.0 * math.exp(floor)
+    eps = torch.finfo(dtype).eps
+    for gap in (-floor + 2.0, -floor - 4.0):  # flushed; kept
+        r = math.exp(-gap) / (1.0 + math.exp(-gap))
+        lp = torch.tensor([[0.0, -gap]], dtype=dtype, requires_grad=True)
+        mixture_log_prob(lp, torch.zeros(1, 2, dtype=dtype)).sum().backward()
+        z = math.sqrt(2.0 * gap)
+        x = torch.zeros(1, 1, dtype=dtype)
+        loc = torch.tensor([[[0.0], [-z]]], dtype=dtype, requires_grad=True)
+        normal_mixture_log_prob(x, torch.zeros(1, 2, dtype=dtype), loc, torch.zeros(1, 2, 1,
+                                dtype=dtype)).sum().backward()  # fmt: skip
+        zd = float(x[0, 0] - loc.detach()[0, 1, 0])
+        r_fused = math.exp(-0.5 * zd * zd) / (1.0 + math.exp(-0.5 * zd * zd))
+        if gap > -floor:
+            assert lp.grad[0, 1] == 0 and loc.grad[0, 1, 0] == 0
+        else:
+            assert abs(lp.grad[0, 1].item() - r) <= flush + 4 * eps * r
+            got = loc.grad[0, 1, 0].item() / zd
+            assert abs(got - r_fused) <= flush + REF_EPS * eps * r_fused * (1 + gap)
+
+
+def test_undefined_mixture_weights_give_nan():
+    """The documented NaN: a row of logits that is all ``-inf`` (no mixture) or has a
+    ``+inf``; and torch.logsumexp's NaN gradient at an all ``-inf`` row, which ours (the
+    documented contrast) replaces by 0."""
+    lp = torch.zeros(2, 2)
+    out = mixture_log_prob(lp, torch.tensor([[-INF, -INF], [INF, 0.0]]))
+    assert torch.isnan(out).all()
+    x = torch.full((1, 2), -INF, requires_grad=True)
+    torch.logsumexp(x, -1).sum().backward()
+    assert torch.isnan(x.grad).all()
+    y = torch.full((1, 2), -INF, requires_grad=True)
+    mixture_log_prob(y, torch.zeros(2)).sum().backward()
+    assert torch.equal(y.grad, torch.zeros(1, 2))
