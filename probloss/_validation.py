@@ -13,9 +13,13 @@ from torch import Tensor
 
 
 def should_validate(validate_args: bool | None, *tensors: Tensor) -> bool:
-    """Whether value checks run: the explicit choice, else only if every tensor is on CPU."""
+    """Whether value checks run: the explicit choice, else only if every tensor is on CPU
+    and no graph is being traced (``torch.compile`` cannot trace a host read; a compiled
+    step checks nothing unless asked, like a GPU step)."""
     if validate_args is not None:
         return validate_args
+    if torch.compiler.is_compiling():
+        return False
     return all(t.device.type == "cpu" for t in tensors)
 
 
@@ -24,7 +28,8 @@ def distribution_validate_args(validate_args: bool | None, *tensors: Tensor) -> 
     global default (``Distribution.set_default_validate_args``) but only for CPU tensors.
 
     torch validates parameters and samples by default, which reads them on the host and so
-    waits for a GPU at every step; probloss keeps torch's switch and skips the read there.
+    waits for a GPU at every step; probloss keeps torch's switch and skips the read there
+    (and while ``torch.compile`` traces, see :func:`should_validate`).
     An empty parameter (a batch of 0 elements) is never checked, whatever the choice:
     it holds no value to check, and torch's ``constraints.independent`` cannot even
     reshape it (``cannot reshape tensor of 0 elements``). ``numel`` is a shape property,

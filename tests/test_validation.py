@@ -146,3 +146,33 @@ def test_loss_tensors_convert_numbers_to_the_tensors_dtype():
     assert a.dtype == b.dtype == torch.float16
     a, b = promote_float_tensors(a=torch.zeros(1, dtype=torch.float16), b=torch.zeros(1))
     assert a.dtype == b.dtype == torch.float32
+
+
+def test_no_value_checks_while_compiling():
+    """Under torch.compile the default (validate_args=None) checks nothing, even for CPU
+    tensors: a host read cannot be traced (fullgraph=True raises on one). Constructing
+    each distribution and a mixture head's output (taking the mode, which involves no
+    special function) compiles to one graph."""
+    from probloss.nn import MixtureDensityHead
+
+    seen = []
+
+    def f(x):
+        seen.append(should_validate(None, x))
+        d = BivariateNormalMixture(
+            x, x.unsqueeze(-1).expand(3, 4, 2), x.unsqueeze(-1).expand(3, 4, 2), x
+        )
+        e = MultivariateNormalMixture(
+            x, x.unsqueeze(-1).expand(3, 4, 2), torch.eye(2).expand(3, 4, 2, 2)
+        )
+        return d.mode, d.logits, e.mode, e.scale_tril
+
+    out = torch.compile(f, backend="eager", fullgraph=True)(torch.zeros(3, 4))
+    assert seen == [False] and all(
+        torch.equal(a, b) for a, b in zip(out, f(torch.zeros(3, 4)), strict=True)
+    )
+    for component in ("normal", "bivariate", "full"):
+        head = MixtureDensityHead(6, 2, 4, component=component, pen_states=3)
+        g = lambda x, head=head: (head(x).mixture.mode, head(x).pen.logits)  # noqa: E731
+        compiled = torch.compile(g, backend="eager", fullgraph=True)(torch.ones(5, 6))
+        assert all(torch.equal(a, b) for a, b in zip(compiled, g(torch.ones(5, 6)), strict=True))
