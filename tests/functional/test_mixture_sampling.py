@@ -817,3 +817,26 @@ def test_gumbel_cut_off_at_the_extreme_uniforms(monkeypatch, dtype, cut):
         logits = torch.tensor([0.0, -gap], dtype=dtype)
         x = normal_mixture_sample(logits, loc, torch.full((2, 1), -30.0, dtype=dtype))
         assert (x.sign() == loc[winner].sign()).all(), (gap, winner)
+
+
+def test_overflowing_scale_gives_inf_only_where_the_draw_exceeds_the_range(monkeypatch):
+    """The docstring's claim for ``normal_mixture_sample``: at ``log_scale = 100`` in
+    float32 (``e^{100} = 2.7e43`` beyond the range) a draw is ``inf`` only where
+    ``eps e^{100}`` truly exceeds it: with the normal draws patched to ``(1e-6, -1e-6, 0,
+    1)``, the draws are ``loc + eps e^{100}`` (``+-2.69e37``, float64 by hand at the float32
+    ``eps``) within 4 eps32 relative (``mul_exp`` applies ``e^{25}``, rounded by half an
+    ulp, four times: 2 eps, and rounds four products: 2 eps), exactly ``loc`` at ``eps = 0``
+    (not NaN), and ``inf`` at ``eps = 1``."""
+
+    def fixed_randn(shape, generator=None, dtype=None, device=None):
+        values = torch.tensor([1e-6, -1e-6, 0.0, 1.0], dtype=dtype, device=device)
+        return values.reshape(shape)
+
+    monkeypatch.setattr(torch, "randn", fixed_randn)
+    loc = torch.full((1, 4), 0.5)
+    x = normal_mixture_sample(torch.zeros(1), loc, torch.full((1, 4), 100.0))
+    expected = float(torch.tensor(1e-6)) * math.exp(100.0)
+    eps32 = torch.finfo(torch.float32).eps
+    assert abs(x[0].item() - expected) <= 4 * eps32 * expected
+    assert abs(x[1].item() + expected) <= 4 * eps32 * expected
+    assert x[2] == 0.5 and x[3] == math.inf
