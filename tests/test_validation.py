@@ -153,8 +153,6 @@ def test_no_value_checks_while_compiling():
     tensors: a host read cannot be traced (fullgraph=True raises on one). Constructing
     each distribution and a mixture head's output (taking the mode, which involves no
     special function) compiles to one graph."""
-    from probloss.nn import MixtureDensityHead
-
     seen = []
 
     def f(x):
@@ -166,6 +164,18 @@ def test_no_value_checks_while_compiling():
             x, x.unsqueeze(-1).expand(3, 4, 2), torch.eye(2).expand(3, 4, 2, 2)
         )
         return d.mode, d.logits, e.mode, e.scale_tril
+
+    # torch's dynamo turns torch.distributions' global validation off on first use; the
+    # other tests rely on torch's default, so it is restored afterwards
+    previous = torch.distributions.Distribution._validate_args
+    try:
+        _compile_heads_and_mixtures(f, seen)
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(previous)
+
+
+def _compile_heads_and_mixtures(f, seen):
+    from probloss.nn import MixtureDensityHead
 
     out = torch.compile(f, backend="eager", fullgraph=True)(torch.zeros(3, 4))
     assert seen == [False] and all(
