@@ -495,8 +495,12 @@ def _clear_dead_(z: Tensor, j: Tensor) -> None:
     residual of ``1e6`` at ``log_scale = -80`` in float32) has responsibility exactly 0 and
     so an exactly zero gradient; but its ``z`` may be infinite, or huge enough that a
     backward factor (``z1 - z2``) overflows, and ``0 * inf`` is NaN. Its ``z`` is used only
-    by the backward, where with ``w = 0`` any finite value gives the exact 0.
+    by the backward, where with ``w = 0`` any finite value gives the exact 0. One ``amin``
+    pass (read on the host: the fused kernels run on CPU only, never while tracing) skips
+    the fill when no term is ``-inf``, the common case.
     """
+    if j.numel() == 0 or bool(j.amin() > -math.inf):  # NaN: fill (NaN stays NaN)
+        return
     z.masked_fill_((j == -math.inf).unsqueeze(-1), 0.0)
 
 
@@ -633,9 +637,10 @@ def _in_fused_domain(*tensors: Tensor) -> bool:
     standardised residual or quadratic form beyond the float range makes its component's
     term ``-inf`` and its gradient exactly 0 (:func:`_clear_dead_`), which is exact, since
     its responsibility is below any float. One ``aminmax`` pass decides, free to read on
-    CPU. On an accelerator reading it would wait for the device, and while tracing
-    (``torch.compile``) it would break the graph, so there the plain path (exact for every
-    input) is always taken: the result never depends on which path runs.
+    CPU (the kernels read such reductions too: they run on CPU only). On an accelerator
+    reading it would wait for the device, and while tracing (``torch.compile``) it would
+    break the graph, so there the plain path (exact for every input) is always taken: the
+    result never depends on which path runs.
     """
     if torch.compiler.is_compiling():
         return False
@@ -906,8 +911,11 @@ class _BivariateMixture(torch.autograd.Function):
         )  # fmt: skip
         z = _standardized(value, loc, log_scale, shape)
         # exact: |z| >= max gives Q >= z^2/2 = inf either way, and an infinite z would make
-        # M = (z1 - z2) e^a NaN where z1 = z2 = inf
-        z.clamp_(-torch.finfo(z.dtype).max, torch.finfo(z.dtype).max)
+        # M = (z1 - z2) e^a NaN where z1 = z2 = inf (checked first: CPU only, see
+        # _clear_dead_; NaN compares False and is clamped to itself)
+        big = torch.finfo(z.dtype).max
+        if z.numel() and not all(bool(abs(v) <= big) for v in torch.aminmax(z)):
+            z.clamp_(-big, big)
         ea, inv_ea, p, m = _bivariate_pieces(z, atanh_rho)
         j, weights = _joint_init(logits, shape)
         j.add_(ea.add_(inv_ea).log_())  # log cosh a + log 2
