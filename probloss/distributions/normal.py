@@ -12,8 +12,29 @@ from torch.distributions.utils import broadcast_all
 
 from .._validation import distribution_validate_args
 from ..functional.normal import normal_log_prob
+from ..special import mul_exp
+from ..special._dtype import upcast
 
 _HALF_LOG_2PI_E = 0.5 * math.log(2.0 * math.pi * math.e)
+_SQRT1_2 = math.sqrt(0.5)
+
+
+def _saturation(dtype: torch.dtype) -> float:
+    """``|z|`` beyond which ``ndtr(z)`` is exactly 0 or 1 and its density underflows.
+
+    ``phi(z) < e^{-z^2/2}`` is below the smallest subnormal for ``z^2 / 2 >
+    -log(tiny eps)`` (14.4 in float32, 38.6 in float64), and so is ``ndtr(-z) < phi(z)/z``.
+    """
+    finfo = torch.finfo(dtype)
+    return math.sqrt(-2.0 * math.log(finfo.tiny * finfo.eps))
+
+
+def _loc_plus_scaled(loc: Tensor, z: Tensor, log_scale: Tensor) -> Tensor:
+    """``loc + z e^{log_scale}`` as ``2 (loc/2 + (z/2) e^{log_scale})``: the halvings and the
+    doubling are exact, and the terms may exceed ``finfo.max`` where the sum does not
+    (-3.4e38 + 6.2e38 in float32)."""
+    half = 0.5 * loc + mul_exp(0.5 * z, log_scale)
+    return half + half
 
 
 class Normal(torch.distributions.Normal):
@@ -25,8 +46,16 @@ class Normal(torch.distributions.Normal):
 
     ``log_prob`` and ``entropy`` come from ``log_scale`` directly (no ``log(scale)`` of an
     ``exp`` that under- or overflows: ``log_scale = -120`` is fine in float32) and, for
-    half-precision parameters, are returned in float32. Sampling, ``cdf``, ``icdf`` and
-    the KL registry are torch's (a subclass keeps ``kl_divergence`` with other normals).
+    half-precision parameters, are returned in float32. ``cdf`` is
+    ``erfc(-z / sqrt 2) / 2`` at ``z = (x - mu) e^{-log_scale}`` and ``icdf`` is
+    ``mu + e^{log_scale} ndtri(p)``, both accurate in the lower tail, where the
+    ``erf``/``erfinv`` forms (and torch's ``ndtr``) lose it: torch's ``icdf`` is ``-inf``
+    at ``p = e^{-32}`` in float32 (true -7.62); products with
+    ``e^{+-log_scale}`` formed by :func:`~probloss.special.mul_exp` (so ``x - mu`` and
+    the scale may be huge or tiny where the result is not), and ``rsample`` is
+    ``mu + e^{log_scale} eps`` the same way; half precision is evaluated in float32 and
+    returned in the parameters' dtype. The KL registry is torch's (a subclass keeps
+    ``kl_divergence`` with other normals).
 
     Args:
         loc: mean, any shape.
@@ -85,3 +114,51 @@ class Normal(torch.distributions.Normal):
         if log_scale.dtype in (torch.float16, torch.bfloat16):
             log_scale = log_scale.float()
         return _HALF_LOG_2PI_E + log_scale  # 1/2 log(2 pi e sigma^2)
+
+    def cdf(self, value: Tensor) -> Tensor:
+        r"""``Phi(z) = erfc(-z / sqrt 2) / 2``, ``z = (x - mu) e^{-log_scale}``, both tails.
+
+        ``z`` is ``2 mul_exp(x/2 - mu/2, -log_scale)`` (the halves cannot overflow where
+        ``x - mu`` does); beyond :func:`_saturation` the CDF is the exact 0 or 1 with zero
+        gradients (``z`` is then not formed, so no ``0 * inf`` reaches the backward).
+        """
+        if self._validate_args:
+            self._validate_sample(value)
+        value, loc, log_scale = torch.broadcast_tensors(
+            torch.as_tensor(value, dtype=self.loc.dtype, device=self.loc.device),
+            self.loc,
+            self.log_scale,
+        )
+        dtype = torch.promote_types(value.dtype, self.loc.dtype)
+        value, loc, log_scale = upcast(value.to(dtype)), upcast(loc), upcast(log_scale)
+        half_step = 0.5 * value - 0.5 * loc
+        cut = _saturation(half_step.dtype)
+        with torch.no_grad():
+            z = mul_exp(half_step, -log_scale)
+            saturated = z.abs() > 0.5 * cut  # also NaN-free: NaN compares False
+        z = mul_exp(torch.where(saturated, 0.0, half_step), -log_scale)
+        z = z + z
+        step = torch.where(half_step > 0, 1.0, 0.0)
+        # Phi(z) = erfc(-z / sqrt 2) / 2: relative accuracy in both tails (torch's ndtr is
+        # 0 at z = -10 even in float64, true 7.6e-24)
+        cdf = 0.5 * torch.special.erfc(z * -_SQRT1_2)
+        return torch.where(saturated, step, cdf).to(dtype)
+
+    def icdf(self, value: Tensor) -> Tensor:
+        r"""``mu + e^{log_scale} ndtri(p)``: exact to the smallest subnormal ``p``.
+
+        ``ndtri(0) = -inf`` and ``ndtri(1) = inf``; ``p`` outside ``[0, 1]`` gives NaN.
+        """
+        if self._validate_args:
+            self._validate_sample(value)
+        value = torch.as_tensor(value, dtype=self.loc.dtype, device=self.loc.device)
+        dtype = torch.promote_types(value.dtype, self.loc.dtype)
+        z = torch.special.ndtri(upcast(value.to(dtype)))
+        return _loc_plus_scaled(upcast(self.loc), z, upcast(self.log_scale)).to(dtype)
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+        """``mu + e^{log_scale} eps``, ``eps ~ N(0, 1)``, formed by ``mul_exp``."""
+        shape = self._extended_shape(torch.Size(sample_shape))
+        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        out = _loc_plus_scaled(upcast(self.loc), upcast(eps), upcast(self.log_scale))
+        return out.to(self.loc.dtype)

@@ -1,18 +1,36 @@
 """probloss.distributions.Normal: log-scale parameterisation and log-space log_prob.
 
 References: scipy.stats.norm (float64) and the closed forms; torch's Normal shown failing.
+The cdf and icdf tests use mpmath at 60 digits at the inputs after the cast to the dtype
+under test: ``ncdf(z)`` and its inverse by ``findroot`` on ``log ncdf(x) = log p``
+(symmetric for ``p > 1/2``, where ``1 - p`` is exact). Bounds, relative, ``eps`` of the
+compute dtype (float32 for half inputs, plus ``eps_half / 2`` for the one rounding):
+
+* cdf: ``(4 + 3 (1 + z^2)) eps``: ``z`` is formed to about 3 ulp (a subtraction and
+  ``mul_exp``), and the relative condition number of ``Phi`` is
+  ``|z| phi(z) / Phi(z) <= 1 + z^2`` (Mills' ratio), plus a few ulp for ``erfc``;
+* icdf: ``8 eps``: Cephes' ``ndtri`` rational approximations are accurate to about an ulp
+  in double (and torch evaluates the same in float32), plus the arithmetic of its few
+  steps; its derivative ``sqrt(2 pi) e^{x^2/2}`` then carries ``x^2`` times the relative
+  error of ``x``: ``(8 x^2 + 4) eps``.
+
+Where the exact value is below the dtype's ``tiny`` the result must be within ``tiny``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import pytest
 import scipy.stats
 import torch
+from mpmath import mp
 
 from probloss.distributions import Normal
 from probloss.functional.normal import normal_log_prob
+from tests.functional._checks import assert_within, dtype_id
 
 
 def test_log_prob_and_entropy_match_scipy():
@@ -72,3 +90,174 @@ def test_half_precision_log_prob_is_float32():
     d = Normal(torch.zeros(2, dtype=torch.float16), torch.zeros(2, dtype=torch.float16))
     assert d.log_prob(torch.zeros(2, dtype=torch.float16)).dtype == torch.float32
     assert d.entropy().dtype == torch.float32
+
+
+@functools.cache
+def _ppf(p: float) -> float:
+    """The standard normal quantile of ``p`` (mpmath, 60 digits), rounded to float64."""
+    with mp.workdps(60):
+        target = mp.mpf(p)
+        if target == mp.mpf(0.5):
+            return 0.0
+        lower = target < 0.5
+        q = target if lower else 1 - target  # exact at 60 digits
+        guess = scipy.stats.norm.ppf(float(q)) if float(q) > 1e-300 else -38.0
+        x = mp.findroot(lambda t: mp.log(mp.ncdf(t)) - mp.log(q), mp.mpf(guess))
+        return float(x if lower else -x)
+
+
+@functools.cache
+def _cdf(z: float) -> float:
+    with mp.workdps(60):
+        return float(mp.ncdf(mp.mpf(z)))
+
+
+def _quantiles(dtype: torch.dtype) -> list[float]:
+    fi = torch.finfo(dtype)
+    ps = [fi.tiny * fi.eps, 4 * fi.tiny * fi.eps, fi.tiny, 1e-30, math.exp(-33)]
+    ps += [math.exp(-32), 1e-10, 1e-3, 0.1, 0.3, 0.45, 0.5, 0.55, 0.7, 0.9, 0.999, 1 - 1e-6]
+    t = torch.tensor(ps, dtype=torch.float64).to(dtype)
+    return sorted(set(t[t > 0].double().tolist()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_icdf_matches_mpmath_down_to_subnormal_quantiles(dtype):
+    """Regression (issue 10): torch's ``erfinv(2p - 1)`` gave ``-inf`` (infinite gradient)
+    at ``p = e^-32`` in float32, true -7.62, and 1.3e-5 relative error at ``e^-33`` in
+    float64. Value and ``d/dp`` (``sqrt(2 pi) e^{x^2/2}``) against mpmath, bounds in the
+    module docstring; ``d/dlog_scale = x``."""
+    p64 = _quantiles(dtype)
+    p = torch.tensor(p64, dtype=dtype, requires_grad=True)
+    log_scale = torch.zeros(len(p64), dtype=dtype, requires_grad=True)
+    x = Normal(torch.zeros(len(p64), dtype=dtype), log_scale).icdf(p)
+    x.sum().backward()
+    exact = np.array([_ppf(v) for v in p64])
+    eps = torch.finfo(dtype).eps
+    tiny = torch.finfo(dtype).tiny
+    got = x.detach().double().numpy()
+    assert_within(got, exact, 8 * eps * np.abs(exact) + tiny, p64, "icdf")
+    assert_within(
+        log_scale.grad.double().numpy(), exact, 8 * eps * np.abs(exact) + tiny, p64, "d/dlog_scale"
+    )
+    with mp.workdps(60):
+        dp = np.array([float(1 / mp.npdf(mp.mpf(v))) for v in exact])
+    finite = dp <= torch.finfo(dtype).max
+    bound = (8 * exact**2 + 4) * eps * np.abs(dp)
+    got_dp = p.grad.double().numpy()
+    assert_within(got_dp[finite], dp[finite], bound[finite], np.array(p64)[finite], "d/dp")
+    assert (got_dp[~finite] == math.inf).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_cdf_matches_mpmath_in_both_tails(dtype):
+    """Regression (issue 10): torch's ``0.5 (1 + erf(z / sqrt 2))`` cancels in the lower
+    tail (0 at z = -10 in float32, true 7.6e-24; 1e-8 relative at z = -5 in float64).
+    Against mpmath ``ncdf`` with the module's bound, ``log_scale`` nonzero so that ``z`` is
+    formed, and the gradient in ``value`` (``phi(z) e^{-log_scale}``, relative
+    ``(4 + 3 (1 + z^2)) eps`` as well: ``phi`` has condition ``z^2``)."""
+    fi = torch.finfo(dtype)
+    zs = [-37.0, -30.0, -20.0, -13.0, -10.0, -5.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 3.0, 5.0, 8.0]
+    zs = [z for z in zs if _cdf(z) > 0 and abs(z) < math.sqrt(-2 * math.log(fi.tiny * fi.eps))]
+    log_scale = torch.full((len(zs),), 0.75, dtype=dtype)
+    loc = torch.full((len(zs),), -2.0, dtype=dtype)
+    value = (torch.tensor(zs, dtype=torch.float64) * math.exp(0.75) - 2.0).to(dtype)
+    value.requires_grad_()
+    # the exact z of the cast inputs
+    with mp.workdps(60):
+        z_exact = [
+            (mp.mpf(v) + 2) * mp.exp(-mp.mpf(0.75)) for v in value.detach().double().tolist()
+        ]
+        exact = np.array([float(mp.ncdf(z)) for z in z_exact])
+        dvalue = np.array([float(mp.npdf(z) * mp.exp(-mp.mpf(0.75))) for z in z_exact])
+    out = Normal(loc, log_scale).cdf(value)
+    out.sum().backward()
+    z = np.array([float(v) for v in z_exact])
+    bound = (4 + 3 * (1 + z**2)) * fi.eps
+    labels = [float(v) for v in z_exact]
+    assert_within(out.detach().double().numpy(), exact, bound * exact + fi.tiny, labels, "cdf")
+    got = value.grad.double().numpy()
+    assert_within(got, dvalue, bound * dvalue + fi.tiny, labels, "d cdf/d value")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=dtype_id)
+def test_cdf_icdf_at_huge_inputs(dtype):
+    """Issue 10 sweep: ``x - loc`` beyond ``finfo.max``, log-scales from -1e30 to 1e30:
+    the CDF is the exact 0 or 1 with zero gradients (never NaN), and ``loc + z e^s`` with
+    a term beyond ``max`` where the sum is not (``-3.39e38 + 6.2e38``) is finite (mpmath,
+    relative 8 eps of the compute dtype plus one rounding to the dtype)."""
+    top = torch.finfo(dtype).max
+    x = torch.tensor([-top, top, -top, top, 0.0, 1.0], dtype=dtype, requires_grad=True)
+    loc = torch.tensor([top, -top, 1e30, -1e30, 1e30, 0.0], dtype=dtype, requires_grad=True)
+    ls = torch.tensor([0.0, 10.0, -1e30, 1e30, -100.0, -1e30], dtype=dtype, requires_grad=True)
+    out = Normal(loc, ls).cdf(x)
+    out.sum().backward()
+    assert out.dtype == dtype
+    # z = -inf, +inf, -inf, 0 (e^-1e30 times a finite step), -inf, +inf
+    assert out.tolist() == [0.0, 1.0, 0.0, 0.5, 0.0, 1.0]
+    for t in (x, loc, ls):
+        assert torch.equal(t.grad, torch.zeros_like(t.grad))
+    p = torch.tensor([0.98828125, 0.5, 1e-30], dtype=dtype)
+    loc = torch.tensor([-3.3895313892515355e38, 1e38, 0.0], dtype=dtype)
+    ls = torch.tensor([88.5, -1e30, 80.0], dtype=dtype)
+    got = Normal(loc, ls).icdf(p)
+    assert got.dtype == dtype
+    with mp.workdps(60):
+        exact = [
+            float(mp.mpf(m) + mp.mpf(_ppf(q)) * mp.exp(mp.mpf(s)))
+            for q, m, s in zip(
+                p.double().tolist(), loc.double().tolist(), ls.double().tolist(), strict=True
+            )
+        ]
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    rtol = 8 * torch.finfo(compute).eps + (torch.finfo(dtype).eps / 2 if dtype != compute else 0)
+    labels = list(
+        zip(p.double().tolist(), loc.double().tolist(), ls.double().tolist(), strict=True)
+    )
+    assert_within(got.double().numpy(), exact, rtol * np.abs(exact), labels, "icdf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_half_precision_cdf_icdf_rsample(dtype):
+    """Half-precision parameters: cdf, icdf and samples are computed in float32 and returned
+    in the parameters' dtype (float32 bound plus one rounding: ``eps_half / 2`` relative)."""
+    d = Normal(torch.zeros(3, dtype=dtype), torch.tensor([0.0, -2.0, 3.0], dtype=dtype))
+    x = torch.tensor([-1.0, 0.25, 30.0], dtype=dtype)
+    p = torch.tensor([1e-3, 0.5, 0.875], dtype=dtype)
+    cdf, icdf = d.cdf(x), d.icdf(p)
+    assert cdf.dtype == icdf.dtype == d.rsample((2,)).dtype == dtype
+    sd = d.log_scale.double().exp().numpy()
+    exact_cdf = scipy.stats.norm.cdf(x.double().numpy(), 0.0, sd)
+    exact_icdf = scipy.stats.norm.ppf(p.double().numpy(), 0.0, sd)
+    rtol = torch.finfo(dtype).eps / 2 + 64 * torch.finfo(torch.float32).eps
+    assert_within(cdf.double().numpy(), exact_cdf, rtol * exact_cdf, x.tolist(), "cdf")
+    assert_within(icdf.double().numpy(), exact_icdf, rtol * np.abs(exact_icdf), p.tolist(), "icdf")
+
+
+def test_rsample_is_loc_plus_scaled_noise():
+    """``rsample = loc + e^{log_scale} eps`` with torch's ``randn`` draws (same seed), also
+    where ``e^{log_scale}`` alone overflows float32 (log_scale 88.75) and the sample does
+    not (a seed with ``|eps| < 1/2`` there); float32, 4 eps relative (mul_exp's rounding
+    and the sum's). torch's Normal(loc, exp(88.75)) samples inf there."""
+    seed = next(
+        k
+        for k in range(1000)
+        if abs(torch.randn(3, generator=torch.Generator().manual_seed(k))[2]) < 0.5
+    )
+    loc = torch.tensor([0.0, 1.0, -1e38])
+    ls = torch.tensor([0.0, -30.0, 88.75], requires_grad=True)
+    torch.manual_seed(seed)
+    got = Normal(loc, ls).rsample()
+    torch.manual_seed(seed)
+    eps = torch.randn(3)
+    assert abs(eps[2].item()) < 0.5
+    with mp.workdps(60):
+        exact = np.array(
+            [
+                float(mp.mpf(m) + mp.mpf(e) * mp.exp(mp.mpf(v)))
+                for m, e, v in zip(loc.tolist(), eps.tolist(), ls.tolist(), strict=True)
+            ]
+        )
+    bound = 4 * torch.finfo(torch.float32).eps * np.abs(exact)
+    assert_within(got.detach().double().numpy(), exact, bound, list(range(3)), "rsample")
+    got.sum().backward()
+    assert torch.isfinite(ls.grad).all()
