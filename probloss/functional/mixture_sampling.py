@@ -168,7 +168,7 @@ def _pick(t: Tensor, index: Tensor, event_dims: int) -> Tensor:
 
 def _sech(atanh_rho: Tensor) -> Tensor:
     # sqrt(1 - rho^2) = 1/cosh(a) = 2 e^{-|a|} / (1 + e^{-2|a|}): never 1 - tanh^2 (which is 0
-    # in float32 for |a| > 9), no overflow; abs' zero subgradient at 0 is sech'(0) = 0
+    # in float32 from |a| of about 9), no overflow; abs' zero subgradient at 0 is sech'(0) = 0
     g = torch.exp(-atanh_rho.abs())
     return 2.0 * g / (1.0 + g * g)
 
@@ -393,10 +393,10 @@ def bivariate_normal_mixture_sample(
     with :math:`\epsilon_1, \epsilon_2 \sim \mathcal N(0, 1)` independent, so
     :math:`\operatorname{Cov}(x \mid k) = \tau\Sigma_k`; the correlation is unchanged by the
     temperature. :math:`\sqrt{1 - \rho^2}` is computed as :math:`1/\cosh a`
-    (``2 e^{-|a|} / (1 + e^{-2|a|})``), never as ``1 - tanh(a)^2`` (0 in float32 for
-    ``|a| > 9``): at ``|atanh_rho| = 50`` the points lie on the line
-    :math:`x_2 - \mu_2 = \pm(\sigma_2/\sigma_1)(x_1 - \mu_1)`, finite. ``temperature=0``
-    returns exactly ``loc`` of the component with the largest logit.
+    (``2 e^{-|a|} / (1 + e^{-2|a|})``), never as ``1 - tanh(a)^2`` (0 in float32 once
+    ``tanh(a)`` rounds to 1, from ``|a|`` of about 9): at ``|atanh_rho| = 50`` the points
+    lie on the line :math:`x_2 - \mu_2 = \pm(\sigma_2/\sigma_1)(x_1 - \mu_1)`, finite.
+    ``temperature=0`` returns exactly ``loc`` of the component with the largest logit.
 
     Differentiable in ``loc``, ``log_scale`` and ``atanh_rho`` given the drawn component
     (conditional pathwise estimator); no gradient reaches ``logits`` (module docstring).

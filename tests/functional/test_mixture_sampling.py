@@ -803,7 +803,8 @@ def test_gumbel_cut_off_at_the_extreme_uniforms(monkeypatch, dtype, cut):
     probable component gets ``U = 0`` and the other the largest value ``1 - eps/2``. A
     component more than ``G_max - G_min`` below (``-log(-log(1 - eps/2)) + log(-log(eps/4))``
     = 19.488 (float32) / 40.359 (float64), computed in float64) never wins; just inside the
-    cut-off it does. (Before, ``U = 0`` gave ``G = -inf``, and the component 1000 below won.)"""
+    cut-off it does; a component of logit ``-inf`` never wins. (Before, ``U = 0`` gave
+    ``G = -inf``, and the component 1000 below, or the one of logit ``-inf``, won.)"""
     eps = torch.finfo(dtype).eps
 
     def extreme_rand(shape, generator=None, dtype=None, device=None):
@@ -817,6 +818,12 @@ def test_gumbel_cut_off_at_the_extreme_uniforms(monkeypatch, dtype, cut):
         logits = torch.tensor([0.0, -gap], dtype=dtype)
         x = normal_mixture_sample(logits, loc, torch.full((2, 1), -30.0, dtype=dtype))
         assert (x.sign() == loc[winner].sign()).all(), (gap, winner)
+    # a logit of -inf is never drawn, even when the live component's uniform is 0 (before:
+    # both terms -inf, and the argmax took the first, the -inf component)
+    logits = torch.tensor([-INF, 0.0], dtype=dtype)
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: extreme_rand(*a, **k).flip(-1))
+    x = normal_mixture_sample(logits, loc, torch.full((2, 1), -30.0, dtype=dtype))
+    assert (x > 0).all()
 
 
 def test_overflowing_scale_gives_inf_only_where_the_draw_exceeds_the_range(monkeypatch):
