@@ -44,6 +44,12 @@ torch, every target against every mixture if the shapes say so):
 
 A batch of no events gives an empty result (and an empty gradient) everywhere.
 
+Weights: the Gaussian mixtures take ``logits``, the unconstrained output of a network.
+Weights known as probabilities, possibly with exact zeros, go to :func:`mixture_log_prob`
+as ``probs=`` (with component log densities from e.g.
+:func:`~probloss.functional.normal.normal_log_prob`), whose gradient stays finite at a
+zero weight; ``log(probs)`` passed as logits would give ``0 * inf = NaN`` there.
+
 Fused kernels. With ``fused=True`` (the default) the diagonal and bivariate mixtures run a
 ``torch.autograd.Function`` whose backward is written by hand from the responsibilities.
 Besides its inputs it keeps for the backward only the standardised residuals ``(*, K, D)``,
