@@ -327,3 +327,20 @@ def test_cdf_outside_the_support_is_zero_or_one():
     assert got[0].item() == 0.0 and got[2].item() == 1.0
     assert theirs[0].item() == 0.0 and theirs[2].item() == 1.0
     assert math.isclose(got[1].item(), theirs[1].item(), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_empty_batch(dtype):
+    """Empty in, empty out (issue 10): a batch of 0 logits (or probs) evaluates, samples and
+    back-propagates to empty results."""
+    logits = torch.zeros(0, 2, dtype=dtype, requires_grad=True)
+    d = ContinuousBernoulli(logits=logits)
+    x = torch.zeros(0, 2, dtype=dtype)
+    outs = [d.log_prob(x), d.cdf(x), d.icdf(x), d.mean, d.variance, d.entropy()]
+    outs += [d.rsample((3,)), kl_divergence(d, d)]
+    for y in outs:
+        assert y.numel() == 0
+        (g,) = torch.autograd.grad(y.sum(), logits)
+        assert g.shape == (0, 2)
+    assert d.rsample((3,)).shape == (3, 0, 2)
+    assert ContinuousBernoulli(probs=torch.zeros(0, dtype=dtype)).mean.shape == (0,)

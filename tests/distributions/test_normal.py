@@ -261,3 +261,19 @@ def test_rsample_is_loc_plus_scaled_noise():
     assert_within(got.detach().double().numpy(), exact, bound, list(range(3)), "rsample")
     got.sum().backward()
     assert torch.isfinite(ls.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=dtype_id)
+def test_empty_batch(dtype):
+    """Empty in, empty out (issue 10): log_prob, cdf, icdf, entropy and rsample of a batch of
+    0, with empty gradients."""
+    loc = torch.zeros(0, 2, dtype=dtype, requires_grad=True)
+    d = Normal(loc, torch.zeros(0, 2, dtype=dtype))
+    x = torch.zeros(0, 2, dtype=dtype)
+    for y in (d.log_prob(x), d.cdf(x), d.icdf(x + 0.5), d.entropy(), d.rsample((3,))):
+        assert y.numel() == 0
+        if y.requires_grad:
+            (g,) = torch.autograd.grad(y.sum(), loc)
+            assert g.shape == (0, 2)
+    assert d.rsample((3,)).shape == (3, 0, 2)
+    assert Normal(torch.zeros(0), scale=torch.ones(0)).log_scale.shape == (0,)

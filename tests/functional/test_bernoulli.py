@@ -461,3 +461,20 @@ def test_cdf_outside_the_support(dtype):
     assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(eta.grad, torch.zeros_like(eta))
     nan = torch.tensor([math.nan], dtype=dtype)
     assert torch.isnan(continuous_bernoulli_cdf(nan, nan + 1, validate_args=False)).all()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_empty_inputs(dtype):
+    """Empty in, empty out (issue 10), with the broadcast shape and a working backward;
+    log_prob of half inputs is float32, cdf/icdf keep the dtype."""
+    x = torch.zeros(0, 2, dtype=dtype, requires_grad=True)
+    eta = torch.zeros(2, dtype=dtype, requires_grad=True)
+    for fn, out_dtype in (
+        (continuous_bernoulli_log_prob, _compute_dtype(dtype)),
+        (continuous_bernoulli_cdf, dtype),
+        (continuous_bernoulli_icdf, dtype),
+    ):
+        y = fn(x, eta)
+        assert y.shape == (0, 2) and y.dtype == out_dtype
+        gx, ge = torch.autograd.grad(y.sum(), (x, eta))
+        assert gx.shape == (0, 2) and torch.equal(ge, torch.zeros_like(eta))

@@ -474,3 +474,17 @@ def test_cb_kl_gradient_at_huge_logits_in_the_quadrature(dtype):
         e = np.array([ref.to_float64(g[k]) for g in grads])
         got = got.double().numpy()
         assert_within(got, e, relative_bound(e, g_rtol, dtype), pairs, f"{name} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("family", list(KL))
+def test_empty_inputs(family, dtype):
+    """Empty in, empty out (issue 10): shape ``(0, 3)``, float32 for half inputs, backward
+    gives empty gradients."""
+    q = torch.zeros(0, 3, dtype=dtype, requires_grad=True)
+    p = torch.zeros(3, dtype=dtype, requires_grad=True)
+    out = KL[family](q, p)
+    assert out.shape == (0, 3)
+    assert out.dtype == (torch.float32 if dtype in HALF_DTYPES else dtype)
+    gq, gp = torch.autograd.grad(out.sum(), (q, p))
+    assert gq.shape == (0, 3) and torch.equal(gp, torch.zeros_like(p))

@@ -400,3 +400,15 @@ def test_overflowing_differences(dtype):
     for k, (g, e, m, name) in enumerate(zip(got, expected, magnitudes, names, strict=True)):
         tol, dt = (rtol, out_dtype) if k == 0 else (g_rtol, dtype)
         _check(g.numpy()[keep], e[keep], m[keep], tol, dt, labels, name)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_empty_inputs(dtype):
+    """Empty in, empty out (issue 10), against the prior and against a given p."""
+    mq = torch.zeros(0, 3, dtype=dtype, requires_grad=True)
+    lq = torch.zeros(0, 3, dtype=dtype, requires_grad=True)
+    out_dtype = torch.float32 if dtype in HALF_DTYPES else dtype
+    for out in (normal_kl(mq, lq), normal_kl(mq, lq, torch.zeros(3, dtype=dtype), 1.0)):
+        assert out.shape == (0, 3) and out.dtype == out_dtype
+        gm, gl = torch.autograd.grad(out.sum(), (mq, lq))
+        assert gm.shape == gl.shape == (0, 3)

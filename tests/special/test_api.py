@@ -235,3 +235,23 @@ def test_even_functions_against_mpmath(name, dtype):
     bound = 2 * rtol * np.abs(got_pos) + torch.finfo(dtype).tiny
     i = int(np.argmax(gap / bound))
     assert np.all(gap <= bound), (eta[i], got_neg[i], got_pos[i])
+
+
+@dtype_param
+def test_two_argument_functions_on_empty_tensors(dtype):
+    """``soft_floor``, ``mul_exp`` and ``safe_where`` (the functions outside ``NAMES``): an
+    empty input gives an empty result of the broadcast shape, and backward works (issue 10:
+    empty in, empty out)."""
+    from probloss.special import mul_exp, safe_where, soft_floor
+
+    x = torch.zeros(0, 3, dtype=dtype, requires_grad=True)
+    outs = [
+        soft_floor(x, 0.5),
+        soft_floor(x, torch.zeros(3, dtype=dtype)),
+        mul_exp(x, torch.zeros(1, 3, dtype=dtype)),
+        safe_where(x > 0, x, torch.log, torch.exp, safe_true=1.0, safe_false=0.0),
+    ]
+    for y in outs:
+        assert y.shape == (0, 3) and y.dtype == dtype
+        (g,) = torch.autograd.grad(y.sum(), x)
+        assert g.shape == (0, 3)
