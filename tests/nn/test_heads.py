@@ -115,7 +115,6 @@ ALL_HEADS = {
 EVENT = {"normal": (3,), "bivariate": (2,), "mdn-normal": (3,), "mdn-bivariate": (2,),
          "mdn-full": (3,)}  # fmt: skip
 HALF = (torch.float16, torch.bfloat16)
-F32_EPS = torch.finfo(torch.float32).eps
 
 
 def _reference64(name: str, d):
@@ -152,17 +151,19 @@ def _reference64(name: str, d):
     return ref, lambda y: comp.log_prob(y.unsqueeze(-2)).abs().amax(-1)
 
 
-@pytest.mark.parametrize("dtype", HALF, ids=["f16", "bf16"])
+@pytest.mark.parametrize(
+    "dtype", [*HALF, torch.float32, torch.float64], ids=["f16", "bf16", "f32", "f64"]
+)
 @pytest.mark.parametrize("name", list(ALL_HEADS))
-def test_half_precision_heads_sample_evaluate_and_backpropagate(name, dtype):
+def test_every_head_and_dtype_samples_evaluates_and_backpropagates(name, dtype):
     """The one dtype rule of every head and distribution (issue 10: the full-covariance
     head raised "expected scalar type Float but found BFloat16" in sample()):
 
-    * ``log_prob`` is float32 and equals a float64 torch.distributions evaluation at the
-      head's own half-precision parameters within ``32 eps32 (1 + |ref| + m)``, ``m`` the
-      largest component log-density magnitude: each component term is a float32
-      evaluation with at most 16 roundings relative to its own size, and the log-sum-exp
-      adds an ulp of the result;
+    * ``log_prob`` is float32 for half precision (else the head's dtype) and equals a
+      float64 torch.distributions evaluation at the head's own parameters within
+      ``32 eps (1 + |ref| + m)`` (eps of log_prob's dtype), ``m`` the largest component
+      log-density magnitude: each component term is an evaluation with at most 16
+      roundings relative to its own size, and the log-sum-exp adds an ulp of the result;
     * samples (also at temperature 0, which is the mode exactly), ``mean``, ``variance``
       and ``mode`` come back in the parameters' dtype, finite;
     * back-propagation reaches every parameter with a finite, not all-zero gradient.
@@ -181,11 +182,11 @@ def test_half_precision_heads_sample_evaluate_and_backpropagate(name, dtype):
 
     y = torch.randn(5, *EVENT[name]).to(dtype)
     lp = d.log_prob(y)
-    assert lp.dtype == torch.float32
+    assert lp.dtype == (torch.float32 if dtype in HALF else dtype)
     ref, magnitude = _reference64(name, d)
     y64 = y.double()
     expected = ref.log_prob(y64)
-    tol = 32 * F32_EPS * (1 + expected.abs() + magnitude(y64))
+    tol = 32 * torch.finfo(lp.dtype).eps * (1 + expected.abs() + magnitude(y64))
     assert ((lp.double() - expected).abs() <= tol).all(), (lp, expected)
 
     lp.sum().backward()
