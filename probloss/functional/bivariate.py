@@ -102,7 +102,11 @@ class _BivariateLogDensity(torch.autograd.Function):
         half_q = torch.where(torch.isinf(z).any(-1), math.inf, half_q)
         # -log(2 pi s1 s2 sqrt(1 - rho^2)) with -0.5 log(1 - rho^2) = log cosh(a)
         log_scale_sum = log_scale[..., 0] + log_scale[..., 1]  # 8x faster than sum(-1) here
-        return (log_cosh(atanh_rho) - _LOG_2PI) - log_scale_sum - half_q
+        rest = (log_cosh(atanh_rho) - _LOG_2PI) - log_scale_sum
+        # Q/2 = inf dominates even an overflowing log cosh(a) - log_scale_sum (inf - inf):
+        # Q >= cosh(a)^2 narrow^2 + wide^2 / 4 grows like the squares of z and e^|a|, the
+        # rest only like |a| and |log_scale|.
+        return torch.where(torch.isinf(half_q), -math.inf, rest - half_q)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -240,14 +244,16 @@ def _log_scaled_gradients(
     """
     dtype = value.dtype
     sign = torch.copysign(torch.ones((), dtype=dtype, device=value.device), atanh_rho)
-    b = sign * atanh_rho
+    # Exponents are clamped at +-_CLAMP_SENTINEL, beyond every dtype's exp range (e^t of
+    # every nonzero float is 0 or inf there already), so that sums of exponents stay finite.
+    b = (sign * atanh_rho).clamp(max=_CLAMP_SENTINEL)
+    log_scale = log_scale.clamp(-_CLAMP_SENTINEL, _CLAMP_SENTINEL)
     r, m = split_residual(value, loc)
     r, m = torch.broadcast_tensors(r, m)
     mag = r.abs()
     zhat = torch.sign(r)  # z_i = zhat_i e^{Z_i}
     log_r = torch.log(torch.where(mag > 0, mag, 1.0)) + torch.log(m)
-    big = torch.finfo(dtype).max
-    z_log = (log_r - log_scale).clamp(-big, big)  # log|z_i| (clamp: only keeps inf out)
+    z_log = (log_r - log_scale).clamp(-_CLAMP_SENTINEL, _CLAMP_SENTINEL)  # log|z_i|
     zh1, zh2 = zhat.unbind(-1)
     zl1, zl2 = z_log.unbind(-1)
     zh2 = sign * zh2

@@ -34,7 +34,7 @@ from .._dtype import loss_tensors
 from .._validation import broadcast_shapes, check_not_nan, should_validate
 from ..special.exp import expm1mx, mul_exp
 from ..special.where import safe_where
-from ._params import check_positive, log_scale_from
+from ._params import check_positive, log_scale_from, split_residual
 from ._reduction import check_reduction, check_value_batch, reduce_loss
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -49,10 +49,27 @@ _NAN_POLICIES = ("raise", "mask")
 
 
 def _standardize(
-    residual: Tensor, name: str, param: Tensor, log_scale: Tensor, min_scale: Tensor | None
+    value: Tensor,
+    loc: Tensor,
+    name: str,
+    param: Tensor,
+    log_scale: Tensor,
+    min_scale: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """``(z, log_scale)`` from the scale form ``name``; with ``min_scale`` the scale is
-    ``scale + min_scale`` (``log_scale' = logaddexp(log_scale, log(min_scale))``)."""
+    ``scale + min_scale`` (``log_scale' = logaddexp(log_scale, log(min_scale))``).
+
+    ``value - loc`` is split as ``r m`` (:func:`split_residual`, ``m = 2`` where the
+    difference overflows) and ``m`` applied last, so ``z`` is finite wherever it is
+    representable."""
+    residual, factor = split_residual(value, loc)
+    z, log_scale = _standardize_residual(residual, name, param, log_scale, min_scale)
+    return z * factor, log_scale
+
+
+def _standardize_residual(
+    residual: Tensor, name: str, param: Tensor, log_scale: Tensor, min_scale: Tensor | None
+) -> tuple[Tensor, Tensor]:
     if name in ("scale", "var"):
         if name == "var" and min_scale is None:
             return residual / torch.sqrt(param), log_scale  # 0.5 log(var): no sqrt rounding
@@ -143,8 +160,7 @@ def normal_log_prob(
     """
     forms = {"scale": scale, "log_scale": log_scale, "var": var, "log_var": log_var}
     tensors, name, param, log_sigma = _prepare(value, loc, forms, validate_args)
-    residual = tensors["value"] - tensors["loc"]
-    z, log_sigma = _standardize(residual, name, param, log_sigma, None)
+    z, log_sigma = _standardize(tensors["value"], tensors["loc"], name, param, log_sigma, None)
     return _normal_log_density(z, log_sigma)
 
 
@@ -255,31 +271,91 @@ def normal_nll(
     elif should_validate(validate_args, value):
         check_not_nan(value, "value")
 
-    if beta == 0.0:
-        z, log_sigma = _standardize(value - loc, name, param, log_sigma, floor)
+    log_form = name in ("log_scale", "log_var")
+    if beta == 0.0 and (floor is None or not log_form):
+        z, log_sigma = _standardize(value, loc, name, param, log_sigma, floor)
         loss = -_normal_log_density(z, log_sigma)
     else:
-        if floor is not None:
-            _, log_sigma = _standardize(value - loc, name, param, log_sigma, floor)
-        loss = _beta_weighted_nll(value - loc, log_sigma, beta)
+        log_floor = None
+        if floor is not None and log_form:
+            log_floor = torch.log(floor)  # the floor applied inside, with its own backward
+        elif floor is not None:
+            _, log_sigma = _standardize(value, loc, name, param, log_sigma, floor)
+        residual, factor = split_residual(value, loc)
+        loss = _WeightedNLL.apply(residual, factor, log_sigma, log_floor, beta)
     return reduce_loss(loss, reduction, mask=mask)
 
 
-def _beta_weighted_nll(residual: Tensor, log_sigma: Tensor, beta: float) -> Tensor:
+class _WeightedNLL(torch.autograd.Function):
     r"""``sg[sigma^{2 beta}] (z^2/2 + log sigma + log(2 pi)/2)`` with no factor overflowing alone.
 
-    The quadratic part is ``y^2 / 2`` with ``y = r e^{-(1 - beta) log sigma}`` (``w z^2 =
-    (z sqrt(w))^2``, ``w = sigma^{2 beta}``), one :func:`mul_exp` whose exponent carries the
-    weight detached: ``t = -log sigma + beta sg[log sigma]``, so ``d/dlog sigma = -y^2 = -w
-    z^2`` and ``d/dr = y e^t = w z / sigma``, the derivatives of the detached-weight loss.
-    ``z`` alone overflows (``log_scale = -50`` in float32) where ``y`` does not, and ``w``
-    alone underflows where ``w z^2`` is large. The rest, ``w (log sigma + log(2 pi)/2)``,
+    Inputs ``(r, m, s, log_floor, beta)`` with ``x - mu = r m`` (:func:`split_residual`) and
+    ``log sigma = logaddexp(s, log_floor)`` (the soft floor ``sigma + min_scale``; no floor
+    when ``log_floor`` is None). The quadratic part is ``y^2 / 2`` with ``y = r e^{t} m``,
+    ``t = -(1 - beta) log sigma`` (``w z^2 = (z sqrt(w))^2``, ``w = sigma^{2 beta}``): ``z``
+    alone overflows (``log_scale = -50`` in float32) where ``y`` does not, and ``w`` alone
+    underflows where ``w z^2`` is large. The rest, ``w (log sigma + log(2 pi)/2)``,
     overflows only where the whole loss does (``w`` is large only for large ``log sigma``).
+
+    Backward (the weight detached): ``d/dr = w z / sigma m = y e^t m``, ``d/dlog sigma = w (1
+    - z^2) = w - y^2``, and through the floor ``d/ds = (w - y^2) v`` with ``v = e^{s - log
+    sigma}`` formed as ``w v - (y sqrt(v))^2``, the square root taken inside the exponent:
+    where ``z^2`` overflows and ``v`` underflows (``log_scale = -1e30`` floored at 1e-3,
+    residual 3e38) the product is the exact tiny value, not ``inf * 0``; ``d/dlog_floor``
+    likewise with ``1 - v``. Where ``w`` and ``y^2`` both overflow (``inf - inf``) the exact
+    value overflows too, with the sign of ``1 - |z|``. Built from differentiable torch ops.
     """
-    t = beta * log_sigma.detach() - log_sigma  # -(1 - beta) log sigma, weight detached
-    y = mul_exp(residual, t)
-    weight = torch.exp((2.0 * beta) * log_sigma).detach()  # sg[var ** beta]
-    return (0.5 * y) * y + weight * (log_sigma + _HALF_LOG_2PI)
+
+    @staticmethod
+    def forward(ctx, residual, factor, log_scale, log_floor, beta):
+        ctx.save_for_backward(residual, factor, log_scale, log_floor)
+        ctx.beta = beta
+        log_sigma = _floored(log_scale, log_floor)
+        y, weight, _ = _beta_pieces(residual, factor, log_sigma, beta)
+        return (0.5 * y) * y + weight * (log_sigma + _HALF_LOG_2PI)
+
+    @staticmethod
+    def backward(ctx, grad):
+        residual, factor, log_scale, log_floor = ctx.saved_tensors
+        log_sigma = _floored(log_scale, log_floor)
+        y, weight, t = _beta_pieces(residual, factor, log_sigma, ctx.beta)
+        grads = [None] * 5
+        if ctx.needs_input_grad[0]:
+            grad_r = mul_exp(grad * y, t) * factor  # w z / sigma, e^t applied to the product
+            grads[0] = grad_r.sum_to_size(residual.shape)
+        z_big = mul_exp(residual, -log_sigma).abs() * factor > 1.0
+
+        def chained(log_v: Tensor | None) -> Tensor:
+            """``grad (w - y^2) e^{log_v}`` (``log_v`` None: ``e^0``)."""
+            if log_v is None:
+                d = weight - y * y
+            else:
+                y_v = mul_exp(y, 0.5 * log_v)
+                d = mul_exp(weight, log_v) - y_v * y_v
+            d = torch.where(torch.isnan(d), torch.where(z_big, -math.inf, math.inf), d)
+            return grad * d
+
+        if ctx.needs_input_grad[2]:
+            log_v = None if log_floor is None else log_scale - log_sigma  # log sigmoid
+            grads[2] = chained(log_v).sum_to_size(log_scale.shape)
+        if log_floor is not None and ctx.needs_input_grad[3]:
+            grads[3] = chained(log_floor - log_sigma).sum_to_size(log_floor.shape)
+        return tuple(grads)
+
+
+def _floored(log_scale: Tensor, log_floor: Tensor | None) -> Tensor:
+    """``log(e^s + m) = logaddexp(s, log m)``: the soft floor in log space, or ``s``."""
+    return log_scale if log_floor is None else torch.logaddexp(log_scale, log_floor)
+
+
+def _beta_pieces(
+    residual: Tensor, factor: Tensor, log_sigma: Tensor, beta: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, w, t)``: ``y = r e^t m`` with ``t = -(1 - beta) log sigma``, ``w = e^{2 beta log
+    sigma}``; ``t`` is rounded once (an absolute error ``eps |t|``, the conditioning of
+    ``e^t`` in ``log sigma``)."""
+    t = (beta - 1.0) * log_sigma
+    return mul_exp(residual, t) * factor, torch.exp((2.0 * beta) * log_sigma), t
 
 
 # ======================================================================================
@@ -318,7 +394,8 @@ def laplace_log_prob(value: Tensor, loc: Tensor, log_scale: Tensor | float) -> T
     value, loc, log_scale = t["value"], t["loc"], t["log_scale"]
     # |r e^{-s}|, not |r| e^{-s}: at r = 0 the abs's zero gradient then reaches mul_exp's
     # backward, which gives 0 * e^{-s} = 0 even where e^{-s} overflows (not sign(0) * inf)
-    return -mul_exp(value - loc, -log_scale).abs() - log_scale - _LN2
+    residual, factor = split_residual(value, loc)  # finite where value - loc overflows
+    return -(mul_exp(residual, -log_scale).abs() * factor) - log_scale - _LN2
 
 
 # ======================================================================================
@@ -523,15 +600,15 @@ def student_t_log_prob(
     value, df, loc, log_scale = t["value"], t["df"], t["loc"], t["log_scale"]
     if should_validate(validate_args, df):
         check_positive(df, "df")
-    residual = value - loc
+    residual, factor = split_residual(value, loc)  # value - loc = r m, r finite
+    log_factor = torch.log(factor)  # 0, or log 2 where value - loc overflows
     with torch.no_grad():  # where z = r e^{-log_scale} would overflow (within a factor e)
-        beyond = (
-            torch.log(residual.abs()) - log_scale > math.log(torch.finfo(residual.dtype).max) - 1.0
-        )
+        log_max = math.log(torch.finfo(residual.dtype).max)
+        beyond = torch.log(residual.abs()) + log_factor - log_scale > log_max - 1.0
     # double where: where z overflows mul_exp is fed 0 (its gradient 0 * inf would be NaN),
     # elsewhere log|r| is fed 1
-    z = mul_exp(torch.where(beyond, 0.0, residual), -log_scale)
-    log_abs_r = torch.log(torch.where(beyond, residual, 1.0).abs())
+    z = mul_exp(torch.where(beyond, 0.0, residual), -log_scale) * factor
+    log_abs_r = torch.log(torch.where(beyond, residual, 1.0).abs()) + log_factor
     normaliser = _student_t_normaliser(df)
     tail = torch.where(
         beyond,
