@@ -1,0 +1,632 @@
+r"""mpmath closed forms for the fuzz records: the check of the float64 reference itself.
+
+Each oracle takes one row of a record's inputs (per argument, the row's elements as Python
+floats, flattened) and returns, per element of the row's output (flattened), a pair
+``(value, scale)``: the exact value from the textbook closed form at a working precision
+that absorbs its cancellation, and the sum of the magnitudes of the terms the value is
+made of (:math:`T`). The float64 path is expected within ``REL * T`` of the value (see
+:data:`REL`). Special functions come from :mod:`tests.reference` (their own oracle, with
+its precision rules); the log densities are written here:
+
+* the bivariate quadratic form in the eigen-coordinates of the correlation,
+  :math:`Q = \tfrac14 (z_1 + z_2)^2 (1 + e^{-2a}) + \tfrac14 (z_1 - z_2)^2 (1 + e^{2a})`
+  (:math:`1 \pm \tanh a = 2 / (1 + e^{\mp 2a})`), and :math:`\log(1 - \rho^2) =
+  -2 \log\cosh a`: a sum of non-negative terms, so no digits are lost at ``|a| = 1e38``;
+* the continuous-Bernoulli inverse CDF as :math:`\log((1 - u) + u e^\eta) / \eta`, a sum of
+  non-negative terms for every sign of :math:`\eta`;
+* everything else as printed in the functions' docstrings.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mpmath
+from mpmath import mp
+
+from tests import reference
+
+# A gross-error bound, not an accuracy claim: 1e-10 is about 450 000 float64 ulps, far
+# above the rounding error of any evaluation order (so no CPU or BLAS can trip it), and
+# far below any error that changes whether a value is finite or representable in float32
+# or narrower (it moves a value across an overflow threshold only within 1e-10 of it).
+# Ulp-level accuracy is the business of each module's own tests.
+REL = 1e-10
+DPS = 60
+
+
+def _half_log_2pi():
+    return mp.log(2 * mp.pi) / 2
+
+
+def _dps_for(*xs: float) -> int:
+    """60 digits plus the decades of the largest and smallest magnitude among ``xs``."""
+    extra = 0.0
+    for x in xs:
+        if x != 0 and math.isfinite(x):
+            extra = max(extra, abs(math.log10(abs(x))))
+    return int(DPS + 2 * extra)
+
+
+def _pair(v, t=None):
+    return (v, abs(v) if t is None else t)
+
+
+# ---------------------------------------------------------------- special functions
+
+
+# ((value at -inf, value at +inf), (derivative at -inf, derivative at +inf)) of each special
+# function (tests/reference.py
+# takes finite inputs only): from the closed forms, e.g. cb_mean = 1/(1 - e^-x) - 1/x -> 1
+# and 0, cb_entropy = A - x A' -> 1 - log|x| -> -inf, log_softplus' = sigmoid/softplus.
+_INF, _NINF = math.inf, -math.inf
+_LIMITS = {
+    "cb_entropy": ((_NINF, _NINF), (0.0, 0.0)),
+    "cb_log_partition": ((_NINF, _INF), (0.0, 1.0)),
+    "cb_mean": ((0.0, 1.0), (0.0, 0.0)),
+    "cb_variance": ((0.0, 0.0), (0.0, 0.0)),
+    "log1mexp": ((math.nan, 0.0), (math.nan, 0.0)),
+    "log_cosh": ((_INF, _INF), (-1.0, 1.0)),
+    "log_softplus": ((_NINF, _INF), (1.0, 0.0)),
+    "softplus": ((0.0, _INF), (0.0, 1.0)),
+    "softplus_inverse": ((math.nan, _INF), (math.nan, 1.0)),
+}
+
+
+def _limit(name: str, x: float, grad: bool):
+    return mp.mpf(_LIMITS[name][1 if grad else 0][x > 0])
+
+
+def special(name: str):
+    """``tests/reference.py``'s closed form of ``probloss.special.<name>``, one input."""
+    fn = getattr(reference, name)
+
+    def oracle(x):
+        return [_pair(_limit(name, v, False) if math.isinf(v) else fn(v)) for v in x]
+
+    return oracle
+
+
+def special_grad(name: str):
+    fn = getattr(reference, name + "_grad", None)
+    if fn is None:
+        return None
+    return lambda x: [[_limit(name, v, True) if math.isinf(v) else fn(v) for v in x]]
+
+
+def expm1mx(x):
+    out = []
+    for v in x:
+        if math.isinf(v):  # e^x - 1 - x -> +inf at both ends
+            out.append((mp.inf, mp.inf))
+            continue
+        with mp.workdps(_dps_for(v) + 40):  # e^x - 1 - x ~ x^2/2 cancels 2 log10(1/x) digits
+            out.append(_pair(+(mp.expm1(v) - v)))
+    return out
+
+
+def mul_exp(x, t):
+    out = []
+    for a, b in zip(x, t, strict=True):
+        if math.isinf(b) or math.isinf(a):
+            out.append((mp.nan, mp.nan))
+            continue
+        with mp.workdps(DPS):
+            out.append(_pair(+(mp.mpf(a) * mp.exp(b))))
+    return out
+
+
+def soft_floor(x, floor):
+    out = []
+    for a, m in zip(x, floor, strict=True):
+        with mp.workdps(_dps_for(a, m)):
+            sp = mp.log1p(mp.exp(mp.mpf(a) - m))
+            out.append((+(m + sp), abs(mp.mpf(m)) + sp))
+    return out
+
+
+def safe_log_or_exp(x):
+    """``log x`` for ``x > 0``, else ``exp x`` (the record's ``safe_where`` branches)."""
+    out = []
+    for v in x:
+        with mp.workdps(DPS):
+            out.append(_pair(+(mp.log(v) if v > 0 else mp.exp(v))))
+    return out
+
+
+def safe_log_or_exp_grad(x):
+    with mp.workdps(DPS):
+        return [[+(1 / mp.mpf(v)) if v > 0 else +mp.exp(v) for v in x]]
+
+
+def scale_tril(raw, min_diag: float):
+    """Row-by-row lower triangle of ``D = 2`` (3 entries) into the flattened 2x2 factor."""
+    out = []
+    with mp.workdps(DPS):
+        diag = [min_diag + mp.log1p(mp.exp(raw[0])), min_diag + mp.log1p(mp.exp(raw[2]))]
+        for v in (diag[0], mp.zero, mp.mpf(raw[1]), diag[1]):
+            out.append(_pair(+v))
+    return out
+
+
+# ---------------------------------------------------------------- normal family
+
+
+def _normal_terms(x, mu, s):
+    """``(log p, T)`` of N(mu, e^s) at x."""
+    z = (mp.mpf(x) - mu) * mp.exp(-mp.mpf(s))
+    c = _half_log_2pi()
+    return -z * z / 2 - s - c, z * z / 2 + abs(mp.mpf(s)) + c
+
+
+def normal_log_prob(value, loc, log_scale):
+    out = []
+    for x, mu, s in zip(value, loc, log_scale, strict=True):
+        if math.isinf(x):
+            out.append((mp.ninf, mp.inf))
+            continue
+        with mp.workdps(_dps_for(x, mu, s)):
+            v, t = _normal_terms(x, mu, s)
+            out.append((+v, +t))
+    return out
+
+
+def normal_log_prob_scale(value, loc, scale):
+    return normal_log_prob(value, loc, [_log(s) for s in scale])
+
+
+def normal_log_prob_var(value, loc, var):
+    return normal_log_prob(value, loc, [_log(v) / 2 for v in var])
+
+
+def normal_log_prob_log_var(value, loc, log_var):
+    return normal_log_prob(value, loc, [mp.mpf(v) / 2 for v in log_var])
+
+
+def _log(v):
+    with mp.workdps(DPS):
+        return +mp.log(v)
+
+
+def normal_nll(value, loc, log_scale, beta=0.0, min_scale=None):
+    out = []
+    for x, mu, s in zip(value, loc, log_scale, strict=True):
+        with mp.workdps(_dps_for(x, mu, s)):
+            s = mp.mpf(s)
+            if min_scale is not None:  # log(e^s + m)
+                s = mp.log(mp.exp(s) + mp.mpf(min_scale))
+            v, t = _normal_terms(x, mu, s)
+            w = mp.exp(2 * beta * s)
+            out.append((+(-v * w), +(t * w)))
+    return out
+
+
+def laplace_log_prob(value, loc, log_scale):
+    out = []
+    for x, mu, s in zip(value, loc, log_scale, strict=True):
+        if math.isinf(x):
+            out.append((mp.ninf, mp.inf))
+            continue
+        with mp.workdps(_dps_for(x, mu, s)):
+            a = abs(mp.mpf(x) - mu) * mp.exp(-mp.mpf(s))
+            out.append((+(-a - s - mp.log(2)), +(a + abs(mp.mpf(s)) + mp.log(2))))
+    return out
+
+
+def student_t_log_prob(value, df, loc, log_scale):
+    out = []
+    for x, nu, mu, s in zip(value, df, loc, log_scale, strict=True):
+        if math.isinf(x):
+            out.append((mp.ninf, mp.inf))
+            continue
+        # lgamma((nu+1)/2) - lgamma(nu/2) cancels two terms of size nu log nu
+        with mp.workdps(_dps_for(x, mu, s, nu) + int(math.log10(1 + nu)) + 10):
+            nu_ = mp.mpf(nu)
+            z = (mp.mpf(x) - mu) * mp.exp(-mp.mpf(s))
+            tail = (nu_ + 1) / 2 * mp.log1p(z * z / nu_)
+            norm = mp.loggamma((nu_ + 1) / 2) - mp.loggamma(nu_ / 2) - mp.log(nu_ * mp.pi) / 2
+            v = norm - s - tail
+            out.append((+v, +(abs(norm) + abs(mp.mpf(s)) + tail + 1)))
+    return out
+
+
+def _bivariate_terms(x1, x2, m1, m2, s1, s2, a):
+    z1 = (mp.mpf(x1) - m1) * mp.exp(-mp.mpf(s1))
+    z2 = (mp.mpf(x2) - m2) * mp.exp(-mp.mpf(s2))
+    a = mp.mpf(a)
+    q = (z1 + z2) ** 2 * (1 + mp.exp(-2 * a)) / 4 + (z1 - z2) ** 2 * (1 + mp.exp(2 * a)) / 4
+    log_cosh = mp.log(mp.cosh(a))
+    c = mp.log(2 * mp.pi)
+    v = -c - s1 - s2 + log_cosh - q / 2
+    return v, c + abs(mp.mpf(s1)) + abs(mp.mpf(s2)) + log_cosh + q / 2
+
+
+def bivariate_normal_log_prob(value, loc, log_scale, atanh_rho):
+    x1, x2 = value
+    if math.isinf(x1) or math.isinf(x2):
+        return [(mp.ninf, mp.inf)]
+    with mp.workdps(_dps_for(*value, *loc, *log_scale, *atanh_rho)):
+        v, t = _bivariate_terms(*value, *loc, *log_scale, *atanh_rho)
+        return [(+v, +t)]
+
+
+def bivariate_normal_nll(value, loc, log_scale, atanh_rho):
+    return [(-v, t) for v, t in bivariate_normal_log_prob(value, loc, log_scale, atanh_rho)]
+
+
+# ---------------------------------------------------------------- mixtures
+
+
+def _logsumexp_terms(terms):
+    """``(logsumexp_k v_k, sum_k r_k T_k + |result|)`` of ``terms = [(v_k, T_k)]``."""
+    vs = [v for v, _ in terms if v != mp.ninf]
+    if not vs:
+        return mp.ninf, mp.inf
+    top = max(vs)
+    # Terms more than ``cut`` below the top weigh less than 10^-(dps + 20) relative: left
+    # out exactly as rounding would (and mpmath's exp of an astronomically large negative
+    # number, e.g. -z^2 at z = 1e300, would compute ln 2 to that many bits).
+    cut = (mp.dps + 20) * mp.log(10)
+    live = [(v, t) for v, t in terms if v != mp.ninf and v - top > -cut]
+    lse = top + mp.log(mp.fsum(mp.exp(v - top) for v, _ in live))
+    scale = mp.fsum(mp.exp(v - lse) * t for v, t in live)
+    return lse, scale + abs(lse)
+
+
+def _log_softmax(logits):
+    finite = [mp.mpf(lg) for lg in logits if lg != -math.inf]
+    top = max(finite)
+    lse = top + mp.log(mp.fsum(mp.exp(lg - top) for lg in finite))
+    return [(mp.ninf if lg == -math.inf else mp.mpf(lg) - lse) for lg in logits], abs(lse)
+
+
+def mixture_log_prob(component_log_prob, logits):
+    with mp.workdps(_dps_for(*component_log_prob, *[lg for lg in logits if math.isfinite(lg)])):
+        lp, lse = _log_softmax(logits)
+        terms = []
+        for w, c, lg in zip(lp, component_log_prob, logits, strict=True):
+            if w == mp.ninf or c == -math.inf:
+                terms.append((mp.ninf, mp.zero))
+            else:
+                terms.append((w + c, abs(mp.mpf(lg)) + lse + abs(mp.mpf(c))))
+        v, t = _logsumexp_terms(terms)
+        return [(+v, +t)]
+
+
+def normal_mixture_log_prob(value, logits, loc, log_scale):
+    d = len(value)
+    if any(math.isinf(x) for x in value):
+        return [(mp.ninf, mp.inf)]
+    with mp.workdps(
+        _dps_for(*value, *loc, *log_scale, *[lg for lg in logits if math.isfinite(lg)])
+    ):
+        lp, lse = _log_softmax(logits)
+        terms = []
+        for k, (w, lg) in enumerate(zip(lp, logits, strict=True)):
+            if w == mp.ninf:
+                terms.append((mp.ninf, mp.zero))
+                continue
+            v, t = w, abs(mp.mpf(lg)) + lse
+            for j in range(d):
+                vj, tj = _normal_terms(value[j], loc[k * d + j], log_scale[k * d + j])
+                v, t = v + vj, t + tj
+            terms.append((v, t))
+        v, t = _logsumexp_terms(terms)
+        return [(+v, +t)]
+
+
+def normal_mixture_nll(value, logits, loc, log_scale):
+    return [(-v, t) for v, t in normal_mixture_log_prob(value, logits, loc, log_scale)]
+
+
+def bivariate_normal_mixture_log_prob(value, logits, loc, log_scale, atanh_rho):
+    if any(math.isinf(x) for x in value):
+        return [(mp.ninf, mp.inf)]
+    with mp.workdps(
+        _dps_for(*value, *loc, *log_scale, *atanh_rho, *[lg for lg in logits if math.isfinite(lg)])
+    ):
+        lp, lse = _log_softmax(logits)
+        terms = []
+        for k, (w, lg) in enumerate(zip(lp, logits, strict=True)):
+            if w == mp.ninf:
+                terms.append((mp.ninf, mp.zero))
+                continue
+            v, t = _bivariate_terms(
+                *value, *loc[2 * k : 2 * k + 2], *log_scale[2 * k : 2 * k + 2], atanh_rho[k]
+            )
+            terms.append((w + v, t + abs(mp.mpf(lg)) + lse))
+        v, t = _logsumexp_terms(terms)
+        return [(+v, +t)]
+
+
+def bivariate_normal_mixture_nll(value, logits, loc, log_scale, atanh_rho):
+    pairs = bivariate_normal_mixture_log_prob(value, logits, loc, log_scale, atanh_rho)
+    return [(-v, t) for v, t in pairs]
+
+
+def _weights(logits):
+    lp, _ = _log_softmax(logits)
+    return [mp.zero if w == mp.ninf else mp.exp(w) for w in lp]
+
+
+def mixture_mean(logits, loc):
+    """``sum_k pi_k mu_kd`` per coordinate ``d``; ``T = sum_k pi_k |mu_kd|``."""
+    k = len(logits)
+    d = len(loc) // k
+    with mp.workdps(DPS):
+        pi = _weights(logits)
+        out = []
+        for j in range(d):
+            mus = [mp.mpf(loc[i * d + j]) for i in range(k)]
+            out.append(
+                (
+                    +mp.fsum(p * m for p, m in zip(pi, mus, strict=True)),
+                    +mp.fsum(p * abs(m) for p, m in zip(pi, mus, strict=True)),
+                )
+            )
+        return out
+
+
+def _mixture_second_moments(logits, loc, log_scale, atanh_rho=None):
+    """Covariance entries ``(d, e)`` (law of total covariance) with their term scales."""
+    k = len(logits)
+    d = len(loc) // k
+    pi = _weights(logits)
+    mu = [[mp.mpf(loc[i * d + j]) for j in range(d)] for i in range(k)]
+    sig = [[mp.exp(mp.mpf(log_scale[i * d + j])) for j in range(d)] for i in range(k)]
+    mean = [mp.fsum(pi[i] * mu[i][j] for i in range(k)) for j in range(d)]
+    spread = [mp.fsum(pi[i] * abs(mu[i][j]) for i in range(k)) for j in range(d)]
+    entries = {}
+    for a in range(d):
+        for b in range(d) if atanh_rho is not None else (a,):
+            v = mp.zero
+            t = mp.zero
+            for i in range(k):
+                if pi[i] == 0:
+                    continue
+                if a == b:
+                    cov = sig[i][a] ** 2
+                else:
+                    cov = mp.tanh(atanh_rho[i]) * sig[i][a] * sig[i][b]
+                da, db = mu[i][a] - mean[a], mu[i][b] - mean[b]
+                v += pi[i] * (cov + da * db)
+                # the mean's own error (relative to the spread) enters each residual
+                t += pi[i] * (abs(cov) + (abs(da) + spread[a]) * (abs(db) + spread[b]))
+            entries[a, b] = (+v, +t)
+    return entries, d
+
+
+def mixture_variance(logits, loc, log_scale):
+    with mp.workdps(DPS):
+        entries, d = _mixture_second_moments(logits, loc, log_scale)
+        return [entries[j, j] for j in range(d)]
+
+
+def multivariate_mixture_variance(logits, loc, scale_tril):
+    """As :func:`mixture_variance` with ``sigma_kd^2 = sum_j L_kdj^2`` (a row norm of L_k)."""
+    k = len(logits)
+    d = len(loc) // k
+    with mp.workdps(DPS):
+        log_sd = []
+        for i in range(k):
+            for r in range(d):
+                row = scale_tril[(i * d + r) * d : (i * d + r + 1) * d]
+                log_sd.append(mp.log(mp.fsum(mp.mpf(v) ** 2 for v in row)) / 2)
+        entries, _ = _mixture_second_moments(logits, loc, log_sd)
+        return [entries[j, j] for j in range(d)]
+
+
+def bivariate_mixture_covariance(logits, loc, log_scale, atanh_rho):
+    with mp.workdps(DPS):
+        entries, _ = _mixture_second_moments(logits, loc, log_scale, atanh_rho)
+        return [entries[0, 0], entries[0, 1], entries[1, 0], entries[1, 1]]
+
+
+def bivariate_mixture_variance(logits, loc, log_scale, atanh_rho):
+    return mixture_variance(logits, loc, log_scale)
+
+
+# ---------------------------------------------------------------- multivariate
+
+
+def multivariate_normal_log_prob(value, loc, scale_tril):
+    """``-D/2 log 2 pi - sum log L_ii - |L^{-1}(x - mu)|^2 / 2`` by forward substitution.
+
+    A triangular solve of an ill-conditioned factor has no forward-error bound in the
+    inputs' terms, so the scale returned is ``inf``: this oracle checks finiteness only
+    (a float64 value that is NaN or inf where the exact one is finite, or the reverse).
+    """
+    if any(math.isinf(x) for x in value):
+        return [(mp.ninf, mp.inf)]
+    with mp.workdps(_dps_for(*value, *loc, *scale_tril) + 40):
+        return [(+_mvn(value, loc, scale_tril), mp.inf)]
+
+
+def _mvn(value, loc, scale_tril):
+    """The closed form at the current precision; ``scale_tril`` flattened ``D x D``."""
+    d = len(value)
+    el = [[mp.mpf(scale_tril[i * d + j]) for j in range(d)] for i in range(d)]
+    r = [mp.mpf(value[i]) - loc[i] for i in range(d)]
+    z = []
+    for i in range(d):
+        z.append((r[i] - mp.fsum(el[i][j] * z[j] for j in range(i))) / el[i][i])
+    v = -d * _half_log_2pi() - mp.fsum(mp.log(el[i][i]) for i in range(d))
+    return v - mp.fsum(zi * zi for zi in z) / 2
+
+
+def lowrank_multivariate_normal_log_prob(value, loc, cov_factor, log_diag):
+    """Dense ``W W^T + diag(e^l)`` and its Cholesky factor at high precision.
+
+    Finiteness only (scale ``inf``), for the reason given in
+    :func:`multivariate_normal_log_prob`.
+    """
+    d = len(value)
+    r = len(cov_factor) // d
+    if any(math.isinf(x) for x in value):
+        return [(mp.ninf, mp.inf)]
+    with mp.workdps(_dps_for(*value, *loc, *cov_factor, *log_diag) * 2 + 40):
+        w = mpmath.matrix([[cov_factor[i * r + j] for j in range(r)] for i in range(d)])
+        cov = w * w.T + mpmath.diag([mp.exp(mp.mpf(x)) for x in log_diag])
+        el = mpmath.cholesky(cov)
+        flat = [el[i, j] for i in range(d) for j in range(d)]
+        return [(+_mvn(value, loc, flat), mp.inf)]
+
+
+def multivariate_normal_mixture_log_prob(value, logits, loc, scale_tril):
+    k = len(logits)
+    d = len(value)
+    with mp.workdps(_dps_for(*value, *loc, *scale_tril) + 40):
+        lp, _ = _log_softmax(logits)
+        terms = []
+        for i in range(k):
+            if lp[i] == mp.ninf:
+                terms.append((mp.ninf, mp.zero))
+                continue
+            if any(math.isinf(x) for x in value):
+                v = mp.ninf
+            else:
+                v = _mvn(value, loc[i * d : (i + 1) * d], scale_tril[i * d * d : (i + 1) * d * d])
+            terms.append((lp[i] + v, mp.zero))
+        v, _ = _logsumexp_terms(terms)
+        return [(+v, mp.inf)]
+
+
+# ---------------------------------------------------------------- Bernoulli family
+
+
+def _log_sigmoid(x):
+    return -mp.log1p(mp.exp(-mp.mpf(x)))
+
+
+def bernoulli_kl(logits_q, logits_p):
+    out = []
+    for q, p in zip(logits_q, logits_p, strict=True):
+        with mp.workdps(2 * _dps_for(q, p) + 40):  # KL ~ (q - p)^2 near q == p
+            a = mp.exp(_log_sigmoid(q)) * (_log_sigmoid(q) - _log_sigmoid(p))
+            b = mp.exp(_log_sigmoid(-q)) * (_log_sigmoid(-q) - _log_sigmoid(-p))
+            out.append((+(a + b), +(abs(a) + abs(b))))
+    return out
+
+
+def continuous_bernoulli_log_prob(value, logits):
+    out = []
+    for x, eta in zip(value, logits, strict=True):
+        a = reference.cb_log_partition(eta)
+        with mp.workdps(_dps_for(x, eta)):
+            out.append((+(mp.mpf(x) * eta - a), +(abs(mp.mpf(x) * eta) + abs(a))))
+    return out
+
+
+def continuous_bernoulli_cdf(value, logits):
+    out = []
+    for x, eta in zip(value, logits, strict=True):
+        if x <= 0:
+            out.append((mp.zero, mp.zero))
+        elif x >= 1:
+            out.append((mp.one, mp.one))
+        elif eta == 0:
+            out.append(_pair(mp.mpf(x)))
+        else:
+            with mp.workdps(_dps_for(x, eta)):
+                out.append(_pair(+(mp.expm1(mp.mpf(x) * eta) / mp.expm1(eta))))
+    return out
+
+
+def continuous_bernoulli_icdf(quantile, logits):
+    out = []
+    for u, eta in zip(quantile, logits, strict=True):
+        if eta == 0:
+            out.append(_pair(mp.mpf(u)))
+            continue
+        with mp.workdps(_dps_for(u, eta, 1 - u) + 20):
+            u_ = mp.mpf(u)
+            out.append(_pair(+(mp.log((1 - u_) + u_ * mp.exp(eta)) / eta)))
+    return out
+
+
+def continuous_bernoulli_kl(logits_q, logits_p):
+    out = []
+    for q, p in zip(logits_q, logits_p, strict=True):
+        cq = reference.cb(q)
+        ap = reference.cb_log_partition(p)
+        with mp.workdps(_dps_for(q, p) + 40):
+            a = cq.mean * (mp.mpf(q) - p)
+            out.append((+(a - cq.log_partition + ap), +(abs(a) + abs(cq.log_partition) + abs(ap))))
+    return out
+
+
+def cb_quantity(field: str):
+    def oracle(logits):
+        return [_pair(getattr(reference.cb(eta), field)) for eta in logits]
+
+    return oracle
+
+
+# ---------------------------------------------------------------- distributions
+
+
+def normal_cdf(value, loc, log_scale):
+    out = []
+    for x, mu, s in zip(value, loc, log_scale, strict=True):
+        with mp.workdps(_dps_for(x, mu, s)):
+            if math.isinf(x):
+                out.append(_pair(mp.one if x > 0 else mp.zero))
+                continue
+            z = (mp.mpf(x) - mu) * mp.exp(-mp.mpf(s))
+            if abs(z) > 1e10:  # erfc(1e10) < 1e-(4e19): 0 or 1 in every float format
+                out.append(_pair(mp.one if z > 0 else mp.zero))
+                continue
+            out.append(_pair(+(mp.erfc(-z / mp.sqrt(2)) / 2)))
+    return out
+
+
+def normal_icdf(quantile, loc, log_scale):
+    out = []
+    for p, mu, s in zip(quantile, loc, log_scale, strict=True):
+        if p in (0.0, 1.0):
+            out.append((mp.ninf if p == 0 else mp.inf, mp.inf))
+            continue
+        with mp.workdps(_dps_for(p, 1 - p, mu, s) + 20):
+            z = -mp.sqrt(2) * mp.erfinv(1 - 2 * mp.mpf(p))  # erfinv(1 - 2p) needs 1 - 2p exactly
+            sig = mp.exp(mp.mpf(s))
+            out.append((+(mu + sig * z), +(abs(mp.mpf(mu)) + sig * abs(z))))
+    return out
+
+
+def normal_variance(loc, log_scale):
+    with mp.workdps(DPS):
+        return [_pair(+mp.exp(2 * mp.mpf(s))) for s in log_scale]
+
+
+def normal_entropy(loc, log_scale):
+    with mp.workdps(DPS):
+        out = []
+        for s in log_scale:
+            c = (1 + mp.log(2 * mp.pi)) / 2
+            out.append((+(c + s), +(c + abs(mp.mpf(s)))))
+        return out
+
+
+def identity_loc(*args):
+    """The mean / mode of a (bivariate) normal: its loc (the first argument), exactly."""
+    return [_pair(mp.mpf(v)) for v in args[0]]
+
+
+def bivariate_variance(loc, log_scale, atanh_rho):
+    with mp.workdps(DPS):
+        return [_pair(+mp.exp(2 * mp.mpf(s))) for s in log_scale]
+
+
+def bivariate_covariance(loc, log_scale, atanh_rho):
+    with mp.workdps(DPS):
+        s1, s2 = (mp.mpf(s) for s in log_scale)
+        c = mp.tanh(atanh_rho[0]) * mp.exp(s1 + s2)
+        return [_pair(+mp.exp(2 * s1)), _pair(+c), _pair(+c), _pair(+mp.exp(2 * s2))]
+
+
+def bivariate_entropy(loc, log_scale, atanh_rho):
+    with mp.workdps(_dps_for(*atanh_rho)):
+        s1, s2 = (mp.mpf(s) for s in log_scale)
+        c = 1 + mp.log(2 * mp.pi)
+        lc = mp.log(mp.cosh(atanh_rho[0]))
+        return [(+(c + s1 + s2 - lc), +(c + abs(s1) + abs(s2) + lc))]

@@ -1,0 +1,786 @@
+r"""One fuzz record per public function and distribution method (like JAX's ``op_record``).
+
+A :class:`Record` names what it covers (``target``: ``special.softplus``,
+``functional.normal_log_prob``, ``distributions.Normal.cdf``), how to call it on a batch
+of ``N`` independent rows (``fn(*tensors)``, every tensor's first dimension ``N``), the
+domain of each argument (:class:`Arg`, kinds in :mod:`tests.fuzz.draws`), which arguments
+get gradients, the output dtype policy and the mpmath oracle of its float64 path.
+
+Output dtype policy (DESIGN.md, half precision):
+
+* ``"same"``: the input dtype (special functions; quantities in the data's units:
+  means, variances, CDFs, quantiles, modes, samples);
+* ``"promote"``: float32 for float16 / bfloat16 inputs, else the input dtype (log
+  densities, KLs, losses, entropies; and ``scale_tril_from_raw``, which documents it).
+
+Not fuzzed as valid inputs (each record's domains leave them out): probabilities outside
+``[0, 1]``, non-positive scales / variances / ``df`` / triangular diagonals, ``+-inf``
+parameters (only values and special-function inputs take ``inf``), rows of mixture logits
+that are all ``-inf``. ``MixtureDensityHead(component="full")`` has no class of its own
+(it returns ``torch.distributions.MixtureSameFamily``); its probloss core,
+``multivariate_normal_mixture_log_prob``, has a record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+import probloss.distributions as D
+import probloss.functional as F
+import probloss.special as S
+from probloss.functional.multivariate import default_min_diag
+
+from . import oracle as O
+
+K = 3  # mixture components
+DIM = 2  # event size of the diagonal mixtures and the multivariate normals
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument: its domain kind, its per-row shape, gradient and ``inf``."""
+
+    name: str
+    domain: str = "real"
+    shape: tuple[int, ...] = ()
+    grad: bool = True
+    inf: bool = False
+
+
+@dataclass(frozen=True)
+class Record:
+    name: str  # unique id, e.g. "functional.normal_nll[beta=0.5]"
+    target: str  # the public name it covers, e.g. "functional.normal_nll"
+    fn: Callable
+    args: tuple[Arg, ...]
+    policy: str  # "same" or "promote"
+    oracle: Callable | None = None  # rows -> [(value, scale)] of the float64 path
+    grad_oracle: Callable | None = None  # rows -> per grad arg, [exact gradient]
+    random: bool = False  # a sampler: no float64 reference of the value
+    fused: Callable | None = None  # fn(*tensors, fused=bool) for the fused = plain check
+    fused_args: tuple[str, ...] = field(default=())  # arguments the fused domain bounds
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _v(name="value", **kw):
+    """A value: ``inf`` is meaningful (its log density is ``-inf``)."""
+    return Arg(name, inf=True, **kw)
+
+
+def _special(name: str, *, inf: bool = True, domain: str = "real") -> Record:
+    return Record(
+        name=f"special.{name}",
+        target=f"special.{name}",
+        fn=getattr(S, name),
+        args=(Arg("x", domain, inf=inf),),
+        policy="same",
+        oracle=O.special(name),
+        grad_oracle=O.special_grad(name),
+    )
+
+
+def _sample_generator():
+    return torch.Generator().manual_seed(1234)
+
+
+SPECIAL = [
+    _special("cb_entropy"),
+    _special("cb_log_partition"),
+    _special("cb_mean"),
+    _special("cb_variance"),
+    Record(
+        "special.expm1mx",
+        "special.expm1mx",
+        S.expm1mx,
+        (Arg("x", inf=True),),
+        "same",
+        oracle=O.expm1mx,
+    ),
+    _special("log1mexp", domain="positive"),
+    _special("log_cosh"),
+    _special("log_softplus"),
+    Record(
+        "special.mul_exp",
+        "special.mul_exp",
+        S.mul_exp,
+        (Arg("x"), Arg("t")),
+        "same",
+        oracle=O.mul_exp,
+    ),
+    Record(
+        "special.safe_where[log|exp]",
+        "special.safe_where",
+        lambda x: S.safe_where(x > 0, x, torch.log, torch.exp, safe_true=1.0, safe_false=0.0),
+        (Arg("x"),),
+        "same",
+        oracle=O.safe_log_or_exp,
+        grad_oracle=O.safe_log_or_exp_grad,
+    ),
+    Record(
+        "special.soft_floor",
+        "special.soft_floor",
+        S.soft_floor,
+        (Arg("x", inf=True), Arg("floor")),
+        "same",
+        oracle=O.soft_floor,
+    ),
+    _special("softplus"),
+    _special("softplus_inverse", domain="positive"),
+]
+
+_V, _LOC, _LS = _v(), Arg("loc"), Arg("log_scale")
+_MIX = (
+    Arg("logits", "mixture_logits", (K,)),
+    Arg("loc", shape=(K, DIM)),
+    Arg("log_scale", shape=(K, DIM)),
+)
+_BIMIX = (
+    Arg("logits", "mixture_logits", (K,)),
+    Arg("loc", shape=(K, 2)),
+    Arg("log_scale", shape=(K, 2)),
+    Arg("atanh_rho", shape=(K,)),
+)
+_BI = (Arg("loc", shape=(2,)), Arg("log_scale", shape=(2,)), Arg("atanh_rho", shape=(1,)))
+
+
+def _bivariate(fn):
+    """Bivariate functions take ``atanh_rho`` of shape ``(N,)``; the row shape is ``(1,)``."""
+    return lambda value, loc, log_scale, a: fn(value, loc, log_scale, a.squeeze(-1))
+
+
+def _nll(fn, **kw):
+    return lambda *a: fn(*a, reduction="none", **kw)
+
+
+FUNCTIONAL = [
+    Record(
+        "functional.bernoulli_kl",
+        "functional.bernoulli_kl",
+        F.bernoulli_kl,
+        (Arg("logits_q"), Arg("logits_p")),
+        "promote",
+        oracle=O.bernoulli_kl,
+    ),
+    Record(
+        "functional.bivariate_normal_log_prob",
+        "functional.bivariate_normal_log_prob",
+        _bivariate(F.bivariate_normal_log_prob),
+        (_v(shape=(2,)), *_BI),
+        "promote",
+        oracle=O.bivariate_normal_log_prob,
+    ),
+    Record(
+        "functional.bivariate_normal_mixture_covariance",
+        "functional.bivariate_normal_mixture_covariance",
+        F.bivariate_normal_mixture_covariance,
+        _BIMIX,
+        "same",
+        oracle=O.bivariate_mixture_covariance,
+    ),
+    Record(
+        "functional.bivariate_normal_mixture_log_prob",
+        "functional.bivariate_normal_mixture_log_prob",
+        F.bivariate_normal_mixture_log_prob,
+        (_v(shape=(2,)), *_BIMIX),
+        "promote",
+        oracle=O.bivariate_normal_mixture_log_prob,
+        fused=F.bivariate_normal_mixture_log_prob,
+        fused_args=("log_scale", "atanh_rho"),
+    ),
+    Record(
+        "functional.bivariate_normal_mixture_mean",
+        "functional.bivariate_normal_mixture_mean",
+        F.bivariate_normal_mixture_mean,
+        _BIMIX[:2],
+        "same",
+        oracle=O.mixture_mean,
+    ),
+    Record(
+        "functional.bivariate_normal_mixture_mode",
+        "functional.bivariate_normal_mixture_mode",
+        F.bivariate_normal_mixture_mode,
+        _BIMIX[:2],
+        "same",
+    ),
+    Record(
+        "functional.bivariate_normal_mixture_nll",
+        "functional.bivariate_normal_mixture_nll",
+        _nll(F.bivariate_normal_mixture_nll),
+        (_v(shape=(2,)), *_BIMIX),
+        "promote",
+        oracle=O.bivariate_normal_mixture_nll,
+    ),
+    Record(
+        "functional.bivariate_normal_mixture_sample",
+        "functional.bivariate_normal_mixture_sample",
+        lambda *a: F.bivariate_normal_mixture_sample(*a, generator=_sample_generator()),
+        _BIMIX,
+        "same",
+        random=True,
+    ),
+    Record(
+        "functional.bivariate_normal_nll",
+        "functional.bivariate_normal_nll",
+        _bivariate(_nll(F.bivariate_normal_nll)),
+        (_v(shape=(2,)), *_BI),
+        "promote",
+        oracle=O.bivariate_normal_nll,
+    ),
+    Record(
+        "functional.continuous_bernoulli_cdf",
+        "functional.continuous_bernoulli_cdf",
+        F.continuous_bernoulli_cdf,
+        (Arg("value", "probability"), Arg("logits")),
+        "same",
+        oracle=O.continuous_bernoulli_cdf,
+    ),
+    # Unvalidated, any value: 0 below the support and 1 above it (issue 10).
+    Record(
+        "functional.continuous_bernoulli_cdf[validate_args=False]",
+        "functional.continuous_bernoulli_cdf",
+        lambda x, lg: F.continuous_bernoulli_cdf(x, lg, validate_args=False),
+        (_v(), Arg("logits")),
+        "same",
+        oracle=O.continuous_bernoulli_cdf,
+    ),
+    Record(
+        "functional.continuous_bernoulli_icdf",
+        "functional.continuous_bernoulli_icdf",
+        F.continuous_bernoulli_icdf,
+        (Arg("quantile", "probability"), Arg("logits")),
+        "same",
+        oracle=O.continuous_bernoulli_icdf,
+    ),
+    Record(
+        "functional.continuous_bernoulli_kl",
+        "functional.continuous_bernoulli_kl",
+        F.continuous_bernoulli_kl,
+        (Arg("logits_q"), Arg("logits_p")),
+        "promote",
+        oracle=O.continuous_bernoulli_kl,
+    ),
+    Record(
+        "functional.continuous_bernoulli_log_prob",
+        "functional.continuous_bernoulli_log_prob",
+        F.continuous_bernoulli_log_prob,
+        (Arg("value", "probability"), Arg("logits")),
+        "promote",
+        oracle=O.continuous_bernoulli_log_prob,
+    ),
+    Record(
+        "functional.laplace_log_prob",
+        "functional.laplace_log_prob",
+        F.laplace_log_prob,
+        (_V, _LOC, _LS),
+        "promote",
+        oracle=O.laplace_log_prob,
+    ),
+    Record(
+        "functional.lowrank_multivariate_normal_log_prob",
+        "functional.lowrank_multivariate_normal_log_prob",
+        F.lowrank_multivariate_normal_log_prob,
+        (
+            _v(shape=(DIM,)),
+            Arg("loc", shape=(DIM,)),
+            Arg("cov_factor", shape=(DIM, 1)),
+            Arg("log_diag", shape=(DIM,)),
+        ),
+        "promote",
+        oracle=O.lowrank_multivariate_normal_log_prob,
+    ),
+    Record(
+        "functional.mixture_log_prob",
+        "functional.mixture_log_prob",
+        F.mixture_log_prob,
+        (Arg("component_log_prob", shape=(K,)), Arg("logits", "mixture_logits", (K,))),
+        "promote",
+        oracle=O.mixture_log_prob,
+    ),
+    Record(
+        "functional.multivariate_normal_log_prob",
+        "functional.multivariate_normal_log_prob",
+        F.multivariate_normal_log_prob,
+        (_v(shape=(DIM,)), Arg("loc", shape=(DIM,)), Arg("scale_tril", "tril", (DIM, DIM))),
+        "promote",
+        oracle=O.multivariate_normal_log_prob,
+    ),
+    Record(
+        "functional.multivariate_normal_mixture_log_prob",
+        "functional.multivariate_normal_mixture_log_prob",
+        F.multivariate_normal_mixture_log_prob,
+        (
+            _v(shape=(DIM,)),
+            Arg("logits", "mixture_logits", (K,)),
+            Arg("loc", shape=(K, DIM)),
+            Arg("scale_tril", "tril", (K, DIM, DIM)),
+        ),
+        "promote",
+        oracle=O.multivariate_normal_mixture_log_prob,
+    ),
+    Record(
+        "functional.normal_kl",
+        "functional.normal_kl",
+        F.normal_kl,
+        (Arg("loc_q"), Arg("log_var_q"), Arg("loc_p"), Arg("log_var_p")),
+        "promote",
+        oracle=lambda mq, lq, mp_, lp: _normal_kl(mq, lq, mp_, lp),
+    ),
+    Record(
+        "functional.normal_log_prob[log_scale]",
+        "functional.normal_log_prob",
+        lambda x, m, s: F.normal_log_prob(x, m, log_scale=s),
+        (_V, _LOC, _LS),
+        "promote",
+        oracle=O.normal_log_prob,
+    ),
+    Record(
+        "functional.normal_log_prob[scale]",
+        "functional.normal_log_prob",
+        lambda x, m, s: F.normal_log_prob(x, m, scale=s),
+        (_V, _LOC, Arg("scale", "positive")),
+        "promote",
+        oracle=O.normal_log_prob_scale,
+    ),
+    Record(
+        "functional.normal_log_prob[var]",
+        "functional.normal_log_prob",
+        lambda x, m, s: F.normal_log_prob(x, m, var=s),
+        (_V, _LOC, Arg("var", "positive")),
+        "promote",
+        oracle=O.normal_log_prob_var,
+    ),
+    Record(
+        "functional.normal_log_prob[log_var]",
+        "functional.normal_log_prob",
+        lambda x, m, s: F.normal_log_prob(x, m, log_var=s),
+        (_V, _LOC, Arg("log_var")),
+        "promote",
+        oracle=O.normal_log_prob_log_var,
+    ),
+    Record(
+        "functional.normal_mixture_log_prob",
+        "functional.normal_mixture_log_prob",
+        F.normal_mixture_log_prob,
+        (_v(shape=(DIM,)), *_MIX),
+        "promote",
+        oracle=O.normal_mixture_log_prob,
+        fused=F.normal_mixture_log_prob,
+        fused_args=("log_scale",),
+    ),
+    Record(
+        "functional.normal_mixture_mean",
+        "functional.normal_mixture_mean",
+        F.normal_mixture_mean,
+        _MIX[:2],
+        "same",
+        oracle=O.mixture_mean,
+    ),
+    Record(
+        "functional.normal_mixture_mode",
+        "functional.normal_mixture_mode",
+        F.normal_mixture_mode,
+        _MIX[:2],
+        "same",
+    ),
+    Record(
+        "functional.normal_mixture_nll",
+        "functional.normal_mixture_nll",
+        _nll(F.normal_mixture_nll),
+        (_v(shape=(DIM,)), *_MIX),
+        "promote",
+        oracle=O.normal_mixture_nll,
+    ),
+    Record(
+        "functional.normal_mixture_sample",
+        "functional.normal_mixture_sample",
+        lambda *a: F.normal_mixture_sample(*a, generator=_sample_generator()),
+        _MIX,
+        "same",
+        random=True,
+    ),
+    Record(
+        "functional.normal_mixture_variance",
+        "functional.normal_mixture_variance",
+        F.normal_mixture_variance,
+        _MIX,
+        "same",
+        oracle=O.mixture_variance,
+    ),
+    Record(
+        "functional.normal_nll[log_scale]",
+        "functional.normal_nll",
+        lambda x, m, s: F.normal_nll(x, m, log_scale=s, reduction="none"),
+        (_V, _LOC, _LS),
+        "promote",
+        oracle=O.normal_nll,
+    ),
+    Record(
+        "functional.normal_nll[beta=0.5]",
+        "functional.normal_nll",
+        lambda x, m, s: F.normal_nll(x, m, log_scale=s, beta=0.5, reduction="none"),
+        (_V, _LOC, _LS),
+        "promote",
+        oracle=lambda x, m, s: O.normal_nll(x, m, s, beta=0.5),
+    ),
+    Record(
+        "functional.normal_nll[min_scale=1e-3]",
+        "functional.normal_nll",
+        lambda x, m, s: F.normal_nll(x, m, log_scale=s, min_scale=1e-3, reduction="none"),
+        (_V, _LOC, _LS),
+        "promote",
+        oracle=lambda x, m, s: O.normal_nll(x, m, s, min_scale=1e-3),
+    ),
+    Record(
+        "functional.scale_tril_from_raw",
+        "functional.scale_tril_from_raw",
+        lambda raw: F.scale_tril_from_raw(raw, DIM),
+        (Arg("raw", shape=(3,)),),
+        "promote",
+        oracle=lambda raw: O.scale_tril(raw, default_min_diag(torch.float64)),
+    ),
+    Record(
+        "functional.student_t_log_prob",
+        "functional.student_t_log_prob",
+        F.student_t_log_prob,
+        (_V, Arg("df", "positive"), _LOC, _LS),
+        "promote",
+        oracle=O.student_t_log_prob,
+    ),
+]
+
+
+def _normal_kl(loc_q, log_var_q, loc_p, log_var_p):
+    """``KL = (expm1mx(d) + (mu_q - mu_p)^2 e^{-lv_p}) / 2``, ``d = lv_q - lv_p``."""
+    from mpmath import mp
+
+    out = []
+    for mq, lq, mp_, lp in zip(loc_q, log_var_q, loc_p, log_var_p, strict=True):
+        with mp.workdps(2 * O._dps_for(mq, lq, mp_, lp) + 40):
+            d = mp.mpf(lq) - lp
+            v = (mp.expm1(d) - d + (mp.mpf(mq) - mp_) ** 2 * mp.exp(-mp.mpf(lp))) / 2
+            out.append((+v, +v))  # two non-negative terms: relative
+    return out
+
+
+# ---------------------------------------------------------------- distributions
+
+_NORMAL_PARAMS = (_LOC, _LS)
+
+
+def _normal(loc, log_scale):
+    return D.Normal(loc, log_scale)
+
+
+def _cb(logits):
+    return D.ContinuousBernoulli(logits=logits)
+
+
+def _bi(loc, log_scale, a):
+    return D.BivariateNormal(loc, log_scale, a.squeeze(-1))
+
+
+DISTRIBUTIONS = [
+    Record(
+        "distributions.Normal.log_prob",
+        "distributions.Normal.log_prob",
+        lambda x, m, s: _normal(m, s).log_prob(x),
+        (_V, *_NORMAL_PARAMS),
+        "promote",
+        oracle=O.normal_log_prob,
+    ),
+    Record(
+        "distributions.Normal.cdf",
+        "distributions.Normal.cdf",
+        lambda x, m, s: _normal(m, s).cdf(x),
+        (_V, *_NORMAL_PARAMS),
+        "same",
+        oracle=O.normal_cdf,
+    ),
+    Record(
+        "distributions.Normal.icdf",
+        "distributions.Normal.icdf",
+        lambda p, m, s: _normal(m, s).icdf(p),
+        (Arg("quantile", "open_probability"), *_NORMAL_PARAMS),
+        "same",
+        oracle=O.normal_icdf,
+    ),
+    Record(
+        "distributions.Normal.mean",
+        "distributions.Normal.mean",
+        lambda m, s: _normal(m, s).mean,
+        _NORMAL_PARAMS,
+        "same",
+        oracle=O.identity_loc,
+    ),
+    Record(
+        "distributions.Normal.mode",
+        "distributions.Normal.mode",
+        lambda m, s: _normal(m, s).mode,
+        _NORMAL_PARAMS,
+        "same",
+        oracle=O.identity_loc,
+    ),
+    Record(
+        "distributions.Normal.variance",
+        "distributions.Normal.variance",
+        lambda m, s: _normal(m, s).variance,
+        _NORMAL_PARAMS,
+        "same",
+        oracle=O.normal_variance,
+    ),
+    Record(
+        "distributions.Normal.entropy",
+        "distributions.Normal.entropy",
+        lambda m, s: _normal(m, s).entropy(),
+        _NORMAL_PARAMS,
+        "promote",
+        oracle=O.normal_entropy,
+    ),
+    Record(
+        "distributions.BivariateNormal.log_prob",
+        "distributions.BivariateNormal.log_prob",
+        lambda x, *p: _bi(*p).log_prob(x),
+        (_v(shape=(2,)), *_BI),
+        "promote",
+        oracle=O.bivariate_normal_log_prob,
+    ),
+    Record(
+        "distributions.BivariateNormal.mean",
+        "distributions.BivariateNormal.mean",
+        lambda *p: _bi(*p).mean,
+        _BI,
+        "same",
+        oracle=O.identity_loc,
+    ),
+    Record(
+        "distributions.BivariateNormal.mode",
+        "distributions.BivariateNormal.mode",
+        lambda *p: _bi(*p).mode,
+        _BI,
+        "same",
+        oracle=O.identity_loc,
+    ),
+    Record(
+        "distributions.BivariateNormal.variance",
+        "distributions.BivariateNormal.variance",
+        lambda *p: _bi(*p).variance,
+        _BI,
+        "same",
+        oracle=O.bivariate_variance,
+    ),
+    Record(
+        "distributions.BivariateNormal.covariance_matrix",
+        "distributions.BivariateNormal.covariance_matrix",
+        lambda *p: _bi(*p).covariance_matrix,
+        _BI,
+        "same",
+        oracle=O.bivariate_covariance,
+    ),
+    Record(
+        "distributions.BivariateNormal.entropy",
+        "distributions.BivariateNormal.entropy",
+        lambda *p: _bi(*p).entropy(),
+        _BI,
+        "promote",
+        oracle=O.bivariate_entropy,
+    ),
+    Record(
+        "distributions.NormalMixture.log_prob",
+        "distributions.NormalMixture.log_prob",
+        lambda x, *p: D.NormalMixture(*p).log_prob(x),
+        (_v(shape=(DIM,)), *_MIX),
+        "promote",
+        oracle=O.normal_mixture_log_prob,
+    ),
+    Record(
+        "distributions.NormalMixture.mean",
+        "distributions.NormalMixture.mean",
+        lambda *p: D.NormalMixture(*p).mean,
+        _MIX,
+        "same",
+        oracle=lambda lg, m, s: O.mixture_mean(lg, m),
+    ),
+    Record(
+        "distributions.NormalMixture.mode",
+        "distributions.NormalMixture.mode",
+        lambda *p: D.NormalMixture(*p).mode,
+        _MIX,
+        "same",
+    ),
+    Record(
+        "distributions.NormalMixture.variance",
+        "distributions.NormalMixture.variance",
+        lambda *p: D.NormalMixture(*p).variance,
+        _MIX,
+        "same",
+        oracle=O.mixture_variance,
+    ),
+    Record(
+        "distributions.BivariateNormalMixture.log_prob",
+        "distributions.BivariateNormalMixture.log_prob",
+        lambda x, *p: D.BivariateNormalMixture(*p).log_prob(x),
+        (_v(shape=(2,)), *_BIMIX),
+        "promote",
+        oracle=O.bivariate_normal_mixture_log_prob,
+    ),
+    Record(
+        "distributions.BivariateNormalMixture.mean",
+        "distributions.BivariateNormalMixture.mean",
+        lambda *p: D.BivariateNormalMixture(*p).mean,
+        _BIMIX,
+        "same",
+        oracle=lambda lg, m, s, a: O.mixture_mean(lg, m),
+    ),
+    Record(
+        "distributions.BivariateNormalMixture.mode",
+        "distributions.BivariateNormalMixture.mode",
+        lambda *p: D.BivariateNormalMixture(*p).mode,
+        _BIMIX,
+        "same",
+    ),
+    Record(
+        "distributions.BivariateNormalMixture.variance",
+        "distributions.BivariateNormalMixture.variance",
+        lambda *p: D.BivariateNormalMixture(*p).variance,
+        _BIMIX,
+        "same",
+        oracle=O.bivariate_mixture_variance,
+    ),
+    Record(
+        "distributions.BivariateNormalMixture.covariance_matrix",
+        "distributions.BivariateNormalMixture.covariance_matrix",
+        lambda *p: D.BivariateNormalMixture(*p).covariance_matrix,
+        _BIMIX,
+        "same",
+        oracle=O.bivariate_mixture_covariance,
+    ),
+    Record(
+        "distributions.ContinuousBernoulli.log_prob",
+        "distributions.ContinuousBernoulli.log_prob",
+        lambda x, lg: _cb(lg).log_prob(x),
+        (Arg("value", "probability"), Arg("logits")),
+        "promote",
+        oracle=O.continuous_bernoulli_log_prob,
+    ),
+    Record(
+        "distributions.ContinuousBernoulli.log_prob[probs]",
+        "distributions.ContinuousBernoulli.log_prob",
+        lambda x, p: D.ContinuousBernoulli(probs=p).log_prob(x),
+        (Arg("value", "probability"), Arg("probs", "open_probability")),
+        "promote",
+    ),
+    Record(
+        "distributions.ContinuousBernoulli.cdf",
+        "distributions.ContinuousBernoulli.cdf",
+        lambda x, lg: _cb(lg).cdf(x),
+        (Arg("value", "probability"), Arg("logits")),
+        "same",
+        oracle=O.continuous_bernoulli_cdf,
+    ),
+    Record(
+        "distributions.ContinuousBernoulli.cdf[validate_args=False]",
+        "distributions.ContinuousBernoulli.cdf",
+        lambda x, lg: D.ContinuousBernoulli(logits=lg, validate_args=False).cdf(x),
+        (_v(), Arg("logits")),
+        "same",
+        oracle=O.continuous_bernoulli_cdf,
+    ),
+    Record(
+        "distributions.ContinuousBernoulli.icdf",
+        "distributions.ContinuousBernoulli.icdf",
+        lambda u, lg: _cb(lg).icdf(u),
+        (Arg("quantile", "probability"), Arg("logits")),
+        "same",
+        oracle=O.continuous_bernoulli_icdf,
+    ),
+    Record(
+        "distributions.ContinuousBernoulli.mean",
+        "distributions.ContinuousBernoulli.mean",
+        lambda lg: _cb(lg).mean,
+        (Arg("logits"),),
+        "same",
+        oracle=O.cb_quantity("mean"),
+    ),
+    Record(
+        "distributions.ContinuousBernoulli.variance",
+        "distributions.ContinuousBernoulli.variance",
+        lambda lg: _cb(lg).variance,
+        (Arg("logits"),),
+        "same",
+        oracle=O.cb_quantity("variance"),
+    ),
+    Record(
+        "distributions.ContinuousBernoulli.entropy",
+        "distributions.ContinuousBernoulli.entropy",
+        lambda lg: _cb(lg).entropy(),
+        (Arg("logits"),),
+        "promote",
+        oracle=O.cb_quantity("entropy"),
+    ),
+]
+
+_MVMIX = (
+    Arg("logits", "mixture_logits", (K,)),
+    Arg("loc", shape=(K, DIM)),
+    Arg("scale_tril", "tril", (K, DIM, DIM)),
+)
+
+
+def _mvmix(*p):
+    return D.MultivariateNormalMixture(*p)
+
+
+DISTRIBUTIONS += [
+    Record(
+        "distributions.MultivariateNormalMixture.log_prob",
+        "distributions.MultivariateNormalMixture.log_prob",
+        lambda x, *p: _mvmix(*p).log_prob(x),
+        (_v(shape=(DIM,)), *_MVMIX),
+        "promote",
+        oracle=O.multivariate_normal_mixture_log_prob,
+    ),
+    Record(
+        "distributions.MultivariateNormalMixture.mean",
+        "distributions.MultivariateNormalMixture.mean",
+        lambda *p: _mvmix(*p).mean,
+        _MVMIX,
+        "same",
+        oracle=lambda lg, m, el: O.mixture_mean(lg, m),
+    ),
+    Record(
+        "distributions.MultivariateNormalMixture.mode",
+        "distributions.MultivariateNormalMixture.mode",
+        lambda *p: _mvmix(*p).mode,
+        _MVMIX,
+        "same",
+    ),
+    Record(
+        "distributions.MultivariateNormalMixture.variance",
+        "distributions.MultivariateNormalMixture.variance",
+        lambda *p: _mvmix(*p).variance,
+        _MVMIX,
+        "same",
+        oracle=O.multivariate_mixture_variance,
+    ),
+]
+
+RECORDS: list[Record] = SPECIAL + FUNCTIONAL + DISTRIBUTIONS
+BY_NAME = {r.name: r for r in RECORDS}
+assert len(BY_NAME) == len(RECORDS), "duplicate record names"
+
+# The methods a distribution class must have a record for, where it defines them.
+DISTRIBUTION_METHODS = (
+    "log_prob",
+    "cdf",
+    "icdf",
+    "mean",
+    "variance",
+    "entropy",
+    "mode",
+    "covariance_matrix",
+)

@@ -1,0 +1,80 @@
+"""Contract of the fuzz registry (:mod:`tests.fuzz.records`): nothing public goes unfuzzed.
+
+Every name in ``probloss.special.__all__`` and ``probloss.functional.__all__`` and every
+distribution class in ``probloss.distributions.__all__`` (each of ``log_prob``, ``cdf``,
+``icdf``, ``mean``, ``variance``, ``entropy``, ``mode``, ``covariance_matrix`` that the
+class defines, i.e. does not inherit from ``torch.distributions.Distribution``'s
+``NotImplementedError``) must have a record; a new public function without one fails here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributions import Distribution
+
+import probloss.distributions
+import probloss.functional
+import probloss.special
+
+from .draws import KINDS
+from .records import DISTRIBUTION_METHODS, RECORDS
+
+
+def _targets() -> set[str]:
+    return {r.target for r in RECORDS}
+
+
+def _defined_methods(cls) -> list[str]:
+    return [
+        m
+        for m in DISTRIBUTION_METHODS
+        if getattr(cls, m, None) is not None
+        and getattr(cls, m) is not getattr(Distribution, m, None)
+    ]
+
+
+@pytest.mark.parametrize(
+    "module", [probloss.special, probloss.functional], ids=lambda m: m.__name__
+)
+def test_every_public_function_has_a_record(module):
+    short = module.__name__.removeprefix("probloss.")
+    missing = [n for n in module.__all__ if f"{short}.{n}" not in _targets()]
+    assert not missing, f"add a fuzz record in tests/fuzz/records.py for {short}: {missing}"
+
+
+@pytest.mark.parametrize("name", probloss.distributions.__all__)
+def test_every_distribution_method_has_a_record(name):
+    cls = getattr(probloss.distributions, name)
+    assert issubclass(cls, Distribution)
+    missing = [m for m in _defined_methods(cls) if f"distributions.{name}.{m}" not in _targets()]
+    assert not missing, f"add fuzz records in tests/fuzz/records.py for {name}: {missing}"
+
+
+def test_every_record_targets_a_public_name():
+    for r in RECORDS:
+        module, _, rest = r.target.partition(".")
+        obj = getattr(probloss, module)
+        head = rest.split(".")[0]
+        assert head in obj.__all__, f"{r.name}: {head} is not in probloss.{module}.__all__"
+
+
+def test_records_state_their_domains():
+    for r in RECORDS:
+        assert r.policy in ("same", "promote"), r.name
+        for a in r.args:
+            assert a.domain in KINDS, f"{r.name}: argument {a.name} has domain {a.domain!r}"
+
+
+def test_contract_catches_a_missing_record(monkeypatch):
+    """The contract can fail: an extra public name without a record is reported."""
+    monkeypatch.setattr(probloss.special, "__all__", [*probloss.special.__all__, "new_fn"])
+    with pytest.raises(AssertionError, match="new_fn"):
+        test_every_public_function_has_a_record(probloss.special)
+
+
+def test_distribution_methods_found():
+    """The defined-method rule sees inherited definitions and leaves out missing ones."""
+    assert "cdf" in _defined_methods(torch.distributions.Normal)  # torch's own cdf counts
+    assert "cdf" not in _defined_methods(probloss.distributions.NormalMixture)
+    assert "covariance_matrix" not in _defined_methods(probloss.distributions.Normal)
