@@ -131,8 +131,8 @@ def multivariate_normal_log_prob(
     after scaling by a power of two, so it overflows only where the result itself does.
     With per-coordinate scales spanning ``1e-6 .. 1e6`` (float32) or ``1e-150 .. 1e150``
     (float64), i.e. ``L = diag(s) M`` with a well-conditioned ``M``, the error stays below
-    1.3 eps times :math:`\tfrac12\lVert z\rVert^2 + \sum_i |\log L_{ii}| + \tfrac D2 \log 2\pi`
-    (measured against mpmath; a relative error where the terms do not cancel), although the
+    4 eps times :math:`\tfrac12\lVert z\rVert^2 + \sum_i |\log L_{ii}| + \tfrac D2 \log 2\pi`
+    (tested against mpmath; a relative error where the terms do not cancel), although the
     covariance :math:`L L^\top` of such a factor overflows or underflows. Where the problem
     itself is ill-conditioned (a point near a direction of tiny variance) the error is that
     of a backward-stable evaluation. Only the lower triangle of ``scale_tril`` is read.
@@ -346,9 +346,10 @@ def lowrank_multivariate_normal_log_prob(
     R factor of the QR decomposition of the stacked matrix
     :math:`\left[\begin{smallmatrix}\tilde W \\ I\end{smallmatrix}\right]`, whose singular
     values are all at least 1: forming :math:`K` and calling ``cholesky`` squares the
-    condition number, and in float32 already fails ("not positive definite") for nearly
-    collinear columns with :math:`\lVert\tilde W\rVert \approx 3 \cdot 10^3`, as
-    ``torch.distributions.LowRankMultivariateNormal`` does. :math:`y` is the QR
+    condition number, and in float32 can fail ("not positive definite"), depending on the
+    rounding of the BLAS, for nearly collinear columns with :math:`\lVert\tilde W\rVert
+    \approx 3 \cdot 10^3`, as ``torch.distributions.LowRankMultivariateNormal`` can.
+    :math:`y` is the QR
     least-squares solution :math:`C^{-1} Q_1^\top \tilde r`. Cost
     :math:`O(D R^2)` per event instead of :math:`O(D^3)`.
 

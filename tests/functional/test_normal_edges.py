@@ -278,3 +278,18 @@ def test_huge_residual_values_against_mpmath(dtype):
         for g, e, size, li in zip(values.tolist(), refs[name], sizes, ls.tolist(), strict=True):
             assert math.isfinite(g), name
             assert abs(g - float(e)) <= 8 * (1 + 2 * abs(li)) * eps * float(size), (name, g, e)
+
+
+def test_beta_one_gives_the_gradient_of_the_squared_error():
+    """The docstring's claim: beta = 1 makes the loc-gradient that of the squared error
+    (x - mu)^2 / 2 whatever the predicted scale: w z / sigma = sigma^2 (x - mu) / sigma^2.
+    Reference: -(x - mu) / N in float64; bound 4 eps of it (r, the product with the incoming
+    gradient 1/N, and e^0 = 1: a few roundings)."""
+    gen = torch.Generator().manual_seed(3)
+    x = 3 * torch.randn(50, generator=gen, dtype=torch.float64)
+    mu = torch.randn(50, generator=gen, dtype=torch.float64, requires_grad=True)
+    ls = 4 * torch.randn(50, generator=gen, dtype=torch.float64)
+    normal_nll(x, mu, log_scale=ls, beta=1.0).backward()
+    expected = -(x - mu.detach()) / 50
+    eps = torch.finfo(torch.float64).eps
+    assert ((mu.grad - expected).abs() <= 4 * eps * expected.abs()).all()

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from probloss.functional._params import check_positive, log_scale_from
+from probloss.functional._params import check_positive, log_scale_from, split_residual
 
 SCALES = [1e-300, 1e-30, 0.5, 1.0, 2.0, 3.7, 1e30, 1e300]
 ULP2 = 2 * torch.finfo(torch.float64).eps
@@ -110,3 +110,21 @@ def test_check_positive_directly():
     check_positive(torch.zeros(0), "x")  # empty: nothing to reject
     with pytest.raises(ValueError, match=r"df of shape \(3,\) .* got 2 value\(s\) .* -4"):
         check_positive(torch.tensor([-4.0, 1.0, 0.0]), "df")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_split_residual(dtype):
+    """value - loc = r m exactly in the ordinary case (m = 1, r the rounded difference) and,
+    where the difference overflows (max/1.5 - (-max/1.5)), r = value/2 - loc/2 (exact
+    halving) and m = 2; the gradient of r m is (1, -1) in both cases."""
+    top = torch.finfo(dtype).max / 1.5
+    value = torch.tensor([3.0, top, -top], dtype=dtype, requires_grad=True)
+    loc = torch.tensor([1.0, -top, top], dtype=dtype, requires_grad=True)
+    r, m = split_residual(value, loc)
+    assert torch.isfinite(r).all()
+    assert m.tolist() == [1.0, 2.0, 2.0]
+    assert r[0].item() == 2.0
+    assert r[1].item() == torch.tensor(top, dtype=dtype).item()
+    assert r[2].item() == -torch.tensor(top, dtype=dtype).item()
+    (r * m).sum().backward()
+    assert value.grad.tolist() == [1.0, 1.0, 1.0] and loc.grad.tolist() == [-1.0, -1.0, -1.0]
