@@ -61,13 +61,14 @@ memory against the plain path. ``fused=False`` is the plain autograd composition
 component log density and :func:`mixture_log_prob`. Both agree to the rounding of the terms
 involved (tested: within ``1e-5`` (float32) / ``1e-12`` (float64) times the sum of the
 magnitudes of the terms, in value and every gradient). The fused kernels run on CPU where
-``exp`` of ``log_scale`` (and ``atanh_rho``) is a normal float (one ``aminmax`` pass
-decides); elsewhere, off the CPU and while compiling, the plain path runs by itself, so no
-input is out of bounds. A component whose residual or quadratic form overflows (``1e6`` at
-``log_scale = -80`` in float32) has term ``-inf`` and gradient exactly 0 in both paths. The
-fused backward is not itself differentiated: a double backward (``create_graph=True``,
-Hessians, ``gradgradcheck``) recomputes the gradients through the plain path, so it is
-exact but not fast.
+``exp`` of ``log_scale`` is a normal float and, for the bivariate one, ``|atanh_rho|`` is
+below 42.3 (float32) / 352.8 (float64), where its backward cannot overflow (one ``aminmax``
+pass each decides); elsewhere, off the CPU and while compiling, the plain path runs by
+itself, so no input is out of bounds. A component whose residual or quadratic form
+overflows (``1e6`` at ``log_scale = -80`` in float32) has term ``-inf`` and gradient
+exactly 0 in both paths. The fused backward is not itself differentiated: a double backward
+(``create_graph=True``, Hessians, ``gradgradcheck``) recomputes the gradients through the
+plain path, so it is exact but not fast.
 
 Responsibilities below ``2 exp(-86) = 9e-38`` (float32) / ``2 exp(-707) = 1.8e-307``
 (float64) times the largest are flushed to exactly 0, and the others shifted by at most
@@ -635,31 +636,45 @@ def _normal_inputs(value, logits, loc, log_scale) -> tuple[Tensor, ...]:
     return value, logits, loc, log_scale
 
 
-def _in_fused_domain(*tensors: Tensor) -> bool:
-    """Whether the fused kernels are exact here: on CPU, every ``|t| < -log(tiny) - 1``.
+def _in_fused_domain(log_scale: Tensor, atanh_rho: Tensor | None = None) -> bool:
+    """Whether the fused kernels are exact here: on CPU, ``|log_scale|`` and ``|atanh_rho|``
+    below the bounds of :func:`_fused_bounds`.
 
-    The kernels take ``exp`` of ``log_scale`` (and ``atanh_rho``), which must be a normal
-    float: ``|t| < 86`` in float32, ``< 707`` in float64. Nothing else limits them: a
-    standardised residual or quadratic form beyond the float range makes its component's
-    term ``-inf`` and its gradient exactly 0 (:func:`_clear_dead_`), which is exact, since
-    its responsibility is below any float. One ``aminmax`` pass decides, free to read on
-    CPU (the kernels read such reductions too: they run on CPU only). On an accelerator
-    reading it would wait for the device, and while tracing (``torch.compile``) it would
-    break the graph, so there the plain path (exact for every input) is always taken: the
-    result never depends on which path runs.
+    The kernels take ``exp`` of ``log_scale``, which must be a normal float:
+    ``|log_scale| < -log(tiny) - 1`` (86 in float32, 707 in float64). The bivariate
+    backward forms ``A = w dQ/dz`` before dividing by the scale, with a factor
+    ``M e^{|a|}`` where ``M^2 <= 8 Q`` is finite: ``A`` cannot overflow (where ``A / s``
+    would not) while ``e^{|a|} sqrt(8 max) <= max / e``, i.e.
+    ``|atanh_rho| < (log(max) - log 8) / 2 - 1`` (42.3 in float32, 352.8 in float64; at
+    ``|a| = 64`` in float32 a finite ``d/dloc`` of 1e17 came out ``inf``). Nothing else
+    limits them: a standardised residual or quadratic form beyond the float range makes its
+    component's term ``-inf`` and its gradient exactly 0 (:func:`_clear_dead_`), which is
+    exact, since its responsibility is below any float. One ``aminmax`` pass per tensor
+    decides, free to read on CPU (the kernels read such reductions too: they run on CPU
+    only). On an accelerator reading it would wait for the device, and while tracing
+    (``torch.compile``) it would break the graph, so there the plain path (exact for every
+    input) is always taken: the result never depends on which path runs.
     """
     if torch.compiler.is_compiling():
         return False
-    for t in tensors:
+    checks = [(log_scale, _fused_bounds(log_scale.dtype)[0])]
+    if atanh_rho is not None:
+        checks.append((atanh_rho, _fused_bounds(atanh_rho.dtype)[1]))
+    for t, bound in checks:
         if t.device.type != "cpu":
             return False
         if t.numel() == 0:
             continue
-        bound = -math.log(torch.finfo(t.dtype).tiny) - 1.0
         low, high = torch.aminmax(t)
         if not (bool(low > -bound) and bool(high < bound)):  # also False for NaN
             return False
     return True
+
+
+def _fused_bounds(dtype: torch.dtype) -> tuple[float, float]:
+    """``(log_scale bound, atanh_rho bound)`` of the fused kernels (:func:`_in_fused_domain`)."""
+    finfo = torch.finfo(dtype)
+    return -math.log(finfo.tiny) - 1.0, 0.5 * (math.log(finfo.max) - math.log(8.0)) - 1.0
 
 
 def normal_mixture_log_prob(
@@ -875,7 +890,7 @@ def _bivariate_gradient_pieces(z: Tensor, atanh_rho: Tensor) -> tuple[Tensor, ..
     (``z2' = sign(a) z2``, ``n = z1 - z2'``, ``s = -expm1(-2|a|)/2``, ``c = 1 - s``),
     formed from ``z1`` and ``z2`` directly: through ``z1 +- z2`` a coordinate dwarfed by
     the other would be rounded away. ``e^{|a|}`` is finite in the fused kernel's domain
-    (``|a| < -log(tiny) - 1``). In place where possible: the backward's peak memory.
+    (:func:`_fused_bounds`). In place where possible: the backward's peak memory.
     """
     sign = torch.copysign(torch.ones((), dtype=z.dtype, device=z.device), atanh_rho)
     s = torch.abs(atanh_rho)
@@ -1051,8 +1066,9 @@ def bivariate_normal_mixture_log_prob(
         log_scale: :math:`\log\sigma`, shape ``(*, K, 2)``, unconstrained.
         atanh_rho: :math:`a = \operatorname{atanh}\rho`, shape ``(*, K)``, unconstrained.
         fused: on CPU, use the fused kernel with a hand-written backward (the default).
-            Any input is fine: where the kernel's ``exp`` of ``log_scale`` or ``atanh_rho``
-            would not be a normal float, off the CPU and while compiling, the plain path
+            Any input is fine: where the kernel's ``exp`` of ``log_scale`` would not be a
+            normal float or its backward could overflow (``|atanh_rho|`` above 42 in
+            float32, 352 in float64), off the CPU and while compiling, the plain path
             through ``bivariate_normal_log_prob`` is taken by itself, as it always is with
             ``fused=False``; both paths agree (module docstring). A double backward
             recomputes the gradients through the plain path.

@@ -1625,3 +1625,23 @@ def test_undefined_mixture_weights_give_nan():
     y = torch.full((1, 2), -INF, requires_grad=True)
     mixture_log_prob(y, torch.zeros(2)).sum().backward()
     assert torch.equal(y.grad, torch.zeros(1, 2))
+
+
+def test_bivariate_fused_backward_with_saturated_correlation_and_wide_scales():
+    """Found by the fuzz suite (float32): at ``|atanh_rho| = 64`` the fused backward formed
+    ``A = w dQ/dz`` with a factor ``e^{2|a|}`` before dividing by a scale of ``e^{65.7}``,
+    and a finite ``d/dloc`` of ``1.5e17`` came out ``inf`` (``fused != plain``). Such
+    correlations now take the plain path (``|a| < 42.3``, documented); value and every
+    gradient within 32 eps S of mpmath, finite."""
+    x = torch.tensor([[744.4400634765625, -8.69769993562495e-21]])
+    logits = torch.tensor([[7.624619007110596, 0.8743064999580383]])
+    loc = torch.tensor([[[-5.5665054079977244e-39, 1.7075087394041828e30],
+                         [-1.7395646572113037, 0.011541472747921944]]])  # fmt: skip
+    log_scale = torch.tensor([[[-26.581716537475586, -46.714019775390625],
+                               [28.390316009521484, 65.70220184326172]]])  # fmt: skip
+    a = torch.tensor([[30.442798614501953, -64.19364166259766]])
+    inputs = (x, logits, loc, log_scale, a)
+    got = _value_and_grads(bivariate_normal_mixture_log_prob, inputs)
+    assert all(np.isfinite(g).all() for g in got)
+    expected, scale = _oracle_arrays(bivariate_oracle, _events(*inputs), _flush_eps(torch.float32))
+    _check(got, expected, scale, REF_EPS * _eps(torch.float32), BIVARIATE_NAMES, "wide")
