@@ -345,8 +345,9 @@ def cb_variance(eta: Tensor) -> Tensor:
         eta: natural parameter (logit), shape ``(*)``, any floating dtype.
 
     Returns:
-        Tensor of shape ``(*)`` and the dtype of ``eta``, in ``(0, 1/12]`` (0 once it
-        underflows, ``|eta| > 1e19`` in float32).
+        Tensor of shape ``(*)`` and the dtype of ``eta``, in ``[0, 1/12]``: about
+        ``1/eta^2`` for large ``|eta|``, so in float32 subnormal beyond ``|eta| = 9.2e18``
+        and 0 beyond ``3.8e22``.
 
     Example:
         >>> cb_variance(torch.tensor([0.0, 10.0]))

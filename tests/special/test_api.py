@@ -131,8 +131,10 @@ def test_gradient_at_zero_is_plus_inf(name, dtype):
     assert torch.all(torch.isposinf(g)), g
 
 
+@pytest.mark.parametrize("name", ["log1mexp", "softplus_inverse"])
 @dtype_param
-def test_log1mexp_nan_for_negative_input(dtype):
+def test_nan_for_negative_input(name, dtype):
+    """Both document NaN for negative inputs (outside the domain), down to -finfo.max."""
     fi = torch.finfo(dtype)
     x = torch.tensor(
         [-smallest_subnormal(dtype), -fi.tiny, -1e-30, -1e-4, -0.5, -1.0, -100.0, -fi.max],
@@ -140,7 +142,7 @@ def test_log1mexp_nan_for_negative_input(dtype):
     ).to(dtype)
     x = x[x != 0]  # -1e-30 rounds to -0.0 in float16
     assert x.numel() >= 7 and torch.all(x < 0)
-    assert torch.all(torch.isnan(impl("log1mexp")(x)))
+    assert torch.all(torch.isnan(impl(name)(x)))
 
 
 @dtype_param
@@ -255,3 +257,19 @@ def test_two_argument_functions_on_empty_tensors(dtype):
         assert y.shape == (0, 3) and y.dtype == dtype
         (g,) = torch.autograd.grad(y.sum(), x)
         assert g.shape == (0, 3)
+
+
+def test_cb_variance_underflow_points_float32():
+    """The documented underflow of ``cb_variance = 1/eta^2 - ...`` in float32: a normal
+    number up to ``|eta| = 1/sqrt(tiny) = 9.2e18``, subnormal (within ``tiny`` of the
+    exact 1/eta^2) beyond, and exactly 0 beyond ``|eta| = 3.8e22`` (1/eta^2 below half
+    the smallest subnormal); never negative or NaN."""
+    fi = torch.finfo(torch.float32)
+    eta = torch.tensor([9.0e18, -9.0e18, 1e19, -3e20, 3.7e22, 3.9e22, -1e30, fi.max])
+    got = impl("cb_variance")(eta)
+    exact = (1.0 / eta.double() ** 2).numpy()
+    assert (got[:2] >= fi.tiny).all()
+    assert ((got[2:5] > 0) & (got[2:5] < fi.tiny)).all()
+    bound = value_rtol(torch.float32) * exact[:5] + fi.tiny  # the contract; tiny: underflow
+    assert (np.abs(got[:5].double().numpy() - exact[:5]) <= bound).all()
+    assert (got[5:] == 0).all()
