@@ -519,37 +519,50 @@ def _logits_grad_(w: Tensor, weights: Tensor, g: Tensor) -> Tensor:
 def _plain_normal_mixture(value: Tensor, logits: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
     """The plain autograd path: component log densities, summed over D, then the mixture."""
 
-    def components(loc: Tensor, log_scale: Tensor) -> Tensor:
-        return normal_log_prob(value.unsqueeze(-2), loc, log_scale=log_scale).sum(-1)
+    def components(x: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
+        return normal_log_prob(x, loc, log_scale=log_scale).sum(-1)
 
-    return mixture_log_prob(_without_dead_components(components, value, loc, log_scale), logits)
+    lp = _without_dead_components(components, value, loc, (log_scale, 0.0, 1))
+    return mixture_log_prob(lp, logits)
 
 
-def _without_dead_components(components, value: Tensor, loc: Tensor, *scales: Tensor) -> Tensor:
-    """Component log densities whose ``-inf`` entries carry an exactly zero gradient.
+def _without_dead_components(
+    components, value: Tensor, loc: Tensor, *params: tuple[Tensor, float | Tensor, int]
+) -> Tensor:
+    """Component log densities ``(*, K)`` whose ``-inf`` entries carry an exactly zero gradient.
 
-    ``scales`` are ``log_scale`` of shape ``(*, K, D)``, then optionally per-component
-    parameters of shape ``(*, K)`` (the bivariate ``atanh_rho``).
+    ``components(x, loc, *tensors)`` evaluates them from targets ``x`` (``(*, 1, D)`` or
+    ``(*, K, D)``), ``loc (*, K, D)`` and the other parameters; ``params`` are
+    ``(tensor, safe value, event dimensions after K)``: ``(log_scale, 0.0, 1)``,
+    ``(atanh_rho, 0.0, 0)``.
 
     A component whose quadratic form overflows (log density ``-inf``: a target infinitely
-    many of its scales away) has responsibility 0, but autograd through its density
-    multiplies that 0 by an infinite derivative (NaN). A first pass without a graph finds
-    those components; the differentiable pass feeds them a safe point (a mean at the
-    detached target ``value (*, D)``, so the residual is 0, unit scale, no correlation)
-    and puts ``-inf`` back as a constant: the double-where pattern, applied to a condition
-    known only after evaluation. (At the old mean instead, a residual of ``3e38`` in both
-    coordinates still overflowed the bivariate ``z1 - z2`` at unit scale: NaN.) The plain
-    path runs where the fused kernels do not (off the CPU, while compiling,
-    ``exp(log_scale)`` not a normal float), so the extra pass costs only there.
+    many of its scales away, or at infinity) has responsibility 0, but autograd through its
+    density multiplies that 0 by an infinite derivative (NaN). Such components are found
+    after one evaluation and evaluated again at a safe point (target and mean 0, the
+    parameters' safe values: a residual of 0 at unit scale), with ``-inf`` put back as a
+    constant: the double-where pattern, applied to a condition known only after
+    evaluation. (At the mean alone, a residual of ``3e38`` in both coordinates still
+    overflowed the bivariate ``z1 - z2`` at unit scale, and a target of ``inf`` gave
+    ``inf - inf``: NaN.) On CPU, outside tracing, when no component is dead (one host read
+    of a reduction, free there) the first evaluation is returned as it is.
     """
-    with torch.no_grad():
-        dead = components(loc, *scales) == -math.inf
-    per_coordinate = dead.unsqueeze(-1)  # against the (*, K, D) parameters
-    safe_loc = torch.where(per_coordinate, value.detach().unsqueeze(-2), loc)
-    safe_scales = [
-        torch.where(per_coordinate if i == 0 else dead, 0.0, t) for i, t in enumerate(scales)
-    ]
-    return torch.where(dead, -math.inf, components(safe_loc, *safe_scales))
+    x = value.unsqueeze(-2)
+    tensors = [t for t, _, _ in params]
+    if loc.device.type == "cpu" and not torch.compiler.is_compiling():
+        first = components(x, loc, *tensors)
+        dead = (first == -math.inf).detach()
+        if not bool(dead.any()):
+            return first
+    else:  # no host read: always the second evaluation; the first needs no graph
+        with torch.no_grad():
+            dead = components(x, loc, *tensors) == -math.inf
+    per_coordinate = dead.unsqueeze(-1)  # against (*, K, D)
+    safe = [torch.where(per_coordinate, 0.0, x), torch.where(per_coordinate, 0.0, loc)]
+    for t, fill, event_dims in params:
+        mask = dead[(..., *(None,) * event_dims)]
+        safe.append(torch.where(mask, torch.as_tensor(fill, dtype=t.dtype, device=t.device), t))
+    return torch.where(dead, -math.inf, components(*safe))
 
 
 def _double_backward(ctx, grad: Tensor, plain) -> tuple[Tensor | None, ...]:
@@ -854,14 +867,11 @@ def _plain_bivariate_mixture(
     value: Tensor, logits: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor
 ) -> Tensor:
 
-    def components(loc: Tensor, log_scale: Tensor, atanh_rho: Tensor) -> Tensor:
-        return bivariate_normal_log_prob(
-            value.unsqueeze(-2), loc, log_scale, atanh_rho, validate_args=False
-        )
+    def components(x: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor) -> Tensor:
+        return bivariate_normal_log_prob(x, loc, log_scale, atanh_rho, validate_args=False)
 
-    return mixture_log_prob(
-        _without_dead_components(components, value, loc, log_scale, atanh_rho), logits
-    )
+    lp = _without_dead_components(components, value, loc, (log_scale, 0.0, 1), (atanh_rho, 0.0, 0))
+    return mixture_log_prob(lp, logits)
 
 
 def _bivariate_pieces(z: Tensor, atanh_rho: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

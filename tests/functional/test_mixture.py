@@ -1645,3 +1645,25 @@ def test_bivariate_fused_backward_with_saturated_correlation_and_wide_scales():
     assert all(np.isfinite(g).all() for g in got)
     expected, scale = _oracle_arrays(bivariate_oracle, _events(*inputs), _flush_eps(torch.float32))
     _check(got, expected, scale, REF_EPS * _eps(torch.float32), BIVARIATE_NAMES, "wide")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_plain_path_without_host_reads_equals_the_cpu_path_at_dead_components(monkeypatch, dtype):
+    """The plain path's dead-component pass has a CPU shortcut (one host read) and a
+    branch-free form for accelerators and tracing; forced into the latter
+    (``is_compiling`` patched), values and gradients at components beyond the float range
+    and at a target of ``inf`` equal the CPU path's exactly (the same second evaluation)."""
+    events = _dead_bivariate_events(dtype)
+    x = torch.cat([events[0], torch.tensor([[INF, 0.0]], dtype=dtype)])
+    inputs = (x, *(torch.cat([t, t[:1]]) for t in events[1:]))
+    for fn, args in (
+        (normal_mixture_log_prob, inputs[:4]),
+        (bivariate_normal_mixture_log_prob, inputs),
+    ):
+        cpu = _value_and_grads(fn, args, fused=False)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.compiler, "is_compiling", lambda: True)
+            traced = _value_and_grads(fn, args, fused=False)
+        for u, v in zip(cpu, traced, strict=True):
+            np.testing.assert_array_equal(u, v)
+        assert all(np.isfinite(g).all() for g in cpu[1:])
