@@ -136,6 +136,9 @@ def multivariate_normal_log_prob(
     covariance :math:`L L^\top` of such a factor overflows or underflows. Where the problem
     itself is ill-conditioned (a point near a direction of tiny variance) the error is that
     of a backward-stable evaluation. Only the lower triangle of ``scale_tril`` is read.
+    ``value - loc`` may overflow where ``z`` does not (``3e38 - (-3e38)`` in float32): the
+    event is then halved exactly and the factor 2 applied after the solve. An infinite
+    coordinate of ``value`` or ``loc`` gives ``-inf``.
 
     ``torch.distributions.MultivariateNormal(loc, scale_tril=L)`` computes the same quantity
     (its squared norm overflows sooner); from a ``covariance_matrix`` it needs a Cholesky
@@ -182,9 +185,32 @@ def multivariate_normal_log_prob(
         check_not_nan(scale_tril.tril(), "scale_tril")
         _check_positive_diagonal(diag, scale_tril)
         _check_lower_triangular(scale_tril)
-    z = _solve_triangular(scale_tril, value - loc, upper=False)
+    r, factor, infinite = _event_residual(value, loc)
+    z = _solve_triangular(scale_tril, r, upper=False) * factor
     half_log_det = torch.log(diag).sum(-1)  # log det(L L^T) / 2 = sum log L_ii
-    return -_HalfSquaredNorm.apply(z) - half_log_det - 0.5 * dim * _LOG_2PI
+    log_p = -_HalfSquaredNorm.apply(z) - half_log_det - 0.5 * dim * _LOG_2PI
+    return torch.where(infinite, -math.inf, log_p)
+
+
+def _event_residual(value: Tensor, loc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(r, m, infinite)`` with ``value - loc = r m`` per event, ``r`` finite where it can be.
+
+    Where a coordinate's difference of two finite numbers overflows (``3e38 - (-3e38)`` in
+    float32), the whole event is halved (``r = value/2 - loc/2``, exact, ``m = 2``, applied
+    after the solve: the standardised residual may be finite). ``infinite`` marks events
+    with an infinite coordinate (an infinite observation or mean): their density is 0, the
+    log density ``-inf``; they are fed ``r = 0`` so that no ``inf - inf`` reaches the solve
+    (their gradient is then 0; the exact one is infinite).
+    """
+    r = value - loc
+    finite_inputs = torch.isfinite(value) & torch.isfinite(loc)
+    over = (torch.isinf(r) & finite_inputs).any(-1, keepdim=True)
+    halves = 0.5 * torch.where(over, value, 0.0) - 0.5 * torch.where(over, loc, 0.0)
+    r = torch.where(over, halves, r)
+    infinite = torch.isinf(r).any(-1) & ~torch.isnan(r).any(-1)
+    r = torch.where(infinite.unsqueeze(-1), 0.0, r)
+    factor = torch.where(over, 2.0, 1.0).to(r.dtype)
+    return r, factor, infinite
 
 
 def _check_positive_diagonal(diag: Tensor, scale_tril: Tensor) -> None:
@@ -456,10 +482,12 @@ def _lowrank_log_prob(value: Tensor, loc: Tensor, cov_factor: Tensor, log_diag: 
     """The low-rank log density in the dtype of its (already checked) inputs."""
     dim, rank = cov_factor.shape[-2:]
     inv_sqrt_diag = torch.exp(-0.5 * log_diag)  # d^{-1/2}
-    r = (value - loc) * inv_sqrt_diag
+    residual, factor, infinite = _event_residual(value, loc)
+    r = residual * inv_sqrt_diag * factor
     half_log_det = 0.5 * log_diag.sum(-1)  # log det(diag(d)) / 2
     if rank == 0:
-        return -_HalfSquaredNorm.apply(r) - half_log_det - 0.5 * dim * _LOG_2PI
+        log_p = -_HalfSquaredNorm.apply(r) - half_log_det - 0.5 * dim * _LOG_2PI
+        return torch.where(infinite, -math.inf, log_p)
     w = cov_factor * inv_sqrt_diag.unsqueeze(-1)  # rows of W scaled: d^{-1/2} W
     eye = torch.eye(rank, dtype=w.dtype, device=w.device).expand((*w.shape[:-2], rank, rank))
     q, c = torch.linalg.qr(torch.cat([w, eye], dim=-2))  # [W~; I] = Q C, C^T C = K
@@ -471,4 +499,5 @@ def _lowrank_log_prob(value: Tensor, loc: Tensor, cov_factor: Tensor, log_diag: 
     residual = r - (y.unsqueeze(-2) @ w.mT).squeeze(-2)
     batch = torch.broadcast_shapes(residual.shape[:-1], y.shape[:-1])
     stacked = torch.cat([residual.expand((*batch, dim)), y.expand((*batch, rank))], dim=-1)
-    return -_HalfSquaredNorm.apply(stacked) - half_log_det - 0.5 * dim * _LOG_2PI
+    log_p = -_HalfSquaredNorm.apply(stacked) - half_log_det - 0.5 * dim * _LOG_2PI
+    return torch.where(infinite, -math.inf, log_p)
