@@ -132,6 +132,9 @@ def test_icdf_matches_mpmath_down_to_subnormal_quantiles(dtype):
     x = Normal(torch.zeros(len(p64), dtype=dtype), log_scale).icdf(p)
     x.sum().backward()
     exact = np.array([_ppf(v) for v in p64])
+    if dtype == torch.float32:  # the documented failure of torch's erfinv form
+        theirs = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(math.exp(-32)))
+        assert theirs.item() == -math.inf
     eps = torch.finfo(dtype).eps
     tiny = torch.finfo(dtype).tiny
     got = x.detach().double().numpy()
@@ -171,6 +174,10 @@ def test_cdf_matches_mpmath_in_both_tails(dtype):
         dvalue = np.array([float(mp.npdf(z) * mp.exp(-mp.mpf(0.75))) for z in z_exact])
     out = Normal(loc, log_scale).cdf(value)
     out.sum().backward()
+    # the documented failures: torch's Normal.cdf and torch.special.ndtr at z = -10
+    minus_ten = torch.tensor(-10.0, dtype=dtype)
+    assert torch.distributions.Normal(0.0, 1.0).cdf(minus_ten).item() == 0.0
+    assert torch.special.ndtr(minus_ten).item() == 0.0  # exact 7.6e-24
     z = np.array([float(v) for v in z_exact])
     bound = (4 + 3 * (1 + z**2)) * fi.eps
     labels = [float(v) for v in z_exact]
