@@ -166,7 +166,8 @@ def test_kl_divergence_is_registered():
     got = kl_divergence(q, p)
     assert torch.equal(got, continuous_bernoulli_kl(q.logits, p.logits))
     exact = ref.to_float64(ref.cb_kl(50.0, 40.0))
-    assert math.isclose(got[0].item(), exact, rel_tol=1e-5)
+    # |p - q| = 10 <= |q| / 2: the quadrature, (13 + 8) eps (tests/functional/test_divergence)
+    assert math.isclose(got[0].item(), exact, rel_tol=21 * torch.finfo(torch.float32).eps)
 
 
 def test_probs_property_and_probs_constructor():
