@@ -179,9 +179,10 @@ def _weights(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     ``log w = l - max l <= 0`` (the detached maximum: ``softmax`` does not depend on the
     shift, and ``l - max l`` is exact for logits within a factor 2 of the maximum),
     ``total = sum_k e^{log w_k}`` in ``[1, K]``, ``zero`` where ``log w = -inf`` (a zero
-    weight). Sums are formed as ``sum_k e^{log w_k} t_k / total``: the weights are never
-    rounded to a float of their own, so a weight below the float range (``e^{-110}`` in
-    float32) still scales a ``t`` of ``1e38``, and equal weights give exact results.
+    weight). Each term is formed as ``e^{log w_k} t_k / total`` and only then summed: the
+    weights are never rounded to a float of their own, so a weight below the float range
+    (``e^{-110}`` in float32) still scales a ``t`` of ``1e38``; no term exceeds its
+    ``|t_k|``, so nothing overflows unless the sum does; equal weights give exact results.
     """
     log_w = logits - logits.detach().amax(-1, keepdim=True)
     return log_w, log_w == -math.inf, torch.exp(log_w).sum(-1, keepdim=True)
@@ -196,25 +197,29 @@ def _weighted(t: Tensor, log_w: Tensor, zero: Tensor) -> Tensor:
 
 
 def _mixture_mean(log_w: Tensor, zero: Tensor, total: Tensor, loc: Tensor) -> Tensor:
-    """``m = sum_k pi_k mu_k``, ``(*, D)``: correctly rounded products, one sum, one division."""
-    return _weighted(loc, log_w, zero).sum(-2) / total
+    """``m = sum_k pi_k mu_k``, ``(*, D)``: correctly rounded terms ``e^{log w} mu / total``
+    (each at most ``|mu_k|``: no overflow unless the mean's), summed."""
+    return (_weighted(loc, log_w, zero) / total.unsqueeze(-1)).sum(-2)
 
 
-def _spread(log_w: Tensor, zero: Tensor, total: Tensor, loc: Tensor) -> Tensor:
-    """``e^{log w_k / 2} (mu_k - m)``, ``(*, K, D)``: its square (or the product of two of
-    its coordinates) is ``total pi_k`` times the squared deviation, and overflows only if
-    that does."""
+def _spread(log_w: Tensor, zero: Tensor, total: Tensor, loc: Tensor) -> tuple[Tensor, Tensor]:
+    """``(s, s / total)`` with ``s = e^{log w_k / 2} (mu_k - m)``, ``(*, K, D)``: the product
+    of a coordinate of one with a coordinate of the other is ``pi_k`` times the product of
+    the deviations, and overflows only if that does."""
     m = _mixture_mean(log_w, zero, total, loc).unsqueeze(-2)
-    return _weighted(loc - m, 0.5 * log_w, zero)
+    s = _weighted(loc - m, 0.5 * log_w, zero)
+    return s, s / total.unsqueeze(-1)
 
 
-def _weighted_exp(log_w: Tensor, zero: Tensor, t: Tensor) -> Tensor:
-    """``e^{log w_k + t_k}`` for ``t (*, K, ...)``, log variances of the components: no
-    ``exp(t)`` alone, which overflows where the weighted term does not; a zero weight gives
-    0 even for ``t = inf`` (``t`` replaced there, double-where)."""
+def _weighted_exp(log_w: Tensor, zero: Tensor, total: Tensor, t: Tensor, c: Tensor | float = 1.0):
+    """``c pi_k e^{t_k} = (c / total) e^{log w_k + t_k}`` for ``t (*, K, ...)`` (log
+    variances of the components) by :func:`~probloss.special.mul_exp`: no ``exp(t)`` alone,
+    which overflows where the weighted term does not, and ``c = 0`` (a correlation of 0)
+    gives 0 even against ``e^{t} = inf``; a zero weight gives 0 even for ``t = inf``
+    (``t`` replaced there, double-where)."""
     extra = (None,) * (t.dim() - log_w.dim())
     safe = torch.where(zero[(..., *extra)], 0.0, t)
-    return torch.exp(log_w[(..., *extra)] + safe)
+    return mul_exp(c / total[(..., *extra)], log_w[(..., *extra)] + safe)
 
 
 # ======================================================================================
@@ -341,9 +346,9 @@ def normal_mixture_variance(logits: Tensor, loc: Tensor, log_scale: Tensor) -> T
     """
     (logits, loc, log_scale), dtype = _prepare(None, logits=logits, loc=loc, log_scale=log_scale)
     log_w, zero, total = _weights(logits)
-    within = _weighted_exp(log_w, zero, 2.0 * log_scale)  # total pi sigma^2
-    between = _spread(log_w, zero, total, loc).square()  # total pi (mu - m)^2
-    return ((within + between).sum(-2) / total).to(dtype)
+    within = _weighted_exp(log_w, zero, total, 2.0 * log_scale)  # pi sigma^2
+    s, s_over_total = _spread(log_w, zero, total, loc)
+    return (within + s * s_over_total).sum(-2).to(dtype)  # + pi (mu - m)^2
 
 
 def normal_mixture_mode(logits: Tensor, loc: Tensor) -> Tensor:
@@ -491,12 +496,13 @@ def bivariate_normal_mixture_covariance(
     (logits, loc, log_scale, atanh_rho), dtype = _prepare(
         2, logits=logits, loc=loc, log_scale=log_scale, atanh_rho=atanh_rho
     )
-    log_w, zero, total = _weights(logits)  # every term below is total * pi_k * (...)
-    d1, d2 = _spread(log_w, zero, total, loc).unbind(-1)  # sqrt(total pi) (mu - m)
-    v1, v2 = _weighted_exp(log_w, zero, 2.0 * log_scale).unbind(-1)  # sigma_i^2
-    cross = torch.tanh(atanh_rho) * _weighted_exp(log_w, zero, log_scale.sum(-1))  # rho s1 s2
-    terms = torch.stack((v1 + d1 * d1, cross + d1 * d2, v2 + d2 * d2), -1)  # (*, K, 3)
-    c11, c12, c22 = (terms.sum(-2) / total).unbind(-1)
+    log_w, zero, total = _weights(logits)  # every term below is pi_k * (...)
+    (d1, d2), (e1, e2) = (t.unbind(-1) for t in _spread(log_w, zero, total, loc))
+    v1, v2 = _weighted_exp(log_w, zero, total, 2.0 * log_scale).unbind(-1)  # pi sigma_i^2
+    rho = torch.tanh(atanh_rho)
+    cross = _weighted_exp(log_w, zero, total, log_scale.sum(-1), rho)  # pi rho s1 s2
+    terms = torch.stack((v1 + d1 * e1, cross + d1 * e2, v2 + d2 * e2), -1)  # (*, K, 3)
+    c11, c12, c22 = terms.sum(-2).unbind(-1)
     return torch.stack((c11, c12, c12, c22), -1).unflatten(-1, (2, 2)).to(dtype)
 
 

@@ -847,3 +847,22 @@ def test_overflowing_scale_gives_inf_only_where_the_draw_exceeds_the_range(monke
     assert abs(x[0].item() - expected) <= 4 * eps32 * expected
     assert abs(x[1].item() + expected) <= 4 * eps32 * expected
     assert x[2] == 0.5 and x[3] == math.inf
+
+
+def test_summaries_overflow_only_where_the_result_does():
+    """float32: the mean of components at ``-3.4e38`` with weights ``(1, e^{-3}) / total``
+    is ``-3.4e38`` (each term ``pi_k mu_k`` at most ``|mu_k|``; an unnormalised sum
+    ``sum e^{l_k - max l} mu_k`` would overflow first), within 4 eps (the rounding of
+    ``mul_exp``, the division and the sum); a zero correlation times ``s1 s2 = e^{100}``
+    beyond the range is an off-diagonal covariance of exactly 0 (was ``0 * inf = NaN``),
+    while ``sigma_2^2 = e^{200}`` is ``inf`` (the true, unrepresentable value)."""
+    big = -3.4e38
+    logits = torch.tensor([0.0, -3.0])
+    loc = torch.full((2, 2), big)
+    mean = normal_mixture_mean(logits, loc)
+    assert torch.isfinite(mean).all()
+    assert ((mean.double() - float(torch.tensor(big))).abs() <= 4 * 2**-23 * 3.4e38).all()
+    cov = bivariate_normal_mixture_covariance(
+        torch.zeros(1), torch.zeros(1, 2), torch.tensor([[0.0, 100.0]]), torch.zeros(1)
+    )
+    assert cov[0, 1] == 0 and cov[1, 0] == 0 and cov[0, 0] == 1 and cov[1, 1] == INF
