@@ -191,7 +191,13 @@ def _with_fallback(
         and all(bool(torch.isfinite(g).all()) for g in present)
     ):
         return tuple(grads)
-    scaled = _log_scaled_gradients(grad, value, loc, log_scale, atanh_rho)
+    # exponents (log_scale, 2|a|, log|r|) of float32 inputs reach 3.4e38 and their sums
+    # overflow float32: the fallback runs in float64 there (not on MPS, which lacks it)
+    wide = value.dtype == torch.float32 and value.device.type != "mps"
+    args = (grad, value, loc, log_scale, atanh_rho)
+    if wide:
+        args = tuple(t.double() for t in args)
+    scaled = [g.to(value.dtype) for g in _log_scaled_gradients(*args)]
     shapes = (value.shape, loc.shape, log_scale.shape, atanh_rho.shape)
     out: list[Tensor | None] = []
     for g, fallback, shape in zip(grads, scaled, shapes, strict=True):
@@ -213,11 +219,17 @@ def _scaled_sum(x1: Tensor, t1: Tensor, x2: Tensor, t2: Tensor) -> tuple[Tensor,
     """
     with torch.no_grad():
         ref = torch.maximum(_log_abs(x1) + t1, _log_abs(x2) + t2)
-        ref = torch.where(torch.isfinite(ref), ref, torch.where(ref > 0, _CLAMP_SENTINEL, 0.0))
+        ref = torch.where(torch.isfinite(ref), ref, 0.0)  # both terms 0: any reference
     return mul_exp(x1, t1 - ref) + mul_exp(x2, t2 - ref), ref
 
 
-_CLAMP_SENTINEL = 1e4  # beyond every dtype's exp range: e^{t} is 0 or inf there
+def _exponent_clamp(dtype: torch.dtype) -> float:
+    """``finfo.max / 16``: exponents are clamped there so that the sums of up to six of them
+    formed below stay finite (``inf - inf`` would be NaN). The clamp changes nothing that
+    can be seen: ``e^t`` of every nonzero float is 0 or inf for ``|t|`` far smaller, and a
+    sum of exponents is changed only where two clamped ones of opposite signs meet (both
+    beyond ``1e37`` in float32)."""
+    return torch.finfo(dtype).max / 16
 
 
 def _log_abs(x: Tensor) -> Tensor:
@@ -244,16 +256,16 @@ def _log_scaled_gradients(
     """
     dtype = value.dtype
     sign = torch.copysign(torch.ones((), dtype=dtype, device=value.device), atanh_rho)
-    # Exponents are clamped at +-_CLAMP_SENTINEL, beyond every dtype's exp range (e^t of
-    # every nonzero float is 0 or inf there already), so that sums of exponents stay finite.
-    b = (sign * atanh_rho).clamp(max=_CLAMP_SENTINEL)
-    log_scale = log_scale.clamp(-_CLAMP_SENTINEL, _CLAMP_SENTINEL)
+    # exponents clamped at +-finfo.max / 16 so that their sums stay finite (_exponent_clamp)
+    clamp = _exponent_clamp(dtype)
+    b = (sign * atanh_rho).clamp(max=clamp)
+    log_scale = log_scale.clamp(-clamp, clamp)
     r, m = split_residual(value, loc)
     r, m = torch.broadcast_tensors(r, m)
     mag = r.abs()
     zhat = torch.sign(r)  # z_i = zhat_i e^{Z_i}
     log_r = torch.log(torch.where(mag > 0, mag, 1.0)) + torch.log(m)
-    z_log = (log_r - log_scale).clamp(-_CLAMP_SENTINEL, _CLAMP_SENTINEL)  # log|z_i|
+    z_log = (log_r - log_scale).clamp(-clamp, clamp)  # log|z_i|
     zh1, zh2 = zhat.unbind(-1)
     zl1, zl2 = z_log.unbind(-1)
     zh2 = sign * zh2
