@@ -258,3 +258,18 @@ def test_huge_inputs_give_no_nan(dtype):
     assert not torch.isnan(out).any()
     for leaf in (x, mu, ls, a):
         assert not torch.isnan(leaf.grad).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+def test_fallback_exponents_are_not_clamped_into_overflow(dtype):
+    """A coordinate with log_scale = 1e25 has z1 = r1 e^{-1e25}: every term of d/dlog_scale1
+    but the -1 carries e^{-1e25 + 2|a| + ...} with |a| = 6.4e11, i.e. 0, so the exact entry is
+    -1 (mpmath: -1 + O(e^{-1e25})). The log-scaled fallback (entered because the other
+    coordinate's derivative overflows) once clamped exponents at 1e4 and gave +inf."""
+    x = torch.tensor([3.24e-12, 0.3418], dtype=dtype, requires_grad=True)
+    loc = torch.tensor([-0.0078125, -0.000618], dtype=dtype)
+    ls = torch.tensor([1.02e25, -93.0], dtype=dtype, requires_grad=True)
+    a = torch.tensor(-6.44e11, dtype=dtype, requires_grad=True)
+    bivariate_normal_log_prob(x, loc, ls, a).backward()
+    assert ls.grad[0].item() == -1.0
+    assert ls.grad[1].item() == math.inf  # z2^2 cosh^2(a): beyond every dtype
