@@ -59,7 +59,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..special import mul_exp
+from ..special import log1mexp, mul_exp
 from ..special._dtype import as_float_tensor, compute_dtype
 
 __all__ = [
@@ -478,7 +478,9 @@ def bivariate_normal_mixture_covariance(
     :math:`m = \sum_k \pi_k\mu_k`, :math:`\rho_k = \tanh a_k`,
     :math:`\pi_k\sigma_{k1}\sigma_{k2} = e^{\log\pi_k + \log\sigma_{k1} + \log\sigma_{k2}}`.
     The diagonal is :func:`normal_mixture_variance` (the same terms, so the same results;
-    zero weights contribute exactly 0).
+    zero weights contribute exactly 0). Where terms of both signs of the off-diagonal
+    entry overflow, the two sides are compared in log space: the result is the larger
+    side's ``+-inf``, or the finite difference where they nearly cancel, not NaN.
 
     Args:
         logits: mixture logits, shape ``(*, K)``.
@@ -503,7 +505,39 @@ def bivariate_normal_mixture_covariance(
     cross = _weighted_exp(log_w, zero, total, log_scale.sum(-1), rho)  # pi rho s1 s2
     terms = torch.stack((v1 + d1 * e1, cross + d1 * e2, v2 + d2 * e2), -1)  # (*, K, 3)
     c11, c12, c22 = terms.sum(-2).unbind(-1)
+    # c12 sums terms of both signs: where some overflow to +inf and others to -inf the sum
+    # is NaN, although the larger side decides: its sign times inf (or a cancellation)
+    beyond = _signed_sum_beyond_range(log_w, zero, total, loc, log_scale, rho)
+    c12 = torch.where(torch.isnan(c12) & ~torch.isnan(beyond), beyond, c12)
     return torch.stack((c11, c12, c12, c22), -1).unflatten(-1, (2, 2)).to(dtype)
+
+
+def _signed_sum_beyond_range(
+    log_w: Tensor, zero: Tensor, total: Tensor, loc: Tensor, log_scale: Tensor, rho: Tensor
+) -> Tensor:
+    """The off-diagonal covariance ``sum_k pi_k (rho_k s1 s2 + d1 d2)`` from the logarithms
+    of its terms, ``(*)``, for rows where the plain sum is ``inf - inf``.
+
+    The positive and the negative terms are summed separately in log space
+    (``logsumexp``), ``P`` and ``N``; the result is ``sign(P - N) e^{max} (1 - e^{-|P - N|})``
+    (``log1mexp``), ``+-inf`` where it is beyond the range, 0 at an exact cancellation,
+    NaN only where both sides are infinite in log space too. Without a graph: it replaces
+    only values that are beyond the range (or NaN), whose derivatives are too.
+    """
+    with torch.no_grad():
+        log_pi = torch.where(zero, -math.inf, log_w - torch.log(total))
+        m = _mixture_mean(log_w, zero, total, loc).unsqueeze(-2)
+        d = torch.where(zero.unsqueeze(-1), 0.0, loc - m)
+        log_a = log_pi + torch.log(rho.abs()) + log_scale.sum(-1)  # pi |rho| s1 s2
+        log_b = log_pi + torch.log(d.abs()).sum(-1)  # pi |d1 d2|
+        logs = torch.cat((log_a, log_b), -1).nan_to_num(nan=-math.inf)  # 0 * inf: weight 0
+        signs = torch.cat((torch.sign(rho), torch.sign(d[..., 0] * d[..., 1])), -1)
+        pos = torch.logsumexp(torch.where(signs > 0, logs, -math.inf), -1)
+        neg = torch.logsumexp(torch.where(signs < 0, logs, -math.inf), -1)
+        high, low = torch.maximum(pos, neg), torch.minimum(pos, neg)
+        gap = high - low  # inf - inf: NaN, kept
+        magnitude = torch.exp(high + log1mexp(torch.where(gap == 0.0, 0.0, gap)))
+        return torch.where(pos > neg, magnitude, -magnitude)
 
 
 def bivariate_normal_mixture_mode(logits: Tensor, loc: Tensor) -> Tensor:

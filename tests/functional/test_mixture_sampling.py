@@ -866,3 +866,39 @@ def test_summaries_overflow_only_where_the_result_does():
         torch.zeros(1), torch.zeros(1, 2), torch.tensor([[0.0, 100.0]]), torch.zeros(1)
     )
     assert cov[0, 1] == 0 and cov[1, 0] == 0 and cov[0, 0] == 1 and cov[1, 1] == INF
+
+
+def test_off_diagonal_covariance_when_terms_of_both_signs_overflow():
+    """Found by the fuzz suite: ``rho s1 s2`` terms of both signs beyond the range made the
+    off-diagonal covariance ``inf - inf = NaN``; the larger side decides. float64 (the
+    fuzz draw): ``-inf`` (``e^{4.6e23}`` against ``e^{1.7e21}``, mpmath's sign). float32,
+    two components on opposite correlation lines (``tanh(+-50) = +-1``), equal weights and
+    means:
+    ``c12 = (e^{90} - e^{89.5}) / 2 = 2.4e38``, finite although both terms overflow
+    (float64 by hand), within ``4 eps (1 + 90)`` times the sum of the terms' magnitudes
+    (the rounding of exponents near 90 carried into ``exp``, then the cancellation); and
+    ``-inf`` where the negative side is larger by a factor ``e^2``."""
+    d = torch.float64
+    logits = torch.tensor([4.397136189858803e-23, -0.1808082195878351, 0.2013262300830547], dtype=d)
+    loc = torch.tensor([[1.121276415412279e-33, 0.0078125], [0.04946745144030881,
+                        -6.644103407655575e37], [-3.8470488045293366e24, 3.119162312519754]],
+                       dtype=d)  # fmt: skip
+    log_scale = torch.tensor([[1.7289285583694065e21, 1.7517854629505151e-12],
+                              [1.2973730293626422e21, -2.5583274342565433e35],
+                              [7.532210401440694e-35, 4.565382213568796e23]], dtype=d)  # fmt: skip
+    a = torch.tensor([709.3964185322641, -21.382982419666668, -143.96314289500094], dtype=d)
+    cov = bivariate_normal_mixture_covariance(logits, loc, log_scale, a)
+    assert cov[0, 1] == -INF and cov[1, 0] == -INF
+    log_scale = torch.tensor([[45.0, 45.0], [45.0, 44.5]])
+    cov = bivariate_normal_mixture_covariance(
+        torch.zeros(2), torch.zeros(2, 2), log_scale, torch.tensor([50.0, -50.0])
+    )
+    terms = 0.5 * math.exp(90.0), 0.5 * math.exp(89.5)
+    expected = terms[0] - terms[1]
+    eps = torch.finfo(torch.float32).eps
+    assert abs(cov[0, 1].item() - expected) <= 4 * eps * 91 * sum(terms)
+    cov = bivariate_normal_mixture_covariance(
+        torch.zeros(2), torch.zeros(2, 2), torch.tensor([[50.0, 50.0], [51.0, 51.0]]),
+        torch.tensor([50.0, -50.0]),
+    )  # fmt: skip
+    assert cov[0, 1] == -INF and cov[0, 0] == INF
