@@ -118,12 +118,31 @@ def report(
         )
         lines.append(f"  row {i}: {args}")
         lines.append(f"    got={_fmt(got[i])}  ref={_fmt(ref[i])}")
+    if idx.numel():
+        lines.append("  " + repro(record, dtype, [t[idx[0]] for t in inputs64]))
     return "\n".join(lines)
+
+
+def repro(record: Record, dtype: torch.dtype, row: list[torch.Tensor]) -> str:
+    """A line of Python that evaluates ``record`` on one row (batch of 1), for a bug report."""
+    values = ", ".join(repr([t.tolist()]).replace("inf", "float('inf')") for t in row)
+    grad = [a.grad for a in record.args]
+    return (
+        "repro: import torch; from tests.fuzz.records import BY_NAME; "
+        f"xs = [torch.tensor(v, dtype=torch.{dtype_name(dtype)}, requires_grad=g) "
+        f"for v, g in zip(({values},), {grad})]; "
+        f"y = BY_NAME[{record.name!r}].fn(*xs); "
+        "print(y); y.sum().backward() if y.requires_grad else None; print([x.grad for x in xs])"
+    )
 
 
 def run(record: Record, dtype: torch.dtype, n: int) -> list[str]:
     """Every failure of ``record`` in ``dtype`` on ``n`` draws, as report paragraphs."""
-    inputs64 = make_inputs(record, dtype, n)
+    return check(record, dtype, make_inputs(record, dtype, n))
+
+
+def check(record: Record, dtype: torch.dtype, inputs64: list[torch.Tensor]) -> list[str]:
+    """The checks of :func:`run` on given rows (float64 tensors exact in ``dtype``)."""
     test = evaluate(record, inputs64, dtype)
     failures = []
     want = expected_dtype(record, dtype)
@@ -287,5 +306,6 @@ def run_oracle(record: Record, rows_per_dtype: int) -> list[str]:
                             f"{record.name} [float64 path, inputs from {dtype_name(dtype)} draws]:"
                             f" {what}[{j}] got={x!r} mpmath={exact!r} (scale T={float(t):.3g})"
                             f"\n  inputs: {args}"
+                            f"\n  {repro(record, torch.float64, [t[i] for t in inputs64])}"
                         )
     return failures
