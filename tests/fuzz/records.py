@@ -16,9 +16,9 @@ Output dtype policy (DESIGN.md, half precision):
 Not fuzzed as valid inputs (each record's domains leave them out): probabilities outside
 ``[0, 1]``, non-positive scales / variances / ``df`` / triangular diagonals, ``+-inf``
 parameters (only values and special-function inputs take ``inf``), rows of mixture logits
-that are all ``-inf``. ``MixtureDensityHead(component="full")`` has no class of its own
-(it returns ``torch.distributions.MixtureSameFamily``); its probloss core,
-``multivariate_normal_mixture_log_prob``, has a record.
+that are all ``-inf``. ``MixtureDensityHead(component="full")`` returns a
+:class:`~probloss.distributions.MultivariateNormalMixture`, which has records like every
+class in ``probloss.distributions.__all__``.
 """
 
 from __future__ import annotations
