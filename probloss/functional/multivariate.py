@@ -16,7 +16,8 @@ Nothing here forms a covariance matrix, inverts one, or takes its Cholesky decom
 Half-precision inputs are computed and returned in float32 (DESIGN.md, half-precision
 policy); the low-rank form computes float32 inputs in float64 (see
 :func:`lowrank_multivariate_normal_log_prob`: its quadratic form can be ill-conditioned
-beyond float32) and returns float32. Shapes: events are the last dimension, ``(*, D)``;
+beyond float32), as does the dense form (whose ``L^{-1} r`` leaves the float32 range), and
+both return float32. Shapes: events are the last dimension, ``(*, D)``;
 matrices ``(*, D, D)``; batch dimensions broadcast like torch (an empty batch gives an
 empty result).
 """
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from .._dtype import as_loss_tensors
 from .._validation import check_not_nan, should_validate
-from ..special import softplus
+from ..special import mul_exp, softplus
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -185,11 +186,17 @@ def multivariate_normal_log_prob(
         check_not_nan(scale_tril.tril(), "scale_tril")
         _check_positive_diagonal(diag, scale_tril)
         _check_lower_triangular(scale_tril)
+    out_dtype = value.dtype
+    work = _work_dtype(value)
+    value, loc, scale_tril = (t.to(work) for t in (value, loc, scale_tril))
     r, factor, infinite = _event_residual(value, loc)
     z = _solve_triangular(scale_tril, r, upper=False) * factor
-    half_log_det = torch.log(diag).sum(-1)  # log det(L L^T) / 2 = sum log L_ii
+    # a non-finite z of finite inputs: an intermediate of the solve overflowed, and then
+    # ||z||^2 / 2, which is at least its square, overflows too: the log density is -inf
+    infinite = infinite | ~torch.isfinite(z).all(-1)
+    half_log_det = torch.log(scale_tril.diagonal(dim1=-2, dim2=-1)).sum(-1)  # sum log L_ii
     log_p = -_HalfSquaredNorm.apply(z) - half_log_det - 0.5 * dim * _LOG_2PI
-    return torch.where(infinite, -math.inf, log_p)
+    return torch.where(infinite, -math.inf, log_p).to(out_dtype)
 
 
 def _event_residual(value: Tensor, loc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -456,13 +463,18 @@ def lowrank_multivariate_normal_log_prob(
         ):
             check_not_nan(t, name)
     out_dtype = value.dtype
-    work = _lowrank_work_dtype(value)
+    work = _work_dtype(value)
     value, loc, cov_factor, log_diag = (t.to(work) for t in (value, loc, cov_factor, log_diag))
     return _lowrank_log_prob(value, loc, cov_factor, log_diag).to(out_dtype)
 
 
-def _lowrank_work_dtype(value: Tensor) -> torch.dtype:
+def _work_dtype(value: Tensor) -> torch.dtype:
     """float64 for float32 (and half, already float32) inputs where the device has it.
+
+    For the dense factor: ``z = L^{-1} r`` of float32 entries reaches ``3.4e38 / 1e-45`` and
+    its square ``1e167`` in two-dimensional problems, far beyond float32 but not float64, so
+    the value and the gradients (rounded once to float32, to +-inf where they exceed it)
+    are right where a float32 solve gives ``0 * inf``. For the low-rank form see below.
 
     The quadratic form of a point along a long factor direction is ill-conditioned: a
     relative rounding ``u`` of the whitened residual or factor leaves a component ``u
@@ -481,14 +493,14 @@ def _lowrank_work_dtype(value: Tensor) -> torch.dtype:
 def _lowrank_log_prob(value: Tensor, loc: Tensor, cov_factor: Tensor, log_diag: Tensor) -> Tensor:
     """The low-rank log density in the dtype of its (already checked) inputs."""
     dim, rank = cov_factor.shape[-2:]
-    inv_sqrt_diag = torch.exp(-0.5 * log_diag)  # d^{-1/2}
+    half_neg = -0.5 * log_diag  # log d^{-1/2}; mul_exp keeps a zero entry 0 where it overflows
     residual, factor, infinite = _event_residual(value, loc)
-    r = residual * inv_sqrt_diag * factor
+    r = mul_exp(residual, half_neg) * factor
     half_log_det = 0.5 * log_diag.sum(-1)  # log det(diag(d)) / 2
     if rank == 0:
         log_p = -_HalfSquaredNorm.apply(r) - half_log_det - 0.5 * dim * _LOG_2PI
         return torch.where(infinite, -math.inf, log_p)
-    w = cov_factor * inv_sqrt_diag.unsqueeze(-1)  # rows of W scaled: d^{-1/2} W
+    w = mul_exp(cov_factor, half_neg.unsqueeze(-1))  # rows of W scaled: d^{-1/2} W
     eye = torch.eye(rank, dtype=w.dtype, device=w.device).expand((*w.shape[:-2], rank, rank))
     q, c = torch.linalg.qr(torch.cat([w, eye], dim=-2))  # [W~; I] = Q C, C^T C = K
     # log det K / 2 = sum log|C_jj|; |C_jj| >= 1 since K >= I

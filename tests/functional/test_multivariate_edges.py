@@ -266,3 +266,17 @@ def test_overflowing_residual_against_mpmath(kind):
     eps = torch.finfo(torch.float32).eps
     assert math.isfinite(got.item())
     assert abs(got.item() - float(exact)) <= 4 * eps * abs(float(exact))
+
+
+def test_dense_solve_overflowing_float32_gives_infinities_not_nan():
+    """Found by the fuzz suite: z1 = 7.5e15 / 6.4e-28 = 1.2e43 overflows a float32 solve, and
+    the next step's 0 * inf made value and gradients NaN. mpmath: log p = -6.8e85 and
+    gradients (-1.8e70, -8.2e73) in value, all beyond float32: -inf and (-inf, -inf), the
+    float64 solve rounded once to float32 (no NaN)."""
+    value = torch.tensor([7529455627010048.0, 0.0], requires_grad=True)
+    loc = torch.tensor([-9.6875, -0.045166015625])
+    factor = torch.tensor([[6.437104986603456e-28, 0.0], [0.0, 2.350988701644575e-38]])
+    out = multivariate_normal_log_prob(value, loc, factor)
+    out.backward()
+    assert out.item() == -math.inf
+    assert value.grad.tolist() == [-math.inf, -math.inf]
