@@ -197,9 +197,22 @@ def _weighted(t: Tensor, log_w: Tensor, zero: Tensor) -> Tensor:
 
 
 def _mixture_mean(log_w: Tensor, zero: Tensor, total: Tensor, loc: Tensor) -> Tensor:
-    """``m = sum_k pi_k mu_k``, ``(*, D)``: correctly rounded terms ``e^{log w} mu / total``
-    (each at most ``|mu_k|``: no overflow unless the mean's), summed."""
-    return (_weighted(loc, log_w, zero) / total.unsqueeze(-1)).sum(-2)
+    """``m = sum_k pi_k mu_k``, ``(*, D)``, as ``c + sum_k pi_k (mu_k - c)``.
+
+    ``c`` is the same sum without a graph: correctly rounded terms ``e^{log w} mu / total``
+    (each at most ``|mu_k|``: no overflow unless the mean's). The differentiable part then
+    carries the gradient ``d m / d l_k = pi_k (mu_k - m)`` in terms of the size of the
+    deviations: through ``sum pi_k mu_k`` itself it is the difference of two sums of the
+    size of ``|mu|`` (``inf - inf`` for means near the float range, where the true gradient
+    is 0). Its terms are ``(mu_k - c)/2`` (exact, no overflow) times ``2 pi_k``
+    (``mul_exp``), each at most ``pi_k (1 - pi_k)`` times the spread of the means, finite.
+    """
+    with torch.no_grad():
+        c = (_weighted(loc, log_w, zero) / total.unsqueeze(-1)).sum(-2, keepdim=True)
+        c = torch.where(torch.isfinite(c), c, 0.0)  # a mean beyond the range: no shift
+    half = 0.5 * loc - 0.5 * c  # (mu - c) / 2, exact but for subnormal halves
+    log_two_pi = log_w - torch.log(total) + math.log(2.0)
+    return (c + _weighted(half, log_two_pi, zero).sum(-2, keepdim=True)).squeeze(-2)
 
 
 def _spread(log_w: Tensor, zero: Tensor, total: Tensor, loc: Tensor) -> tuple[Tensor, Tensor]:

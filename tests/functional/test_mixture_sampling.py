@@ -902,3 +902,37 @@ def test_off_diagonal_covariance_when_terms_of_both_signs_overflow():
         torch.tensor([50.0, -50.0]),
     )  # fmt: skip
     assert cov[0, 1] == -INF and cov[0, 0] == INF
+
+
+def test_mean_gradient_near_the_float_range():
+    """Found by the fuzz suite (float32): with means near ``3.4e38`` the gradient of the
+    mean's sum with respect to the logits, ``pi_k sum_d (mu_kd - m_d)``, was NaN (``inf -
+    inf`` of two sums of the size of ``|mu|``); now within ``8 eps (1 + |l_k - max l|)``
+    times ``pi_k sum_d (|mu_kd - m_d| + sum_j pi_j |mu_jd - m_d|)`` (the rounding of each
+    deviation term and of the weights' exponents) of float64 numpy, and the means
+    themselves (``+-3.4e38`` at weights ``(1, e^{-23})``) within 4 eps relative."""
+    rows = [
+        ([-3.6145414439303636e-10, -INF, 12199763378176.0],
+         [[-1.4766385939966326e-23, 44.88346862792969], [-4.745127688691425e-34,
+          -3.4525551795959473], [6.899222618308345e36, 3.3895313892515355e38]]),
+        ([5.545177459716797, -3.1163000782305494e-13, 17.63553237915039],
+         [[-6.726399405032349e-29, 3.4373390674591064], [-6.545177459716797, 428045696.0],
+          [3.4028234663852886e38, 3.4028234663852886e38]]),
+        ([0.0, -23.0, -INF], [[3.4e38, 1.0], [-3.4e38, -1.0], [0.0, 0.0]]),
+    ]  # fmt: skip
+    eps = torch.finfo(torch.float32).eps
+    for logits, loc in rows:
+        lg = torch.tensor(logits, requires_grad=True)
+        mu = torch.tensor(loc, requires_grad=True)
+        mean = normal_mixture_mean(lg, mu)
+        mean.sum().backward()
+        shift = lg.detach().double().numpy() - lg.detach().double().numpy().max()
+        w = np.exp(shift) / np.exp(shift).sum()
+        mu64 = mu.detach().double().numpy()
+        m = w @ mu64
+        dev = np.abs(mu64 - m)
+        expected = w * (mu64 - m).sum(-1)
+        size = (1 + np.abs(np.where(w > 0, shift, 0.0))) * w  # a zero weight: bound 0
+        bound = 8 * eps * size * (dev.sum(-1) + (w @ dev).sum())
+        assert_within(lg.grad.double().numpy(), expected, bound, range(3), "d/dlogits")
+        assert_within(mean.detach().double().numpy(), m, 4 * eps * np.abs(m), range(2), "mean")
