@@ -162,3 +162,8 @@ class Normal(torch.distributions.Normal):
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
         out = _loc_plus_scaled(upcast(self.loc), upcast(eps), upcast(self.log_scale))
         return out.to(self.loc.dtype)
+
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+        """:meth:`rsample` without a graph (torch's would draw with ``exp(log_scale)``)."""
+        with torch.no_grad():
+            return self.rsample(sample_shape)

@@ -268,6 +268,8 @@ def test_rsample_is_loc_plus_scaled_noise():
     assert_within(got.detach().double().numpy(), exact, bound, list(range(3)), "rsample")
     got.sum().backward()
     assert torch.isfinite(ls.grad).all()
+    torch.manual_seed(seed)
+    assert torch.equal(Normal(loc, ls).sample(), got.detach())  # sample is rsample, no graph
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=dtype_id)
