@@ -52,7 +52,7 @@ class Normal(torch.distributions.Normal):
     ``erf``/``erfinv`` forms (and torch's ``ndtr``) lose it: torch's ``icdf`` is ``-inf``
     at ``p = e^{-32}`` in float32 (true -7.62); products with
     ``e^{+-log_scale}`` formed by :func:`~probloss.special.mul_exp` (so ``x - mu`` and
-    the scale may be huge or tiny where the result is not), and ``rsample`` is
+    the scale may be huge or tiny where the result is not), and ``rsample`` (``sample``) is
     ``mu + e^{log_scale} eps`` the same way; half precision is evaluated in float32 and
     returned in the parameters' dtype. The KL registry is torch's (a subclass keeps
     ``kl_divergence`` with other normals).
