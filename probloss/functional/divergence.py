@@ -161,9 +161,13 @@ def normal_kl(
     non-negative terms, each exact in relative error, so the KL is never negative, exactly
     0 at ``q == p`` and keeps its relative accuracy near it; the rounding error of
     :math:`d` itself is carried along (TwoSum), which matters when :math:`e^d` is large.
-    :math:`\Delta\mu/\sigma_p` is formed as ``Delta mu * exp(-log_var_p / 2)`` without
-    overflow of the exponential and squared as ``(x/2) * x``, so nothing overflows where
-    the KL is finite. Gradients: ``dKL/dlog_var_q = expm1(d)/2``, finite wherever the KL is.
+    :math:`\Delta\mu^2/(2\sigma_p^2)` is formed as ``2 w^2``,
+    ``w = (mu_q/2 - mu_p/2) exp(-log_var_p / 2)`` by ``mul_exp``, and far below 0 the
+    difference ``d`` enters as ``log_var_p/2 - log_var_q/2``: the means and log-variances
+    may differ by more than ``finfo.max`` (-3.4e38 against 3.4e38 in float32), and nothing
+    overflows where the KL is finite. Gradients: ``dKL/dlog_var_q = expm1(d)/2`` and
+    ``dKL/dlog_var_p = -expm1(d)/2 - Delta mu^2 / (2 sigma_p^2)`` (the latter written from
+    the result, not as twice it), finite wherever they are representable.
 
     With ``p`` omitted it is the KL to the standard normal prior of a VAE
     (Kingma & Welling 2013, arXiv:1312.6114, appendix B); if only one of ``loc_p`` /
