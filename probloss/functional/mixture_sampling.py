@@ -220,7 +220,8 @@ def _spread(log_w: Tensor, zero: Tensor, total: Tensor, loc: Tensor) -> tuple[Te
     of a coordinate of one with a coordinate of the other is ``pi_k`` times the product of
     the deviations, and overflows only if that does."""
     m = _mixture_mean(log_w, zero, total, loc).unsqueeze(-2)
-    s = _weighted(loc - m, 0.5 * log_w, zero)
+    # (mu - m)/2 cannot overflow where mu - m would (3.4e38 - -3.4e38 at a weight of 0)
+    s = _weighted(0.5 * loc - 0.5 * m, 0.5 * log_w + math.log(2.0), zero)
     return s, s / total.unsqueeze(-1)
 
 

@@ -936,3 +936,20 @@ def test_mean_gradient_near_the_float_range():
         bound = 8 * eps * size * (dev.sum(-1) + (w @ dev).sum())
         assert_within(lg.grad.double().numpy(), expected, bound, range(3), "d/dlogits")
         assert_within(mean.detach().double().numpy(), m, 4 * eps * np.abs(m), range(2), "mean")
+
+
+def test_variance_with_a_deviation_beyond_the_float_range_at_zero_weight():
+    """Found by the fuzz suite (float32): a component of weight ``e^{-929976}`` (0) at
+    ``+3.4e38`` while the mean is ``-3.4e38``: ``mu - m`` overflows, and the variance was
+    ``inf``; its term is 0, so the variance is the heavy component's ``sigma^2 =
+    e^{-4.4e-16} = 1`` (float64 by hand), within 4 eps. Both variance and covariance."""
+    logits = torch.tensor([[-1.0969745762354691e-21, 929976.0625, -0.02514667436480522]])
+    loc = torch.tensor([[[-8.8e-20, 0.0], [-3.3895313892515355e38, 0.0],
+                         [3.3895313892515355e38, 0.0]]])  # fmt: skip
+    log_scale = torch.tensor([[[0.0, 0.0], [-2.220446049250313e-16, 0.0], [-576.8, 0.0]]])
+    expected = math.exp(2 * float(log_scale[0, 1, 0]))
+    eps = torch.finfo(torch.float32).eps
+    var = normal_mixture_variance(logits, loc, log_scale)
+    cov = bivariate_normal_mixture_covariance(logits, loc, log_scale, torch.zeros(1, 3))
+    for got in (var[0, 0], cov[0, 0, 0]):
+        assert abs(got.item() - expected) <= 4 * eps * expected
