@@ -72,17 +72,56 @@ def _standardize_residual(
 ) -> tuple[Tensor, Tensor]:
     if name in ("scale", "var"):
         if name == "var" and min_scale is None:
-            return residual / torch.sqrt(param), log_scale  # 0.5 log(var): no sqrt rounding
+            return _ScaleForm.apply(residual, param, 0.5)  # sigma = var^(1/2)
         scale = param if name == "scale" else torch.sqrt(param)
         if min_scale is not None:
             scale = scale + min_scale
-            log_scale = torch.log(scale)
-        return residual / scale, log_scale
+        return _ScaleForm.apply(residual, scale, 1.0)
     if min_scale is not None:
         # soft_floor in log space: log(e^s + m) = logaddexp(s, log m), exact also where the
         # result is near 0 (m + softplus(s - m) is not); gradient sigmoid(s - log m) > 0.
         log_scale = torch.logaddexp(log_scale, torch.log(min_scale))
     return mul_exp(residual, -log_scale), log_scale
+
+
+class _ScaleForm(torch.autograd.Function):
+    """``(z, log sigma)`` from ``sigma = p^k`` (``k = 1``: a scale, ``k = 1/2``: a variance).
+
+    ``z = r / sigma`` and ``log sigma = k log p``, with one backward for ``p``. Autograd
+    would send the two terms of ``d/dp = k (-g_z z + g_log) / p`` separately (and through
+    ``sqrt`` for a variance); for a subnormal ``p`` both overflow and their sum is ``inf -
+    inf``, and ``z^2 / sigma`` can overflow where ``z^2 / (2 var)`` does not. Here the terms
+    are ``-g_z (z / p)`` (``z / p`` by :func:`mul_exp`, finite wherever it is representable)
+    and ``g_log / p``, times ``k``; where both overflow the exact sum overflows too, with
+    the sign of ``-g_z z + g_log``. ``d/dr = g_z / sigma``. Built from differentiable ops.
+    """
+
+    @staticmethod
+    def forward(ctx, residual: Tensor, param: Tensor, k: float) -> tuple[Tensor, Tensor]:
+        sigma = param if k == 1.0 else torch.sqrt(param)
+        z = residual / sigma
+        log_param = torch.log(param)
+        ctx.save_for_backward(param, z)
+        ctx.k = k
+        ctx.residual_shape = residual.shape
+        return z, k * log_param
+
+    @staticmethod
+    def backward(ctx, grad_z: Tensor, grad_log: Tensor) -> tuple[Tensor | None, ...]:
+        param, z = ctx.saved_tensors
+        # recomputed here (not saved) so that a second derivative sees their dependence on p
+        sigma = param if ctx.k == 1.0 else torch.sqrt(param)
+        log_param = torch.log(param)
+        grad_r = grad_param = None
+        if ctx.needs_input_grad[0]:
+            grad_r = (grad_z / sigma).sum_to_size(ctx.residual_shape)
+        if ctx.needs_input_grad[1]:
+            z_over_p = mul_exp(z, -log_param)
+            total = ctx.k * (-grad_z * z_over_p + mul_exp(grad_log, -log_param))
+            sign = torch.sign(-grad_z * z + grad_log)
+            total = torch.where(torch.isnan(total), sign * math.inf, total)
+            grad_param = total.sum_to_size(param.shape)
+        return grad_r, grad_param, None
 
 
 def _normal_log_density(z: Tensor, log_scale: Tensor) -> Tensor:

@@ -293,3 +293,22 @@ def test_beta_one_gives_the_gradient_of_the_squared_error():
     expected = -(x - mu.detach()) / 50
     eps = torch.finfo(torch.float64).eps
     assert ((mu.grad - expected).abs() <= 4 * eps * expected.abs()).all()
+
+
+def test_scale_and_var_gradients_at_overflowing_intermediates():
+    """Found by the fuzz suite. A subnormal scale (1e-40, float32): d/dscale = (z^2 - 1) /
+    scale with both autograd terms z^2/scale and -1/scale infinite (inf - inf = NaN); exact
+    +inf. A variance of 78336 with z = 2.3e21: d/dvar = (z^2 - 1) / (2 var) = 3.3e37 (mpmath),
+    finite although z^2 / sigma, autograd's path through sqrt, overflows; bound 8 eps
+    relative (a handful of roundings)."""
+    x = torch.tensor([1.6], requires_grad=True)
+    scale = torch.tensor([1e-40], requires_grad=True)
+    normal_log_prob(x, torch.zeros(1), scale=scale).sum().backward()
+    assert scale.grad.item() == math.inf and x.grad.item() == -math.inf
+    var = torch.tensor([78336.0], requires_grad=True)
+    value, loc = torch.tensor([0.0]), torch.tensor([-6.327971087045325e23])
+    normal_log_prob(value, loc, var=var).sum().backward()
+    with mp.workdps(40):
+        z2 = (mpf(value.item()) - mpf(loc.item())) ** 2 / mpf(var.item())
+        exact = float((z2 - 1) / (2 * mpf(var.item())))
+    assert abs(var.grad.item() - exact) <= 8 * torch.finfo(torch.float32).eps * exact
