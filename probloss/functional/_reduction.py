@@ -42,7 +42,9 @@ def reduce_loss(loss: Tensor, reduction: str, *, mask: Tensor | None = None) -> 
     return total / count
 
 
-def check_value_batch(value_batch: torch.Size, event: str = "", **param_batches: torch.Size) -> None:
+def check_value_batch(
+    value_batch: torch.Size, event: str = "", **param_batches: torch.Size
+) -> None:
     """In a reduced loss, raise ValueError if a parameter would enlarge the value's batch shape.
 
     ``normal_nll(value of shape (8,), loc of shape (8, 1))`` broadcasts to an (8, 8) matrix of
