@@ -85,3 +85,20 @@ def test_mdn_example_shapes():
     assert ns["mixture"].batch_shape == (256,) and ns["mixture"].event_shape == (1,)
     assert ns["samples"].shape == (10, 256, 1)
     assert math.isfinite(ns["loss"].item())
+
+
+def test_reduced_loss_refuses_the_slice_mistake_and_reduces_empty_batches_like_torch():
+    # README, Validation: out[:, 4:5] against (64, 2) targets is a ValueError naming the
+    # argument and both shapes; unreduced broadcasts; an empty batch: mean NaN, sum 0.
+    from probloss.functional import bivariate_normal_log_prob, bivariate_normal_nll
+
+    out, target = torch.randn(64, 5), torch.randn(64, 2)
+    with pytest.raises(ValueError, match=r"atanh_rho.*\(64, 1\).*\(64,\).*\(64, 64\)"):
+        bivariate_normal_nll(target, out[:, 0:2], out[:, 2:4], out[:, 4:5])
+    unreduced = bivariate_normal_log_prob(target, out[:, 0:2], out[:, 2:4], out[:, 4:5])
+    assert unreduced.shape == (64, 64)
+    empty = torch.zeros(0, 5)
+    args = (torch.zeros(0, 2), empty[:, 0:2], empty[:, 2:4], empty[:, 4])
+    assert torch.isnan(bivariate_normal_nll(*args))
+    assert bivariate_normal_nll(*args, reduction="sum") == 0
+    assert bivariate_normal_nll(*args, reduction="none").shape == (0,)
