@@ -369,7 +369,8 @@ class _WeightedNLL(torch.autograd.Function):
             if log_v is None:
                 d = weight - y * y
             else:
-                y_v = mul_exp(y, 0.5 * log_v)
+                # y sqrt(v) from r in one exponent: y alone can overflow where it does not
+                y_v = mul_exp(residual, t + 0.5 * log_v) * factor
                 d = mul_exp(weight, log_v) - y_v * y_v
             d = torch.where(torch.isnan(d), torch.where(z_big, -math.inf, math.inf), d)
             return grad * d

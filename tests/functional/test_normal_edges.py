@@ -312,3 +312,13 @@ def test_scale_and_var_gradients_at_overflowing_intermediates():
         z2 = (mpf(value.item()) - mpf(loc.item())) ** 2 / mpf(var.item())
         exact = float((z2 - 1) / (2 * mpf(var.item())))
     assert abs(var.grad.item() - exact) <= 8 * torch.finfo(torch.float32).eps * exact
+
+
+def test_floored_nll_gradient_where_the_weight_underflows_and_z_overflows():
+    """Found by the fuzz suite: log_scale = -2.9e24 floored at min_scale = 1e-3, residual
+    3.4e38: d/dlog_scale = (1 - z'^2) e^{log_scale - log sigma'} = -(3.4e41)^2 e^{-2.9e24},
+    exactly 0 in any float (mpmath: 10^(-1.3e24)); was -inf (z' formed before the weight)."""
+    ls = torch.tensor([-2.9467566853106586e24], requires_grad=True)
+    value, loc = torch.tensor([-6.103515625e-05]), torch.tensor([3.3895313892515355e38])
+    normal_nll(value, loc, log_scale=ls, min_scale=1e-3, reduction="sum").backward()
+    assert ls.grad.item() == 0.0
