@@ -54,7 +54,7 @@ def _run(fn, args, device, dtype, guard=contextlib.nullcontext):
     with guard():
         out = fn(*leaves)
         grads = torch.autograd.grad(out.sum(), leaves, allow_unused=True)
-    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads, strict=True)]
     return [t.detach().cpu().double() for t in (out, *grads)]
 
 
@@ -126,7 +126,7 @@ def test_issue_reproductions_on_device_agree_with_float64(name):
     fn, args = CASES[name]
     got = _run(fn, args, DEVICE, torch.float32, guard=no_host_sync)
     ref = _run(fn, args, torch.device("cpu"), torch.float64)
-    for g, r in zip(got, ref):
+    for g, r in zip(got, ref, strict=True):
         _close(g, r)
 
 
