@@ -557,7 +557,10 @@ def _student_t_kernel(z: Tensor, df: Tensor) -> Tensor:
     z_near = torch.where(near, z, 0.0)  # safe inputs: 0 and 1 for near, 2 and 1 for far
     df_near = torch.where(near, df, 1.0)
     square = z_near * z_near
-    w = torch.log1p(square / df_near)
+    # z^2 / df as (z / sqrt(df))^2: 1/df overflows for a subnormal df (its gradient then
+    # inf * 0 at z = 0), 1/sqrt(df) does not
+    ratio = z_near / torch.sqrt(df_near)
+    w = torch.log1p(ratio * ratio)
     near_value = 0.5 * ((w + square) - df_near * expm1mx(w))
 
     z_far = torch.where(near, 2.0, z).abs()

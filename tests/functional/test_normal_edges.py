@@ -322,3 +322,25 @@ def test_floored_nll_gradient_where_the_weight_underflows_and_z_overflows():
     value, loc = torch.tensor([-6.103515625e-05]), torch.tensor([3.3895313892515355e38])
     normal_nll(value, loc, log_scale=ls, min_scale=1e-3, reduction="sum").backward()
     assert ls.grad.item() == 0.0
+
+
+def test_student_t_gradients_at_subnormal_df():
+    """Found by the fuzz suite: df = 9.2e-41 (float32 subnormal) with z = 1.1e-28 or z = 0
+    (underflowed): z^2 / df differentiated as 2 z (1/df) overflowed 1/df (inf, and inf * 0
+    = NaN at z = 0). mpmath: d/dvalue = -(df + 1) z / (sigma (df + z^2)); bound 4 (|log_scale|
+    + 4) eps relative (e^{-log_scale} rounded in its exponent)."""
+    eps = torch.finfo(torch.float32).eps
+    for x, df, loc, ls in (
+        (16.375, 9.183549615799121e-41, -7.625, 68.5),
+        (0.0547, 1.84e-40, -708.0, 414.0),
+    ):
+        value = torch.tensor(x, requires_grad=True)
+        dft = torch.tensor(df)
+        out = student_t_log_prob(value, dft, torch.tensor(loc), torch.tensor(ls))
+        out.backward()
+        with mp.workdps(50):
+            d = mpf(dft.item())
+            z = (mpf(value.item()) - mpf(loc)) * mp.exp(-mpf(ls))
+            exact = float(-(d + 1) * z / (mp.exp(mpf(ls)) * (d + z * z)))
+        assert math.isfinite(value.grad.item())
+        assert abs(value.grad.item() - exact) <= 4 * (ls + 4) * eps * abs(exact) + 1e-45
