@@ -17,6 +17,7 @@ from ..special._dtype import upcast
 
 _HALF_LOG_2PI_E = 0.5 * math.log(2.0 * math.pi * math.e)
 _SQRT1_2 = math.sqrt(0.5)
+_SQRT_2PI = math.sqrt(2.0 * math.pi)
 
 
 def _saturation(dtype: torch.dtype) -> float:
@@ -35,6 +36,26 @@ def _loc_plus_scaled(loc: Tensor, z: Tensor, log_scale: Tensor) -> Tensor:
     (-3.4e38 + 6.2e38 in float32)."""
     half = 0.5 * loc + mul_exp(0.5 * z, log_scale)
     return half + half
+
+
+class _NormalIcdf(torch.autograd.Function):
+    """``loc + e^{log_scale} ndtri(p)`` with ``d/dp = sqrt(2 pi) e^{log_scale + z^2/2}`` as one
+    ``mul_exp``: autograd would multiply ``1/phi(z)`` (inf at the smallest subnormals in
+    float64) by an underflowed ``e^{log_scale}``, 0 * inf = NaN."""
+
+    @staticmethod
+    def forward(ctx, p: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
+        z = torch.special.ndtri(p)
+        ctx.save_for_backward(p, log_scale)
+        return _loc_plus_scaled(loc, z, log_scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        p, log_scale = ctx.saved_tensors
+        z = torch.special.ndtri(p)  # differentiable again when the graph is built
+        d_p = mul_exp(grad * _SQRT_2PI, log_scale + 0.5 * z * z)
+        d_log_scale = mul_exp(grad * z, log_scale)
+        return d_p, grad, d_log_scale
 
 
 class Normal(torch.distributions.Normal):
@@ -131,14 +152,18 @@ class Normal(torch.distributions.Normal):
         )
         dtype = torch.promote_types(value.dtype, self.loc.dtype)
         value, loc, log_scale = upcast(value.to(dtype)), upcast(loc), upcast(log_scale)
-        half_step = 0.5 * value - 0.5 * loc
-        cut = _saturation(half_step.dtype)
+        # x - mu, or 2 (x/2 - mu/2) where x - mu overflows (halving x - mu always would
+        # round a subnormal difference to 0)
+        step = value - loc
+        overflow = torch.isinf(step) & torch.isfinite(value) & torch.isfinite(loc)
+        step = torch.where(overflow, 0.5 * value - 0.5 * loc, step)
+        cut = _saturation(step.dtype)
         with torch.no_grad():
-            z = mul_exp(half_step, -log_scale)
-            saturated = z.abs() > 0.5 * cut  # also NaN-free: NaN compares False
-        z = mul_exp(torch.where(saturated, 0.0, half_step), -log_scale)
-        z = z + z
-        step = torch.where(half_step > 0, 1.0, 0.0)
+            z = mul_exp(step, -log_scale)
+            saturated = z.abs() > torch.where(overflow, 0.5 * cut, cut)  # NaN compares False
+        z = mul_exp(torch.where(saturated, 0.0, step), -log_scale)
+        z = torch.where(overflow, z + z, z)
+        step = torch.where(step > 0, 1.0, 0.0)
         # Phi(z) = erfc(-z / sqrt 2) / 2: relative accuracy in both tails (torch's ndtr is
         # 0 at z = -10 even in float64, true 7.6e-24)
         cdf = 0.5 * torch.special.erfc(z * -_SQRT1_2)
@@ -153,8 +178,10 @@ class Normal(torch.distributions.Normal):
             self._validate_sample(value)
         value = torch.as_tensor(value, dtype=self.loc.dtype, device=self.loc.device)
         dtype = torch.promote_types(value.dtype, self.loc.dtype)
-        z = torch.special.ndtri(upcast(value.to(dtype)))
-        return _loc_plus_scaled(upcast(self.loc), z, upcast(self.log_scale)).to(dtype)
+        p, loc, log_scale = torch.broadcast_tensors(
+            upcast(value.to(dtype)), upcast(self.loc), upcast(self.log_scale)
+        )
+        return _NormalIcdf.apply(p, loc, log_scale).to(dtype)
 
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
         """``mu + e^{log_scale} eps``, ``eps ~ N(0, 1)``, formed by ``mul_exp``."""

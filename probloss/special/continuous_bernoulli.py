@@ -187,9 +187,9 @@ def _variance_derivative(eta: Tensor) -> Tensor:
     the mean, third of the log-partition). With :math:`D = 1 + uS`, :math:`W' = S + uS'`,
 
     .. math::
-        rac{d\,\mathrm{var}}{d\eta} = h\Big[rac{S'(1+D) + S W'}{4D^2}
-            - rac{S(1+D) W'}{2D^3}\Big] \;\Big|\;
-        \operatorname{sign}(\eta)ig(-2r^3 + q(1+q)(1+2q)ig)
+        rac{d\,\mathrm{var}}{d\eta} = h\Big[\frac{S'(1+D) + S W'}{4D^2}
+            - \frac{S(1+D) W'}{2D^3}\Big] \;\Big|\;
+        \operatorname{sign}(\eta)\big(-2r^3 + q(1+q)(1+2q)\big)
 
     with :math:`r = 1/a`, :math:`q = 1/\operatorname{expm1}(a)`.
     """
@@ -225,12 +225,27 @@ def _variance_derivative(eta: Tensor) -> Tensor:
     )
 
 
+def _finite(eta: Tensor) -> Tensor:
+    """``eta`` with +-inf replaced by +-finfo.max (double where for the limits at +-inf).
+
+    Every kernel output at +-max is the limit at +-inf in floating point (mean 1 or 0,
+    variance 0, the entropy's derivative -0) or finite where the limit is infinite
+    (log-partition, entropy), which the callers then set; in a differentiable graph the
+    infinite elements get a zero gradient.
+    """
+    big = torch.full_like(eta, torch.finfo(eta.dtype).max)
+    return torch.where(torch.isinf(eta), torch.copysign(big, eta), eta)
+
+
 class _LogPartition(torch.autograd.Function):
     @staticmethod
     def forward(ctx, eta: Tensor) -> Tensor:
-        log_partition, mean = _log_partition_and_mean(eta, ctx.needs_input_grad[0])
+        log_partition, mean = _log_partition_and_mean(_finite(eta), ctx.needs_input_grad[0])
+        if mean is not None:  # the limits 1 and 0 at +-inf (1/max at -max)
+            mean = torch.where(torch.isinf(eta), (eta > 0).to(mean.dtype), mean)
         ctx.save_for_backward(eta, mean)
-        return log_partition
+        # A(eta) -> +-inf as eta -> +-inf (A(eta) ~ max(eta, 0) - log|eta|)
+        return torch.where(torch.isinf(eta), eta, log_partition)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
@@ -242,9 +257,10 @@ class _LogPartition(torch.autograd.Function):
 class _Mean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, eta: Tensor) -> Tensor:
-        mean, variance = _mean_and_variance(eta, ctx.needs_input_grad[0])
+        mean, variance = _mean_and_variance(_finite(eta), ctx.needs_input_grad[0])
         ctx.save_for_backward(eta, variance)
-        return mean
+        # the limits 1 and 0 at +-inf (at -max the kernel gives 1/max, not 0)
+        return torch.where(torch.isinf(eta), (eta > 0).to(mean.dtype), mean)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
@@ -256,26 +272,30 @@ class _Variance(torch.autograd.Function):
     @staticmethod
     def forward(ctx, eta: Tensor) -> Tensor:
         ctx.save_for_backward(eta)
-        return _variance_only(eta)
+        return _variance_only(_finite(eta))
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         (eta,) = ctx.saved_tensors
-        return grad * _variance_derivative(eta)
+        return grad * _variance_derivative(_finite(eta))
 
 
 class _Entropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, eta: Tensor) -> Tensor:
-        entropy, gradient = _entropy_and_gradient(eta, ctx.needs_input_grad[0])
+        entropy, gradient = _entropy_and_gradient(_finite(eta), ctx.needs_input_grad[0])
+        if gradient is not None:  # the limit 0 at +-inf (-1/max at max)
+            gradient = torch.where(torch.isinf(eta), 0.0, gradient)
         ctx.save_for_backward(eta, gradient)
-        return entropy
+        # H(eta) -> -inf as |eta| -> inf (H ~ 1 - log|eta|)
+        return torch.where(torch.isinf(eta), -torch.inf, entropy)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         eta, gradient = ctx.saved_tensors
         if torch.is_grad_enabled():  # a differentiable graph (underflows for |eta| > 1e19 f32)
-            gradient = -eta * _Variance.apply(eta)
+            finite = _finite(eta)
+            gradient = -finite * _Variance.apply(finite)
         return grad * gradient
 
 

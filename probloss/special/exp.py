@@ -54,8 +54,15 @@ def _negative(x: Tensor) -> Tensor:
 
 
 def _positive(x: Tensor) -> Tensor:
-    """For x >= 1: ``expm1(x) - x``; expm1(x) >= 1.7 x there, so at most a factor 3.8 is lost."""
-    return torch.expm1(x) - x
+    """For x >= 1: ``expm1(x) - x``; expm1(x) >= 1.7 x there, so at most a factor 3.8 is lost.
+
+    At x = +inf it is ``e^x = inf`` (derivative inf), not ``inf - inf`` (double where).
+    """
+    infinite = torch.isinf(x)
+    x_finite = torch.where(infinite, 2.0, x)
+    return torch.where(
+        infinite, torch.exp(torch.where(infinite, x, 2.0)), torch.expm1(x_finite) - x_finite
+    )
 
 
 def _outside(x: Tensor) -> Tensor:

@@ -286,3 +286,26 @@ def test_empty_batch(dtype):
             assert g.shape == (0, 2)
     assert d.rsample((3,)).shape == (3, 0, 2)
     assert Normal(torch.zeros(0), scale=torch.ones(0)).log_scale.shape == (0,)
+
+
+def test_cdf_and_icdf_at_subnormal_inputs_and_extreme_scales():
+    """Regression (issue 10 fuzz): ``x - mu`` of two subnormals (2.8e-45) at ``log_scale =
+    -1e26`` is ``z = +inf``, the CDF 1 with zero gradients (halving the step rounded it to
+    0: CDF 0.5, gradient inf); ``icdf`` at the smallest float64 subnormal with
+    ``log_scale = -2.9e32`` has ``d/dp = sqrt(2 pi) e^{log_scale + z^2/2} = 0`` (autograd
+    formed ``inf * 0 = NaN``). Exact values, no tolerance."""
+    tiny = torch.finfo(torch.float32).tiny * torch.finfo(torch.float32).eps
+    x = torch.tensor([tiny], requires_grad=True)
+    loc = torch.tensor([-tiny], requires_grad=True)
+    ls = torch.tensor([-1.0668787882505972e26], requires_grad=True)
+    out = Normal(loc, ls).cdf(x)
+    out.backward()
+    assert out.item() == 1.0
+    assert x.grad.item() == 0.0 and loc.grad.item() == 0.0 and ls.grad.item() == 0.0
+    p = torch.tensor([5e-324], dtype=torch.float64, requires_grad=True)
+    loc = torch.tensor([-1e-3], dtype=torch.float64, requires_grad=True)
+    ls = torch.tensor([-2.9e32], dtype=torch.float64, requires_grad=True)
+    out = Normal(loc, ls).icdf(p)
+    out.backward()
+    assert out.item() == -1e-3
+    assert p.grad.item() == 0.0 and loc.grad.item() == 1.0 and ls.grad.item() == 0.0

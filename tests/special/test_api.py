@@ -273,3 +273,27 @@ def test_cb_variance_underflow_points_float32():
     bound = value_rtol(torch.float32) * exact[:5] + fi.tiny  # the contract; tiny: underflow
     assert (np.abs(got[:5].double().numpy() - exact[:5]) <= bound).all()
     assert (got[5:] == 0).all()
+
+
+@dtype_param
+def test_limits_at_infinity(dtype):
+    """Regression (issue 10 fuzz: NaN at +-inf): the limits, exactly, value and gradient.
+    Continuous Bernoulli at eta -> +-inf is a point mass at 1 / 0: mean 1 / 0, variance 0,
+    log-partition ~ max(eta, 0) - log|eta| -> +-inf (derivative, the mean, 1 / 0), entropy
+    ~ 1 - log|eta| -> -inf (derivative -eta var -> 0). expm1mx(+-inf) = inf, derivative
+    expm1(x) -> inf / -1."""
+    from probloss.special import cb_entropy, cb_log_partition, cb_mean, cb_variance, expm1mx
+
+    inf = math.inf
+    cases = {
+        cb_mean: ([1.0, 0.0], [0.0, 0.0]),
+        cb_variance: ([0.0, 0.0], [0.0, 0.0]),
+        cb_log_partition: ([inf, -inf], [1.0, 0.0]),
+        cb_entropy: ([-inf, -inf], [0.0, 0.0]),
+        expm1mx: ([inf, inf], [inf, -1.0]),
+    }
+    for fn, (value, grad) in cases.items():
+        x = torch.tensor([inf, -inf], dtype=dtype, requires_grad=True)
+        y = fn(x)
+        (g,) = torch.autograd.grad(y.sum(), x)
+        assert y.tolist() == value and g.tolist() == grad, fn.__name__
