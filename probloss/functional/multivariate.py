@@ -400,8 +400,11 @@ def lowrank_multivariate_normal_log_prob(
     whitened coordinates within ``16 eps G^2``, ``G = 1 + ||r~|| + ||W~||(1 + ||y||)``
     (tests/functional/test_multivariate_edges.py).
 
-    ``log_diag`` must keep :math:`e^{-\ell/2}` finite in the compute dtype:
-    :math:`|\ell| < 1419` (float64, also for float32 inputs; float32 on MPS: 177).
+    Known limit (issue 10, open): a coordinate whose :math:`e^{-\ell_i/2}` overflows the
+    compute dtype (:math:`\ell_i < -1419` in float64, also for float32 inputs; -177 for
+    float32 on MPS) while its row of :math:`W` is nonzero gives NaN, although the density
+    is finite there (:math:`W W^\top` carries that coordinate); with a zero row the
+    coordinate is exact (``-inf``, or ``-\ell_i/2`` at its mean).
 
     Args:
         value: points, shape ``(*, D)``.
@@ -501,6 +504,11 @@ def _lowrank_log_prob(value: Tensor, loc: Tensor, cov_factor: Tensor, log_diag: 
         log_p = -_HalfSquaredNorm.apply(r) - half_log_det - 0.5 * dim * _LOG_2PI
         return torch.where(infinite, -math.inf, log_p)
     w = mul_exp(cov_factor, half_neg.unsqueeze(-1))  # rows of W scaled: d^{-1/2} W
+    # an infinite whitened residual in a coordinate outside the factor's span (finite row
+    # of W~): the Mahalanobis term is infinite, log p = -inf; the row is fed r~ = 0
+    off_span = (torch.isinf(r) & torch.isfinite(w).all(-1)).any(-1)
+    infinite = infinite | off_span
+    r = torch.where(off_span.unsqueeze(-1), 0.0, r)
     eye = torch.eye(rank, dtype=w.dtype, device=w.device).expand((*w.shape[:-2], rank, rank))
     q, c = torch.linalg.qr(torch.cat([w, eye], dim=-2))  # [W~; I] = Q C, C^T C = K
     # log det K / 2 = sum log|C_jj|; |C_jj| >= 1 since K >= I

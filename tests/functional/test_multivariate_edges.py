@@ -280,3 +280,22 @@ def test_dense_solve_overflowing_float32_gives_infinities_not_nan():
     out.backward()
     assert out.item() == -math.inf
     assert value.grad.tolist() == [-math.inf, -math.inf]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_lowrank_vanishing_diagonal_with_zero_factor_row(dtype):
+    """A coordinate of variance e^{-1e16} outside the factor's span (zero row of W): at its
+    mean it contributes -log_diag/2 - log(2 pi)/2 = 5e15 - 0.92 exactly (independent
+    coordinates), elsewhere the density is 0 (-inf); was NaN (0 * inf whitening)."""
+    w = torch.tensor([[0.0], [1.0]], dtype=dtype)
+    ld = torch.tensor([-1e16, 0.0], dtype=dtype)
+    at_mean = lowrank_multivariate_normal_log_prob(
+        torch.tensor([0.0, 0.5], dtype=dtype), torch.zeros(2, dtype=dtype), w, ld
+    )
+    other = 0.5 * 0.25 / 2 + 0.5 * math.log(2.0) + 0.5 * math.log(2 * math.pi)  # N(0.5; 0, 2)
+    exact = 5e15 - 0.5 * math.log(2 * math.pi) - other
+    assert abs(at_mean.item() - exact) <= 2 * torch.finfo(dtype).eps * 5e15
+    away = lowrank_multivariate_normal_log_prob(
+        torch.tensor([1e-30, 0.5], dtype=dtype), torch.zeros(2, dtype=dtype), w, ld
+    )
+    assert away.item() == -math.inf
