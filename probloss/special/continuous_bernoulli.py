@@ -34,7 +34,9 @@ below a sixteenth of an ulp at ``|eta| = 4``.
 The log-partition, mean and entropy are ``torch.autograd.Function`` s whose backward is the
 next function in the chain (``A' = mean``, ``mean' = variance``, ``H' = -eta * variance``),
 so first derivatives are as exact as the values; the variance is plain differentiable
-torch code with safe branch inputs, so derivatives of every order are finite.
+torch code with safe branch inputs, so derivatives of every order are finite. At
+``eta = +-inf`` every function returns its limit (a point mass at 1 or 0: mean 1 or 0,
+variance 0, log-partition +-inf, entropy -inf) with the limiting first derivative.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ def expm1mx(x: Tensor) -> Tensor:
     two terms are both non-negative; above 1 ``expm1(x) - x`` loses at most a factor 3.8.
     The result is never negative. The derivative is ``expm1(x)``, finite for every finite
     ``x`` (branches are fed safe inputs where they are not selected). Overflows to ``inf``
-    exactly where :math:`e^x` does.
+    exactly where :math:`e^x` does; ``expm1mx(+-inf) = inf`` with derivative inf / -1.
 
     Args:
         x: tensor of shape ``(*)``, any floating dtype.
