@@ -76,12 +76,19 @@ def _series_coefficients(dtype: torch.dtype) -> tuple[tuple[float, ...], tuple[f
 _COEFFICIENTS = {dtype: _series_coefficients(dtype) for dtype in (torch.float32, torch.float64)}
 
 
-def _horner(u: Tensor, coefs: tuple[float, ...]) -> Tensor:
-    """``sum(c_k u^k)`` by Horner's rule, in place on one new buffer (no graph recorded)."""
+def _horner(u: Tensor, coefs: tuple[float, ...], fused: bool | None = None) -> Tensor:
+    """``sum(c_k u^k)`` by Horner's rule, in place on one new buffer (no graph recorded).
+
+    ``fused`` (default: on CPU) takes one ``addcmul`` pass per coefficient, else two."""
+    fused = u.device.type == "cpu" if fused is None else fused
     p = torch.full_like(u, coefs[-1])
     for c in reversed(coefs[:-1]):
-        # p = c + p * u as one fused pass (a 0-dim tensor broadcasts on any device).
-        torch.addcmul(torch.tensor(c, dtype=u.dtype), p, u, out=p)
+        if fused:
+            # p = c + p * u as one fused pass; a 0-dim CPU tensor as addcmul's input works
+            # only beside CPU tensors (CUDA refuses it, meta cannot copy it).
+            torch.addcmul(torch.tensor(c, dtype=u.dtype), p, u, out=p)
+        else:
+            p.mul_(u).add_(c)
     return p
 
 

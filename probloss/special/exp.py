@@ -109,9 +109,9 @@ def _mul_exp_value(x: Tensor, t: Tensor) -> Tensor:
     finfo = torch.finfo(t.dtype)
     log_max, log_tiny = math.log(finfo.max), math.log(finfo.tiny)
     # Fast path when no element needs the four-step form: one reduction pass, free to read
-    # on CPU; on an accelerator reading it would wait for the device, so there both forms
-    # are always built.
-    if t.device.type == "cpu":
+    # on CPU; on an accelerator reading it would wait for the device, and while tracing
+    # (torch.compile, torch.export) it cannot be read at all, so there both forms are built.
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
         if t.numel() == 0:
             return x * torch.exp(t)
         low, high = torch.aminmax(t)

@@ -148,8 +148,9 @@ def log_cosh(x: Tensor) -> Tensor:
     # The first form is exact (if slower to converge to |x|) up to |x| = log(max), where
     # sinh(x/2)^2 ~ max/4 still fits: when every element is there, use it alone, skipping a
     # torch.where over a random mask (several times the cost of the arithmetic on CPU).
-    # The check reads one reduction, free on CPU; accelerators always take the blend.
-    if xc.device.type == "cpu" and xc.numel():
+    # The check reads one reduction, free on CPU; accelerators and tracing (which cannot
+    # read a value) always take the blend.
+    if xc.device.type == "cpu" and xc.numel() and not torch.compiler.is_compiling():
         low, high = torch.aminmax(xc)
         bound = math.log(torch.finfo(xc.dtype).max)
         if bool(low >= -bound) and bool(high <= bound):

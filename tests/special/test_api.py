@@ -297,3 +297,52 @@ def test_limits_at_infinity(dtype):
         y = fn(x)
         (g,) = torch.autograd.grad(y.sum(), x)
         assert y.tolist() == value and g.tolist() == grad, fn.__name__
+
+
+# --------------------------------------------------------------------------
+# Off the CPU and while tracing: no host read
+# --------------------------------------------------------------------------
+# A CPU fast path may read one reduction on the host; on any other device and while
+# torch.compile traces, the branch-free form must run. Meta tensors have no values, so a
+# host read (bool(t), .item()) on them raises: they check the non-CPU path on this machine.
+
+
+@name_param
+def test_runs_on_meta_tensors_without_host_reads(name):
+    x = torch.zeros(2, 3, device="meta", requires_grad=True)
+    out = impl(name)(x)
+    assert out.device.type == "meta" and out.shape == (2, 3)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert grad.shape == (2, 3)
+
+
+def test_two_argument_functions_on_meta_tensors():
+    from probloss.special import mul_exp, soft_floor
+
+    x = torch.zeros(4, device="meta")
+    assert mul_exp(x, x).shape == (4,) and soft_floor(x, 1e-3).shape == (4,)
+
+
+@name_param
+def test_compiles_with_fullgraph_and_matches_eager(name):
+    # the CPU fast paths are skipped while tracing: fullgraph would raise on a host read
+    x = torch.tensor([-800.0, -30.0, -1.0, 0.0, 1e-8, 0.5, 3.0, 40.0, 800.0], dtype=torch.float64)
+    if SPECS[name].domain == "nonneg":
+        x = x.abs()
+    compiled = torch.compile(impl(name), fullgraph=True, backend="eager")
+    # the traced (branch-free) form is as exact as the fast path: equal to rounding, 1e-13
+    torch.testing.assert_close(compiled(x), impl(name)(x), rtol=1e-13, atol=0.0, equal_nan=True)
+
+
+def test_horner_unfused_matches_fused_within_its_rounding_bound():
+    # the non-CPU Horner (two roundings per step) against the CPU one (addcmul): each of
+    # the n steps adds at most 2 eps of the running sum of |c_k u^k|, so 2 n eps S bounds it
+    from probloss.special.continuous_bernoulli import _COEFFICIENTS, _horner
+
+    for dtype, series in _COEFFICIENTS.items():
+        u = torch.linspace(-1.0, 1.0, 257, dtype=dtype)
+        for coefs in series:
+            fused, plain = _horner(u, coefs, fused=True), _horner(u, coefs, fused=False)
+            magnitude = _horner(u.abs(), tuple(abs(c) for c in coefs), fused=True)
+            bound = 2 * len(coefs) * torch.finfo(dtype).eps * magnitude
+            assert ((fused - plain).abs() <= bound).all()
