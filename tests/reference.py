@@ -30,6 +30,12 @@ Bernoulli functions) the analytic limit is returned.  Where the function is
 undefined (log1mexp at x < 0) NaN is returned; where the exact value is
 infinite, ``+-inf`` is returned.
 
+At ``x = +-inf`` every function returns its limit there (:data:`LIMITS`, each
+entry derived from the closed form in the comment next to it); the closed forms
+are not evaluated at infinity (they read ``inf - inf`` or ``0/0`` there, and
+the precision rules take ``log10|x|``).  ``tests/special/test_reference.py``
+checks every limit against the closed form at ``|x| = 1e300``.
+
 Use :func:`to_float64` to round a result to the nearest float64 (overflow to
 ``+-inf``, gradual underflow to subnormals/0).
 """
@@ -46,6 +52,7 @@ from mpmath.libmp import round_nearest, to_float
 
 __all__ = [
     "CB",
+    "LIMITS",
     "cb",
     "cb_entropy",
     "cb_entropy_grad",
@@ -82,6 +89,33 @@ def _decades_above_one(x: float) -> float:
     return max(0.0, math.log10(abs(x)))
 
 
+# (limit at -inf, limit at +inf) of each oracle, from its closed form (A = cb_log_partition).
+_INF, _NINF, _NAN = math.inf, -math.inf, math.nan
+LIMITS: dict[str, tuple[float, float]] = {
+    "log1mexp": (_NAN, 0.0),  # log(1 - e^-x) ~ -e^-x; x < 0 is outside the domain
+    "log1mexp_grad": (_NAN, 0.0),  # 1 / expm1(x) ~ e^-x
+    "softplus_inverse": (_NAN, _INF),  # log(expm1(y)) ~ y; y < 0 is outside the domain
+    "softplus_inverse_grad": (_NAN, 1.0),  # 1 / (1 - e^-y)
+    "softplus": (0.0, _INF),  # log1p(e^x): ~e^x at -inf, ~x at +inf
+    "softplus_grad": (0.0, 1.0),  # sigmoid(x)
+    "log_softplus": (_NINF, _INF),  # ~x at -inf, ~log x at +inf
+    "log_softplus_grad": (1.0, 0.0),  # sigmoid / softplus: ~e^x / e^x at -inf, ~1/x at +inf
+    "log_cosh": (_INF, _INF),  # ~|x| - log 2
+    "log_cosh_grad": (-1.0, 1.0),  # tanh(x)
+    "cb_log_partition": (_NINF, _INF),  # log(expm1(e) / e): ~-log|e| at -inf, ~e at +inf
+    "cb_mean": (0.0, 1.0),  # 1/(1 - e^-e) - 1/e: ~-1/e at -inf, ~1 - 1/e at +inf
+    "cb_variance": (0.0, 0.0),  # 1/e^2 - 1/(4 sinh(e/2)^2) ~ 1/e^2
+    "cb_variance_grad": (0.0, 0.0),  # the third derivative ~ -2/e^3
+    "cb_entropy": (_NINF, _NINF),  # A - e A' ~ 1 - log|e|
+    "cb_entropy_grad": (0.0, 0.0),  # -e A'' ~ -1/e
+}
+
+
+def _limit(name: str, x: float) -> mpmath.mpf:
+    """The limit of oracle ``name`` at ``x = +-inf`` (:data:`LIMITS`)."""
+    return mpmath.mpf(LIMITS[name][x > 0])
+
+
 def _dps(x: float, tiny_factor: float = 0.0, large: float = 0.0, extra: float = 0.0) -> int:
     return int(
         _BASE_DPS + tiny_factor * _decades_below_one(x) + large * _decades_above_one(x) + extra
@@ -103,6 +137,8 @@ def to_float64(v) -> float:
 def log1mexp(x: float, _boost: int = 0) -> mpmath.mpf:
     if math.isnan(x) or x < 0.0:
         return mp.nan
+    if math.isinf(x):
+        return _limit("log1mexp", x)
     if x == 0.0:
         return mp.ninf
     # 1 - exp(-x) has to keep exp(-x) relative to 1: x/ln10 extra digits.
@@ -119,6 +155,8 @@ def log1mexp_grad(x: float, _boost: int = 0) -> mpmath.mpf:
     """d/dx log1mexp(x) = 1 / expm1(x); +inf at x == 0."""
     if math.isnan(x) or x < 0.0:
         return mp.nan
+    if math.isinf(x):
+        return _limit("log1mexp_grad", x)
     if x == 0.0:
         return mp.inf
     with mp.workdps(_dps(x) + _boost):
@@ -134,6 +172,8 @@ def log1mexp_grad(x: float, _boost: int = 0) -> mpmath.mpf:
 def softplus_inverse(y: float, _boost: int = 0) -> mpmath.mpf:
     if math.isnan(y) or y < 0.0:
         return mp.nan
+    if math.isinf(y):
+        return _limit("softplus_inverse", y)
     if y == 0.0:
         return mp.ninf
     # Near the root y = ln 2 the result is about 2 (y - ln 2); a float input
@@ -148,6 +188,8 @@ def softplus_inverse_grad(y: float, _boost: int = 0) -> mpmath.mpf:
     """d/dy log(expm1(y)) = 1 / (1 - exp(-y)) = 1 / -expm1(-y); +inf at 0."""
     if math.isnan(y) or y < 0.0:
         return mp.nan
+    if math.isinf(y):
+        return _limit("softplus_inverse_grad", y)
     if y == 0.0:
         return mp.inf
     with mp.workdps(_dps(y) + _boost):
@@ -163,6 +205,8 @@ def softplus_inverse_grad(y: float, _boost: int = 0) -> mpmath.mpf:
 def softplus(x: float, _boost: int = 0) -> mpmath.mpf:
     if math.isnan(x):
         return mp.nan
+    if math.isinf(x):
+        return _limit("softplus", x)
     # mpmath's exponent range is unbounded, so exp(-1e30) and log1p of it are exact.
     with mp.workdps(_dps(x) + _boost):
         return +mp.log1p(mp.exp(mp.mpf(x)))
@@ -173,6 +217,8 @@ def softplus_grad(x: float, _boost: int = 0) -> mpmath.mpf:
     """sigmoid(x)."""
     if math.isnan(x):
         return mp.nan
+    if math.isinf(x):
+        return _limit("softplus_grad", x)
     with mp.workdps(_dps(x) + _boost):
         return +(1 / (1 + mp.exp(-mp.mpf(x))))
 
@@ -181,6 +227,8 @@ def softplus_grad(x: float, _boost: int = 0) -> mpmath.mpf:
 def log_softplus(x: float, _boost: int = 0) -> mpmath.mpf:
     if math.isnan(x):
         return mp.nan
+    if math.isinf(x):
+        return _limit("log_softplus", x)
     with mp.workdps(_dps(x) + _boost):
         return +mp.log(mp.log1p(mp.exp(mp.mpf(x))))
 
@@ -190,6 +238,8 @@ def log_softplus_grad(x: float, _boost: int = 0) -> mpmath.mpf:
     """sigmoid(x) / softplus(x)."""
     if math.isnan(x):
         return mp.nan
+    if math.isinf(x):
+        return _limit("log_softplus_grad", x)
     with mp.workdps(_dps(x) + _boost):
         t = mp.mpf(x)
         return +(1 / (1 + mp.exp(-t)) / mp.log1p(mp.exp(t)))
@@ -204,6 +254,8 @@ def log_softplus_grad(x: float, _boost: int = 0) -> mpmath.mpf:
 def log_cosh(x: float, _boost: int = 0) -> mpmath.mpf:
     if math.isnan(x):
         return mp.nan
+    if math.isinf(x):
+        return _limit("log_cosh", x)
     if x == 0.0:
         return mp.zero
     # cosh(x) = 1 + x**2/2 + ...: the log of it keeps x**2/2 only with
@@ -216,6 +268,8 @@ def log_cosh(x: float, _boost: int = 0) -> mpmath.mpf:
 def log_cosh_grad(x: float, _boost: int = 0) -> mpmath.mpf:
     if math.isnan(x):
         return mp.nan
+    if math.isinf(x):
+        return _limit("log_cosh_grad", x)
     with mp.workdps(_dps(x) + _boost):
         return +mp.tanh(mp.mpf(x))
 
@@ -256,6 +310,8 @@ def cb(eta: float, _boost: int = 0) -> CB:
     """All continuous-Bernoulli quantities at ``eta`` from their closed forms."""
     if math.isnan(eta):
         return CB(*([mp.nan] * 6))
+    if math.isinf(eta):
+        return CB(*(_limit(f"cb_{f}", eta) for f in CB._fields))
     if eta == 0.0:
         return _CB_AT_ZERO
     # A''' cancels two terms of size 2/eta**3 down to -eta/120: 4 digits per

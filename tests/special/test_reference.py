@@ -199,3 +199,36 @@ def test_to_float64_rounds_to_nearest():
     # just below 1: nearest, not truncated
     assert ref.to_float64(1 - mpmath.mpf(2) ** -80) == 1.0
     assert SPECS  # the table the tests use is populated
+
+
+def _cb_field(field: str):
+    return lambda x: getattr(ref.cb(x), field)
+
+
+_ALL_ORACLES = {
+    **{n: getattr(ref, n) for n in ref.LIMITS if not n.startswith("cb_")},
+    **{f"cb_{f}": _cb_field(f) for f in ref.CB._fields},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ref.LIMITS))
+@pytest.mark.parametrize("side", [-1.0, 1.0], ids=["-inf", "+inf"])
+def test_oracle_limits_at_infinity(name, side):
+    """Every oracle returns its limit at +-inf (it raised OverflowError there before), and
+    the table entry is the limit of the closed form: at |x| = 1e300 the closed form is
+    within 1e-290 of a finite limit (every finite limit is approached like 1/|x| or
+    faster: the comments of ``LIMITS``), or beyond 1e2 with the sign of an infinite one
+    (|x|, log|x| and e^x at 1e300 all exceed 690). Outside the domain both are NaN."""
+    f = _ALL_ORACLES[name]
+    limit = f(side * math.inf)
+    assert limit == mpmath.mpf(ref.LIMITS[name][side > 0]) or (
+        mpmath.isnan(limit) and math.isnan(ref.LIMITS[name][side > 0])
+    )
+    far = f(side * 1e300)
+    if mpmath.isnan(limit):
+        assert mpmath.isnan(far)
+    elif mpmath.isinf(limit):
+        assert far * mpmath.sign(limit) > 100
+    else:
+        assert abs(far - limit) <= mpmath.mpf("1e-290")
+    assert ref.to_float64(limit) == ref.LIMITS[name][side > 0] or mpmath.isnan(limit)
