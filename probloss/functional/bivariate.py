@@ -27,6 +27,7 @@ from torch import Tensor
 from .._dtype import as_loss_tensors
 from .._validation import check_not_nan, should_validate
 from ..special import log_cosh, mul_exp
+from ._bivariate_scaled import log_scaled_half_q, lost_precision, with_fallback
 from ._params import split_residual
 from ._reduction import check_reduction, check_value_batch, reduce_loss
 
@@ -97,6 +98,13 @@ class _BivariateLogDensity(torch.autograd.Function):
         # no intermediate exceeds Q/2, so nothing overflows unless the result does
         k = torch.sqrt(0.125 + 0.125 * g.square())
         half_q = (k * wide).square() + (k * narrow_e).square()
+        # a z_i below finfo.tiny (x_i != mu_i) has lost its digits before e^|a| multiplies
+        # it (z_1 = e^{-110} = 0 in float32, Q/2 = 6e7 at |a| = 120): Q/2 from logarithms
+        # there. On CPU (not compiling) only where some event needs it; elsewhere always,
+        # selected without a host read.
+        lost = lost_precision(value, loc, z)
+        if value.device.type != "cpu" or torch.compiler.is_compiling() or bool(lost.any()):
+            half_q = torch.where(lost, log_scaled_half_q(value, loc, log_scale, atanh_rho), half_q)
         # An infinite z (a target infinitely many scales away) makes Q infinite, since
         # Q >= |z|^2 / (1 + |rho|); z1 - z2 would be inf - inf = NaN on the way.
         half_q = torch.where(torch.isinf(z).any(-1), math.inf, half_q)
@@ -132,16 +140,16 @@ class _BivariateLogDensity(torch.autograd.Function):
                 -1,
             )
             if ctx.needs_input_grad[0]:
-                grads[0] = d_value.sum_to_size(value.shape)
+                grads[0] = d_value
             if ctx.needs_input_grad[1]:
-                grads[1] = (-d_value).sum_to_size(loc.shape)
+                grads[1] = -d_value
         if ctx.needs_input_grad[2]:
             # z_i = r_i e^{-log_scale_i}: d/dlog_scale_i = -1 - z_i d/dz_i (exactly -1 at
             # z_i = 0, even where d/dz_i overflows: a point on an axis at large |a|)
             gcz1, gcz2 = gc * z1, gc * z2
             d1 = gcz1 * z1 + gcz1 * ns * f * f * f * f
             d2 = gcz2 * z2 - gcz2 * ns * f * f * f * f
-            grads[2] = torch.stack((d1 - grad, d2 - grad), -1).sum_to_size(log_scale.shape)
+            grads[2] = torch.stack((d1 - grad, d2 - grad), -1)
         if ctx.needs_input_grad[3]:
             # d log cosh(a)/da = tanh a and d(-Q/2)/d|a| = u v with u = z1 e^{-b} + n s e^b,
             # v = z2' e^{-b} - n s e^b. The incoming gradient goes into both factors as
@@ -152,10 +160,10 @@ class _BivariateLogDensity(torch.autograd.Function):
             rns = root * ns * f * f
             u = root * z1 * inv_eb + rns
             v = root * z2 * inv_eb - rns
-            grads[3] = (grad * torch.tanh(atanh_rho) + sign * torch.sign(grad) * u * v).sum_to_size(
-                atanh_rho.shape
-            )
-        return _with_fallback(grads, grad, value, loc, log_scale, atanh_rho)
+            grads[3] = grad * torch.tanh(atanh_rho) + sign * torch.sign(grad) * u * v
+        # entries summed to the inputs' shapes only after the fallback's selection per event
+        lost = lost_precision(value, loc, z)
+        return with_fallback(grads, grad, value, loc, log_scale, atanh_rho, lost)
 
 
 def _standardized(value: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
@@ -163,130 +171,6 @@ def _standardized(value: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
     and finite where ``value - loc`` overflows but ``z`` does not (:func:`split_residual`)."""
     r, m = split_residual(value, loc)
     return mul_exp(r, -log_scale) * m
-
-
-def _with_fallback(
-    grads: list[Tensor | None],
-    grad: Tensor,
-    value: Tensor,
-    loc: Tensor,
-    log_scale: Tensor,
-    atanh_rho: Tensor,
-) -> tuple[Tensor | None, ...]:
-    """Each non-finite entry of the closed-form gradients replaced by its log-scaled value.
-
-    The closed forms are exact while every partial product is finite; where two terms of a
-    derivative both overflow (``inf - inf``) or ``z`` itself does, they give NaN, and a NaN
-    in one entry is no reason for another. :func:`_log_scaled_gradients` recomputes those
-    entries with every magnitude carried as a logarithm, so each is its own value: finite
-    where it is representable, the infinity of the right sign where it is not. On CPU (not
-    compiling) the fallback is skipped when every entry is finite already.
-    """
-    present = [g for g in grads if g is not None]
-    if not present:
-        return tuple(grads)
-    if (
-        value.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and all(bool(torch.isfinite(g).all()) for g in present)
-    ):
-        return tuple(grads)
-    # exponents (log_scale, 2|a|, log|r|) of float32 inputs reach 3.4e38 and their sums
-    # overflow float32: the fallback runs in float64 there (not on MPS, which lacks it)
-    wide = value.dtype == torch.float32 and value.device.type != "mps"
-    args = (grad, value, loc, log_scale, atanh_rho)
-    if wide:
-        args = tuple(t.double() for t in args)
-    scaled = [g.to(value.dtype) for g in _log_scaled_gradients(*args)]
-    shapes = (value.shape, loc.shape, log_scale.shape, atanh_rho.shape)
-    out: list[Tensor | None] = []
-    for g, fallback, shape in zip(grads, scaled, shapes, strict=True):
-        if g is None:
-            out.append(None)
-            continue
-        fallback = fallback.sum_to_size(shape)
-        out.append(torch.where(torch.isfinite(g), g, fallback))
-    return tuple(out)
-
-
-def _scaled_sum(x1: Tensor, t1: Tensor, x2: Tensor, t2: Tensor) -> tuple[Tensor, Tensor]:
-    """``(m, t)`` with ``m e^t = x1 e^{t1} + x2 e^{t2}`` and ``|m| <= 2``: no overflow.
-
-    ``t`` is the larger of ``log|x_i| + t_i``, so both scaled terms are at most 1 in
-    magnitude and a term underflows only where it is below rounding of the other. The error
-    is that of rounding the exponents, ``eps (|t1| + |t2| + |t|)`` relative to the terms: the
-    first-order effect of relative perturbations eps of the inputs that enter exponentially.
-    """
-    with torch.no_grad():
-        ref = torch.maximum(_log_abs(x1) + t1, _log_abs(x2) + t2)
-        ref = torch.where(torch.isfinite(ref), ref, 0.0)  # both terms 0: any reference
-    return mul_exp(x1, t1 - ref) + mul_exp(x2, t2 - ref), ref
-
-
-def _exponent_clamp(dtype: torch.dtype) -> float:
-    """``finfo.max / 16``: exponents are clamped there so that the sums of up to six of them
-    formed below stay finite (``inf - inf`` would be NaN). The clamp changes nothing that
-    can be seen: ``e^t`` of every nonzero float is 0 or inf for ``|t|`` far smaller, and a
-    sum of exponents is changed only where two clamped ones of opposite signs meet (both
-    beyond ``1e37`` in float32)."""
-    return torch.finfo(dtype).max / 16
-
-
-def _log_abs(x: Tensor) -> Tensor:
-    """``log|x|``, ``-inf`` at 0."""
-    return torch.log(x.abs())
-
-
-def _log_scaled_gradients(
-    grad: Tensor, value: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    r"""The closed-form derivatives (:func:`_gradient_pieces`) with magnitudes as logarithms.
-
-    Each standardised coordinate is ``z_i = sign(r_i) e^{Z_i}`` with ``Z_i = log|r_i| -
-    log_scale_i`` (never formed as a float, so it may exceed the dtype's range), and every
-    sum of two terms goes through :func:`_scaled_sum`, a mantissa of magnitude at most 2 and
-    a logarithmic exponent; only the final product is exponentiated (by :func:`mul_exp`):
-
-        n = z1 - z2'                      d/dx1 = -c g1 e^{-ls1},  g1 = z1 + n s e^{2b}
-        d/dls1 = -1 - z1 d/dz1            d/dx2 = -c g2 e^{-ls2} sign(a), g2 = z2' - n s e^{2b}
-        d/da = tanh a + sign(a) u v,      u = z1 e^{-b} + n s e^b,  v = z2' e^{-b} - n s e^b.
-
-    Accurate to ``eps`` times the exponents involved, relative to the terms: meant only for
-    the entries where the plain closed forms overflow on the way.
-    """
-    dtype = value.dtype
-    sign = torch.copysign(torch.ones((), dtype=dtype, device=value.device), atanh_rho)
-    # exponents clamped at +-finfo.max / 16 so that their sums stay finite (_exponent_clamp)
-    clamp = _exponent_clamp(dtype)
-    b = (sign * atanh_rho).clamp(max=clamp)
-    log_scale = log_scale.clamp(-clamp, clamp)
-    r, m = split_residual(value, loc)
-    r, m = torch.broadcast_tensors(r, m)
-    mag = r.abs()
-    zhat = torch.sign(r)  # z_i = zhat_i e^{Z_i}
-    log_r = torch.log(torch.where(mag > 0, mag, 1.0)) + torch.log(m)
-    z_log = (log_r - log_scale).clamp(-clamp, clamp)  # log|z_i|
-    zh1, zh2 = zhat.unbind(-1)
-    zl1, zl2 = z_log.unbind(-1)
-    zh2 = sign * zh2
-    c = 0.5 + 0.5 * torch.exp(-2.0 * b)
-    s = -0.5 * torch.expm1(-2.0 * b)
-    n_m, n_t = _scaled_sum(zh1, zl1, -zh2, zl2)
-    two_b = 2.0 * b
-    g1_m, g1_t = _scaled_sum(zh1, zl1, n_m * s, n_t + two_b)
-    g2_m, g2_t = _scaled_sum(zh2, zl2, -n_m * s, n_t + two_b)
-    ls1, ls2 = log_scale.unbind(-1)
-    gc = grad * c
-    d_x1 = -mul_exp(gc * g1_m, g1_t - ls1)
-    d_x2 = -sign * mul_exp(gc * g2_m, g2_t - ls2)
-    d_value = torch.stack((d_x1, d_x2), -1)
-    # d/dls_i = -1 - z_i d/dz_i = -1 + c z_i g_i
-    d_ls1 = mul_exp(gc * zh1 * g1_m, zl1 + g1_t) - grad
-    d_ls2 = mul_exp(gc * zh2 * g2_m, zl2 + g2_t) - grad
-    u_m, u_t = _scaled_sum(zh1, zl1 - b, n_m * s, n_t + b)
-    v_m, v_t = _scaled_sum(zh2, zl2 - b, -n_m * s, n_t + b)
-    d_a = grad * torch.tanh(atanh_rho) + mul_exp(sign * grad * u_m * v_m, u_t + v_t)
-    return d_value, -d_value, torch.stack((d_ls1, d_ls2), -1), d_a
 
 
 def _gradient_pieces(z: Tensor, atanh_rho: Tensor) -> tuple[Tensor, ...]:

@@ -47,7 +47,9 @@ ENTRIES = ("d/dx1", "d/dx2", "d/dmu1", "d/dmu2", "d/dl1", "d/dl2", "d/da")
 
 def _exact(x1, x2, mu1, mu2, l1, l2, a):
     """(value, {entry: (exact, T)}) at the given (already rounded) inputs."""
-    with mp.workdps(60 + int(2 * abs(a) / 2.3)):
+    # 60 digits + 2|a| / ln 10 (the cancellation near the line), capped at 400: beyond that
+    # the bound (relative to the sum of the terms' magnitudes) dwarfs 1e-60 anyway
+    with mp.workdps(min(60 + int(2 * abs(a) / 2.3), 400)):
         x1, x2, mu1, mu2, l1, l2, a = map(mpf, (x1, x2, mu1, mu2, l1, l2, a))
         e1, e2 = mp.exp(-l1), mp.exp(-l2)
         z1, z2 = (x1 - mu1) * e1, (x2 - mu2) * e2
@@ -104,10 +106,16 @@ def test_each_gradient_entry_is_its_own_value_against_mpmath(dtype):
     float32, -709.8 in float64) turned all seven gradient entries into NaN. Now each entry is
     within the bound of its mpmath value: finite where it is representable, the right
     infinity where it is not; and the value likewise."""
+    _check_against_mpmath(dtype, _grid(dtype))
+
+
+def _check_against_mpmath(dtype, rows):
+    """Value and the seven gradient entries at ``rows`` (x1, x2, l1, l2, a; mu = 0) within
+    the module's bound of their mpmath values (infinities where the exact value is beyond
+    the dtype)."""
     compute = torch.float32 if dtype in HALF_DTYPES else dtype
     eps = torch.finfo(compute).eps
     tiny = torch.finfo(compute).tiny
-    rows = _grid(dtype)
     x = rows[:, 0:2].clone().requires_grad_()
     mu = torch.zeros_like(x, requires_grad=True)
     ls = rows[:, 2:4].clone().requires_grad_()
@@ -173,6 +181,57 @@ def test_issue_example_finite_entries_stay_finite():
     assert not torch.isnan(torch.cat([x.grad, ls.grad, a.grad[None]])).any()
     assert abs(float(ls.grad[0]) - float(z1 * z1 - 1)) <= 1e-5 * float(z1 * z1)
     assert x.grad[0] == -math.inf and x.grad[1] == math.inf and ls.grad[1] == math.inf
+
+
+def _underflow_grid(dtype):
+    """Points whose standardised residuals underflow (``|z_i| < finfo.tiny``, or to 0) while
+    ``e^{|a|}`` brings the quadratic form back into range, or beyond it: ``log_scale`` from
+    ``1.25 L`` to ``3 L`` and ``1e4`` (``L = log(finfo.max)`` of the compute dtype), ``|a|``
+    a few units above ``log_scale`` (Q finite), far above it (Q overflows: -inf) and at
+    ``1e38``; both signs of ``a``; a residual on an axis, two of either sign, both
+    underflowing."""
+    compute = torch.float32 if dtype in HALF_DTYPES else dtype
+    big = math.log(torch.finfo(compute).max)
+    rows = []
+    xs = [(1.0, 0.0), (1.0, 1.5), (-3.0, 2e-3), (1e-3, -1.0), (0.0, 0.0)]
+    for (x1, x2), l1, dl, da, sign in itertools.product(
+        xs, [1.25 * big, 3.0 * big, 1e4], [0.0, 0.3], [3.0, 5.0, 40.0], [1.0, -1.0]
+    ):
+        rows.append((x1, x2, l1, l1 + dl, sign * (l1 + da)))
+    for (x1, x2), sign in itertools.product(xs, [1.0, -1.0]):
+        rows.append((x1, x2, 1.25 * big, 1.25 * big, sign * 1e38))
+        rows.append((x1, x2, 1e30, -1e30, sign * 1e38))
+    t = torch.tensor(rows, dtype=torch.float64).to(dtype)
+    return t[torch.isfinite(t).all(-1)]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_underflowing_residuals_at_saturated_correlation_against_mpmath(dtype):
+    """Issue 10 (worst kind: a wrong finite value): z_i = (x_i - mu_i) e^{-l_i} underflowed to
+    0 before e^{|a|} multiplied it. bivariate_normal_nll((1, 0), 0, (110, 110), 120) was
+    102.53 in float32 where mpmath gives 6.0646e7 (float64 at l = 800, a = 810: 792.53),
+    and a log density of +3.75e32 where the exact one is -inf. Value and all seven gradient
+    entries within the module's bound of mpmath on :func:`_underflow_grid`."""
+    _check_against_mpmath(dtype, _underflow_grid(dtype))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "ls", "a"), [(torch.float32, 110.0, 120.0), (torch.float64, 800.0, 810.0)]
+)
+def test_issue_example_underflowing_residual(dtype, ls, a):
+    """The issue's two rows: NLL 6.0646e7 (mpmath 6.06457...e7, bound 2 eps (E + 16) times
+    the size of the terms, E = 2 l + 4 a)."""
+    got = bivariate_normal_nll(
+        torch.tensor([1.0, 0.0], dtype=dtype),
+        torch.zeros(2, dtype=dtype),
+        torch.tensor([ls, ls], dtype=dtype),
+        torch.tensor(a, dtype=dtype),
+        reduction="none",
+    )
+    value, _ = _exact(1.0, 0.0, 0.0, 0.0, ls, ls, a)
+    eps = torch.finfo(dtype).eps
+    bound = 2 * eps * (2 * ls + 4 * a + 16) * (abs(float(value)) + 2 * ls + a)
+    assert abs(float(got) + float(value)) <= bound
 
 
 # --------------------------------------------------------------------------------------
