@@ -117,7 +117,9 @@ class _ScaleForm(torch.autograd.Function):
             grad_r = (grad_z / sigma).sum_to_size(ctx.residual_shape)
         if ctx.needs_input_grad[1]:
             z_over_p = mul_exp(z, -log_param)
-            total = ctx.k * (-grad_z * z_over_p + mul_exp(grad_log, -log_param))
+            # k multiplies first: k z (z / p) is finite where z (z / p) alone overflows
+            # (var = 0.55, r = 1.15e19: d/dvar = 2.2e38, z^2 / var = 4.4e38)
+            total = (-ctx.k * grad_z) * z_over_p + ctx.k * mul_exp(grad_log, -log_param)
             sign = torch.sign(-grad_z * z + grad_log)
             total = torch.where(torch.isnan(total), sign * math.inf, total)
             grad_param = total.sum_to_size(param.shape)
@@ -127,6 +129,49 @@ class _ScaleForm(torch.autograd.Function):
 def _normal_log_density(z: Tensor, log_scale: Tensor) -> Tensor:
     # (-z/2) * z: z^2 alone overflows for |z| > sqrt(max) where z^2/2 may not.
     return (-0.5 * z) * z - log_scale - _HALF_LOG_2PI
+
+
+def _log_density(value: Tensor, loc: Tensor, name: str, param: Tensor, log_sigma: Tensor) -> Tensor:
+    """The normal log density from the scale form ``name`` (no floor)."""
+    if name in ("log_scale", "log_var"):
+        residual, factor = split_residual(value, loc)
+        k = 1.0 if name == "log_scale" else 0.5
+        return _LogFormDensity.apply(residual, factor, param, k)
+    z, log_sigma = _standardize(value, loc, name, param, log_sigma, None)
+    return _normal_log_density(z, log_sigma)
+
+
+class _LogFormDensity(torch.autograd.Function):
+    """The log density from ``log sigma = k p`` (``k = 1``: ``log_scale``, ``k = 1/2``:
+    ``log_var``), with ``x - mu = r m`` (:func:`split_residual`).
+
+    ``d/dp = k (z^2 - 1)`` is formed as ``((k z) z - k)``: autograd through ``z = r
+    e^{-k p}`` multiplies ``z^2`` by ``k`` last, and ``z^2`` overflows float32 at ``|z| =
+    1.9e19`` where ``z^2 / 2`` is ``1.8e38`` (``log_var = 0``, ``r = 2e19``: d/dlog_var was
+    ``inf``, exact ``2e38``). ``d/dr = -z e^{-k p} m`` in one :func:`mul_exp`. Built from
+    differentiable ops (differentiable again).
+    """
+
+    @staticmethod
+    def forward(ctx, residual: Tensor, factor: Tensor, param: Tensor, k: float) -> Tensor:
+        ctx.save_for_backward(residual, factor, param)
+        ctx.k = k
+        log_sigma = k * param
+        z = mul_exp(residual, -log_sigma) * factor
+        return _normal_log_density(z, log_sigma)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        residual, factor, param = ctx.saved_tensors
+        k = ctx.k
+        log_sigma = k * param
+        z = mul_exp(residual, -log_sigma) * factor
+        grad_r = grad_param = None
+        if ctx.needs_input_grad[0]:
+            grad_r = (mul_exp(-grad * z, -log_sigma) * factor).sum_to_size(residual.shape)
+        if ctx.needs_input_grad[2]:
+            grad_param = ((grad * k * z) * z - grad * k).sum_to_size(param.shape)
+        return grad_r, None, grad_param, None
 
 
 def _prepare(value, loc, forms, validate_args, **extra):
@@ -199,8 +244,7 @@ def normal_log_prob(
     """
     forms = {"scale": scale, "log_scale": log_scale, "var": var, "log_var": log_var}
     tensors, name, param, log_sigma = _prepare(value, loc, forms, validate_args)
-    z, log_sigma = _standardize(tensors["value"], tensors["loc"], name, param, log_sigma, None)
-    return _normal_log_density(z, log_sigma)
+    return _log_density(tensors["value"], tensors["loc"], name, param, log_sigma)
 
 
 def normal_nll(
@@ -311,7 +355,9 @@ def normal_nll(
         check_not_nan(value, "value")
 
     log_form = name in ("log_scale", "log_var")
-    if beta == 0.0 and (floor is None or not log_form):
+    if beta == 0.0 and floor is None:
+        loss = -_log_density(value, loc, name, param, log_sigma)
+    elif beta == 0.0 and not log_form:
         z, log_sigma = _standardize(value, loc, name, param, log_sigma, floor)
         loss = -_normal_log_density(z, log_sigma)
     else:
@@ -362,7 +408,8 @@ class _WeightedNLL(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_r = mul_exp(grad * y, t) * factor  # w z / sigma, e^t applied to the product
             grads[0] = grad_r.sum_to_size(residual.shape)
-        z_big = mul_exp(residual, -log_sigma).abs() * factor > 1.0
+        z_abs = mul_exp(residual, -log_sigma).abs() * factor
+        z_big = z_abs > 1.0
 
         def chained(log_v: Tensor | None) -> Tensor:
             """``grad (w - y^2) e^{log_v}`` (``log_v`` None: ``e^0``)."""
@@ -372,6 +419,15 @@ class _WeightedNLL(torch.autograd.Function):
                 # y sqrt(v) from r in one exponent: y alone can overflow where it does not
                 y_v = mul_exp(residual, t + 0.5 * log_v) * factor
                 d = mul_exp(weight, log_v) - y_v * y_v
+            # w - y^2 = e^{2 beta log sigma} (1 - |z|)(1 + |z|) in one exponent where a term
+            # overflows: w = e^{88.7228} is inf in float32 next to y^2 = 3.4e38, but the
+            # difference is 2.7e36. Where that is not finite either, the exact value
+            # overflows, with the sign of 1 - |z|.
+            log_w = 2.0 * ctx.beta * log_sigma + (0.0 if log_v is None else log_v)
+            far = ~torch.isfinite(d)
+            z_far = torch.where(far, z_abs, 0.0)
+            alt = mul_exp((1.0 - z_far) * (1.0 + z_far), torch.where(far, log_w, 0.0))
+            d = torch.where(far & torch.isfinite(alt), alt, d)
             d = torch.where(torch.isnan(d), torch.where(z_big, -math.inf, math.inf), d)
             return grad * d
 

@@ -344,3 +344,80 @@ def test_student_t_gradients_at_subnormal_df():
             exact = float(-(d + 1) * z / (mp.exp(mpf(ls)) * (d + z * z)))
         assert math.isfinite(value.grad.item())
         assert abs(value.grad.item() - exact) <= 4 * (ls + 4) * eps * abs(exact) + 1e-45
+
+
+def _z_squared_rows(dtype):
+    """(value, loc, form, param) where ``z^2`` exceeds ``finfo.max`` of the compute dtype but
+    the derivative in the scale parameter does not: ``z^2 = 1.5 M`` (``M = finfo.max``)
+    against ``log_var`` (d/dlog_var = (z^2 - 1)/2 = 0.75 M), ``z^2 = 1.5 M var`` against
+    ``var < 1`` (d/dvar = (z^2 - 1)/(2 var) = 0.75 M while ``z^2 / var`` = 1.5 M), both
+    signs of the residual, and ``log_scale`` (d/dlog_scale = z^2 - 1: +inf, exactly)."""
+    compute = torch.float32 if dtype in HALF_DTYPES else dtype
+    big = torch.finfo(compute).max
+    rows = []
+    for sign, lv in itertools.product((1.0, -1.0), (0.0, -0.5, 0.75)):
+        r = sign * math.sqrt(1.5) * math.sqrt(big) * math.exp(lv / 2)
+        rows.append((0.0, -r, "log_var", lv))
+        rows.append((r / 2, -r / 2, "log_scale", lv / 2))
+    for sign, var in itertools.product((1.0, -1.0), (0.55078125, 0.125, 1.0)):
+        rows.append((0.0, -sign * math.sqrt(1.5) * math.sqrt(big) * var, "var", var))
+    return rows
+
+
+# float16 is left out: its inputs (at most 65504) cannot make z^2 exceed float32's range
+# with a variance of at least its smallest subnormal (z^2 <= 65504^2 / 6e-8 = 7e16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=dtype_id)
+def test_scale_parameter_gradient_where_z_squared_overflows_against_mpmath(dtype):
+    """Issue 10 (found by the fuzz suite): normal_log_prob(0, -2e19, log_var=0) gave d/dlog_var
+    = inf (exact (z^2 - 1)/2 = 2.0e38: z^2 = 4e38 overflowed before the factor 1/2), and
+    normal_log_prob(-9.87e18, 1.65e18, var=0.551) d/dvar = inf (exact 2.19e38: k z (z / var)
+    formed without k first). mpmath at 50 digits: d/dp = k (z^2 - 1) / p^{[var]}; the same
+    for normal_nll (the negative). Bound: (4 |log sigma| + 16) eps relative (z = r e^{-log
+    sigma} rounded in its exponent, squared), plus the half rounding for half inputs; +inf
+    exactly where the true derivative exceeds the output dtype."""
+    compute = torch.float32 if dtype in HALF_DTYPES else dtype
+    eps = torch.finfo(compute).eps
+    half_eps = torch.finfo(dtype).eps / 2 if dtype in HALF_DTYPES else 0.0
+    checked = 0
+    for value, loc, form, p in _z_squared_rows(dtype):
+        v, m, pt = (torch.tensor(u, dtype=torch.float64).to(dtype) for u in (value, loc, p))
+        if not all(torch.isfinite(t) for t in (v, m, pt)):
+            continue
+        with mp.workdps(50):
+            pv = mpf(pt.item())
+            k = 1 if form == "log_scale" else mpf(1) / 2
+            log_sigma = k * (mp.log(pv) if form == "var" else pv)
+            z2 = ((mpf(v.item()) - mpf(m.item())) / mp.exp(log_sigma)) ** 2
+            exact = k * (z2 - 1) / (pv if form == "var" else 1)
+        ref = _as_float(exact, dtype)
+        if ref is None:
+            continue
+        bound = (4 * abs(float(log_sigma)) + 16) * eps * abs(float(exact))
+        bound += half_eps * abs(float(exact)) + torch.finfo(dtype).tiny
+        for fn, sign in ((normal_log_prob, 1.0), (normal_nll, -1.0)):
+            param = pt.clone().requires_grad_()
+            kwargs = {"reduction": "sum"} if fn is normal_nll else {}
+            fn(v, m, **{form: param}, **kwargs).backward()
+            got = param.grad.item()
+            label = f"{fn.__name__} {form}={pt.item():.4g} r={v.item() - m.item():.4g}"
+            if math.isinf(ref):
+                assert got == sign * ref, f"{label}: got {got}, exact {float(exact):.5g}"
+            else:
+                assert abs(got - sign * ref) <= bound, f"{label}: got {got}, exact {ref:.5g}"
+            checked += 1
+    assert checked >= 16  # every row survives the cast
+
+
+def test_beta_nll_gradient_where_the_weight_overflows():
+    """Found by the fuzz suite (float32, beta = 0.5): log_scale = 88.72283935546875 (just
+    above log(finfo.max)) makes w = e^{2 beta log sigma} = inf, while w (1 - z^2) = 2.65e36
+    (mpmath; residual 3.3895e38 + 1.4994e15): d/dlog_scale was inf. Now formed as
+    e^{2 beta log sigma} (1 - |z|)(1 + |z|) in one exponent; bound as in
+    test_beta_nll_extreme_scales_against_mpmath relative to w (1 + z^2)."""
+    eps = torch.finfo(torch.float32).eps
+    x, mu = torch.tensor(3.3895313892515355e38), torch.tensor(-1499420327673856.0)
+    ls = torch.tensor(88.72283935546875, requires_grad=True)
+    normal_nll(x, mu, log_scale=ls, beta=0.5, reduction="sum").backward()
+    _, _, d_ls, w, z2, _ = _exact(x.item(), mu.item(), ls.item(), 0.5)
+    bound = 2 * (2 * ls.item() + 16) * eps * float(w * (1 + z2))
+    assert abs(ls.grad.item() - float(d_ls)) <= bound
