@@ -2,11 +2,42 @@
 
 * :mod:`.draws`: the argument domains and how their extreme draws are made;
 * :mod:`.records`: one record per public function / distribution method (name, callable,
-  argument domains, which arguments get gradients, output dtype policy, mpmath oracle);
-* :mod:`.oracle`: the mpmath closed forms the records' float64 paths are checked against;
+  argument domains, which arguments get gradients, output dtype policy, mpmath oracle,
+  where the math is undefined);
+* :mod:`.oracle`: the mpmath closed forms the records' float64 paths are checked against
+  (special functions, and their limits at ``+-inf``, from :mod:`tests.reference`);
 * :mod:`.checks`: the checks (NaN, inf where the reference is representable, dtype,
-  fused = plain) and the failure report.
+  fused = plain, float64 path = mpmath) and the failure report.
 
-Size: ``PROBLOSS_FUZZ_DRAWS`` draws per (function, dtype) (default 2000, the CI short form;
-``PROBLOSS_FUZZ_DRAWS=100000`` is the full run); seed ``PROBLOSS_FUZZ_SEED`` (default 0).
+Running it
+----------
+Short form (CI, the default; about 10 s on 2 cores)::
+
+    python -m pytest -q tests/fuzz
+
+Full form (10^5 draws per record and dtype; minutes)::
+
+    PROBLOSS_FUZZ_DRAWS=100000 python -m pytest -q tests/fuzz
+
+``PROBLOSS_FUZZ_DRAWS`` is the number of draws per (record, dtype) (default 2000; the
+mpmath subsample is ``max(8, 8 * DRAWS // 2000)`` rows per dtype). ``PROBLOSS_FUZZ_SEED``
+(default 0) seeds every draw, together with a hash of the record's name and the dtype, so
+a failure reproduces with the same two variables; each failure also prints a one-line
+Python repro of its first offending row.
+
+The NaN rule
+------------
+A NaN value or gradient is a failure unless the exact mathematical result is undefined
+there. With finite, valid inputs (the draws' domains) the exact result is always a real
+number (exact arithmetic does not overflow: a result beyond ``finfo.max`` is ``+-inf``,
+not NaN), so NaN is never acceptable there. With an infinite input the result is the
+limit; it is undefined only where that limit does not exist, e.g. ``inf - inf`` whose
+limit depends on the path (two infinite coordinates of a correlated bivariate value).
+Where that happens is stated once, per record (:class:`.records.Undefined`: the rows, the
+outputs, and the reason), and applied in one place (:func:`.checks.acceptable_nan`). The
+statements are checked against mpmath on the oracle subsample (for the value, and the
+gradients that have an mpmath oracle: a row mpmath finds undefined must be stated, a stated
+row must be undefined in mpmath), and their path-dependence with mpmath in
+``test_checks.py``. That the float64 reference is NaN too never
+excuses a NaN: float64 overflows where the math does not.
 """

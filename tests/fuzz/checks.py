@@ -5,8 +5,9 @@ reference, in float64 on the same (exactly converted) inputs, with the gradient 
 ``out.sum()`` with respect to every floating input marked ``grad``. Per row it flags:
 
 * ``dtype``: the output dtype breaks the record's policy (whole batch);
-* ``nan value`` / ``nan grad``: any NaN (the inputs are valid, so the value is defined;
-  an ``inf`` input is only drawn where the limit is);
+* ``nan value`` / ``nan grad``: any NaN outside the rows where the record states that
+  the exact result is undefined (:func:`acceptable_nan`, the rule of :mod:`tests.fuzz`);
+  never excused by the float64 reference being NaN too;
 * ``inf value``: ``+-inf`` where the float64 reference is finite and representable in the
   output dtype, ``|ref| <= max (1 - 4 eps)``: the output is claimed accurate to a few ulp,
   so only a reference within 4 ulp of ``max`` may round to ``inf``;
@@ -136,6 +137,24 @@ def repro(record: Record, dtype: torch.dtype, row: list[torch.Tensor]) -> str:
     )
 
 
+def acceptable_nan(record: Record, inputs64: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per output (``"value"``, and ``"d/d<name>"`` for each gradient), the ``(N,)`` rows
+    where a NaN is acceptable: those where the exact result is undefined, as the record's
+    :class:`~tests.fuzz.records.Undefined` statements say (checked against mpmath by
+    :func:`run_oracle`). Nowhere else, whatever the float64 reference gives."""
+    n = inputs64[0].shape[0]
+    keys = ("value", *(f"d/d{a.name}" for a in record.args))
+    ok = {k: torch.zeros(n, dtype=torch.bool) for k in keys}
+    for u in record.undefined:
+        rows = u.where(*inputs64)
+        if u.value:
+            ok["value"] |= rows
+        for a in record.args:
+            if u.grads is None or a.name in u.grads:
+                ok[f"d/d{a.name}"] |= rows
+    return ok
+
+
 def run(record: Record, dtype: torch.dtype, n: int) -> list[str]:
     """Every failure of ``record`` in ``dtype`` on ``n`` draws, as report paragraphs."""
     return check(record, dtype, make_inputs(record, dtype, n))
@@ -160,7 +179,8 @@ def check(record: Record, dtype: torch.dtype, inputs64: list[torch.Tensor]) -> l
 
     nan_ref = torch.full_like(test.out, math.nan, dtype=torch.float64)
     ref_out = nan_ref if ref is None else ref.out
-    flag("NaN value", test.out.isnan().any(-1), test.out, ref_out)
+    undefined = acceptable_nan(record, inputs64)
+    flag("NaN value", test.out.isnan().any(-1) & ~undefined["value"], test.out, ref_out)
     if ref is not None:
         bad = test.out.isinf() & representable(ref.out, out_dtype, 4)
         flag(
@@ -171,7 +191,8 @@ def check(record: Record, dtype: torch.dtype, inputs64: list[torch.Tensor]) -> l
             continue
         rg = None if ref is None else ref.grads[i]
         rg_show = torch.full_like(g, math.nan, dtype=torch.float64) if rg is None else rg
-        flag(f"NaN gradient d/d{a.name}", g.isnan().any(-1), g, rg_show)
+        nan = g.isnan().any(-1) & ~undefined[f"d/d{a.name}"]
+        flag(f"NaN gradient d/d{a.name}", nan, g, rg_show)
         if rg is not None:
             bad = g.isinf() & representable(rg, g.dtype, 16)
             flag(
@@ -264,8 +285,10 @@ def run_oracle(record: Record, rows_per_dtype: int) -> list[str]:
     inputs both appear), evaluated in float64. Where the exact value, rounded to float64,
     is finite the float64 path must be finite and within ``REL * T`` (see
     :mod:`tests.fuzz.oracle`; a finiteness-only oracle gives ``T = inf``); where it is
-    ``+-inf`` the path must be the same infinity; where the closed form is undefined (NaN)
-    the row is not judged. Gradients likewise, against the oracle's exact gradient.
+    ``+-inf`` the path must be the same infinity. Gradients likewise, against the oracle's
+    exact gradient. Where mpmath finds the closed form undefined (NaN) the row is not
+    judged, but the record must state it (:func:`acceptable_nan`), and a row the record
+    states undefined must be NaN in mpmath: the statements and the oracle agree.
     """
     from mpmath import mp
 
@@ -274,37 +297,46 @@ def run_oracle(record: Record, rows_per_dtype: int) -> list[str]:
     from .oracle import REL
 
     failures = []
+    grad_args = [a.name for a in record.args if a.grad]
     for dtype in DTYPES:
         inputs64 = [t[:rows_per_dtype] for t in make_inputs(record, dtype, rows_per_dtype)]
         got = evaluate(record, inputs64, torch.float64)
+        stated = acceptable_nan(record, inputs64)
+        grads = [g for g in got.grads if g is not None]
         n = inputs64[0].shape[0]
         for i in range(n):
             row = [t[i].reshape(-1).tolist() for t in inputs64]
             checks = [("value", got.out[i], record.oracle(*row))]
             if record.grad_oracle is not None:
                 exact = record.grad_oracle(*row)
-                for g, e in zip((g for g in got.grads if g is not None), exact, strict=False):
-                    checks.append(("gradient", g[i], [(v, abs(v)) for v in e]))
+                for name, g, e in zip(grad_args, grads, exact, strict=False):
+                    checks.append((f"d/d{name}", g[i], [(v, abs(v)) for v in e]))
             for what, g, pairs in checks:
                 for j, (v, t) in enumerate(pairs):
-                    if mp.isnan(v):
-                        continue
-                    exact = to_float64(v)
                     x = float(g[j])
-                    if math.isinf(exact):
-                        ok = x == exact
-                    elif math.isnan(x) or math.isinf(x):
-                        ok = False
+                    if mp.isnan(v) or bool(stated[what][i]):
+                        ok = bool(mp.isnan(v)) == bool(stated[what][i])
+                        exact = "undefined" if mp.isnan(v) else repr(to_float64(v))
+                        note = "; the record states it undefined" * bool(stated[what][i])
                     else:
-                        tol = REL * float(t) + torch.finfo(torch.float64).tiny
-                        ok = abs(x - exact) <= tol
+                        exact = to_float64(v)
+                        note = ""
+                        if math.isinf(exact):
+                            ok = x == exact
+                        elif math.isnan(x) or math.isinf(x):
+                            ok = False
+                        else:
+                            tol = REL * float(t) + torch.finfo(torch.float64).tiny
+                            ok = abs(x - exact) <= tol
+                        exact = repr(exact)
                     if not ok:
                         args = ", ".join(
                             f"{a.name}={r!r}" for a, r in zip(record.args, row, strict=True)
                         )
                         failures.append(
                             f"{record.name} [float64 path, inputs from {dtype_name(dtype)} draws]:"
-                            f" {what}[{j}] got={x!r} mpmath={exact!r} (scale T={float(t):.3g})"
+                            f" {what}[{j}] got={x!r} mpmath={exact}{note}"
+                            f" (scale T={float(t):.3g})"
                             f"\n  inputs: {args}"
                             f"\n  {repro(record, torch.float64, [t[i] for t in inputs64])}"
                         )

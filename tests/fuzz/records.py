@@ -51,6 +51,22 @@ class Arg:
 
 
 @dataclass(frozen=True)
+class Undefined:
+    """Rows where a record's result is mathematically undefined, and why.
+
+    ``where(*inputs)`` takes the float64 inputs of a batch (as :class:`Record.fn` does)
+    and returns a ``(N,)`` boolean mask; there a NaN is acceptable in the gradients with
+    respect to ``grads`` (``None``: every argument), and in the value only if ``value``.
+    Everywhere else a NaN is a failure (:func:`tests.fuzz.checks.acceptable_nan`).
+    """
+
+    reason: str
+    where: Callable[..., torch.Tensor]
+    grads: tuple[str, ...] | None = None
+    value: bool = False
+
+
+@dataclass(frozen=True)
 class Record:
     name: str  # unique id, e.g. "functional.normal_nll[beta=0.5]"
     target: str  # the public name it covers, e.g. "functional.normal_nll"
@@ -62,6 +78,7 @@ class Record:
     random: bool = False  # a sampler: no float64 reference of the value
     fused: Callable | None = None  # fn(*tensors, fused=bool) for the fused = plain check
     fused_args: tuple[str, ...] = field(default=())  # arguments the fused domain bounds
+    undefined: tuple[Undefined, ...] = ()  # where the math is undefined (NaN acceptable)
 
     def __repr__(self) -> str:
         return self.name
@@ -153,6 +170,93 @@ def _bivariate(fn):
     return lambda value, loc, log_scale, a: fn(value, loc, log_scale, a.squeeze(-1))
 
 
+# ---------------------------------------------------------------- undefined limits
+#
+# With finite valid inputs every result is a real number (exact arithmetic does not
+# overflow), so NaN is never acceptable there. At an infinite value the result is the limit
+# x -> +-inf. In one coordinate that limit always exists: every quantity is a sum of
+# exponentials of polynomials in x (times polynomials), whose limit exists in [-inf, inf].
+# In two coordinates it is a double limit, which exists only where it does not depend on
+# the path; the statements below say where it does not.
+
+
+def _correlated_corner(value: torch.Tensor, rho_sign: torch.Tensor) -> torch.Tensor:
+    """Both coordinates infinite and ``sign(x1 x2 rho) > 0``."""
+    both = value.isinf().all(-1)
+    return both & (value[:, 0].sign() * value[:, 1].sign() * rho_sign > 0)
+
+
+_CORRELATED = (
+    "x1, x2 both infinite with sign(x1 x2 rho) > 0: d/dx1 = -(z1 - rho z2) / (sigma1 (1 - "
+    "rho^2)) is inf - inf and its limit along z2 = t z1 is -(1 - rho t) inf, of either sign "
+    "as t varies; every gradient carries z1 - rho z2 or z2 - rho z1 (d/dlog_scale1 = "
+    "z1 (z1 - rho z2) / (1 - rho^2) - 1, d/datanh_rho and the factor's gradients alike). "
+    "With sign(x1 x2 rho) <= 0 both differences have a definite sign; the value is -inf "
+    "along every path (the quadratic form is positive definite)"
+)
+
+
+def _bivariate_corner(value, loc, log_scale, atanh_rho):
+    return _correlated_corner(value, atanh_rho[:, 0].sign())
+
+
+def _tril_corner(value, loc, scale_tril):
+    # Sigma_12 = L_11 L_21 with L_11 > 0: rho has the sign of L_21.
+    return _correlated_corner(value, scale_tril[:, 1, 0].sign())
+
+
+def _lowrank_corner(value, loc, cov_factor, log_diag):
+    # Sigma_12 = W_1 W_2 (rank 1; the diagonal adds nothing off the diagonal).
+    return _correlated_corner(value, cov_factor[:, 0, 0].sign() * cov_factor[:, 1, 0].sign())
+
+
+def _diagonal_mixture_corner(value, logits, loc, log_scale):
+    """>= 2 infinite coordinates and no live component strictly widest in each of them."""
+    inf = value.isinf()  # (N, D)
+    live = logits > -torch.inf  # (N, K)
+    n, k = live.shape
+    dominant = torch.zeros(n, dtype=torch.bool)
+    for a in range(k):
+        wins = live[:, a].clone()
+        for b in range(k):
+            if b != a:
+                wider = (log_scale[:, a] > log_scale[:, b]) | ~inf  # (N, D)
+                wins &= ~live[:, b] | wider.all(-1)
+        dominant |= wins
+    return (inf.sum(-1) >= 2) & ~dominant
+
+
+_DIAGONAL_MIXTURE = (
+    "two infinite coordinates and no live component with the strictly largest sigma in "
+    "both: along x = t c (t -> inf) the component with the smallest sum_d c_d^2 / "
+    "sigma_kd^2 takes all the weight, and that component changes with c, so the "
+    "responsibilities (a factor of d/dlogits, d/dloc, d/dlog_scale) have no limit. "
+    "d/dvalue_d = -sum_k r_k (x_d - mu_kd) / sigma_kd^2 is -sign(x_d) inf on every path "
+    "(each term has that sign, and some r_k >= 1/K); the value is -inf"
+)
+
+_CORRELATED_MIXTURE = (
+    "two infinite coordinates: the winning component along x = t c is the one with the "
+    "smallest c^T Sigma_k^-1 c, which changes with c unless one component's form is the "
+    "smallest on the whole quadrant (a copositivity test this suite does not make), and "
+    "each component's own gradient is path-dependent as in the single correlated case. A "
+    "deliberate over-approximation (about 1 row in 1000: each coordinate is inf with "
+    "probability 1/32): every gradient of such a row is accepted as undefined, the value "
+    "(-inf on every path) is not"
+)
+
+
+def _two_infinite(value, *params):
+    return value.isinf().sum(-1) >= 2
+
+
+_UNDEF_BIVARIATE = (Undefined(_CORRELATED, _bivariate_corner),)
+_UNDEF_DIAGONAL_MIXTURE = (
+    Undefined(_DIAGONAL_MIXTURE, _diagonal_mixture_corner, grads=("logits", "loc", "log_scale")),
+)
+_UNDEF_CORRELATED_MIXTURE = (Undefined(_CORRELATED_MIXTURE, _two_infinite),)
+
+
 def _nll(fn, **kw):
     return lambda *a: fn(*a, reduction="none", **kw)
 
@@ -173,6 +277,7 @@ FUNCTIONAL = [
         (_v(shape=(2,)), *_BI),
         "promote",
         oracle=O.bivariate_normal_log_prob,
+        undefined=_UNDEF_BIVARIATE,
     ),
     Record(
         "functional.bivariate_normal_mixture_covariance",
@@ -191,6 +296,7 @@ FUNCTIONAL = [
         oracle=O.bivariate_normal_mixture_log_prob,
         fused=F.bivariate_normal_mixture_log_prob,
         fused_args=("log_scale", "atanh_rho"),
+        undefined=_UNDEF_CORRELATED_MIXTURE,
     ),
     Record(
         "functional.bivariate_normal_mixture_mean",
@@ -214,6 +320,7 @@ FUNCTIONAL = [
         (_v(shape=(2,)), *_BIMIX),
         "promote",
         oracle=O.bivariate_normal_mixture_nll,
+        undefined=_UNDEF_CORRELATED_MIXTURE,
     ),
     Record(
         "functional.bivariate_normal_mixture_sample",
@@ -230,6 +337,7 @@ FUNCTIONAL = [
         (_v(shape=(2,)), *_BI),
         "promote",
         oracle=O.bivariate_normal_nll,
+        undefined=_UNDEF_BIVARIATE,
     ),
     Record(
         "functional.continuous_bernoulli_cdf",
@@ -292,6 +400,7 @@ FUNCTIONAL = [
         ),
         "promote",
         oracle=O.lowrank_multivariate_normal_log_prob,
+        undefined=(Undefined(_CORRELATED, _lowrank_corner),),
     ),
     Record(
         "functional.mixture_log_prob",
@@ -308,6 +417,7 @@ FUNCTIONAL = [
         (_v(shape=(DIM,)), Arg("loc", shape=(DIM,)), Arg("scale_tril", "tril", (DIM, DIM))),
         "promote",
         oracle=O.multivariate_normal_log_prob,
+        undefined=(Undefined(_CORRELATED, _tril_corner),),
     ),
     Record(
         "functional.multivariate_normal_mixture_log_prob",
@@ -321,6 +431,7 @@ FUNCTIONAL = [
         ),
         "promote",
         oracle=O.multivariate_normal_mixture_log_prob,
+        undefined=_UNDEF_CORRELATED_MIXTURE,
     ),
     Record(
         "functional.normal_kl",
@@ -371,6 +482,7 @@ FUNCTIONAL = [
         oracle=O.normal_mixture_log_prob,
         fused=F.normal_mixture_log_prob,
         fused_args=("log_scale",),
+        undefined=_UNDEF_DIAGONAL_MIXTURE,
     ),
     Record(
         "functional.normal_mixture_mean",
@@ -394,6 +506,7 @@ FUNCTIONAL = [
         (_v(shape=(DIM,)), *_MIX),
         "promote",
         oracle=O.normal_mixture_nll,
+        undefined=_UNDEF_DIAGONAL_MIXTURE,
     ),
     Record(
         "functional.normal_mixture_sample",
@@ -548,6 +661,7 @@ DISTRIBUTIONS = [
         (_v(shape=(2,)), *_BI),
         "promote",
         oracle=O.bivariate_normal_log_prob,
+        undefined=_UNDEF_BIVARIATE,
     ),
     Record(
         "distributions.BivariateNormal.mean",
@@ -596,6 +710,7 @@ DISTRIBUTIONS = [
         (_v(shape=(DIM,)), *_MIX),
         "promote",
         oracle=O.normal_mixture_log_prob,
+        undefined=_UNDEF_DIAGONAL_MIXTURE,
     ),
     Record(
         "distributions.NormalMixture.mean",
@@ -627,6 +742,7 @@ DISTRIBUTIONS = [
         (_v(shape=(2,)), *_BIMIX),
         "promote",
         oracle=O.bivariate_normal_mixture_log_prob,
+        undefined=_UNDEF_CORRELATED_MIXTURE,
     ),
     Record(
         "distributions.BivariateNormalMixture.mean",
@@ -743,6 +859,7 @@ DISTRIBUTIONS += [
         (_v(shape=(DIM,)), *_MVMIX),
         "promote",
         oracle=O.multivariate_normal_mixture_log_prob,
+        undefined=_UNDEF_CORRELATED_MIXTURE,
     ),
     Record(
         "distributions.MultivariateNormalMixture.mean",

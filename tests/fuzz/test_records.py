@@ -78,3 +78,19 @@ def test_distribution_methods_found():
     assert "cdf" in _defined_methods(torch.distributions.Normal)  # torch's own cdf counts
     assert "cdf" not in _defined_methods(probloss.distributions.NormalMixture)
     assert "covariance_matrix" not in _defined_methods(probloss.distributions.Normal)
+
+
+def test_undefined_statements_are_well_formed():
+    """Each statement has a reason, names existing arguments, and marks a (N,) boolean mask
+    of the record's own draws; on those draws it covers few rows (the rule stays strict: an
+    infinite value coordinate is drawn with probability 1/32, two with about 1/1000)."""
+    from .checks import make_inputs
+
+    for r in RECORDS:
+        for u in r.undefined:
+            assert u.reason, r.name
+            names = {a.name for a in r.args}
+            assert u.grads is None or set(u.grads) <= names, r.name
+            rows = u.where(*make_inputs(r, torch.float64, 4000))
+            assert rows.dtype == torch.bool and rows.shape == (4000,), r.name
+            assert int(rows.sum()) <= 40, (r.name, int(rows.sum()))
