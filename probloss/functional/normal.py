@@ -708,10 +708,20 @@ def student_t_log_prob(
     # elsewhere log|r| is fed 1
     z = mul_exp(torch.where(beyond, 0.0, residual), -log_scale) * factor
     log_abs_r = torch.log(torch.where(beyond, residual, 1.0).abs()) + log_factor
-    normaliser = _student_t_normaliser(df)
-    tail = torch.where(
-        beyond,
-        _student_t_far_tail(log_abs_r, log_scale, df),
-        log_scale + _student_t_kernel(z, df),
+    # An infinite residual (value or loc infinite): the tail is +inf, and its derivatives are
+    # the limits as |r| -> inf, d/ddf = +inf and d/dlog_scale = -df (the far tail's; formed
+    # from a finite log|r| they would be inf - inf = NaN at a subnormal df, whose -1/(2 df)
+    # overflows). The normaliser's d/ddf (1/(2 df), +inf at a subnormal df) is finite next
+    # to that limit for every df > 0, so it is left out there (detached), not inf - inf.
+    # Double where: df * inf only sees df where it is selected.
+    infinite = torch.isinf(log_abs_r)
+    normaliser = _student_t_normaliser(torch.where(infinite, df.detach(), df))
+    df_inf = torch.where(infinite, df, 1.0)
+    ls_inf = torch.where(infinite, log_scale, 0.0)
+    far_tail = torch.where(
+        infinite,
+        df_inf * (math.inf - ls_inf),  # one product: df ls may overflow next to inf
+        _student_t_far_tail(torch.where(infinite, 1.0, log_abs_r), log_scale, df),
     )
+    tail = torch.where(beyond, far_tail, log_scale + _student_t_kernel(z, df))
     return normaliser - tail

@@ -421,3 +421,29 @@ def test_beta_nll_gradient_where_the_weight_overflows():
     _, _, d_ls, w, z2, _ = _exact(x.item(), mu.item(), ls.item(), 0.5)
     bound = 2 * (2 * ls.item() + 16) * eps * float(w * (1 + z2))
     assert abs(ls.grad.item() - float(d_ls)) <= bound
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_student_t_infinite_residual_limits(dtype):
+    """Found by the fuzz suite: value = +-inf with a subnormal df (3e-40 float32) gave d/ddf =
+    NaN (the tail's (log|r| - ...) = inf against its -1/(2 df) = -inf, and the normaliser's
+    1/(2 df) = +inf), and with df = 1.5e36, log_scale = 257 a NaN value (df * inf - df
+    log_scale = inf - inf). The exact limits as |x - mu| -> inf at fixed df > 0, from
+    log p = D(df/2) - log(2 pi)/2 - log sigma - (df + 1)/2 log1p(z^2/df): value -inf,
+    d/ddf = -inf (the tail grows like log|z|), d/dlog_scale = -1 + (df + 1) z^2 / (df + z^2)
+    -> df, d/dvalue = d/dloc = -(df + 1) z / (sigma (df + z^2)) -> 0. The gradient in
+    log_scale is df rounded to the output dtype (exact where df is representable)."""
+    big = torch.finfo(dtype).max
+    dfs = [torch.finfo(dtype).tiny / 64, 1e-3, 2.0, big / 8]  # 1 / (2 df) overflows at the first
+    for x, df, ls in itertools.product((math.inf, -math.inf), dfs, (0.0, 256.9375, -1e4)):
+        args = [torch.tensor(v, dtype=torch.float64).to(dtype) for v in (x, df, 0.5, ls)]
+        if not all(torch.isfinite(a) for a in args[1:]):
+            continue
+        leaves = [a.clone().requires_grad_() for a in args]
+        out = student_t_log_prob(*leaves)
+        out.backward()
+        label = f"x={x} df={args[1].item():.3g} ls={ls}"
+        assert out.item() == -math.inf, label
+        assert leaves[0].grad.item() == 0.0 and leaves[2].grad.item() == 0.0, label
+        assert leaves[1].grad.item() == -math.inf, label
+        assert leaves[3].grad.item() == args[1].item(), label
