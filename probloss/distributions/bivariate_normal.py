@@ -12,7 +12,11 @@ from torch.distributions import Distribution, constraints
 from .._dtype import as_loss_tensors, promote_float_tensors
 from .._validation import distribution_validate_args, validate_sample
 from ..functional.bivariate import _batch_shape, _check_event_size, bivariate_normal_log_prob
-from ..functional.mixture_sampling import _sech
+from ..functional.mixture_sampling import (
+    _CorrelatedStep,
+    _sech,
+    bivariate_normal_mixture_covariance,
+)
 from ..special import log_cosh, mul_exp
 from ..special._dtype import upcast
 
@@ -122,10 +126,22 @@ class BivariateNormal(Distribution):
 
     @property
     def covariance_matrix(self) -> Tensor:
-        """``[[s1^2, rho s1 s2], [rho s1 s2, s2^2]]``, shape ``batch_shape + (2, 2)``."""
-        s1, s2 = self.scale.unbind(-1)
-        off = self.rho * s1 * s2
-        return torch.stack((s1 * s1, off, off, s2 * s2), -1).unflatten(-1, (2, 2))
+        """``[[s1^2, rho s1 s2], [rho s1 s2, s2^2]]``, shape ``batch_shape + (2, 2)``.
+
+        The one-component case of
+        :func:`~probloss.functional.mixture_sampling.bivariate_normal_mixture_covariance`:
+        ``rho s1 s2 = rho e^{log s1 + log s2}`` in one product (``s1 s2`` alone overflows
+        where the entry does not; ``0 * inf`` at ``rho = 0``), and ``d/d atanh_rho =
+        sech^2(a) s1 s2`` formed as one exponential (``inf * 0`` through ``tanh``'s
+        backward).
+        """
+        logits = torch.zeros((*self.batch_shape, 1), dtype=self.loc.dtype, device=self.loc.device)
+        return bivariate_normal_mixture_covariance(
+            logits,
+            torch.zeros_like(self.loc).unsqueeze(-2),
+            self.log_scale.unsqueeze(-2),
+            self.atanh_rho.unsqueeze(-1),
+        )
 
     @property
     def scale_tril(self) -> Tensor:
@@ -156,8 +172,10 @@ class BivariateNormal(Distribution):
         loc, log_scale, atanh_rho = (upcast(t) for t in (self.loc, self.log_scale, self.atanh_rho))
         eps = torch.randn(shape, dtype=loc.dtype, device=loc.device)
         e1, e2 = eps.unbind(-1)
-        z = torch.stack((e1, torch.tanh(atanh_rho) * e1 + _sech(atanh_rho) * e2), -1)
-        return (loc + mul_exp(z, log_scale)).to(self.loc.dtype)
+        ls1, ls2 = log_scale.unbind(-1)
+        # the second step's d/d atanh_rho as one exponential (the mixture sampler's helper)
+        step = torch.stack((mul_exp(e1, ls1), _CorrelatedStep.apply(atanh_rho, ls2, e1, e2)), -1)
+        return (loc + step).to(self.loc.dtype)
 
     def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
         with torch.no_grad():

@@ -11,6 +11,7 @@ from torch.distributions import Categorical, Distribution, MultivariateNormal, c
 
 from .._dtype import promote_float_tensors
 from .._validation import broadcast_shapes, distribution_validate_args, validate_sample
+from ..functional._mixture_moments import second_moments
 from ..functional.mixture import (
     bivariate_normal_mixture_log_prob,
     multivariate_normal_mixture_log_prob,
@@ -308,18 +309,6 @@ class BivariateNormalMixture(_GaussianMixture):
         return bivariate_normal_mixture_mode(self.logits, self.loc)
 
 
-def _log_row_norm(scale_tril: Tensor) -> Tensor:
-    r"""``log sqrt(sum_j L_ij^2)`` per row of ``(*, D, D)``: the log standard deviations.
-
-    ``log m + log ||L / m||`` with ``m`` the row's largest ``|L_ij|`` (detached: the
-    identity holds for every ``m > 0``, so the gradient is still exact), so that squares of
-    entries near ``finfo.max`` do not overflow where the log is finite.
-    """
-    m = scale_tril.detach().abs().amax(-1)
-    m = torch.where((m > 0) & torch.isfinite(m), m, 1.0)  # a 0 / inf row keeps log||L||
-    return torch.log(m) + 0.5 * torch.log((scale_tril / m.unsqueeze(-1)).square().sum(-1))
-
-
 def multivariate_normal_mixture_sample(
     logits: Tensor,
     loc: Tensor,
@@ -452,8 +441,8 @@ class MultivariateNormalMixture(_GaussianMixture):
     def variance(self) -> Tensor:
         """``sum_k pi_k (diag(L_k L_k^T) + (mu_k - mean)^2)``, shape ``(*batch_shape, D)``."""
         logits, loc, scale_tril = (upcast(t) for t in (self.logits, self.loc, self.scale_tril))
-        log_sd = _log_row_norm(scale_tril)  # (Sigma_k)_ii = sum_j (L_k)_ij^2
-        return normal_mixture_variance(logits, loc, log_sd).to(self.loc.dtype)
+        # (Sigma_k)_ii = sum_j (L_k)_ij^2, differentiated by L directly (second_moments)
+        return second_moments(logits, loc, None, None, scale_tril).to(self.loc.dtype)
 
     @property
     def mode(self) -> Tensor:

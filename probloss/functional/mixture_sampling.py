@@ -58,9 +58,11 @@ import math
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from ..special import log1mexp, mul_exp
+from ..special import log_cosh, mul_exp
 from ..special._dtype import as_float_tensor, compute_dtype
+from ._mixture_moments import second_moments
 
 __all__ = [
     "bivariate_normal_mixture_covariance",
@@ -215,27 +217,6 @@ def _mixture_mean(log_w: Tensor, zero: Tensor, total: Tensor, loc: Tensor) -> Te
     return (c + _weighted(half, log_two_pi, zero).sum(-2, keepdim=True)).squeeze(-2)
 
 
-def _spread(log_w: Tensor, zero: Tensor, total: Tensor, loc: Tensor) -> tuple[Tensor, Tensor]:
-    """``(s, s / total)`` with ``s = e^{log w_k / 2} (mu_k - m)``, ``(*, K, D)``: the product
-    of a coordinate of one with a coordinate of the other is ``pi_k`` times the product of
-    the deviations, and overflows only if that does."""
-    m = _mixture_mean(log_w, zero, total, loc).unsqueeze(-2)
-    # (mu - m)/2 cannot overflow where mu - m would (3.4e38 - -3.4e38 at a weight of 0)
-    s = _weighted(0.5 * loc - 0.5 * m, 0.5 * log_w + math.log(2.0), zero)
-    return s, s / total.unsqueeze(-1)
-
-
-def _weighted_exp(log_w: Tensor, zero: Tensor, total: Tensor, t: Tensor, c: Tensor | float = 1.0):
-    """``c pi_k e^{t_k} = (c / total) e^{log w_k + t_k}`` for ``t (*, K, ...)`` (log
-    variances of the components) by :func:`~probloss.special.mul_exp`: no ``exp(t)`` alone,
-    which overflows where the weighted term does not, and ``c = 0`` (a correlation of 0)
-    gives 0 even against ``e^{t} = inf``; a zero weight gives 0 even for ``t = inf``
-    (``t`` replaced there, double-where)."""
-    extra = (None,) * (t.dim() - log_w.dim())
-    safe = torch.where(zero[(..., *extra)], 0.0, t)
-    return mul_exp(c / total[(..., *extra)], log_w[(..., *extra)] + safe)
-
-
 # ======================================================================================
 # Diagonal normal mixture
 # ======================================================================================
@@ -346,7 +327,13 @@ def normal_mixture_variance(logits: Tensor, loc: Tensor, log_scale: Tensor) -> T
     :math:`\pi_k(\mu_k - m)^2 = (\sqrt{\pi_k}(\mu_k - m))^2`, so a term is finite
     wherever it is representable (:math:`\sigma^2 = e^{120}` at weight :math:`e^{-100}` in
     float32), and a zero-weight component contributes exactly 0, whatever its
-    ``log_scale`` or ``loc`` (``inf`` included).
+    ``log_scale`` or ``loc`` (``inf`` included). Computed in float64 and rounded once.
+
+    Gradients are formed from their closed forms (``d/d l_k = pi_k (q_k - Var)``,
+    ``q_k = sigma_k^2 + (mu_k - m)^2``; ``d/d mu_k = 2 pi_k (mu_k - m)``;
+    ``d/d log sigma_k = 2 pi_k sigma_k^2``), never as the difference of two overflowing
+    sums: where the variance overflows, the logit gradients are ``+-inf`` with their exact
+    signs (or finite, for a weight small enough), not NaN.
 
     Args:
         logits: mixture logits, shape ``(*, K)``.
@@ -359,10 +346,7 @@ def normal_mixture_variance(logits: Tensor, loc: Tensor, log_scale: Tensor) -> T
         tensor([5.])
     """
     (logits, loc, log_scale), dtype = _prepare(None, logits=logits, loc=loc, log_scale=log_scale)
-    log_w, zero, total = _weights(logits)
-    within = _weighted_exp(log_w, zero, total, 2.0 * log_scale)  # pi sigma^2
-    s, s_over_total = _spread(log_w, zero, total, loc)
-    return (within + s * s_over_total).sum(-2).to(dtype)  # + pi (mu - m)^2
+    return second_moments(logits, loc, log_scale, None).to(dtype)
 
 
 def normal_mixture_mode(logits: Tensor, loc: Tensor) -> Tensor:
@@ -457,8 +441,32 @@ def bivariate_normal_mixture_sample(
     e1, e2 = torch.randn(
         mean.shape, generator=generator, dtype=mean.dtype, device=mean.device
     ).unbind(-1)
-    z = torch.stack((e1, torch.tanh(a) * e1 + _sech(a) * e2), -1)
-    return (mean + mul_exp(z, _pick(log_scale, index, 1) + 0.5 * math.log(tau))).to(dtype)
+    ls1, ls2 = (_pick(log_scale, index, 1) + 0.5 * math.log(tau)).unbind(-1)
+    x1 = mul_exp(e1, ls1)
+    x2 = _CorrelatedStep.apply(a, ls2, e1, e2)
+    return (mean + torch.stack((x1, x2), -1)).to(dtype)
+
+
+class _CorrelatedStep(torch.autograd.Function):
+    """``e^{t} (tanh(a) e1 + sech(a) e2)``, the second coordinate's step, with the
+    gradient in ``a``, ``e^{t} sech(a) (sech(a) e1 - tanh(a) e2)``, formed as
+    ``mul_exp(sech(a) e1 - tanh(a) e2, t - log cosh a)``: through autograd it is
+    ``e^{t}`` (``inf``) times ``1 - tanh^2`` (0 in float32 from ``|a|`` of about 9):
+    NaN where the gradient is a defined ``+-inf`` or finite (issue 10)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, t: Tensor, e1: Tensor, e2: Tensor) -> Tensor:
+        y = mul_exp(torch.tanh(a) * e1 + _sech(a) * e2, t)
+        ctx.save_for_backward(a, t, e1, e2, y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):
+        a, t, e1, e2, y = ctx.saved_tensors
+        sech = _sech(a)
+        grad_a = mul_exp(g * (sech * e1 - torch.tanh(a) * e2), t - log_cosh(a))
+        return grad_a, g * y, None, None  # d/dt: g y, as mul_exp's
 
 
 def bivariate_normal_mixture_mean(logits: Tensor, loc: Tensor) -> Tensor:
@@ -494,7 +502,10 @@ def bivariate_normal_mixture_covariance(
     The diagonal is :func:`normal_mixture_variance` (the same terms, so the same results;
     zero weights contribute exactly 0). Where terms of both signs of the off-diagonal
     entry overflow, the two sides are compared in log space: the result is the larger
-    side's ``+-inf``, or the finite difference where they nearly cancel, not NaN.
+    side's ``+-inf``, or the finite difference where they nearly cancel, not NaN. The
+    gradients likewise (closed forms, see :func:`normal_mixture_variance`; in
+    ``atanh_rho``, ``pi_k sech^2(a_k) sigma_k1 sigma_k2`` as one exponential, finite where
+    ``rho s1 s2`` overflows).
 
     Args:
         logits: mixture logits, shape ``(*, K)``.
@@ -512,46 +523,8 @@ def bivariate_normal_mixture_covariance(
     (logits, loc, log_scale, atanh_rho), dtype = _prepare(
         2, logits=logits, loc=loc, log_scale=log_scale, atanh_rho=atanh_rho
     )
-    log_w, zero, total = _weights(logits)  # every term below is pi_k * (...)
-    (d1, d2), (e1, e2) = (t.unbind(-1) for t in _spread(log_w, zero, total, loc))
-    v1, v2 = _weighted_exp(log_w, zero, total, 2.0 * log_scale).unbind(-1)  # pi sigma_i^2
-    rho = torch.tanh(atanh_rho)
-    cross = _weighted_exp(log_w, zero, total, log_scale.sum(-1), rho)  # pi rho s1 s2
-    terms = torch.stack((v1 + d1 * e1, cross + d1 * e2, v2 + d2 * e2), -1)  # (*, K, 3)
-    c11, c12, c22 = terms.sum(-2).unbind(-1)
-    # c12 sums terms of both signs: where some overflow to +inf and others to -inf the sum
-    # is NaN, although the larger side decides: its sign times inf (or a cancellation)
-    beyond = _signed_sum_beyond_range(log_w, zero, total, loc, log_scale, rho)
-    c12 = torch.where(torch.isnan(c12) & ~torch.isnan(beyond), beyond, c12)
+    c11, c12, c22 = second_moments(logits, loc, log_scale, atanh_rho).unbind(-1)
     return torch.stack((c11, c12, c12, c22), -1).unflatten(-1, (2, 2)).to(dtype)
-
-
-def _signed_sum_beyond_range(
-    log_w: Tensor, zero: Tensor, total: Tensor, loc: Tensor, log_scale: Tensor, rho: Tensor
-) -> Tensor:
-    """The off-diagonal covariance ``sum_k pi_k (rho_k s1 s2 + d1 d2)`` from the logarithms
-    of its terms, ``(*)``, for rows where the plain sum is ``inf - inf``.
-
-    The positive and the negative terms are summed separately in log space
-    (``logsumexp``), ``P`` and ``N``; the result is ``sign(P - N) e^{max} (1 - e^{-|P - N|})``
-    (``log1mexp``), ``+-inf`` where it is beyond the range, 0 at an exact cancellation,
-    NaN only where both sides are infinite in log space too. Without a graph: it replaces
-    only values that are beyond the range (or NaN), whose derivatives are too.
-    """
-    with torch.no_grad():
-        log_pi = torch.where(zero, -math.inf, log_w - torch.log(total))
-        m = _mixture_mean(log_w, zero, total, loc).unsqueeze(-2)
-        d = torch.where(zero.unsqueeze(-1), 0.0, loc - m)
-        log_a = log_pi + torch.log(rho.abs()) + log_scale.sum(-1)  # pi |rho| s1 s2
-        log_b = log_pi + torch.log(d.abs()).sum(-1)  # pi |d1 d2|
-        logs = torch.cat((log_a, log_b), -1).nan_to_num(nan=-math.inf)  # 0 * inf: weight 0
-        signs = torch.cat((torch.sign(rho), torch.sign(d[..., 0] * d[..., 1])), -1)
-        pos = torch.logsumexp(torch.where(signs > 0, logs, -math.inf), -1)
-        neg = torch.logsumexp(torch.where(signs < 0, logs, -math.inf), -1)
-        high, low = torch.maximum(pos, neg), torch.minimum(pos, neg)
-        gap = high - low  # inf - inf: NaN, kept
-        magnitude = torch.exp(high + log1mexp(torch.where(gap == 0.0, 0.0, gap)))
-        return torch.where(pos > neg, magnitude, -magnitude)
 
 
 def bivariate_normal_mixture_mode(logits: Tensor, loc: Tensor) -> Tensor:

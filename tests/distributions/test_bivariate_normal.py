@@ -375,3 +375,90 @@ def test_empty_batch_in_empty_out():
     assert d.covariance_matrix.shape == d.scale_tril.shape == (0, 2, 2)
     full = BivariateNormal(torch.zeros(2), torch.zeros(2), torch.tensor(0.0), validate_args=True)
     assert full.log_prob(full.sample((0,))).shape == (0,)
+
+
+# ======================================================================================
+# Issue 10, second round: covariance entries and correlation gradients beyond the range
+# ======================================================================================
+#
+# Reference: mpmath at 40 digits (``rho s1 s2 = tanh(a) e^{l1 + l2}``, its derivative in
+# ``a``, ``sech^2(a) e^{l1 + l2}``, from ``1 / cosh`` directly). Bound: 16 eps of the
+# entry (the entry is one rounding of a float64 product ``e^{x}``, ``x`` a sum of
+# logarithms exact in float64 for float32 inputs: 1 ulp), except where logarithms of total
+# size E cancel in float64 (E eps relative, stated per test). Beyond ``max``: +-inf.
+
+
+def _mp_entry(x) -> float:
+    return float(x) if abs(x) < mpmath.mpf(1e308) else math.copysign(math.inf, x)
+
+
+@pytest.mark.parametrize(
+    ("log_scale", "a", "exact"),
+    [
+        ((90.0, -10.0), 1.0, lambda: mp.tanh(1) * mp.exp(80)),  # 4.2197e34: s1 s2 = e^80
+        ((100.0, -1e10), 0.0, lambda: mpmath.mpf(0)),  # rho = 0 against e^{100 - 1e10}
+    ],
+)
+def test_covariance_off_diagonal_beyond_the_product_of_scales(log_scale, a, exact):
+    """Issue 10: ``BivariateNormal(0, [90, -10], 1).covariance_matrix`` had an off-diagonal
+    ``inf`` (``s1 = e^90`` overflows float32, ``rho s1 s2 = 4.2197e34`` does not), and
+    ``[100, -1e10]``, ``a = 0`` gave NaN (``0 * inf``): exact 0. The diagonal is
+    ``e^{2 l}``: inf at ``l = 90, 100``, ``e^{-20}``, and 0 at ``l = -1e10``."""
+    cov = BivariateNormal(torch.zeros(2), torch.tensor(log_scale), torch.tensor(a))
+    cov = cov.covariance_matrix.double()
+    with mp.workdps(40):
+        off = _mp_entry(exact())
+        diag = [_mp_entry(mp.exp(2 * mpmath.mpf(v))) for v in log_scale]
+    eps = torch.finfo(torch.float32).eps
+    assert cov[0, 1] == cov[1, 0]
+    assert abs(float(cov[0, 1]) - off) <= 16 * eps * abs(off)
+    for i in range(2):
+        want = math.inf if diag[i] > 3.5e38 else diag[i]  # beyond float32's max: inf
+        got = float(cov[i, i])
+        assert got == want or abs(got - want) <= 16 * eps * want, (i, got, want)
+
+
+@pytest.mark.parametrize("dtype", F32_F64, ids=dtype_id)
+def test_covariance_correlation_gradient_where_the_entry_overflows(dtype):
+    """``a = l1 = l2 = 60`` (float32; 400 in float64): ``rho s1 s2 = e^{120}`` overflows,
+    but d/da = sech^2(a) e^{120} is about 4 (both off-diagonal entries: 8); through
+    ``tanh``'s backward it was ``inf * 0 = NaN``. float64: the logarithms 800 and
+    ``2 log cosh 400`` cancel (E = 1600)."""
+    big = 60.0 if dtype == torch.float32 else 400.0
+    a = torch.tensor(big, dtype=dtype, requires_grad=True)
+    log_scale = torch.full((2,), big, dtype=dtype)
+    cov = BivariateNormal(torch.zeros(2, dtype=dtype), log_scale, a).covariance_matrix
+    (grad,) = torch.autograd.grad(cov.sum(), a)
+    with mp.workdps(40):
+        exact = float(2 * mp.exp(2 * mpmath.mpf(big)) / mp.cosh(big) ** 2)
+    eps = torch.finfo(dtype).eps
+    e = 0.0 if dtype == torch.float32 else 4 * big
+    assert abs(float(grad) - exact) <= (16 + e) * eps * exact, (float(grad), exact)
+
+
+@pytest.mark.parametrize("dtype", F32_F64, ids=dtype_id)
+def test_rsample_correlation_gradient_where_the_scale_overflows(dtype):
+    """``rsample`` at ``log_scale = (0, 100)`` (1e10 in float64), ``a = 60``: d x2 / d a
+    = s2 sech(a) (sech(a) e1 - tanh(a) e2) (about -2 e^{40} e2 in float32, +-inf in
+    float64), never NaN (``e^{100} * (1 - tanh^2) = inf * 0``). One draw per seed; the
+    noise re-drawn with the seed; mpmath reference, bound 16 eps of the magnitudes."""
+    big = 100.0 if dtype == torch.float32 else 1e10
+    for seed in range(8):
+        a = torch.tensor(60.0, dtype=dtype, requires_grad=True)
+        d = BivariateNormal(torch.zeros(2, dtype=dtype), torch.tensor([0.0, big], dtype=dtype), a)
+        torch.manual_seed(seed)
+        x = d.rsample()
+        (grad,) = torch.autograd.grad(x[1], a)
+        torch.manual_seed(seed)
+        e1, e2 = torch.randn(2, dtype=dtype).double().tolist()
+        with mp.workdps(40):
+            sech = 1 / mp.cosh(60)
+            scale = mp.exp(mpmath.mpf(big)) * sech
+            exact = scale * (sech * e1 - mp.tanh(60) * e2)
+            size = abs(scale) * (abs(sech * e1) + abs(e2))
+        g = float(grad)
+        assert not math.isnan(g), seed
+        if abs(exact) > mpmath.mpf(torch.finfo(dtype).max) * 1.01:
+            assert g == math.copysign(math.inf, exact), (seed, g)
+        else:
+            assert abs(g - float(exact)) <= 16 * torch.finfo(dtype).eps * float(size), seed

@@ -556,3 +556,35 @@ def test_empty_sample_shape_log_prob_with_validation(kind):
     x = d.sample((0,))
     assert x.shape == (0, 2, *d.event_shape)
     assert d.log_prob(x).shape == (0, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_full_covariance_variance_gradient_where_sigma_squared_overflows(dtype):
+    """Issue 10 (fuzz): ``MultivariateNormalMixture.variance`` differentiated ``sigma^2``
+    through ``log sigma`` (``2 pi sigma^2 = inf`` times ``d log sigma / dL = L / sigma^2``):
+    inf or NaN where ``d Var_i / d L_kij = 2 pi_k L_kij`` is finite. Here one component
+    (float32; in float64 ``L_00 = 1e160``): ``Var_0 = L_00^2 = 1e60 = inf`` (exact, beyond
+    the range), its gradient ``2 L_00 = 2e30`` and ``d Var_1 / d L_11 = 2``; a weight of
+    ``e^{-100}`` in a second component scales them by ``pi``. Reference: the closed form
+    ``2 pi_k L_kij`` in mpmath (40 digits); bound 16 eps (a few roundings of one product)."""
+    from mpmath import mp, mpf
+
+    big = 1e30 if dtype == torch.float32 else 1e160
+    L = torch.tensor([[[big, 0.0], [0.0, 1.0]], [[big, 0.0], [3.0, 2.0]]], dtype=dtype)
+    L.requires_grad_(True)
+    logits = torch.tensor([0.0, -100.0], dtype=dtype)
+    var = MultivariateNormalMixture(logits, torch.zeros(2, 2, dtype=dtype), L).variance
+    assert float(var[0].detach()) == math.inf
+    (grad,) = torch.autograd.grad(var.sum(), L)
+    with mp.workdps(40):
+        w = [mpf(1), mp.exp(-100)]
+        pi = [v / (w[0] + w[1]) for v in w]
+        exact = [[[2 * pi[k] * mpf(float(v)) for v in row] for row in comp]
+                 for k, comp in enumerate(L.detach().double().tolist())]  # fmt: skip
+    eps = torch.finfo(dtype).eps
+    tiny = torch.finfo(dtype).tiny  # a result below the normal range rounds to a subnormal
+    for k in range(2):
+        for i in range(2):
+            for j in range(2):
+                x, g = float(exact[k][i][j]), float(grad[k, i, j])
+                assert abs(g - x) <= 16 * eps * abs(x) + tiny, (k, i, j, g, x)

@@ -953,3 +953,220 @@ def test_variance_with_a_deviation_beyond_the_float_range_at_zero_weight():
     cov = bivariate_normal_mixture_covariance(logits, loc, log_scale, torch.zeros(1, 3))
     for got in (var[0, 0], cov[0, 0, 0]):
         assert abs(got.item() - expected) <= 4 * eps * expected
+
+
+# ======================================================================================
+# Issue 10, second round: second moments and their gradients beyond the float range
+# ======================================================================================
+#
+# Reference: the law of total covariance and its derivatives in mpmath at 60 digits
+# (:func:`_mp_second_moments`; mpmath's exponent range is unbounded, so e^{2e10} is a
+# number there). Bound, per entry: 16 eps of the output dtype times the sum of the
+# magnitudes of the terms the entry is made of (T below): the direct form rounds each term
+# a few times (mul_exp about 1 ulp, products and sums 1 ulp each: at most 8 roundings per
+# term, 8 eps), the log-space form is float64 for float32 inputs (exponents of size E
+# exact to E eps64, E <= 1e11 here: below 1e-5 eps32) and rounds once at the end; twice
+# that for margin. Entries whose exact magnitude exceeds finfo.max must be +-inf with the
+# exact sign.
+
+
+def _mp_second_moments(logits, loc, log_scale, atanh_rho=None, scale_tril=None):
+    """Entries ``C_p`` and gradients with term-size scales, from the closed forms.
+
+    Pairs: the diagonal (``atanh_rho`` None) or (0,0), (0,1), (1,1). Returns
+    ``{"value": [(x, T)], "logits": [...], "loc": [...], "log_scale": [...],
+    "atanh_rho": [...], "scale_tril": [...]}`` for the gradient of ``sum_p C_p``.
+    """
+    from mpmath import mp, mpf
+
+    with mp.workdps(60):
+        lg = [mpf(float(v)) for v in logits]
+        top = max(lg)
+        w = [mp.exp(v - top) for v in lg]
+        pi = [v / mp.fsum(w) for v in w]
+        K = len(pi)
+        mu = [[mpf(float(v)) for v in row] for row in loc]
+        D = len(mu[0])
+        if scale_tril is not None:
+            L = [[[mpf(float(v)) for v in row] for row in comp] for comp in scale_tril]
+            var = [[mp.fsum(x * x for x in L[k][i]) for i in range(D)] for k in range(K)]
+            s = [[mp.sqrt(v) for v in row] for row in var]
+        else:
+            s = [[mp.exp(mpf(float(v))) for v in row] for row in log_scale]
+        rho = None if atanh_rho is None else [mp.tanh(mpf(float(v))) for v in atanh_rho]
+        sech = None if atanh_rho is None else [1 / mp.cosh(mpf(float(v))) for v in atanh_rho]
+        pairs = [(0, 0), (0, 1), (1, 1)] if rho is not None else [(i, i) for i in range(D)]
+        m = [mp.fsum(pi[k] * mu[k][i] for k in range(K)) for i in range(D)]
+        d = [[mu[k][i] - m[i] for i in range(D)] for k in range(K)]
+
+        def sig(k, i, j):
+            return s[k][i] ** 2 if i == j else rho[k] * s[k][i] * s[k][j]
+
+        Q = [[sig(k, i, j) + d[k][i] * d[k][j] for (i, j) in pairs] for k in range(K)]
+        C = [mp.fsum(pi[k] * Q[k][p] for k in range(K)) for p in range(len(pairs))]
+        size = [mp.fsum(pi[k] * abs(Q[k][p]) for k in range(K)) for p in range(len(pairs))]
+        out = {"value": [(C[p], size[p]) for p in range(len(pairs))]}
+        out["logits"] = [
+            (
+                mp.fsum(pi[k] * (Q[k][p] - C[p]) for p in range(len(pairs))),
+                mp.fsum(pi[k] * (abs(Q[k][p]) + size[p]) for p in range(len(pairs))),
+            )
+            for k in range(K)
+        ]
+        gl, gs = [], []
+        for k in range(K):
+            for a in range(D):
+                terms = [pi[k] * ((i == a) * d[k][j] + (j == a) * d[k][i]) for (i, j) in pairs]
+                gl.append((mp.fsum(terms), mp.fsum(abs(t) for t in terms)))
+                terms = [pi[k] * sig(k, i, j) * ((i == a) + (j == a)) for (i, j) in pairs]
+                gs.append((mp.fsum(terms), mp.fsum(abs(t) for t in terms)))
+        out["loc"], out["log_scale"] = gl, gs
+        if rho is not None:
+            out["atanh_rho"] = []
+            for k in range(K):
+                t = pi[k] * sech[k] ** 2 * s[k][0] * s[k][1]  # not 1 - rho^2: 0 at a = 400
+                out["atanh_rho"].append((t, abs(t)))
+        if scale_tril is not None:
+            out["scale_tril"] = [
+                (2 * pi[k] * L[k][i][j], abs(2 * pi[k] * L[k][i][j]))
+                for k in range(K)
+                for i in range(D)
+                for j in range(D)
+            ]
+        return out
+
+
+def _assert_matches_mp(got: torch.Tensor, ref, dtype, what: str, exponents: float = 0.0):
+    """``got`` (flattened) against ``[(exact, T)]``: +-inf with the exact sign beyond the
+    range (``|exact| > max (1 + eps)``, so rounding cannot bring it back), else within
+    ``(16 + E) eps T`` (module bound above; ``E``, where the float64 result is
+    ``e^{x}`` of a sum of logarithms that cancel, is their total size: each carries a
+    relative error of eps, so ``x`` is off by ``E eps``, ``e^{x}`` by ``E eps`` relative,
+    which is also the condition number of the result in those inputs)."""
+    from mpmath import mpf
+
+    f = torch.finfo(dtype)
+    got = got.detach().double().reshape(-1).tolist()
+    assert len(got) == len(ref), what
+    for i, (g, (x, size)) in enumerate(zip(got, ref, strict=True)):
+        assert not math.isnan(g), f"{what}[{i}]: NaN, exact {x}"
+        if abs(x) > mpf(f.max) * (1 + mpf(f.eps)):
+            assert g == math.copysign(INF, x), f"{what}[{i}]: got {g!r}, exact {x} (beyond)"
+        else:  # + tiny: a result below the normal range is rounded to a subnormal or 0
+            bound = (16 + exponents) * f.eps * float(size) + f.tiny
+            assert abs(g - float(x)) <= bound, f"{what}[{i}]: got {g!r}, exact {x}"
+
+
+def _grads(fn, dtype, *args):
+    xs = [torch.tensor(a, dtype=dtype, requires_grad=True) for a in args]
+    y = fn(*xs)
+    y.sum().backward()
+    return y, [x.grad for x in xs]
+
+
+def test_variance_logit_gradient_with_overflowing_pieces_float32():
+    """Issue 10 (fuzz, row 206 in kind): pi_0 (mu_0 - m)^2 = e^{-77} 1e74 = 3.6e40 > max,
+    so Var_0 = +inf; d Var_0 / d l_1 = pi_1 (q_1 - Var) = -e^{-177} 3.6e40 = -4.5e-37 is
+    finite (autograd formed pi_1 q_1 - pi_1 Var = 0 - inf: -inf), d/dl_0 = +inf and
+    d/dl_2 = -inf with mpmath's signs (were NaN)."""
+    logits = [0.0, -100.0, 77.0]
+    loc = [[-1e37, 0.0], [0.0, 0.0], [0.0, 0.0]]
+    log_scale = [[0.0, 0.0]] * 3
+    v, (gl, gm, gs) = _grads(normal_mixture_variance, torch.float32, logits, loc, log_scale)
+    ref = _mp_second_moments(logits, loc, log_scale)
+    _assert_matches_mp(v, ref["value"], torch.float32, "value")
+    _assert_matches_mp(gl, ref["logits"], torch.float32, "d/dlogits")
+    _assert_matches_mp(gm, ref["loc"], torch.float32, "d/dloc")
+    _assert_matches_mp(gs, ref["log_scale"], torch.float32, "d/dlog_scale")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_variance_logit_gradient_at_an_overflowing_scale(dtype):
+    """Issue 10: ``log_scale[1, 0] = 1e10`` (100 in float32): Var_0 = e^{2e10}/3 = inf and
+    d/dlogits = pi_k (q_k - Var) = (-inf, +inf, -inf) exactly (float64 gave
+    ``[-inf, nan, -inf]``); the other gradients as mpmath's."""
+    big = 1e10 if dtype == torch.float64 else 100.0
+    logits, loc = [0.0, 0.0, 0.0], [[0.0, 0.0]] * 3
+    log_scale = [[0.0, 0.0], [big, 0.0], [0.0, 0.0]]
+    v, (gl, gm, gs) = _grads(normal_mixture_variance, dtype, logits, loc, log_scale)
+    ref = _mp_second_moments(logits, loc, log_scale)
+    _assert_matches_mp(v, ref["value"], dtype, "value")
+    _assert_matches_mp(gl, ref["logits"], dtype, "d/dlogits")
+    _assert_matches_mp(gm, ref["loc"], dtype, "d/dloc")
+    _assert_matches_mp(gs, ref["log_scale"], dtype, "d/dlog_scale")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_variance_logit_gradient_with_overflow_in_two_coordinates(dtype):
+    """The gradient sums over coordinates terms that are +inf in one and -inf in another:
+    d/dl_k = sum_d pi_k (q_kd - Var_d) with component 1 huge in d = 0 and component 2 in
+    d = 1 (e^{2 * 1e4} against e^{2 * 1.1e4}): the larger side decides, mpmath's sign."""
+    logits, loc = [0.0, 0.0, 0.0], [[0.0, 0.0]] * 3
+    log_scale = [[0.0, 0.0], [1e4, 0.0], [0.0, 1.1e4]]
+    v, (gl, _, _) = _grads(normal_mixture_variance, dtype, logits, loc, log_scale)
+    ref = _mp_second_moments(logits, loc, log_scale)
+    _assert_matches_mp(v, ref["value"], dtype, "value")
+    _assert_matches_mp(gl, ref["logits"], dtype, "d/dlogits")
+
+
+def test_covariance_gradients_at_an_overflowing_scale_float32():
+    """Issue 10: ``bivariate_normal_mixture_covariance`` with ``log_scale[1, 0] = 100``:
+    d/dlogits was NaN x3; exact (float64 reference [-8e85, 1.6e86, -8e85]) is
+    (-inf, +inf, -inf) in float32. Every gradient against mpmath."""
+    logits, loc = [0.0, 0.0, 0.0], [[0.0, 0.0]] * 3
+    log_scale, a = [[0.0, 0.0], [100.0, 0.0], [0.0, 0.0]], [0.3, -0.5, 0.0]
+    c, (gl, gm, gs, ga) = _grads(
+        lambda *x: bivariate_normal_mixture_covariance(*x)[..., [0, 0, 1], [0, 1, 1]],
+        torch.float32, logits, loc, log_scale, a,
+    )  # fmt: skip
+    ref = _mp_second_moments(logits, loc, log_scale, a)
+    _assert_matches_mp(c, ref["value"], torch.float32, "value")
+    _assert_matches_mp(gl, ref["logits"], torch.float32, "d/dlogits")
+    _assert_matches_mp(gm, ref["loc"], torch.float32, "d/dloc")
+    _assert_matches_mp(gs, ref["log_scale"], torch.float32, "d/dlog_scale")
+    _assert_matches_mp(ga, ref["atanh_rho"], torch.float32, "d/datanh_rho")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_covariance_correlation_gradient_where_sigma_product_overflows(dtype):
+    """``rho s1 s2`` at ``atanh_rho = 60``, ``log_scale = 60`` (float32; 400 in float64):
+    ``s1 s2 = e^{120}`` overflows, d/da = sech^2(a) s1 s2 = 4 e^{-120} e^{120} (about 4)
+    is finite; through autograd it was ``inf * (1 - tanh^2) = inf * 0 = NaN``."""
+    big = 60.0 if dtype == torch.float32 else 400.0
+    args = ([0.0], [[0.0, 0.0]], [[big, big]], [big])
+    c, (_, _, gs, ga) = _grads(
+        lambda *x: bivariate_normal_mixture_covariance(*x)[..., [0, 0, 1], [0, 1, 1]],
+        dtype, *args,
+    )  # fmt: skip
+    ref = _mp_second_moments(*args)
+    _assert_matches_mp(c, ref["value"], dtype, "value")
+    # e^{2 big - 2 log cosh(big)}: logarithms of total size 4 big cancel to 2 log 2
+    _assert_matches_mp(ga, ref["atanh_rho"], dtype, "d/datanh_rho", exponents=4 * big)
+    _assert_matches_mp(gs, ref["log_scale"], dtype, "d/dlog_scale")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_sample_correlation_gradient_where_the_scale_overflows(dtype):
+    """Issue 10 (fuzz): the drawn component's ``log_scale[1]`` = 100 (float32; 1e10 in
+    float64) at ``atanh_rho = 60``: d x2 / d a = s2 sech(a) (sech(a) e1 - tanh(a) e2) is
+    finite in float32 (about -2 e^{40} e2) and +-inf in float64, never NaN (autograd gave
+    ``e^{100} * (1 - tanh^2) = inf * 0``). The noise (e1, e2) is re-drawn from the same
+    generator (uniforms for the component draw, then the normals); reference in mpmath."""
+    from mpmath import mp, mpf
+
+    big = 100.0 if dtype == torch.float32 else 1e10
+    logits = torch.zeros(1, dtype=dtype)
+    loc = torch.zeros(1, 2, dtype=dtype)
+    log_scale = torch.tensor([[0.0, big]], dtype=dtype)
+    a = torch.tensor([60.0], dtype=dtype, requires_grad=True)
+    for seed in range(21, 29):  # one draw per call: a sum of +inf and -inf draws is NaN
+        x = bivariate_normal_mixture_sample(logits, loc, log_scale, a, generator=_gen(seed))
+        (grad,) = torch.autograd.grad(x[1], a)
+        g = _gen(seed)
+        torch.rand((1,), generator=g, dtype=dtype)
+        e1, e2 = torch.randn((2,), generator=g, dtype=dtype).double().tolist()
+        with mp.workdps(40):
+            sech = 1 / mp.cosh(60)
+            exact = mp.exp(mpf(big)) * sech * (sech * mpf(e1) - mp.tanh(60) * mpf(e2))
+        size = abs(mp.exp(mpf(big)) * sech) * (abs(sech * e1) + abs(e2))
+        _assert_matches_mp(grad, [(exact, size)], dtype, f"d/datanh_rho (seed {seed})")

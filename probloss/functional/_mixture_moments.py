@@ -1,0 +1,305 @@
+r"""Second moments of Gaussian mixtures with gradients that are never ``inf - inf``.
+
+The entries of a mixture covariance (law of total covariance),
+
+.. math::
+    C_p = \sum_k \pi_k Q_{kp}, \qquad Q_{kp} = \Sigma_{k,ij} + d_{ki} d_{kj}, \qquad
+    d_k = \mu_k - m, \quad m = \sum_k \pi_k \mu_k,
+
+for the pairs ``p = (i, j)`` asked for (the diagonal of a diagonal mixture, or the three
+entries of a bivariate one; :math:`\Sigma_{k,ii} = \sigma_{ki}^2`,
+:math:`\Sigma_{k,ij} = \rho_k\sigma_{ki}\sigma_{kj}`), have the gradients
+
+.. math::
+    \frac{\partial C_p}{\partial \ell_k} = \pi_k (Q_{kp} - C_p), \quad
+    \frac{\partial C_p}{\partial \mu_{ka}} = \pi_k(\delta_{ia} d_{kj} + \delta_{ja} d_{ki}),
+    \quad \frac{\partial C_p}{\partial \log\sigma_{ka}} = \pi_k \Sigma_{k,ij}
+        (\delta_{ia} + \delta_{ja}), \quad
+    \frac{\partial C_{ij}}{\partial a_k} = \pi_k \operatorname{sech}^2(a_k)
+        \sigma_{ki}\sigma_{kj}
+
+(:math:`\sum_k \pi_k d_k = 0` removes every term through :math:`m`). Autograd of the sum
+forms :math:`\pi_k Q_{kp}` and :math:`\pi_k C_p` apart (softmax backward): where both
+overflow, ``inf - inf = NaN`` although the difference is a defined ``+-inf`` (or finite).
+:class:`_SecondMoments` therefore writes the backward by hand from the identities above.
+
+Everything is computed in float64 (float32 and half inputs too, rounded once at the
+end: exponents such as ``2 log_scale`` of ``3e38`` stay finite there, and a term
+``e^{x}`` with ``x`` a sum of float32 logarithms that cancel is exact). Each value and
+gradient is first formed directly (weights applied by
+:func:`~probloss.special.mul_exp`); where that is not finite it is replaced by the same
+expression summed in signed log space (:func:`_qsum`), exact to ``eps64`` times the size
+of the exponents. Log magnitudes are carried divided by 4 (exact), so that sums of up to
+four logarithms near ``finfo(float64).max`` stay finite. A value or gradient beyond the
+range of the output dtype is then ``+-inf`` with its exact sign, never NaN. The backward
+is not differentiable again (``once_differentiable``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ..special import log1mexp, log_cosh, mul_exp
+
+_LOG2_4 = math.log(2.0) / 4.0
+
+
+# ---------------------------------------------------------------- signed quarter-logs
+# A real number x is carried as (L, S) with x = S e^{4 L}: L = log|x| / 4, S = sign(x);
+# zero is (-inf, 0).
+
+
+def _qlog(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(log|x| / 4, sign x)``; 0 is ``(-inf, 0)``."""
+    return torch.log(x.abs()) / 4.0, torch.sign(x)
+
+
+def _qzero(L: Tensor, S: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """``(L, S)`` where ``keep``, else exactly zero (``L`` replaced: no ``-inf + inf``)."""
+    return torch.where(keep, L, -math.inf), torch.where(keep, S, 0.0)
+
+
+def _qlse(L: Tensor, dim: int) -> Tensor:
+    """``log(sum e^{4L}) / 4`` along ``dim``: the shift by the (finite) maximum keeps
+    ``4 (L - max) <= 0``, so nothing overflows although ``4 L`` may."""
+    top = L.amax(dim, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, 0.0)  # all -inf: the sum is 0, log -inf
+    return (top + torch.log(torch.exp(4.0 * (L - top)).sum(dim, keepdim=True)) / 4.0).squeeze(dim)
+
+
+def _qsum(L: Tensor, S: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Signed sum along ``dim``: positive and negative parts by :func:`_qlse`, then
+    ``e^{4P} - e^{4N} = +-e^{4 max} (1 - e^{-4 |P - N|})`` (``log1mexp``); an exact
+    cancellation (or no term) is 0."""
+    pos = _qlse(torch.where(S > 0, L, -math.inf), dim)
+    neg = _qlse(torch.where(S < 0, L, -math.inf), dim)
+    high, low = torch.maximum(pos, neg), torch.minimum(pos, neg)
+    alive = high > low  # False at an exact tie and where both are -inf (gap NaN)
+    gap = torch.where(alive, high - low, 1.0)
+    out = high + log1mexp(4.0 * gap) / 4.0
+    return _qzero(out, torch.where(pos > neg, 1.0, -1.0), alive)
+
+
+def _qvalue(L: Tensor, S: Tensor) -> Tensor:
+    """``S e^{4 L}`` (``+-inf`` beyond the range; 0 for ``S = 0``)."""
+    return torch.where(S == 0, 0.0, S * torch.exp(4.0 * torch.where(S == 0, 0.0, L)))
+
+
+# ---------------------------------------------------------------- the moments
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype both paths run in: float64 (float32 exponents of 3e38 double there)."""
+    return torch.float64 if dtype != torch.float64 else dtype
+
+
+def _pairs(event_size: int, bivariate: bool) -> tuple[list[int], list[int]]:
+    if bivariate:
+        return [0, 0, 1], [0, 1, 1]
+    return list(range(event_size)), list(range(event_size))
+
+
+class _Terms:
+    """The pieces of both paths for one set of parameters (in one dtype)."""
+
+    def __init__(self, logits, loc, log_scale, atanh_rho, bivariate, quarter: bool):
+        from .mixture_sampling import _mixture_mean, _weights
+
+        self.I, self.J = _pairs(loc.shape[-1], bivariate)  # first / second coordinate of p
+        pairs = zip(self.I, self.J, strict=True)
+        self.off = torch.tensor([i != j for i, j in pairs], device=loc.device)
+        self.log_w, self.zero, self.total = _weights(logits)
+        self.m = _mixture_mean(self.log_w, self.zero, self.total, loc)
+        alive = ~self.zero.unsqueeze(-1)  # (*, K, 1)
+        self.half_dev = torch.where(alive, 0.5 * loc - 0.5 * self.m.unsqueeze(-2), 0.0)
+        self.ls = torch.where(alive, log_scale, 0.0)
+        self.rho = None if atanh_rho is None else torch.tanh(atanh_rho)
+        self.a = atanh_rho
+        if not quarter:
+            return
+        # quarter-logs: pi_k, |d_ki| (d = 2 (mu/2 - m/2), exact), sigma_ki
+        lw4 = logits / 4.0 - logits.amax(-1, keepdim=True) / 4.0
+        self.Lpi = torch.where(self.zero, -math.inf, lw4 - _qlse(lw4, -1).unsqueeze(-1))
+        Ld, self.Sd = _qlog(self.half_dev)
+        self.Ld = Ld + _LOG2_4
+        self.Ls = self.ls / 4.0
+
+    def coefficient(self) -> Tensor:
+        """``(*, K, P)``: 1 on the diagonal, ``rho_k`` off it."""
+        shape = (*self.ls.shape[:-1], len(self.I))
+        if self.rho is None:
+            return torch.ones(shape, dtype=self.ls.dtype, device=self.ls.device)
+        return torch.where(self.off, self.rho.unsqueeze(-1), 1.0).expand(shape)
+
+    # quarter-log terms, (*, K, P), without the weight
+    def q_sigma(self) -> tuple[Tensor, Tensor]:
+        Lc, Sc = _qlog(self.coefficient())
+        return Lc + self.Ls[..., self.I] + self.Ls[..., self.J], Sc
+
+    def q_dev(self) -> tuple[Tensor, Tensor]:
+        L = self.Ld[..., self.I] + self.Ld[..., self.J]
+        return L, self.Sd[..., self.I] * self.Sd[..., self.J]
+
+    def q_Q(self) -> tuple[Tensor, Tensor]:
+        (L1, S1), (L2, S2) = self.q_sigma(), self.q_dev()
+        return _qsum(torch.stack((L1, L2), -1), torch.stack((S1, S2), -1), -1)
+
+    def q_C(self) -> tuple[Tensor, Tensor]:
+        L, S = self.q_Q()
+        return _qsum(L + self.Lpi.unsqueeze(-1), S, -2)
+
+    # direct terms, (*, K, P), weighted by pi_k
+    def sigma(self) -> Tensor:
+        t = self.ls[..., self.I] + self.ls[..., self.J]
+        return mul_exp(self.coefficient() / self.total.unsqueeze(-1), self.log_w.unsqueeze(-1) + t)
+
+    def pi_dev(self, i: list[int]) -> Tensor:
+        """``pi_k d_ki`` for the coordinates ``i``: ``2 pi (mu/2 - m/2)``."""
+        log_w = torch.where(self.zero, -math.inf, self.log_w)
+        return mul_exp(2.0 * self.half_dev[..., i] / self.total.unsqueeze(-1), log_w.unsqueeze(-1))
+
+    def dev(self, i: list[int]) -> Tensor:
+        return 2.0 * self.half_dev[..., i]
+
+
+def _value(t: _Terms) -> Tensor:
+    """``C (*, P)`` by direct sums."""
+    return (t.sigma() + t.pi_dev(t.I) * t.dev(t.J)).sum(-2)
+
+
+def log_row_norm(scale_tril: Tensor) -> Tensor:
+    r"""``log sqrt(sum_j L_ij^2)`` per row of ``(*, D, D)``: the log standard deviations.
+
+    ``log m + log ||L / m||`` with ``m`` the row's largest ``|L_ij|`` (detached: the
+    identity holds for every ``m > 0``, so the gradient is still exact), so that squares of
+    entries near ``finfo.max`` do not overflow where the log is finite.
+    """
+    m = scale_tril.detach().abs().amax(-1)
+    m = torch.where((m > 0) & torch.isfinite(m), m, 1.0)  # a 0 / inf row keeps log||L||
+    return torch.log(m) + 0.5 * torch.log((scale_tril / m.unsqueeze(-1)).square().sum(-1))
+
+
+class _SecondMoments(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, loc, log_scale, atanh_rho, bivariate, scale_tril):
+        ctx.bivariate = bivariate
+        dtype, wide = logits.dtype, _wide(logits.dtype)
+        if scale_tril is not None:  # sigma_ki^2 = sum_j L_kij^2; its backward is by L
+            log_scale = log_row_norm(scale_tril.to(wide))
+        ctx.save_for_backward(logits, loc, log_scale, atanh_rho, scale_tril)
+        inputs = _to(wide, logits, loc, log_scale, atanh_rho)
+        c = _value(_Terms(*inputs, bivariate, quarter=False))
+        bad = ~torch.isfinite(c)
+        if c.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(bad.any()):
+            return c.to(dtype)  # CPU fast path: nothing to replace (reads the host only on CPU)
+        w = _Terms(*inputs, bivariate, quarter=True)
+        return torch.where(bad, _qvalue(*w.q_C()), c).to(dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        logits, loc, log_scale, atanh_rho, scale_tril = ctx.saved_tensors
+        dtype, wide = g.dtype, _wide(g.dtype)
+        logits, loc, log_scale, atanh_rho, scale_tril, g = _to(
+            wide, logits, loc, log_scale, atanh_rho, scale_tril, g
+        )
+        t = w = _Terms(logits, loc, log_scale, atanh_rho, ctx.bivariate, quarter=True)
+        Lg, Sg = _qlog(g.unsqueeze(-2))  # (*, 1, P)
+        Lg, Sg = _qzero(Lg, Sg, Sg != 0)
+        need = ctx.needs_input_grad
+        grads = [None] * 6
+
+        def pick(direct, L, S):
+            return torch.where(torch.isfinite(direct), direct, _qvalue(L, S)).to(dtype)
+
+        if need[0]:  # sum_p g_p pi_k (Q_kp - C_p)
+            c = _value(t).unsqueeze(-2)
+            q = t.sigma() + t.pi_dev(t.I) * t.dev(t.J)  # pi_k Q_kp
+            direct = (
+                g.unsqueeze(-2) * (q - mul_exp(c / t.total.unsqueeze(-1), t.log_w.unsqueeze(-1)))
+            ).sum(-1)
+            direct = torch.where(t.zero, 0.0, direct)
+            (LQ, SQ), (LC, SC) = w.q_Q(), w.q_C()
+            LC, SC = LC.unsqueeze(-2).expand_as(LQ), SC.unsqueeze(-2).expand_as(SQ)
+            L, S = _qsum(torch.stack((LQ, LC), -1), torch.stack((SQ, -SC), -1), -1)
+            L, S = _qsum(L + w.Lpi.unsqueeze(-1) + Lg, S * Sg, -1)
+            grads[0] = pick(direct, *_qzero(L, S, ~w.zero))
+        if need[1] or need[2]:
+            # contributions of pair p to coordinate I[p] and to J[p]: (*, K, P, 2)
+            D = loc.shape[-1]
+            target = torch.tensor([t.I, t.J], device=loc.device).T  # (P, 2)
+            onehot = target.unsqueeze(-1) == torch.arange(D, device=loc.device)  # (P, 2, D)
+
+            def scatter(direct_pk, L_pk, S_pk):
+                """``sum_p`` of ``(*, K, P, 2)`` contributions into ``(*, K, D)``."""
+                d = torch.where(onehot, direct_pk.unsqueeze(-1), 0.0).sum((-3, -2))
+                Lx = torch.where(onehot, L_pk.unsqueeze(-1), -math.inf).flatten(-3, -2)
+                Sx = torch.where(onehot, S_pk.unsqueeze(-1), 0.0).flatten(-3, -2)
+                return pick(d, *_qsum(Lx, Sx, -2))
+
+            gg = g.unsqueeze(-2).unsqueeze(-1)  # (*, 1, P, 1)
+            Lg2, Sg2 = Lg.unsqueeze(-1), Sg.unsqueeze(-1)
+            Lpi = w.Lpi.unsqueeze(-1).unsqueeze(-1)
+            if need[1]:  # g_p pi_k d_{k, other coordinate}
+                other = torch.stack((t.pi_dev(t.J), t.pi_dev(t.I)), -1)
+                Lo = torch.stack((w.Ld[..., w.J], w.Ld[..., w.I]), -1)
+                So = torch.stack((w.Sd[..., w.J], w.Sd[..., w.I]), -1)
+                L, S = _qzero(Lo + Lpi + Lg2, So * Sg2, So * Sg2 != 0)
+                grads[1] = scatter(gg * other, L, S)
+            if need[2]:  # g_p pi_k Sigma_kp, to both coordinates
+                sig = t.sigma().unsqueeze(-1).expand(*t.sigma().shape, 2)
+                Ls, Ss = w.q_sigma()
+                L, S = _qzero(
+                    Ls.unsqueeze(-1) + Lpi + Lg2,
+                    Ss.unsqueeze(-1) * Sg2,
+                    Ss.unsqueeze(-1) * Sg2 != 0,
+                )
+                grads[2] = scatter(gg * sig, L.expand_as(sig), S.expand_as(sig))
+        if atanh_rho is not None and need[3]:  # sum_{p off} g_p pi_k sech^2(a_k) s_i s_j
+            lc = 2.0 * log_cosh(t.a).unsqueeze(-1)
+            ls = t.ls[..., t.I] + t.ls[..., t.J]
+            gp = torch.where(t.off, g.unsqueeze(-2), 0.0)
+            direct = mul_exp(gp / t.total.unsqueeze(-1), t.log_w.unsqueeze(-1) + ls - lc).sum(-1)
+            direct = torch.where(t.zero, 0.0, direct)
+            Ls = w.Ls[..., w.I] + w.Ls[..., w.J] - 2.0 * log_cosh(w.a).unsqueeze(-1) / 4.0
+            L, S = _qzero(
+                Ls + w.Lpi.unsqueeze(-1) + Lg, Sg * w.off, (Sg * w.off != 0) & ~w.zero.unsqueeze(-1)
+            )
+            grads[3] = pick(direct, *_qsum(L, S, -1))
+        if scale_tril is not None and need[5]:  # 2 g_i pi_k L_kij (diagonal pairs only)
+            gi = g.unsqueeze(-2).unsqueeze(-1)  # (*, 1, D, 1)
+            log_w = t.log_w[..., None, None]
+            direct = mul_exp(gi * scale_tril / t.total[..., None, None], log_w + math.log(2.0))
+            Ll, Sl = _qlog(scale_tril)
+            L = w.Lpi[..., None, None] + Lg.unsqueeze(-1) + Ll + _LOG2_4
+            S = Sg.unsqueeze(-1) * Sl
+            L, S = _qzero(L, S, (S != 0) & ~w.zero[..., None, None])
+            direct = torch.where(w.zero[..., None, None], 0.0, direct)
+            grads[5] = pick(direct, L, S)
+        return tuple(grads)
+
+
+def _to(dtype, *tensors):
+    return tuple(None if x is None else x.to(dtype) for x in tensors)
+
+
+def second_moments(
+    logits: Tensor,
+    loc: Tensor,
+    log_scale: Tensor | None,
+    atanh_rho: Tensor | None,
+    scale_tril: Tensor | None = None,
+) -> Tensor:
+    """``(*, P)``: the diagonal ``(*, D)`` of a diagonal mixture (``atanh_rho`` None) or
+    ``(c11, c12, c22)`` of a bivariate one; the diagonal of a full-covariance mixture with
+    ``scale_tril (*, K, D, D)`` in place of ``log_scale`` (``sigma_ki^2 = sum_j L_kij^2``,
+    differentiated by ``L`` directly: ``2 pi_k L_kij``, where the chain through
+    ``log sigma`` would form ``inf * 0``). Inputs expanded to ``(*, K, ...)``, in one
+    compute dtype."""
+    return _SecondMoments.apply(
+        logits, loc, log_scale, atanh_rho, atanh_rho is not None, scale_tril
+    )
