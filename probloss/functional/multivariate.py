@@ -32,6 +32,7 @@ from torch import Tensor
 from .._dtype import as_loss_tensors
 from .._validation import check_not_nan, should_validate
 from ..special import mul_exp, softplus
+from ._lowrank_scaled import scaled_lowrank_log_prob
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -400,11 +401,15 @@ def lowrank_multivariate_normal_log_prob(
     whitened coordinates within ``16 eps G^2``, ``G = 1 + ||r~|| + ||W~||(1 + ||y||)``
     (tests/functional/test_multivariate_edges.py).
 
-    Known limit (issue 10, open): a coordinate whose :math:`e^{-\ell_i/2}` overflows the
-    compute dtype (:math:`\ell_i < -1419` in float64, also for float32 inputs; -177 for
-    float32 on MPS) while its row of :math:`W` is nonzero gives NaN, although the density
-    is finite there (:math:`W W^\top` carries that coordinate); with a zero row the
-    coordinate is exact (``-inf``, or ``-\ell_i/2`` at its mean).
+    Vanishing diagonal entries: where :math:`e^{-\ell_i/2}` overflows the compute dtype
+    (:math:`\ell_i < -1419` in float64, also for float32 inputs; -177 for float32 on MPS)
+    under a nonzero row of :math:`W`, the event is computed with each coordinate scaled by
+    its own size instead (``max(l_i/2, log max_j |W_ij|)``, module ``_lowrank_scaled``,
+    ``O(D^3)`` for those events only): finite where the density is. With a zero row the
+    coordinate is independent (``-inf``, or ``-\ell_i/2`` at its mean). Where more such
+    coordinates than the rank ``R`` vanish together, the covariance is singular to the dtype
+    and the density depends on those :math:`d_i` beyond its range: the result is the limit
+    :math:`d_i \to 0` (``-inf``, ``+inf`` exactly at the mean).
 
     Args:
         value: points, shape ``(*, D)``.
@@ -494,7 +499,42 @@ def _work_dtype(value: Tensor) -> torch.dtype:
 
 
 def _lowrank_log_prob(value: Tensor, loc: Tensor, cov_factor: Tensor, log_diag: Tensor) -> Tensor:
-    """The low-rank log density in the dtype of its (already checked) inputs."""
+    """The low-rank log density in the dtype of its (already checked) inputs.
+
+    Events whose whitened factor ``e^{-l/2} W`` overflows (``l_i < -2 log(finfo.max)`` next
+    to a nonzero row) are computed by :func:`scaled_lowrank_log_prob` (each coordinate
+    scaled by its own size); on CPU (not compiling) only when some event needs it, else
+    always, selected without a host read. Double where: each path sees safe inputs
+    (``W = 0``, ``l = 0``) in the other's events.
+    """
+    rank = cov_factor.shape[-1]
+    if rank == 0:
+        return _whitened_log_prob(value, loc, cov_factor, log_diag)
+    # infinite (not NaN: a NaN input propagates through the plain path)
+    w_over = torch.isinf(mul_exp(cov_factor.detach(), -0.5 * log_diag.detach().unsqueeze(-1)))
+    scaled = w_over.any(-1).any(-1)  # (*) of cov_factor / log_diag
+    if value.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(scaled.any()):
+        return _whitened_log_prob(value, loc, cov_factor, log_diag)
+    pick = scaled.unsqueeze(-1)
+    plain = _whitened_log_prob(
+        value,
+        loc,
+        torch.where(pick.unsqueeze(-1), 0.0, cov_factor),
+        torch.where(pick, 0.0, log_diag),
+    )
+    residual, factor, infinite = _event_residual(value, loc)
+    far = scaled_lowrank_log_prob(
+        residual,
+        factor,
+        torch.where(pick.unsqueeze(-1), cov_factor, 0.0),
+        torch.where(pick, log_diag, 0.0),
+    )
+    far = torch.where(infinite, -math.inf, far)
+    return torch.where(scaled, far, plain)
+
+
+def _whitened_log_prob(value: Tensor, loc: Tensor, cov_factor: Tensor, log_diag: Tensor) -> Tensor:
+    """The low-rank log density by whitening with ``e^{-l/2}`` (see the public docstring)."""
     dim, rank = cov_factor.shape[-2:]
     half_neg = -0.5 * log_diag  # log d^{-1/2}; mul_exp keeps a zero entry 0 where it overflows
     residual, factor, infinite = _event_residual(value, loc)
@@ -508,7 +548,11 @@ def _lowrank_log_prob(value: Tensor, loc: Tensor, cov_factor: Tensor, log_diag: 
     # of W~): the Mahalanobis term is infinite, log p = -inf; the row is fed r~ = 0
     off_span = (torch.isinf(r) & torch.isfinite(w).all(-1)).any(-1)
     infinite = infinite | off_span
-    r = torch.where(off_span.unsqueeze(-1), 0.0, r)
+    # double where: r~ formed again from a zero residual there, so the backward of e^{-l/2}
+    # sees 0 (0 * inf = NaN in d/dlog_diag otherwise); the gradient there is 0 (the exact
+    # one is infinite, like that of an infinite input)
+    residual = torch.where(off_span.unsqueeze(-1), 0.0, residual)
+    r = mul_exp(residual, half_neg) * factor
     eye = torch.eye(rank, dtype=w.dtype, device=w.device).expand((*w.shape[:-2], rank, rank))
     q, c = torch.linalg.qr(torch.cat([w, eye], dim=-2))  # [W~; I] = Q C, C^T C = K
     # log det K / 2 = sum log|C_jj|; |C_jj| >= 1 since K >= I

@@ -299,3 +299,121 @@ def test_lowrank_vanishing_diagonal_with_zero_factor_row(dtype):
         torch.tensor([1e-30, 0.5], dtype=dtype), torch.zeros(2, dtype=dtype), w, ld
     )
     assert away.item() == -math.inf
+
+
+def _vanishing_cases():
+    """(value, W, log_diag) in float64 with diagonal entries whose ``e^{-l/2}`` overflows
+    (``l = -2000, -1e10, -1e30``) next to nonzero factor rows, at most ``R`` of them (the
+    covariance stays regular in the dtype), the others ``e^{-1}, 1, e^{3}``; points at the
+    mean, along the factor, and off it."""
+    out = []
+    w1 = torch.tensor([[1.0], [2.0]], dtype=F64)
+    w2 = torch.tensor([[2.0, 0.5], [1.0, -1.0], [-1.0, 0.25]], dtype=F64)
+    for tiny_l, other in itertools.product((-2000.0, -1e10, -1e30), (-1.0, 0.0, 3.0)):
+        for value in ([0.0, 0.0], [1.0, 2.0], [0.5, -0.25]):
+            out.append(
+                (torch.tensor(value, dtype=F64), w1, torch.tensor([tiny_l, other], dtype=F64))
+            )
+        lds = ([tiny_l, other, other], [tiny_l, tiny_l, other])
+        for ld, value in itertools.product(lds, ([0.0, 0.0, 0.0], [2.5, 0.0, -0.75], [1.0, 1, 1])):
+            out.append((torch.tensor(value, dtype=F64), w2, torch.tensor(ld, dtype=F64)))
+    return out
+
+
+def _plain_gradients(x, mu, w, log_diag):
+    """(log p, d/dx, d/dW row by row, d/dl) in mpmath, not whitened: with v = Sigma^{-1} r,
+    d/dx = -v, d/dW = (v v^T - Sigma^{-1}) W, d/dl_i = d_i (v_i^2 - Sigma^{-1}_ii) / 2."""
+    n, rank = len(w), len(w[0])
+    wm = [_mpf_vector(row) for row in w]
+    d = [mpmath.exp(mpmath.mpf(t)) for t in log_diag]
+    sigma = [
+        [
+            mpmath.fsum(wm[i][k] * wm[j][k] for k in range(rank)) + (d[i] if i == j else 0)
+            for j in range(n)
+        ]
+        for i in range(n)
+    ]
+    r = [a - b for a, b in zip(_mpf_vector(x), _mpf_vector(mu), strict=True)]
+    identity = [[mpmath.mpf(int(i == j)) for i in range(n)] for j in range(n)]
+    (v, *inv_columns), det = _solve(sigma, [r, *identity])
+    inv = [[inv_columns[j][i] for j in range(n)] for i in range(n)]
+    maha = mpmath.fsum(r[i] * v[i] for i in range(n))
+    log_p = -(maha + mpmath.log(det) + n * mpmath.log(2 * mpmath.pi)) / 2
+    grad_w = [
+        mpmath.fsum((v[i] * v[j] - inv[i][j]) * wm[j][k] for j in range(n))
+        for i in range(n)
+        for k in range(rank)
+    ]
+    grad_l = [d[i] * (v[i] ** 2 - inv[i][i]) / 2 for i in range(n)]
+    return (log_p, *(-t for t in v), *grad_w, *grad_l)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_lowrank_vanishing_diagonal_under_a_factor_row_against_mpmath(dtype):
+    """Issue 10: a diagonal entry e^l with e^{-l/2} beyond the dtype (l < -1419 in float64)
+    under a nonzero factor row gave NaN in value and every gradient, although W W^T carries
+    the coordinate: float64 lowrank_multivariate_normal_log_prob(0, 0, [[0], [1]], [0,
+    -1e10]) is -log(2 pi) = -1.8379 (mpmath). Now each coordinate is scaled by its own size
+    (module _lowrank_scaled). Reference: the module's mpmath oracle (the covariance formed
+    at increasing precision). Bound: the scaled evaluation is backward stable in V, E^{1/2}
+    and S^{-1} r (entries at most 1 and |S^{-1} r|), so the value errs by at most k eps
+    kappa(M) (||y||^2 + sum |c_i| + sum |log C_ii| + D) and a gradient entry by k eps kappa(M)
+    times the product of the sizes it is bilinear in, (1 + ||r||)^2 (1 + ||W||)^2 here, with
+    k = 16 (Householder QR, one triangular solve, a sum: a few roundings per entry for D
+    <= 3) and kappa(M) <= 100 for these cases; |l| enters only as the exact sum of c_i.
+    Float32 inputs are computed in float64 and rounded once (half an ulp more)."""
+    eps = torch.finfo(F64).eps
+    out_half_ulp = torch.finfo(dtype).eps / 2 if dtype == torch.float32 else 0.0
+    for value, w, log_diag in _vanishing_cases():
+        x = value.to(dtype).clone().requires_grad_()
+        wt = w.to(dtype).clone().requires_grad_()
+        ld = log_diag.to(dtype).clone().requires_grad_()
+        loc = torch.zeros_like(x)
+        out = lowrank_multivariate_normal_log_prob(x, loc, wt, ld)
+        out.backward()
+        log_p, *grads = _converged(_plain_gradients, _key(x), _key(loc), _key(wt), _key(ld))
+        label = f"W={w.tolist()} ld={log_diag.tolist()} x={value.tolist()}"
+        r_norm, w_norm = float(value.norm()), float(w.norm())
+        size = float(log_p) + 2 * sum(abs(v) for v in log_diag.tolist()) + 10.0
+        bound = 16 * eps * 100 * (abs(size) + (1 + r_norm) ** 2) + out_half_ulp * abs(log_p)
+        assert abs(out.item() - log_p) <= bound, f"{label}: {out.item()} vs {log_p}"
+        got = torch.cat([x.grad.flatten(), wt.grad.flatten(), ld.grad.flatten()]).double()
+        exact = np.array(grads, dtype=np.float64)
+        g_bound = 16 * eps * 100 * (1 + r_norm) ** 2 * (1 + w_norm) ** 2
+        g_bound = g_bound + out_half_ulp * np.abs(exact)
+        assert np.all(np.abs(got.numpy() - exact) <= g_bound), (
+            f"{label}: {got.tolist()} vs {exact.tolist()}"
+        )
+
+
+def test_lowrank_issue_examples_vanishing_diagonal():
+    """The issue's rows (float64): Sigma = diag(1, e^{-1e10}) + [[0, 0], [0, 1]] at 0 gives
+    -log(2 pi) (to 2 eps); a zero factor row with log_diag -1e10 and x_1 != mu_1 gives -inf
+    with a gradient free of NaN (d/dlog_diag was NaN; 0 now, like an infinite input)."""
+    z = torch.zeros(2, dtype=F64)
+    ld = torch.tensor([0.0, -1e10], dtype=F64, requires_grad=True)
+    out = lowrank_multivariate_normal_log_prob(z, z, torch.tensor([[0.0], [1.0]], dtype=F64), ld)
+    assert abs(out.item() + math.log(2 * math.pi)) <= 2 * torch.finfo(F64).eps * 2
+    out.backward()
+    assert ld.grad.tolist() == [-0.5, 0.0]  # d_1 (v_1^2 - Sigma^{-1}_11) / 2 = -1/2; d_2 = 0
+    ld = torch.tensor([-1e10, 0.0], dtype=F64, requires_grad=True)
+    x = torch.tensor([1.0, 0.0], dtype=F64)
+    out = lowrank_multivariate_normal_log_prob(x, z, torch.zeros(2, 1, dtype=F64), ld)
+    out.backward()
+    assert out.item() == -math.inf and not torch.isnan(ld.grad).any()
+
+
+def test_lowrank_more_vanishing_coordinates_than_the_rank_give_the_limit():
+    """Two coordinates of variance e^{-1e10} under one factor column: the covariance is
+    singular to float64 and the density depends on those variances beyond its range. The
+    documented result is the limit d -> 0: +inf exactly at the mean, -inf off it (mpmath:
+    at the mean -log det / 2 - log 2 pi = +5e9 - ..., beyond every finite answer the dtype
+    could justify; off the factor's line (x = (1, 0)) -1e4342944815); never NaN."""
+    w = torch.tensor([[1.0], [2.0]], dtype=F64)
+    ld = torch.full((2,), -1e10, dtype=F64, requires_grad=True)
+    z = torch.zeros(2, dtype=F64)
+    assert lowrank_multivariate_normal_log_prob(z, z, w, ld).item() == math.inf
+    off = lowrank_multivariate_normal_log_prob(torch.tensor([1.0, 0.0], dtype=F64), z, w, ld)
+    assert off.item() == -math.inf
+    off.backward()
+    assert not torch.isnan(ld.grad).any()
