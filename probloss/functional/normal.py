@@ -339,8 +339,12 @@ def normal_nll(
     value, loc = tensors["value"], tensors["loc"]
     floor = tensors.get("min_scale")
     if floor is not None:
-        is_number = not isinstance(min_scale, Tensor)
-        if (is_number or should_validate(validate_args, floor)) and not (floor > 0).all():
+        # a Python number is checked as itself (no host read of the tensor made from it: on
+        # a GPU or meta device that would be one); a tensor when validating
+        if not isinstance(min_scale, Tensor):
+            if not bool((torch.as_tensor(min_scale, dtype=torch.float64) > 0).all()):
+                raise ValueError(f"min_scale must be positive, got {min_scale!r}")
+        elif should_validate(validate_args, floor) and not (floor > 0).all():
             raise ValueError(f"min_scale must be positive, got {min_scale!r}")
 
     if reduction != "none":
