@@ -371,17 +371,50 @@ def _mixture_second_moments(logits, loc, log_scale, atanh_rho=None):
     return entries, d
 
 
+# Most digits an oracle spends resolving a cancellation (a few seconds of mpmath per row).
+MAX_DPS = 40_000
+
+
+def _resolved(compute):
+    """``compute()`` (a list of ``(value, T)``) at a precision that resolves every value.
+
+    A value is taken once two evaluations, at ``p`` and ``2 p`` digits, agree to 20 digits
+    (terms of size ``e^65504`` that cancel, e.g. covariances of both signs, leave rounding
+    noise at 60 digits that the next evaluation does not repeat); else ``p`` doubles. Where
+    that would exceed :data:`MAX_DPS` the entry is ``(None, T)``: not resolved, and not
+    judged by :func:`tests.fuzz.checks.run_oracle`.
+    """
+    dps = DPS
+    with mp.workdps(dps):
+        low = compute()
+    while True:
+        with mp.workdps(2 * dps):
+            high = compute()
+            agree = [
+                (a == b) or (abs(a - b) <= abs(b) * mp.mpf(10) ** -20)
+                for (a, _), (b, _) in zip(low, high, strict=True)
+            ]
+        if all(agree):
+            return high
+        if 4 * dps > MAX_DPS:
+            return [pair if ok else (None, pair[1]) for pair, ok in zip(high, agree, strict=True)]
+        dps, low = 2 * dps, high
+
+
 def mixture_variance(logits, loc, log_scale):
-    with mp.workdps(DPS):
+    def compute():
         entries, d = _mixture_second_moments(logits, loc, log_scale)
         return [entries[j, j] for j in range(d)]
+
+    return _resolved(compute)
 
 
 def multivariate_mixture_variance(logits, loc, scale_tril):
     """As :func:`mixture_variance` with ``sigma_kd^2 = sum_j L_kdj^2`` (a row norm of L_k)."""
     k = len(logits)
     d = len(loc) // k
-    with mp.workdps(DPS):
+
+    def compute():
         log_sd = []
         for i in range(k):
             for r in range(d):
@@ -390,11 +423,15 @@ def multivariate_mixture_variance(logits, loc, scale_tril):
         entries, _ = _mixture_second_moments(logits, loc, log_sd)
         return [entries[j, j] for j in range(d)]
 
+    return _resolved(compute)
+
 
 def bivariate_mixture_covariance(logits, loc, log_scale, atanh_rho):
-    with mp.workdps(DPS):
+    def compute():
         entries, _ = _mixture_second_moments(logits, loc, log_scale, atanh_rho)
         return [entries[0, 0], entries[0, 1], entries[1, 0], entries[1, 1]]
+
+    return _resolved(compute)
 
 
 def bivariate_mixture_variance(logits, loc, log_scale, atanh_rho):
