@@ -219,16 +219,9 @@ def _dense_gradient(x, mu, factor):
     return tuple(-t for t in v) + tuple(grad_factor)
 
 
-def _lowrank_value(x, mu, w, log_diag):
-    """``(log p, maha/2, terms, cond)`` for Sigma = W W^T + diag(exp(log_diag)).
-
-    ``terms = sum |log_diag_i| / 2 + log det(K) / 2`` (``K = I + W^T D^-1 W``, log det K >= 0)
-    is the size of the terms log det(Sigma)/2 is made of.
-
-    ``cond = sum|r_i dlogp/dr_i| + sum|W_ij dlogp/dW_ij| + sum|d_i dlogp/dd_i|`` with
-    ``dlogp/dr = -v``, ``dlogp/dW = (v v^T - Sigma^{-1}) W``,
-    ``dlogp/dd_i = (v_i^2 - Sigma^{-1}_ii) / 2``, ``v = Sigma^{-1} r``.
-    """
+def _lowrank_solved(x, mu, w, log_diag):
+    """mpmath ``(W, d, Sigma, r, v, Sigma^{-1}, det Sigma)`` of the low-rank covariance
+    ``Sigma = W W^T + diag(e^log_diag)``, with ``r = x - mu`` and ``v = Sigma^{-1} r``."""
     n, rank = len(w), len(w[0])
     wm = [_mpf_vector(row) for row in w]
     d = [mpmath.exp(mpmath.mpf(t)) for t in log_diag]
@@ -241,8 +234,23 @@ def _lowrank_value(x, mu, w, log_diag):
     ]
     r = [a - b for a, b in zip(_mpf_vector(x), _mpf_vector(mu), strict=True)]
     identity = [[mpmath.mpf(int(i == j)) for i in range(n)] for j in range(n)]
-    (v, *inv_columns), _ = _solve(sigma, [r, *identity])
+    (v, *inv_columns), det = _solve(sigma, [r, *identity])
     inv = [[inv_columns[j][i] for j in range(n)] for i in range(n)]
+    return wm, d, sigma, r, v, inv, det
+
+
+def _lowrank_value(x, mu, w, log_diag):
+    """``(log p, maha/2, terms, cond)`` for Sigma = W W^T + diag(exp(log_diag)).
+
+    ``terms = sum |log_diag_i| / 2 + log det(K) / 2`` (``K = I + W^T D^-1 W``, log det K >= 0)
+    is the size of the terms log det(Sigma)/2 is made of.
+
+    ``cond = sum|r_i dlogp/dr_i| + sum|W_ij dlogp/dW_ij| + sum|d_i dlogp/dd_i|`` with
+    ``dlogp/dr = -v``, ``dlogp/dW = (v v^T - Sigma^{-1}) W``,
+    ``dlogp/dd_i = (v_i^2 - Sigma^{-1}_ii) / 2``, ``v = Sigma^{-1} r``.
+    """
+    n, rank = len(w), len(w[0])
+    wm, d, sigma, r, v, inv, _ = _lowrank_solved(x, mu, w, log_diag)
     cond = mpmath.fsum(abs(a * b) for a, b in zip(r, v, strict=True))
     for i in range(n):
         for k in range(rank):

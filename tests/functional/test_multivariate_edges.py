@@ -52,10 +52,9 @@ from tests.functional._checks import FLOAT_DTYPES, HALF_DTYPES, assert_within, d
 from tests.functional.test_multivariate import (
     _converged,
     _key,
+    _lowrank_solved,
     _lowrank_value,
-    _mpf_vector,
     _scale,
-    _solve,
 )
 
 F64 = torch.float64
@@ -65,19 +64,7 @@ def _lowrank_full(x, mu, w, log_diag):
     """``_lowrank_value``'s four numbers, then ``||r~||``, ``G`` and the gradient entries."""
     n, rank = len(w), len(w[0])
     log_p, half_maha, terms, cond = _lowrank_value(x, mu, w, log_diag)
-    wm = [_mpf_vector(row) for row in w]
-    d = [mpmath.exp(mpmath.mpf(t)) for t in log_diag]
-    sigma = [
-        [
-            mpmath.fsum(wm[i][k] * wm[j][k] for k in range(rank)) + (d[i] if i == j else 0)
-            for j in range(n)
-        ]
-        for i in range(n)
-    ]
-    r = [a - b for a, b in zip(_mpf_vector(x), _mpf_vector(mu), strict=True)]
-    identity = [[mpmath.mpf(int(i == j)) for i in range(n)] for j in range(n)]
-    (v, *inv_columns), _ = _solve(sigma, [r, *identity])
-    inv = [[inv_columns[j][i] for j in range(n)] for i in range(n)]
+    wm, d, _, r, v, inv, _ = _lowrank_solved(x, mu, w, log_diag)
     root = [mpmath.sqrt(t) for t in d]
     r_white = mpmath.sqrt(mpmath.fsum((r[i] / root[i]) ** 2 for i in range(n)))
     w_white = mpmath.sqrt(
@@ -324,19 +311,7 @@ def _plain_gradients(x, mu, w, log_diag):
     """(log p, d/dx, d/dW row by row, d/dl) in mpmath, not whitened: with v = Sigma^{-1} r,
     d/dx = -v, d/dW = (v v^T - Sigma^{-1}) W, d/dl_i = d_i (v_i^2 - Sigma^{-1}_ii) / 2."""
     n, rank = len(w), len(w[0])
-    wm = [_mpf_vector(row) for row in w]
-    d = [mpmath.exp(mpmath.mpf(t)) for t in log_diag]
-    sigma = [
-        [
-            mpmath.fsum(wm[i][k] * wm[j][k] for k in range(rank)) + (d[i] if i == j else 0)
-            for j in range(n)
-        ]
-        for i in range(n)
-    ]
-    r = [a - b for a, b in zip(_mpf_vector(x), _mpf_vector(mu), strict=True)]
-    identity = [[mpmath.mpf(int(i == j)) for i in range(n)] for j in range(n)]
-    (v, *inv_columns), det = _solve(sigma, [r, *identity])
-    inv = [[inv_columns[j][i] for j in range(n)] for i in range(n)]
+    wm, d, _, r, v, inv, det = _lowrank_solved(x, mu, w, log_diag)
     maha = mpmath.fsum(r[i] * v[i] for i in range(n))
     log_p = -(maha + mpmath.log(det) + n * mpmath.log(2 * mpmath.pi)) / 2
     grad_w = [
