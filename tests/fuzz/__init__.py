@@ -40,4 +40,33 @@ gradients that have an mpmath oracle: a row mpmath finds undefined must be state
 row must be undefined in mpmath), and their path-dependence with mpmath in
 ``test_checks.py``. That the float64 reference is NaN too never
 excuses a NaN: float64 overflows where the math does not.
+
+Disputed rows
+-------------
+An ``inf`` gradient where the float64 reference is finite is a failure, unless the
+record's mpmath ``dispute_oracle`` (the exact gradient of the closed form at the cast
+inputs) shows the exact gradient beyond ``finfo.max`` of the gradient's dtype (the input's
+dtype) with the same sign (:func:`.checks.confirmed_overflow`): the float64 reference
+itself can be wrong there (the bivariate records: it rounds ``z = r e^{-l}`` to 0, or
+``cosh^2 a z^2`` overflows). Only the disputed rows are evaluated.
+
+Known limits (open library holes)
+---------------------------------
+Where the library is known wrong and not yet fixed, a :class:`.records.KnownLimit`
+(reason, rows, outputs, dtypes, issue) in ``records.KNOWN_LIMITS`` excuses every failure
+of the named outputs on exactly those rows, applied next to ``Undefined`` in
+:func:`.checks.check`. ``test_records.py::test_known_limits_are_not_stale`` fails once a
+statement matches no draw: then the hole is fixed and the statement must go. Today:
+
+* multivariate_normal_log_prob, multivariate_normal_mixture_log_prob,
+  MultivariateNormalMixture.log_prob (float64): L^{-1}(x - mu) overflows at finite inputs:
+  NaN gradients (the value -inf is right; never excused).
+* multivariate_normal_mixture_log_prob, MultivariateNormalMixture.log_prob,
+  normal_mixture_nll (float16, bfloat16): the two leading component terms carry a float32
+  error 4 eps32 |T| > 1 and lie within it (+104) of each other: responsibilities unresolved
+  in float32, a gradient off / overflowing the half gradient.
+* lowrank_multivariate_normal_log_prob (all dtypes): |cov_factor| or |x - mu| beyond
+  finfo(float64).max / 2 (QR overflows): NaN value and gradients; the whitened quadratic
+  form overflows float64: NaN gradients (value -inf right); (float64) the capacitance
+  |E^{-1/2} W|^2 overflows at a finite whitened factor: NaN gradients.
 """

@@ -642,3 +642,25 @@ def bivariate_entropy(loc, log_scale, atanh_rho):
         c = 1 + mp.log(2 * mp.pi)
         lc = mp.log(mp.cosh(atanh_rho[0]))
         return [(+(c + s1 + s2 - lc), +(c + abs(s1) + abs(s2) + lc))]
+
+
+def bivariate_log_scale_grad(value, loc, log_scale, atanh_rho, sign=1):
+    """Exact ``d/dlog_scale`` of the bivariate log density (``sign=-1``: of the NLL), as
+    mpmath numbers (unbounded exponent, so far beyond float64's range), for the disputed
+    rows of :func:`tests.fuzz.checks.check`. With ``z_i = (x_i - mu_i) e^{-l_i}``,
+    ``rho = tanh a`` and ``log p = -log 2 pi - l_1 - l_2 + log cosh a - Q / 2``,
+    ``Q = cosh^2 a (z_1^2 - 2 rho z_1 z_2 + z_2^2)``:
+
+    .. math:: \\partial_{l_i} \\log p = -1 + \\cosh^2 a\\,(z_i^2 - \\rho z_1 z_2).
+    """
+    with mp.workdps(60):
+        a = mp.mpf(atanh_rho[0])
+        z = [(mp.mpf(value[i]) - mp.mpf(loc[i])) * mp.exp(-mp.mpf(log_scale[i])) for i in (0, 1)]
+        c2, rho = mp.cosh(a) ** 2, mp.tanh(a)
+        return {
+            "log_scale": [sign * (-1 + c2 * (z[i] ** 2 - rho * z[0] * z[1])) for i in (0, 1)]
+        }
+
+
+def bivariate_nll_log_scale_grad(*row):
+    return bivariate_log_scale_grad(*row, sign=-1)

@@ -80,6 +80,9 @@ class Record:
     fused: Callable | None = None  # fn(*tensors, fused=bool) for the fused = plain check
     fused_args: tuple[str, ...] = field(default=())  # arguments the fused domain bounds
     undefined: tuple[Undefined, ...] = ()  # where the math is undefined (NaN acceptable)
+    # rows -> {grad arg: [exact gradient, mpmath]}: decides the disputed rows (an inf
+    # gradient where the float64 reference is finite; tests.fuzz.checks.check)
+    dispute_oracle: Callable | None = None
 
     def __repr__(self) -> str:
         return self.name
@@ -279,6 +282,7 @@ FUNCTIONAL = [
         "promote",
         oracle=O.bivariate_normal_log_prob,
         undefined=_UNDEF_BIVARIATE,
+        dispute_oracle=O.bivariate_log_scale_grad,
     ),
     Record(
         "functional.bivariate_normal_mixture_covariance",
@@ -339,6 +343,7 @@ FUNCTIONAL = [
         "promote",
         oracle=O.bivariate_normal_nll,
         undefined=_UNDEF_BIVARIATE,
+        dispute_oracle=O.bivariate_nll_log_scale_grad,
     ),
     Record(
         "functional.continuous_bernoulli_cdf",
@@ -663,6 +668,7 @@ DISTRIBUTIONS = [
         "promote",
         oracle=O.bivariate_normal_log_prob,
         undefined=_UNDEF_BIVARIATE,
+        dispute_oracle=O.bivariate_log_scale_grad,
     ),
     Record(
         "distributions.BivariateNormal.mean",

@@ -174,3 +174,25 @@ def test_diagonal_mixture_corner_is_path_dependent():
 
         assert r0(mp.mpf(1) / 10) > 1 - mp.mpf(10) ** -40
         assert r0(mp.mpf(10)) < mp.mpf(10) ** -40
+
+
+def test_disputed_inf_gradient_decided_by_mpmath():
+    """An inf gradient where the float64 reference is finite is disputed and decided by the
+    record's mpmath gradient oracle (exact closed form, tests/fuzz/oracle.py): bf16 row
+    1985 of the bivariate log density, where float64 rounds z = r e^{-l} to 0 and reports
+    d/dlog_scale[0] = -1 while the exact value is -8.5e38471411927 (overflow confirmed), is
+    accepted; the same row with the sign flipped, and a row whose exact gradient is -1, are
+    refuted."""
+    from .checks import check, confirmed_overflow, make_inputs
+    from .records import BY_NAME
+
+    r = BY_NAME["functional.bivariate_normal_log_prob"]
+    rows = [t[1985:1986] for t in make_inputs(r, torch.bfloat16, 2000)]
+    assert rows[0][0, 0].abs() > 1e19  # the drawn row of the report (value -1.84e19)
+    assert check(r, torch.bfloat16, rows) == []  # confirmed by mpmath
+    bad = torch.tensor([[True, False]])
+    minus = torch.tensor([[-math.inf, 0.0]], dtype=torch.bfloat16)
+    assert confirmed_overflow(r, "log_scale", rows, minus, bad).tolist() == [[True, False]]
+    assert not confirmed_overflow(r, "log_scale", rows, -minus, bad).any()  # wrong sign
+    zero = [torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 1)]
+    assert not confirmed_overflow(r, "log_scale", zero, minus, bad).any()  # exact -1
