@@ -3,7 +3,9 @@ r"""The low-rank-plus-diagonal log density where whitening by ``e^{-l/2}`` overf
 :func:`.multivariate.lowrank_multivariate_normal_log_prob` whitens by ``d^{-1/2} = e^{-l/2}``,
 which overflows for ``l_i < -2 log(finfo.max)`` (-1419 in float64); a nonzero row of ``W``
 then becomes infinite and the QR gives NaN, although the density is finite (``W W^T``
-carries that coordinate). Here each coordinate is scaled by its own size instead,
+carries that coordinate). Long before, from whitened entries of ``finfo.max ** 0.25``,
+the QR's backward multiplies them pairwise and its gradients turn NaN. Such events come
+here, where each coordinate is scaled by its own size instead,
 
 .. math::
     c_i = \max(\tfrac12 l_i, \log\max_j |W_{ij}|), \qquad S = \operatorname{diag}(e^{c}),
@@ -34,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ..special import mul_exp
+from ._squared_norm import half_squared_norm
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -67,8 +70,16 @@ def scaled_lowrank_log_prob(
     # gradient; such events are then fed B^T = [0; I] (double where), so the QR's backward
     # never divides by the zero.
     with torch.no_grad():
-        diag = torch.linalg.qr(b_t)[1].diagonal(dim1=-2, dim2=-1)
-        singular = ~(diag.abs() > 0).all(-1)
+        probe = torch.linalg.qr(b_t)[1]
+        singular = ~(probe.diagonal(dim1=-2, dim2=-1).abs() > 0).all(-1)
+        # a quadratic form beyond the dtype (log p = -inf): solved again from r^ = 0, like
+        # an overflowing r^, since C^{-T} r^ of that size overflows products in the QR's
+        # and the solve's backward (inf - inf = NaN). The gradient there is then that of the
+        # log-determinant alone: the quadratic's is beyond the dtype's range or is
+        # negligible against a log density of -inf, a loss of +inf.
+        over_q = ~torch.isfinite(half_squared_norm(_solve_lower(probe.mT, r_hat)))
+    over = over | (over_q & ~singular)
+    r_hat = torch.where(over.unsqueeze(-1), 0.0, r_hat)
     safe = torch.cat(
         [
             torch.zeros_like(b_t[..., :rank, :]),
@@ -79,11 +90,18 @@ def scaled_lowrank_log_prob(
     b_t = torch.where(singular[..., None, None], safe, b_t)
     _, upper = torch.linalg.qr(b_t)  # B^T = Q C, M = C^T C
     half_log_det = c.sum(-1) + upper.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
-    batch = torch.broadcast_shapes(batch, r_hat.shape[:-1])
-    y = torch.linalg.solve_triangular(
-        upper.mT.expand((*batch, dim, dim)), r_hat.expand((*batch, dim)).unsqueeze(-1), upper=False
-    ).squeeze(-1)  # C^T y = r^, ||y||^2 = r^T M^{-1} r^
-    log_p = -0.5 * (y * y).sum(-1) - half_log_det - 0.5 * dim * _LOG_2PI
+    y = _solve_lower(upper.mT, r_hat)  # C^T y = r^, ||y||^2 = r^T M^{-1} r^
+    log_p = -half_squared_norm(y) - half_log_det - 0.5 * dim * _LOG_2PI
     at_mean = (r_hat == 0).all(-1)
     log_p = torch.where(singular, torch.where(at_mean, math.inf, -math.inf), log_p)
     return torch.where(over, -math.inf, log_p)
+
+
+def _solve_lower(lower: Tensor, rhs: Tensor) -> Tensor:
+    """``lower^{-1} rhs`` for ``(*, D, D)`` lower-triangular factors and ``(*, D)`` vectors,
+    batch dimensions broadcast."""
+    batch = torch.broadcast_shapes(lower.shape[:-2], rhs.shape[:-1])
+    dim = lower.shape[-1]
+    return torch.linalg.solve_triangular(
+        lower.expand((*batch, dim, dim)), rhs.expand((*batch, dim)).unsqueeze(-1), upper=False
+    ).squeeze(-1)

@@ -33,6 +33,7 @@ from .._dtype import as_loss_tensors
 from .._validation import check_not_nan, should_validate
 from ..special import mul_exp, softplus
 from ._lowrank_scaled import scaled_lowrank_log_prob
+from ._squared_norm import half_squared_norm
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -40,35 +41,6 @@ _LOG_2PI = math.log(2.0 * math.pi)
 # --------------------------------------------------------------------------------------
 # Shared pieces
 # --------------------------------------------------------------------------------------
-
-
-class _HalfSquaredNorm(torch.autograd.Function):
-    """``||z||^2 / 2`` over the last dimension without overflow where the result is finite.
-
-    ``sum(z^2)`` overflows as soon as one ``z_i^2`` does (``|z_i| > 1.8e19`` in float32)
-    even when half the sum is representable. Rows whose largest ``|z_i|`` exceeds 1 are
-    scaled by a power of two ``p <= max|z_i|`` (exact) and the result is
-    ``((sum((z/p)^2) / 2) p) p``, which overflows only if the result does. Rows with
-    ``max|z_i| <= 1`` are summed as they are (a squared entry that underflows is below
-    ``tiny``, negligible next to the other terms of a log density). The backward is
-    ``grad * z`` (differentiable again), cheaper than autograd through the scaling.
-    """
-
-    @staticmethod
-    def forward(ctx, z: Tensor) -> Tensor:
-        ctx.save_for_backward(z)
-        big = z.abs().amax(dim=-1, keepdim=True)
-        # p = 2^floor(log2(max|z|)) for max|z| > 1 (finite), else 1; an exact power of two.
-        p = torch.where(
-            (big > 1.0) & torch.isfinite(big), torch.exp2(torch.floor(torch.log2(big))), 1.0
-        )
-        half_sum = (z / p).square().sum(dim=-1, keepdim=True).mul_(0.5)
-        return half_sum.mul_(p).mul_(p).squeeze(-1)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (z,) = ctx.saved_tensors
-        return grad.unsqueeze(-1) * z  # d(||z||^2 / 2)/dz = z
 
 
 def _solve_triangular(factor: Tensor, rhs: Tensor, *, upper: bool) -> Tensor:
@@ -140,7 +112,10 @@ def multivariate_normal_log_prob(
     of a backward-stable evaluation. Only the lower triangle of ``scale_tril`` is read.
     ``value - loc`` may overflow where ``z`` does not (``3e38 - (-3e38)`` in float32): the
     event is then halved exactly and the factor 2 applied after the solve. An infinite
-    coordinate of ``value`` or ``loc`` gives ``-inf``.
+    coordinate of ``value`` or ``loc`` gives ``-inf``, and so does a ``z`` that overflows
+    (e.g. a subnormal diagonal entry); the gradient of the quadratic term is then 0 (the
+    exact one is beyond the dtype; in a mixture the component's zero responsibility makes
+    0 exact), never NaN.
 
     ``torch.distributions.MultivariateNormal(loc, scale_tril=L)`` computes the same quantity
     (its squared norm overflows sooner); from a ``covariance_matrix`` it needs a Cholesky
@@ -191,12 +166,10 @@ def multivariate_normal_log_prob(
     work = _work_dtype(value)
     value, loc, scale_tril = (t.to(work) for t in (value, loc, scale_tril))
     r, factor, infinite = _event_residual(value, loc)
-    z = _solve_triangular(scale_tril, r, upper=False) * factor
-    # a non-finite z of finite inputs: an intermediate of the solve overflowed, and then
-    # ||z||^2 / 2, which is at least its square, overflows too: the log density is -inf
-    infinite = infinite | ~torch.isfinite(z).all(-1)
+    z, overflow = _whitened_residual(scale_tril, r, factor)
+    infinite = infinite | overflow
     half_log_det = torch.log(scale_tril.diagonal(dim1=-2, dim2=-1)).sum(-1)  # sum log L_ii
-    log_p = -_HalfSquaredNorm.apply(z) - half_log_det - 0.5 * dim * _LOG_2PI
+    log_p = -half_squared_norm(z) - half_log_det - 0.5 * dim * _LOG_2PI
     return torch.where(infinite, -math.inf, log_p).to(out_dtype)
 
 
@@ -219,6 +192,28 @@ def _event_residual(value: Tensor, loc: Tensor) -> tuple[Tensor, Tensor, Tensor]
     r = torch.where(infinite.unsqueeze(-1), 0.0, r)
     factor = torch.where(over, 2.0, 1.0).to(r.dtype)
     return r, factor, infinite
+
+
+def _whitened_residual(scale_tril: Tensor, r: Tensor, factor: Tensor) -> tuple[Tensor, Tensor]:
+    """``(z, overflow)``: ``z = L^{-1} r * factor``, and the events where it is not finite.
+
+    A non-finite ``z`` of finite inputs means an intermediate of the solve overflowed (e.g.
+    a subnormal diagonal entry of ``L``); ``||z||^2 / 2``, at least its square, then
+    overflows too and the log density is ``-inf``. Those events are solved again from
+    ``r = 0`` (double where): the solve's backward forms ``-(L^{-T} g) z^T``, which is
+    ``0 * inf = NaN`` for the overflowed ``z`` even where the incoming gradient ``g`` is 0,
+    and would poison a mixture whose other components are finite. Their gradient is then
+    0 (the exact one is beyond the dtype's range; in a mixture the component's
+    responsibility ``e^{-inf}`` makes 0 exact). On CPU (not compiling) the second solve
+    runs only when an event overflowed; elsewhere always, without a host read.
+    """
+    z = _solve_triangular(scale_tril, r, upper=False) * factor
+    overflow = ~torch.isfinite(z.detach()).all(-1)
+    eager_cpu = r.device.type == "cpu" and not torch.compiler.is_compiling()
+    if eager_cpu and not bool(overflow.any()):
+        return z, overflow
+    r = torch.where(overflow.unsqueeze(-1), 0.0, r)
+    return _solve_triangular(scale_tril, r, upper=False) * factor, overflow
 
 
 def _check_positive_diagonal(diag: Tensor, scale_tril: Tensor) -> None:
@@ -401,11 +396,16 @@ def lowrank_multivariate_normal_log_prob(
     whitened coordinates within ``16 eps G^2``, ``G = 1 + ||r~|| + ||W~||(1 + ||y||)``
     (tests/functional/test_multivariate_edges.py).
 
-    Vanishing diagonal entries: where :math:`e^{-\ell_i/2}` overflows the compute dtype
-    (:math:`\ell_i < -1419` in float64, also for float32 inputs; -177 for float32 on MPS)
-    under a nonzero row of :math:`W`, the event is computed with each coordinate scaled by
-    its own size instead (``max(l_i/2, log max_j |W_ij|)``, module ``_lowrank_scaled``,
-    ``O(D^3)`` for those events only): finite where the density is. With a zero row the
+    Vanishing diagonal entries: where a whitened factor entry :math:`e^{-\ell_i/2} W_{ij}`
+    exceeds ``finfo.max ** 0.25`` (``1e77`` in float64, also for float32 inputs; ``4e9``
+    for float32 on MPS), e.g. :math:`\ell_i < -354` under a factor row of size 1, the QR's
+    backward would multiply such entries pairwise (``inf - inf``), and the event is
+    computed with each coordinate scaled by its own size instead
+    (``max(l_i/2, log max_j |W_ij|)``, module ``_lowrank_scaled``,
+    ``O(D^3)`` for those events only): finite where the density is. Where the quadratic
+    form itself overflows there (``log p = -inf``), the gradients are those of the
+    log-determinant alone (the quadratic's are beyond the dtype's range or negligible
+    against an infinite loss). With a zero row the
     coordinate is independent (``-inf``, or ``-\ell_i/2`` at its mean). Where more such
     coordinates than the rank ``R`` vanish together, the covariance is singular to the dtype
     and the density depends on those :math:`d_i` beyond its range: the result is the limit
@@ -501,18 +501,16 @@ def _work_dtype(value: Tensor) -> torch.dtype:
 def _lowrank_log_prob(value: Tensor, loc: Tensor, cov_factor: Tensor, log_diag: Tensor) -> Tensor:
     """The low-rank log density in the dtype of its (already checked) inputs.
 
-    Events whose whitened factor ``e^{-l/2} W`` overflows (``l_i < -2 log(finfo.max)`` next
-    to a nonzero row) are computed by :func:`scaled_lowrank_log_prob` (each coordinate
-    scaled by its own size); on CPU (not compiling) only when some event needs it, else
+    Events whose whitened factor ``e^{-l/2} W`` exceeds ``finfo.max ** 0.25``
+    (:func:`_needs_scaling`) are computed by :func:`scaled_lowrank_log_prob` (each
+    coordinate scaled by its own size); on CPU (not compiling) only when some event needs it, else
     always, selected without a host read. Double where: each path sees safe inputs
     (``W = 0``, ``l = 0``) in the other's events.
     """
     rank = cov_factor.shape[-1]
     if rank == 0:
         return _whitened_log_prob(value, loc, cov_factor, log_diag)
-    # infinite (not NaN: a NaN input propagates through the plain path)
-    w_over = torch.isinf(mul_exp(cov_factor.detach(), -0.5 * log_diag.detach().unsqueeze(-1)))
-    scaled = w_over.any(-1).any(-1)  # (*) of cov_factor / log_diag
+    scaled = _needs_scaling(cov_factor, log_diag)
     if value.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(scaled.any()):
         return _whitened_log_prob(value, loc, cov_factor, log_diag)
     pick = scaled.unsqueeze(-1)
@@ -533,6 +531,24 @@ def _lowrank_log_prob(value: Tensor, loc: Tensor, cov_factor: Tensor, log_diag: 
     return torch.where(scaled, far, plain)
 
 
+def _needs_scaling(cov_factor: Tensor, log_diag: Tensor) -> Tensor:
+    """Events, shape ``(*)``, that :func:`scaled_lowrank_log_prob` computes: where an entry of
+    the whitened factor ``e^{-l/2} W`` or residual ``e^{-l/2}(x - mu)`` exceeds
+    ``finfo.max ** 0.25`` (or a nonzero one overflows: the value itself is NaN there).
+
+    Beyond that size the QR's backward forms products of two such entries with a third
+    (``C^{-T}`` times outer products), which overflow to ``inf - inf`` = NaN although the
+    gradients are finite (e.g. ``W = 708`` over ``l = -858``: whitened ``1e189``); scaled
+    by each coordinate's own size every entry of that path is at most 1 or of the order of
+    the standardised residual. Computed without gradient; NaN (a NaN input) is not picked.
+    """
+    with torch.no_grad():
+        big = torch.finfo(log_diag.dtype).max ** 0.25
+        half_neg = -0.5 * log_diag
+        w = mul_exp(cov_factor, half_neg.unsqueeze(-1)).abs().amax(-1)  # (*, D)
+        return (w > big).any(-1)
+
+
 def _whitened_log_prob(value: Tensor, loc: Tensor, cov_factor: Tensor, log_diag: Tensor) -> Tensor:
     """The low-rank log density by whitening with ``e^{-l/2}`` (see the public docstring)."""
     dim, rank = cov_factor.shape[-2:]
@@ -541,7 +557,7 @@ def _whitened_log_prob(value: Tensor, loc: Tensor, cov_factor: Tensor, log_diag:
     r = mul_exp(residual, half_neg) * factor
     half_log_det = 0.5 * log_diag.sum(-1)  # log det(diag(d)) / 2
     if rank == 0:
-        log_p = -_HalfSquaredNorm.apply(r) - half_log_det - 0.5 * dim * _LOG_2PI
+        log_p = -half_squared_norm(r) - half_log_det - 0.5 * dim * _LOG_2PI
         return torch.where(infinite, -math.inf, log_p)
     w = mul_exp(cov_factor, half_neg.unsqueeze(-1))  # rows of W scaled: d^{-1/2} W
     # an infinite whitened residual in a coordinate outside the factor's span (finite row
@@ -563,5 +579,5 @@ def _whitened_log_prob(value: Tensor, loc: Tensor, cov_factor: Tensor, log_diag:
     residual = r - (y.unsqueeze(-2) @ w.mT).squeeze(-2)
     batch = torch.broadcast_shapes(residual.shape[:-1], y.shape[:-1])
     stacked = torch.cat([residual.expand((*batch, dim)), y.expand((*batch, rank))], dim=-1)
-    log_p = -_HalfSquaredNorm.apply(stacked) - half_log_det - 0.5 * dim * _LOG_2PI
+    log_p = -half_squared_norm(stacked) - half_log_det - 0.5 * dim * _LOG_2PI
     return torch.where(infinite, -math.inf, log_p)

@@ -392,3 +392,102 @@ def test_lowrank_more_vanishing_coordinates_than_the_rank_give_the_limit():
     assert off.item() == -math.inf
     off.backward()
     assert not torch.isnan(ld.grad).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize(
+    "value, w, log_diag",
+    [
+        ([3.0, -1.0], [[1.0], [0.5]], [-400.0, 0.0]),  # whitened factor e^{200} = 7e86
+        ([65504.02, 1.0], [[-708.5], [0.0]], [-858.0, 0.0]),  # the fuzz row: 708.5 e^{429}
+        ([-1.0, 2.0], [[3.0, 0.0], [1.0, 2.0]], [-400.0, -380.0]),
+    ],
+)
+def test_lowrank_large_whitened_factor_gradients_against_mpmath(dtype, value, w, log_diag):
+    """Issue 10 (fuzz): a whitened factor e^{-l/2} W beyond finfo.max^(1/4) (1e77 in float64)
+    but finite gave a right value and NaN gradients: the QR's backward multiplies such
+    entries pairwise with a third (e.g. W = -708.5 over l = -858: 1e189, d/dx NaN where the
+    exact is -0.13). Such events are computed with each coordinate scaled by its own size
+    (module _lowrank_scaled). Reference and bound as in
+    test_lowrank_vanishing_diagonal_under_a_factor_row_against_mpmath (the same backward
+    stable scaled evaluation; kappa(M) <= 100 for these cases)."""
+    eps = torch.finfo(F64).eps
+    out_half_ulp = torch.finfo(dtype).eps / 2 if dtype == torch.float32 else 0.0
+    x = torch.tensor(value, dtype=dtype, requires_grad=True)
+    wt = torch.tensor(w, dtype=dtype, requires_grad=True)
+    ld = torch.tensor(log_diag, dtype=dtype, requires_grad=True)
+    loc = torch.zeros_like(x)
+    out = lowrank_multivariate_normal_log_prob(x, loc, wt, ld)
+    out.backward()
+    log_p, *grads = _converged(_plain_gradients, _key(x), _key(loc), _key(wt), _key(ld))
+    r_norm, w_norm = float(x.detach().double().norm()), float(wt.detach().double().norm())
+    size = float(log_p) + 2 * sum(abs(v) for v in log_diag) + 10.0
+    bound = 16 * eps * 100 * (abs(size) + (1 + r_norm) ** 2) + out_half_ulp * abs(log_p)
+    assert abs(out.item() - log_p) <= bound, (out.item(), log_p)
+    got = torch.cat([x.grad.flatten(), wt.grad.flatten(), ld.grad.flatten()]).double()
+    exact = np.array(grads, dtype=np.float64)
+    g_bound = 16 * eps * 100 * (1 + r_norm) ** 2 * (1 + w_norm) ** 2
+    g_bound = g_bound + out_half_ulp * np.abs(exact)
+    assert np.all(np.abs(got.numpy() - exact) <= g_bound), (got.tolist(), exact.tolist())
+
+
+def test_lowrank_quadratic_form_beyond_the_dtype_gives_no_nan():
+    """A quadratic form beyond float64 in the scaled path (two vanishing variances under one
+    factor column, a point off its line: the fuzz's float16 row 139) is -inf with gradients
+    free of NaN: such events are solved again from a zero residual (their quadratic's
+    gradient is beyond the range; d/dlog_diag keeps the log-determinant's)."""
+    x = torch.tensor([0.0, 0.0], dtype=F64, requires_grad=True)
+    mu = torch.tensor([0.34423828125, -0.0213775634765625], dtype=F64)
+    w = torch.tensor([[0.037322998046875], [65504.0]], dtype=F64, requires_grad=True)
+    ld = torch.tensor([-65504.0, -709.5], dtype=F64, requires_grad=True)
+    out = lowrank_multivariate_normal_log_prob(x, mu, w, ld)
+    out.backward()
+    assert out.item() == -math.inf
+    for g in (x.grad, w.grad, ld.grad):
+        assert not torch.isnan(g).any(), g
+
+
+def test_dense_solve_overflowing_float64_keeps_mixture_gradients():
+    """Issue 10 (fuzz): a float64 factor with a subnormal diagonal entry makes L^{-1}(x - mu)
+    overflow: the log density -inf is right, but the solve's backward formed 0 * inf = NaN in
+    d/dvalue and d/dloc even with a zero incoming gradient, so a mixture with one such
+    component had NaN gradients everywhere (134 of 2000 fuzz rows). Such events are solved
+    again from a zero residual: in the mixture the component's responsibility e^{-inf} = 0
+    makes 0 the exact gradient, and the others are those of the one-component density."""
+    from probloss.functional import multivariate_normal_mixture_log_prob
+
+    x = torch.tensor([0.5, -1.0], dtype=F64, requires_grad=True)
+    logits = torch.zeros(2, dtype=F64, requires_grad=True)
+    loc = torch.zeros(2, 2, dtype=F64, requires_grad=True)
+    tril = torch.stack([torch.eye(2, dtype=F64), torch.eye(2, dtype=F64)])
+    tril[1, 0, 0] = 5e-324
+    tril.requires_grad_()
+    out = multivariate_normal_mixture_log_prob(x, logits, loc, tril)
+    out.backward()
+    # component 0 alone (responsibility 1): N(0, I) at x, plus log w_0 = log(1/2)
+    ref = -math.log(2 * math.pi) - 0.5 * 1.25 + math.log(0.5)
+    assert abs(out.item() - ref) <= 4 * torch.finfo(F64).eps * 3
+    assert x.grad.tolist() == [-0.5, 1.0]
+    assert loc.grad.tolist() == [[0.5, -1.0], [0.0, 0.0]]
+    assert logits.grad.tolist() == [0.5, -0.5]
+    assert not torch.isnan(tril.grad).any()
+    single = multivariate_normal_log_prob(x.detach(), loc[1].detach(), tril[1].detach())
+    assert single.item() == -math.inf
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_dense_squared_norm_at_the_largest_float(dtype):
+    """||z||^2 / 2 with an entry at finfo.max: the power of two that scales it was
+    2^round(log2 max) = 2^1024 = inf in float64 (log2 rounds up to 1024), and z / inf * inf
+    gave NaN for the value -inf (the fuzz: loc = 1.8e308). Now from frexp's exponent."""
+    top = torch.finfo(dtype).max
+    x = torch.tensor([0.0, top], dtype=dtype)
+    out = multivariate_normal_log_prob(x, torch.zeros(2, dtype=dtype), torch.eye(2, dtype=dtype))
+    try:  # -max^2 / 2 - log 2 pi, in the output dtype (float32 for half inputs)
+        exact = -0.5 * top * top - math.log(2 * math.pi)
+    except OverflowError:
+        exact = -math.inf
+    if abs(exact) > torch.finfo(out.dtype).max:
+        assert out.item() == -math.inf
+    else:  # a few roundings of the float32 computation
+        assert abs(out.item() - exact) <= 4 * torch.finfo(out.dtype).eps * abs(exact)
