@@ -56,17 +56,18 @@ Where the library is known wrong and not yet fixed, a :class:`.records.KnownLimi
 (reason, rows, outputs, dtypes, issue) in ``records.KNOWN_LIMITS`` excuses every failure
 of the named outputs on exactly those rows, applied next to ``Undefined`` in
 :func:`.checks.check`. ``test_records.py::test_known_limits_are_not_stale`` fails once a
-statement matches no draw: then the hole is fixed and the statement must go. Today:
+statement matches no draw: then the hole is fixed and the statement must go. A predicate
+receives the float64 inputs and the draws' ``dtype``. Today:
 
-* multivariate_normal_log_prob, multivariate_normal_mixture_log_prob,
-  MultivariateNormalMixture.log_prob (float64): L^{-1}(x - mu) overflows at finite inputs:
-  NaN gradients (the value -inf is right; never excused).
-* multivariate_normal_mixture_log_prob, MultivariateNormalMixture.log_prob,
-  normal_mixture_nll (float16, bfloat16): the two leading component terms carry a float32
-  error 4 eps32 |T| > 1 and lie within it (+104) of each other: responsibilities unresolved
-  in float32, a gradient off / overflowing the half gradient.
-* lowrank_multivariate_normal_log_prob (all dtypes): |cov_factor| or |x - mu| beyond
-  finfo(float64).max / 2 (QR overflows): NaN value and gradients; the whitened quadratic
-  form overflows float64: NaN gradients (value -inf right); (float64) the capacitance
-  |E^{-1/2} W|^2 overflows at a finite whitened factor: NaN gradients.
+* multivariate_normal_log_prob (float64): d/dscale_tril where ``1/L_ii`` (a subnormal
+  diagonal entry) and the quadratic form both overflow: ``inf - inf``.
+* normal_mixture_nll, multivariate_normal_mixture_log_prob,
+  MultivariateNormalMixture.log_prob (every dtype): the two leading component terms
+  ``T_k = log w_k + log N_k`` carry a working-precision error ``4 eps (|log w_k| +
+  |log N_k|) > 1`` and lie within it (+104) of each other: responsibilities unresolved, a
+  gradient weighted by a wrong one can overflow. A rigorous bound, wider than the rows
+  that fail (about 1 in 4000 extreme draws fails; the bound covers 7-45%).
+* lowrank_multivariate_normal_log_prob (every dtype): ``log p < -sqrt(finfo(float64).max)``:
+  the value is right, the gradients go through a QR whose backward multiplies quantities
+  of that size (``inf - inf``).
 """

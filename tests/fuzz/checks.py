@@ -148,7 +148,7 @@ def known_limit(
     for lim in KNOWN_LIMITS.get(record.name, ()):
         if dtype not in lim.dtypes:
             continue
-        rows = lim.where(*inputs64)
+        rows = lim.where(*inputs64, dtype=dtype)
         if lim.value:
             ok["value"] |= rows
         for a in record.args:

@@ -917,7 +917,8 @@ DISTRIBUTION_METHODS = (
 class KnownLimit:
     """Rows where the LIBRARY is known to be wrong (an open hole, not undefined math).
 
-    Like :class:`Undefined` (``where(*inputs64) -> (N,)`` mask, ``grads``, ``value``) and
+    Like :class:`Undefined` (``where(*inputs64, dtype=dtype) -> (N,)`` mask, with the
+    dtype of the draws; ``grads``, ``value``) and
     applied in the same one place (:func:`tests.fuzz.checks.acceptable_nan`), but it
     excuses any failure of the named outputs there (NaN, or ``inf`` where the reference is
     representable), only in ``dtypes``. Each statement must still match a row of the
@@ -937,141 +938,101 @@ _F64 = torch.float64
 _EPS32 = torch.finfo(torch.float32).eps
 
 
-def _whitened(value, loc, scale_tril):
-    """``L^{-1} (x - mu)`` in float64, ``(N, *, D)``; ``value`` broadcasts over components."""
-    tril = scale_tril.tril()
-    r = (value.unsqueeze(-2) if loc.dim() == 3 else value) - loc
-    return torch.linalg.solve_triangular(tril, r.unsqueeze(-1), upper=False).squeeze(-1)
-
-
-def _dense_solve_overflows(value, loc, scale_tril):
-    # Finite inputs whose triangular solve L^{-1}(x - mu) overflows float64 (e.g. a
-    # subnormal diagonal entry, 5e-324): the value -inf is right, the gradients are NaN.
-    finite = value.isfinite().all(-1) & loc.reshape(len(loc), -1).isfinite().all(-1)
-    z = _whitened(value, loc, scale_tril)
-    return finite & ~z.reshape(len(z), -1).isfinite().all(-1)
-
-
-def _dense_mixture_solve_overflows(value, logits, loc, scale_tril):
-    return _dense_solve_overflows(value, loc, scale_tril)
-
-
-_DENSE_SOLVE = KnownLimit(
-    "the triangular solve L^{-1}(x - mu) overflows float64 at finite inputs (a tiny or "
-    "subnormal diagonal entry of scale_tril): the value (-inf) is right, the gradients are "
-    "NaN (0 * inf in the solve's backward)",
-    _dense_solve_overflows,
-    dtypes=(torch.float64,),
-)
-_DENSE_MIXTURE_SOLVE = KnownLimit(
-    _DENSE_SOLVE.reason, _dense_mixture_solve_overflows, dtypes=(torch.float64,)
-)
-
-
-def _half_mixture_terms(value, logits, loc, log_scale=None, scale_tril=None):
-    """Per row, the two largest component terms ``T_k = logit_k + log N_k(x)`` (up to
-    constants), float64, ``(N, 2)``; ``-inf`` for an infinite logit or an undefined term."""
+def _mixture_terms(value, logits, loc, log_scale=None, scale_tril=None):
+    """``T_k = logit_k + log N_k(x)`` (up to constants), float64, ``(N, K)``; ``-inf`` for an
+    infinite logit or an undefined term."""
     if scale_tril is not None:
-        z = _whitened(value, loc, scale_tril)
+        r = value.unsqueeze(-2) - loc
+        z = torch.linalg.solve_triangular(scale_tril.tril(), r.unsqueeze(-1), upper=False).squeeze(
+            -1
+        )
         logdet = scale_tril.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
     else:
         z = (value.unsqueeze(-2) - loc) * torch.exp(-log_scale)
         logdet = log_scale.sum(-1)
-    t = (logits - (z * z / 2).sum(-1) - logdet).nan_to_num(-math.inf, posinf=math.inf)
-    return t.topk(2, dim=-1).values
+    return (logits - (z * z / 2).sum(-1) - logdet).nan_to_num(-math.inf, posinf=math.inf)
 
 
-def _half_unresolved(top):
-    # Half inputs are computed in float32 (policy), where T_k carries an absolute error up
-    # to ~4 eps32 |T_k| (a few roundings). The two leading responsibilities are then
-    # unresolved when that error exceeds 1 and their gap d = T_1 - T_2 is below it plus
-    # 104 (beyond a gap of 104 the loser's float32 responsibility e^{-d} is 0 anyway).
-    t1, t2 = top[..., 0], top[..., 1]
-    err = 4 * _EPS32 * t1.abs()
-    return t1.isfinite() & t2.isfinite() & (err > 1) & (t1 - t2 < err + 104)
+def _unresolved_mixture(value, logits, loc, scale, *, dtype):
+    """Rows of a mixture in ``dtype`` whose responsibilities its working precision cannot
+    resolve (``_UNRESOLVED``)."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    eps = torch.finfo(work).eps
+    form = "scale_tril" if scale.dim() == 4 else "log_scale"
+    with torch.no_grad():
+        log_w = logits.log_softmax(-1).nan_to_num(-math.inf)
+        t = _mixture_terms(value, log_w, loc, **{form: scale})
+        top, idx = t.topk(2, dim=-1)
+        t1, t2 = top[..., 0], top[..., 1]
+        # T_k = log w_k + log N_k carries an absolute error up to ~4 eps (|log w_k| +
+        # |log N_k|) (a few roundings of each part); the two leading responsibilities are
+        # unresolved where that exceeds 1 and their gap is below it plus 104 (beyond, the
+        # loser's e^{-gap} is 0 in any case)
+        parts = log_w.abs().gather(-1, idx) + (top - log_w.gather(-1, idx)).abs()
+        err = 4 * eps * parts.nan_to_num(math.inf).amax(-1)
+        rows = t1.isfinite() & t2.isfinite() & (err > 1) & (t1 - t2 < err + 104)
+    return rows
 
 
-def _half_mixture_unresolved(value, logits, loc, log_scale):
-    return _half_unresolved(_half_mixture_terms(value, logits, loc, log_scale))
-
-
-def _half_mvmix_unresolved(value, logits, loc, scale_tril):
-    return _half_unresolved(_half_mixture_terms(value, logits, loc, scale_tril=scale_tril))
-
-
-_HALF_MIXTURE = (
-    "half inputs are computed in float32 by policy; where the two leading component terms "
-    "T_k carry a float32 error 4 eps32 |T_k| > 1 and lie within it (+104) of each other, the "
-    "responsibilities are not resolved in float32, so a gradient can be off and overflow "
-    "the half gradient"
+_UNRESOLVED = (
+    "responsibilities are softmax(T_k) of terms T_k = logit_k + log N_k(x) computed in the "
+    "working precision (float32 for half and float32 inputs, float64 for float64): where the "
+    "two leading terms carry an absolute error 4 eps |T_k| > 1 and lie within it (+104) of "
+    "each other, a backward-stable evaluation cannot resolve them, and a gradient weighted "
+    "by a wrong responsibility can overflow the gradient's dtype. An ill-conditioned region "
+    "(one ulp of an input moves T_k by more than 1); the predicate is this rigorous bound, "
+    "wider than the rows that fail. Open under issue 10: exact responsibilities need T_k "
+    "to absolute accuracy (compensated or float64 sums)"
 )
-_HALF = (torch.float16, torch.bfloat16)
 
 
-def _lowrank_whitened(value, loc, cov_factor, log_diag):
-    w = cov_factor * torch.exp(-log_diag / 2).unsqueeze(-1)
-    r = (value - loc) * torch.exp(-log_diag / 2)
-    return w, r
+def _dense_log_det_meets_overflow(value, loc, scale_tril, *, dtype):
+    # d/dL_ii = (quadratic term) - 1/L_ii: where 1/L_ii overflows float64 (a subnormal
+    # diagonal entry) and the quadratic form overflows too (value -inf), its two parts are
+    # +-inf and their sum inf - inf (the exact one, beyond the range, has the sign of the
+    # larger, which these two parts cannot tell)
+    with torch.no_grad():
+        small = (scale_tril.diagonal(dim1=-2, dim2=-1) < 1 / torch.finfo(_F64).max).any(-1)
+        log_p = F.multivariate_normal_log_prob(value, loc, scale_tril, validate_args=False)
+    return small & (log_p == -math.inf)
 
 
-def _lowrank_qr_overflows(value, loc, cov_factor, log_diag):
-    # The QR of the whitened factor forms alpha - beta = 2 alpha (a Householder step) and
-    # the residual x - mu: either beyond finfo(float64).max / 2 overflows, and the value
-    # and gradients are NaN (e.g. cov_factor -1.8e308 or loc 1.8e308).
-    big = torch.finfo(_F64).max / 2
-    finite = value.isfinite().all(-1)
-    r = value - loc
-    return finite & ((cov_factor.abs() > big).any(-1).any(-1) | ~(r.abs() <= big).all(-1))
+def _lowrank_beyond_sqrt_range(value, loc, cov_factor, log_diag, *, dtype):
+    # |log p| beyond sqrt(finfo(float64).max): the gradients, products of two whitened
+    # quantities of that size, overflow inside the QR's backward (inf - inf)
+    with torch.no_grad():
+        log_p = F.lowrank_multivariate_normal_log_prob(
+            value, loc, cov_factor, log_diag, validate_args=False
+        )
+    finite = value.isfinite().all(-1) & loc.isfinite().all(-1)
+    return finite & ~(log_p > -math.sqrt(torch.finfo(_F64).max))
 
 
-def _lowrank_quadratic_overflows(value, loc, cov_factor, log_diag):
-    # The quadratic form |E^{-1/2}(x - mu)|^2 overflows float64: the value -inf is right,
-    # the gradients are NaN (inf * 0 in the backward of the overflowing square).
-    _, r = _lowrank_whitened(value, loc, cov_factor, log_diag)
-    finite = value.isfinite().all(-1)
-    return finite & ~(r * r).sum(-1).isfinite()
+_LOWRANK = (
+    "log p below -sqrt(finfo(float64).max) (a whitened quadratic form beyond 1.3e154): the "
+    "value is right, but the gradients are formed by autograd through a QR whose backward "
+    "multiplies quantities of that size (inf - inf = NaN); a hand-written backward from the "
+    "closed forms -Sigma^{-1} r, (u u^T - Sigma^{-1}) W in scaled coordinates would close it"
+)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _lowrank_capacitance_overflows(value, loc, cov_factor, log_diag):
-    # The capacitance 1 + |E^{-1/2} W|^2 overflows float64 while E^{-1/2} W is finite (e.g.
-    # log_diag -822 under a factor row 5e-3): NaN gradients (the value is not excused).
-    w, _ = _lowrank_whitened(value, loc, cov_factor, log_diag)
-    finite = value.isfinite().all(-1) & w.isfinite().all(-1).all(-1)
-    return finite & ~(w * w).sum(-2).isfinite().all(-1)
+_MIXTURE = (KnownLimit(_UNRESOLVED, _unresolved_mixture, _FLOATS),)
 
 
 KNOWN_LIMITS: dict[str, tuple[KnownLimit, ...]] = {
-    "functional.multivariate_normal_log_prob": (_DENSE_SOLVE,),
-    "functional.multivariate_normal_mixture_log_prob": (
-        _DENSE_MIXTURE_SOLVE,
-        KnownLimit(_HALF_MIXTURE, _half_mvmix_unresolved, _HALF),
-    ),
-    "distributions.MultivariateNormalMixture.log_prob": (
-        _DENSE_MIXTURE_SOLVE,
-        KnownLimit(_HALF_MIXTURE, _half_mvmix_unresolved, _HALF),
-    ),
-    "functional.normal_mixture_nll": (
-        KnownLimit(_HALF_MIXTURE, _half_mixture_unresolved, _HALF),
-    ),
-    "functional.lowrank_multivariate_normal_log_prob": (
+    "functional.multivariate_normal_log_prob": (
         KnownLimit(
-            "the QR of the whitened factor (or x - mu) overflows float64 (|cov_factor| or "
-            "|loc|/|value| near finfo(float64).max): NaN value and gradients",
-            _lowrank_qr_overflows,
-            (*_HALF, torch.float32, torch.float64),
-            value=True,
-        ),
-        KnownLimit(
-            "the quadratic form |E^{-1/2}(x - mu)|^2 overflows float64: the value (-inf) is "
-            "right, the gradients are NaN",
-            _lowrank_quadratic_overflows,
-            (*_HALF, torch.float32, torch.float64),
-        ),
-        KnownLimit(
-            "the capacitance 1 + |E^{-1/2} W|^2 overflows float64 at a finite whitened "
-            "factor: NaN gradients, the value is right",
-            _lowrank_capacitance_overflows,
+            "d/dscale_tril where 1/L_ii and the quadratic form both overflow float64",
+            _dense_log_det_meets_overflow,
             (torch.float64,),
+            grads=("scale_tril",),
         ),
+    ),
+    "functional.multivariate_normal_mixture_log_prob": _MIXTURE,
+    "distributions.MultivariateNormalMixture.log_prob": _MIXTURE,
+    "functional.normal_mixture_nll": _MIXTURE,
+    "functional.lowrank_multivariate_normal_log_prob": (
+        KnownLimit(_LOWRANK, _lowrank_beyond_sqrt_range, _FLOATS),
     ),
 }

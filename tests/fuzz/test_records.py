@@ -103,7 +103,9 @@ def _known_limit_rows():
     for name, limits in KNOWN_LIMITS.items():
         r = BY_NAME[name]
         for i, lim in enumerate(limits):
-            counts = {d: int(lim.where(*make_inputs(r, d, 2000)).sum()) for d in lim.dtypes}
+            counts = {
+                d: int(lim.where(*make_inputs(r, d, 2000), dtype=d).sum()) for d in lim.dtypes
+            }
             yield name, i, lim, counts
 
 
