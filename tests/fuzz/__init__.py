@@ -59,8 +59,9 @@ of the named outputs on exactly those rows, applied next to ``Undefined`` in
 statement matches no draw: then the hole is fixed and the statement must go. A predicate
 receives the float64 inputs and the draws' ``dtype``. Today:
 
-* multivariate_normal_log_prob (float64): d/dscale_tril where ``1/L_ii`` (a subnormal
-  diagonal entry) and the quadratic form both overflow: ``inf - inf``.
+* multivariate_normal_log_prob (float64): the gradients' solve ``L^{-T} z`` overflows at
+  finite inputs (a subnormal or smallest-normal diagonal entry): ``0 * inf`` in the back
+  substitution, ``inf - inf`` in ``d/dL_ii`` where ``1/L_ii`` overflows too.
 * normal_mixture_nll, multivariate_normal_mixture_log_prob,
   MultivariateNormalMixture.log_prob (every dtype): the two leading component terms
   ``T_k = log w_k + log N_k`` carry a working-precision error ``4 eps (|log w_k| +

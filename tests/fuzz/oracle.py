@@ -476,12 +476,20 @@ def lowrank_multivariate_normal_log_prob(value, loc, cov_factor, log_diag):
     r = len(cov_factor) // d
     if any(math.isinf(x) for x in value):
         return [(mp.ninf, mp.inf)]
-    with mp.workdps(_dps_for(*value, *loc, *cov_factor, *log_diag) * 2 + 40):
-        w = mpmath.matrix([[cov_factor[i * r + j] for j in range(r)] for i in range(d)])
-        cov = w * w.T + mpmath.diag([mp.exp(mp.mpf(x)) for x in log_diag])
-        el = mpmath.cholesky(cov)
-        flat = [el[i, j] for i in range(d) for j in range(d)]
-        return [(+_mvn(value, loc, flat), mp.inf)]
+    dps = _dps_for(*value, *loc, *cov_factor, *log_diag) * 2 + 40
+    while dps <= 40000:
+        with mp.workdps(dps):
+            w = mpmath.matrix([[cov_factor[i * r + j] for j in range(r)] for i in range(d)])
+            cov = w * w.T + mpmath.diag([mp.exp(mp.mpf(x)) for x in log_diag])
+            try:
+                el = mpmath.cholesky(cov)
+            except ValueError:  # W W^T swamps diag(e^l) at this precision: more digits
+                dps *= 4
+                continue
+            flat = [el[i, j] for i in range(d) for j in range(d)]
+            return [(+_mvn(value, loc, flat), mp.inf)]
+    # e.g. e^l = e^{-8e22} under W = 1.8e308 needs ~1e22 digits: not judged
+    return [(None, mp.inf)]
 
 
 def multivariate_normal_mixture_log_prob(value, logits, loc, scale_tril):
@@ -657,9 +665,7 @@ def bivariate_log_scale_grad(value, loc, log_scale, atanh_rho, sign=1):
         a = mp.mpf(atanh_rho[0])
         z = [(mp.mpf(value[i]) - mp.mpf(loc[i])) * mp.exp(-mp.mpf(log_scale[i])) for i in (0, 1)]
         c2, rho = mp.cosh(a) ** 2, mp.tanh(a)
-        return {
-            "log_scale": [sign * (-1 + c2 * (z[i] ** 2 - rho * z[0] * z[1])) for i in (0, 1)]
-        }
+        return {"log_scale": [sign * (-1 + c2 * (z[i] ** 2 - rho * z[0] * z[1])) for i in (0, 1)]}
 
 
 def bivariate_nll_log_scale_grad(*row):

@@ -986,15 +986,19 @@ _UNRESOLVED = (
 )
 
 
-def _dense_log_det_meets_overflow(value, loc, scale_tril, *, dtype):
-    # d/dL_ii = (quadratic term) - 1/L_ii: where 1/L_ii overflows float64 (a subnormal
-    # diagonal entry) and the quadratic form overflows too (value -inf), its two parts are
-    # +-inf and their sum inf - inf (the exact one, beyond the range, has the sign of the
-    # larger, which these two parts cannot tell)
+def _dense_backward_overflows(value, loc, scale_tril, *, dtype):
+    # The gradients come from L^{-T} z (z = L^{-1}(x - mu)): where that solve overflows
+    # float64 at finite inputs (a subnormal or smallest-normal diagonal entry), the back
+    # substitution forms 0 * inf = NaN in entries whose exact gradient is finite, and
+    # d/dL_ii = x_i z_i - 1/L_ii is inf - inf where 1/L_ii overflows too
     with torch.no_grad():
+        tril = scale_tril.tril()
+        z = torch.linalg.solve_triangular(tril, (value - loc).unsqueeze(-1), upper=False)
+        x = torch.linalg.solve_triangular(tril.mT, z, upper=True).squeeze(-1)
+        finite = value.isfinite().all(-1) & loc.isfinite().all(-1) & z.isfinite().all(-2).all(-1)
         small = (scale_tril.diagonal(dim1=-2, dim2=-1) < 1 / torch.finfo(_F64).max).any(-1)
         log_p = F.multivariate_normal_log_prob(value, loc, scale_tril, validate_args=False)
-    return small & (log_p == -math.inf)
+    return (finite & ~x.isfinite().all(-1)) | (small & (log_p == -math.inf))
 
 
 def _lowrank_beyond_sqrt_range(value, loc, cov_factor, log_diag, *, dtype):
@@ -1023,10 +1027,12 @@ _MIXTURE = (KnownLimit(_UNRESOLVED, _unresolved_mixture, _FLOATS),)
 KNOWN_LIMITS: dict[str, tuple[KnownLimit, ...]] = {
     "functional.multivariate_normal_log_prob": (
         KnownLimit(
-            "d/dscale_tril where 1/L_ii and the quadratic form both overflow float64",
-            _dense_log_det_meets_overflow,
+            "the solve L^{-T} z of the gradients overflows float64 at finite inputs (a "
+            "subnormal or smallest-normal diagonal entry): 0 * inf in the back substitution "
+            "(NaN where the exact gradient is finite), and inf - inf in d/dL_ii where 1/L_ii "
+            "overflows too; a hand-written backward with scaled solves would close it",
+            _dense_backward_overflows,
             (torch.float64,),
-            grads=("scale_tril",),
         ),
     ),
     "functional.multivariate_normal_mixture_log_prob": _MIXTURE,
