@@ -107,15 +107,16 @@ class _Terms:
     """The pieces of both paths for one set of parameters (in one dtype)."""
 
     def __init__(self, logits, loc, log_scale, atanh_rho, bivariate, quarter: bool):
-        from .mixture_sampling import _mixture_mean, _weights
+        from .mixture_sampling import _half_mixture_mean, _weights
 
         self.I, self.J = _pairs(loc.shape[-1], bivariate)  # first / second coordinate of p
         pairs = zip(self.I, self.J, strict=True)
         self.off = torch.tensor([i != j for i, j in pairs], device=loc.device)
         self.log_w, self.zero, self.total = _weights(logits)
-        self.m = _mixture_mean(self.log_w, self.zero, self.total, loc)
+        # m / 2, never beyond the range although m may be (float64 means near its max)
+        half_m = _half_mixture_mean(self.log_w, self.zero, self.total, loc)
         alive = ~self.zero.unsqueeze(-1)  # (*, K, 1)
-        self.half_dev = torch.where(alive, 0.5 * loc - 0.5 * self.m.unsqueeze(-2), 0.0)
+        self.half_dev = torch.where(alive, 0.5 * loc - half_m.unsqueeze(-2), 0.0)
         self.ls = torch.where(alive, log_scale, 0.0)
         self.rho = None if atanh_rho is None else torch.tanh(atanh_rho)
         self.a = atanh_rho

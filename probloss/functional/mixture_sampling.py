@@ -198,23 +198,33 @@ def _weighted(t: Tensor, log_w: Tensor, zero: Tensor) -> Tensor:
     return mul_exp(safe, log_w.unsqueeze(-1))
 
 
-def _mixture_mean(log_w: Tensor, zero: Tensor, total: Tensor, loc: Tensor) -> Tensor:
-    """``m = sum_k pi_k mu_k``, ``(*, D)``, as ``c + sum_k pi_k (mu_k - c)``.
+def _half_mixture_mean(log_w: Tensor, zero: Tensor, total: Tensor, loc: Tensor) -> Tensor:
+    """``m / 2 = sum_k pi_k mu_k / 2``, ``(*, D)``, as ``h + sum_k pi_k (mu_k / 2 - h)``.
 
-    ``c`` is the same sum without a graph: correctly rounded terms ``e^{log w} mu / total``
-    (each at most ``|mu_k|``: no overflow unless the mean's). The differentiable part then
-    carries the gradient ``d m / d l_k = pi_k (mu_k - m)`` in terms of the size of the
-    deviations: through ``sum pi_k mu_k`` itself it is the difference of two sums of the
-    size of ``|mu|`` (``inf - inf`` for means near the float range, where the true gradient
-    is 0). Its terms are ``(mu_k - c)/2`` (exact, no overflow) times ``2 pi_k``
-    (``mul_exp``), each at most ``pi_k (1 - pi_k)`` times the spread of the means, finite.
+    Halves throughout (exact but for subnormals): ``|m / 2| <= max |mu| / 2``, so neither
+    the shift ``h`` nor the result overflows, even where ``m`` itself rounds to within an
+    ulp of the float range. ``h`` is the same sum without a graph: correctly rounded terms
+    ``e^{log w} (mu / 2) / total``. The differentiable part then carries the gradient
+    ``d (m / 2) / d l_k = pi_k (mu_k / 2 - m / 2)`` in terms of the size of the deviations:
+    through ``sum pi_k mu_k`` itself it is the difference of two sums of the size of
+    ``|mu|`` (``inf - inf`` for means near the float range, where the true gradient is
+    finite). Its terms are ``pi_k (mu_k / 2 - h)`` (``mul_exp``; ``|mu_k / 2 - h| <= max``),
+    each at most ``pi_k`` times the spread of the means, finite.
     """
     with torch.no_grad():
-        c = (_weighted(loc, log_w, zero) / total.unsqueeze(-1)).sum(-2, keepdim=True)
-        c = torch.where(torch.isfinite(c), c, 0.0)  # a mean beyond the range: no shift
-    half = 0.5 * loc - 0.5 * c  # (mu - c) / 2, exact but for subnormal halves
-    log_two_pi = log_w - torch.log(total) + math.log(2.0)
-    return (c + _weighted(half, log_two_pi, zero).sum(-2, keepdim=True)).squeeze(-2)
+        h = (_weighted(0.5 * loc, log_w, zero) / total.unsqueeze(-1)).sum(-2, keepdim=True)
+        h = torch.where(torch.isfinite(h), h, 0.0)  # an inf / NaN mean: no shift
+    dev = 0.5 * loc - h  # mu/2 - h: both at most max/2 in magnitude, no overflow
+    log_pi = log_w - torch.log(total)
+    return (h + _weighted(dev, log_pi, zero).sum(-2, keepdim=True)).squeeze(-2)
+
+
+def _mixture_mean(log_w: Tensor, zero: Tensor, total: Tensor, loc: Tensor) -> Tensor:
+    """``m = sum_k pi_k mu_k``, ``(*, D)``: twice :func:`_half_mixture_mean` (exact), so it
+    is ``+-inf`` only where ``m`` rounds beyond the range, and the gradients ``pi_k`` and
+    ``pi_k (mu_k - m)`` are finite wherever they are (each term of the backward is one of
+    them times the incoming gradient)."""
+    return 2.0 * _half_mixture_mean(log_w, zero, total, loc)
 
 
 # ======================================================================================

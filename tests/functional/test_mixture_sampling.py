@@ -919,6 +919,13 @@ def test_mean_gradient_near_the_float_range():
          [[-6.726399405032349e-29, 3.4373390674591064], [-6.545177459716797, 428045696.0],
           [3.4028234663852886e38, 3.4028234663852886e38]]),
         ([0.0, -23.0, -INF], [[3.4e38, 1.0], [-3.4e38, -1.0], [0.0, 0.0]]),
+        # the shift sum_k pi_k mu_k overflowed to -inf (mean -3.4028232e38): inf gradients
+        ([16.63553237915039, -0.07074522227048874, 3.1191623210906982],
+         [[-3.4028234663852886e38, 6.103515625e-05], [0.22411347925662994,
+          9.081182633006527e-37], [-3.4028234663852886e38, -2.90334902081348e-29]]),
+        ([-0.684262216091156, 17.63553237915039, 1.0],
+         [[1.2569638663251226e-08, -5.545177459716797], [3.4028234663852886e38,
+          -0.07224657386541367], [3.4028234663852886e38, 0.0453282967209816]]),
     ]  # fmt: skip
     eps = torch.finfo(torch.float32).eps
     for logits, loc in rows:
@@ -936,6 +943,38 @@ def test_mean_gradient_near_the_float_range():
         bound = 8 * eps * size * (dev.sum(-1) + (w @ dev).sum())
         assert_within(lg.grad.double().numpy(), expected, bound, range(3), "d/dlogits")
         assert_within(mean.detach().double().numpy(), m, 4 * eps * np.abs(m), range(2), "mean")
+
+
+def test_mean_within_an_ulp_of_the_float_range_float64():
+    """As :func:`test_mean_gradient_near_the_float_range` in float64 (the fuzz rows' float32
+    failure, at float64's maximum): ``m = -max (1 - pi_2)`` with ``pi_2 = 1e-16`` is within
+    an ulp of ``-max``, and the graph-free shift ``sum_k pi_k mu_k`` rounded to ``-inf``
+    (mean ``-inf``, logit gradients ``inf``; now summed as halves). Against mpmath (60
+    digits): the mean within ``4 eps |m|`` and ``d m / d l_k = pi_k (mu_k - m)`` within
+    ``8 eps (1 + |l_k - max l|) pi_k (|mu_k - m| + sum_j pi_j |mu_j - m|)``, the bound of
+    the float32 test."""
+    from mpmath import mp
+
+    big = torch.finfo(torch.float64).max
+    eps = torch.finfo(torch.float64).eps
+    for logits in ([36.834171295166016, 0.0, 7.0], [37.01005172729492, 0.0, 3.1]):
+        lg = torch.tensor(logits, dtype=torch.float64, requires_grad=True)
+        mu = torch.tensor([[-big], [1.0], [-big]], dtype=torch.float64, requires_grad=True)
+        mean = normal_mixture_mean(lg, mu)
+        mean.sum().backward()
+        with mp.workdps(60):
+            top = max(logits)
+            e = [mp.exp(mp.mpf(v) - top) for v in logits]
+            w = [x / mp.fsum(e) for x in e]
+            mus = [mp.mpf(v) for v in (-big, 1.0, -big)]
+            m = mp.fsum(p * v for p, v in zip(w, mus, strict=True))
+            spread = mp.fsum(p * abs(v - m) for p, v in zip(w, mus, strict=True))
+            assert abs(mean.item() - m) <= 4 * eps * abs(m), (logits, mean.item(), m)
+            for k in range(3):
+                exact = w[k] * (mus[k] - m)
+                size = (1 + abs(logits[k] - top)) * w[k] * (abs(mus[k] - m) + spread)
+                got = lg.grad[k].item()
+                assert abs(got - exact) <= 8 * eps * size, (logits, k, got, exact)
 
 
 def test_variance_with_a_deviation_beyond_the_float_range_at_zero_weight():
