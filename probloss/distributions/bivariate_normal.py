@@ -151,9 +151,23 @@ class BivariateNormal(Distribution):
         return torch.stack((s1, zero, self.rho * s2, s2 * self._sech), -1).unflatten(-1, (2, 2))
 
     def entropy(self) -> Tensor:
-        r"""``1 + log 2 pi + log s1 + log s2 - log cosh a`` (``log(1 - rho^2) = -2 log cosh a``)."""
+        r"""``1 + log 2 pi + log s1 + log s2 - log cosh a`` (``log(1 - rho^2) = -2 log cosh a``).
+
+        The terms may each be near ``finfo.max`` and cancel (``log s1 = a = 3.4e38``): they
+        are summed as halves, so no partial sum overflows unless the entropy does, and
+        float32 (and half) parameters in float64 (not on MPS, which has none), where the
+        sum of three float32 numbers is exact but for one rounding, then rounded once. The
+        error is at most ``2 eps (|log s1| + |log s2| + log cosh a + 3)`` with ``eps`` that
+        of the compute dtype (float64 for float32 inputs).
+        """
         log_scale, atanh_rho = as_loss_tensors(log_scale=self.log_scale, atanh_rho=self.atanh_rho)
-        return (_ONE_PLUS_LOG_2PI - log_cosh(atanh_rho)) + log_scale.sum(-1)
+        dtype = log_scale.dtype
+        if dtype == torch.float32 and log_scale.device.type != "mps":
+            log_scale, atanh_rho = log_scale.double(), atanh_rho.double()
+        ls1, ls2 = log_scale.unbind(-1)
+        # 2 (x/2 + y/2 + z/2) = x + y + z: halving is exact (but for subnormals, below the bound)
+        half = (0.5 * _ONE_PLUS_LOG_2PI - 0.5 * log_cosh(atanh_rho)) + 0.5 * ls1 + 0.5 * ls2
+        return (2.0 * half).to(dtype)
 
     def log_prob(self, value: Tensor) -> Tensor:
         validate_sample(self, value)

@@ -462,3 +462,39 @@ def test_rsample_correlation_gradient_where_the_scale_overflows(dtype):
             assert g == math.copysign(math.inf, exact), (seed, g)
         else:
             assert abs(g - float(exact)) <= 16 * torch.finfo(dtype).eps * float(size), seed
+
+
+@pytest.mark.parametrize("dtype", F32_F64, ids=dtype_id)
+def test_entropy_when_terms_near_the_float_range_cancel(dtype):
+    """Found by the fuzz suite (float32): ``log s1 = a = 3.4e38`` cancel in ``l1 + l2 -
+    log cosh a``, but ``l1 + l2`` overflowed first, giving ``inf`` for an entropy of
+    ``2.27e32`` (and of ``4.98e37``); float64 likewise at ``1.8e308``. Against mpmath
+    ``1 + log 2 pi + l1 + l2 - log cosh a`` (at enough digits for ``log cosh`` of ``a``),
+    bound ``4 eps64 S`` with ``S = 3 + |l1| + |l2| + log cosh a`` (three float64 additions of
+    halves, each within ``eps64 S / 4``, and ``log cosh``'s own rounding), plus the final
+    rounding to the output dtype, ``eps / 2`` of the value. Where the sum of the terms
+    itself exceeds the range (``l1 = l2 = -1.7e308``) the entropy is ``-inf``."""
+    big = torch.finfo(dtype).max
+    if dtype == torch.float32:
+        rows = [(3.4028234663852886e38, 2.2676668813725985e32, 3.4028234663852886e38),
+                (3.3895313892515355e38, 5.116484760858058e37, 3.4028234663852886e38),
+                (-3.4028234663852886e38, 3.4028234663852886e38, 2.5)]  # fmt: skip
+    else:
+        rows = [(big, 1e300, big), (1e300, big, -big), (-big, big, 2.5)]
+    log_scale = torch.tensor([r[:2] for r in rows], dtype=dtype)
+    a = torch.tensor([r[2] for r in rows], dtype=dtype)
+    got = BivariateNormal(torch.zeros(len(rows), 2, dtype=dtype), log_scale, a).entropy()
+    assert got.dtype == dtype
+    eps64, eps = torch.finfo(torch.float64).eps, torch.finfo(dtype).eps
+    for (l1, l2), v, x in zip(
+        log_scale.double().tolist(), a.double().tolist(), got.double().tolist(), strict=True
+    ):
+        with mp.workdps(60 + int(math.log10(1 + abs(v)))):  # cosh of 1e308: digits of a
+            lc = mp.log(mp.cosh(mpmath.mpf(v)))
+            exact = 1 + mp.log(2 * mp.pi) + l1 + l2 - lc
+            size = 3 + abs(l1) + abs(l2) + lc
+            bound = float(4 * eps64 * size + eps / 2 * abs(exact))
+            assert math.isfinite(x) and abs(x - float(exact)) <= bound, (l1, l2, v, x, exact)
+    neg = BivariateNormal(torch.zeros(2, dtype=dtype), torch.full((2,), -big, dtype=dtype),
+                          torch.tensor(0.0, dtype=dtype)).entropy()  # fmt: skip
+    assert neg == -math.inf
