@@ -7,6 +7,7 @@ from torch import Tensor
 
 from .._validation import should_validate
 from ..special._dtype import as_float_tensor
+from ..special.exp import mul_exp
 
 
 def check_positive(value: Tensor, name: str) -> None:
@@ -78,3 +79,48 @@ def split_residual(value: Tensor, loc: Tensor) -> tuple[Tensor, Tensor]:
     v_half, l_half = torch.where(over, value, 0.0), torch.where(over, loc, 0.0)
     factor = torch.where(over, 2.0, 1.0).to(r.dtype)
     return torch.where(over, 0.5 * v_half - 0.5 * l_half, r), factor
+
+
+def standardized_residual(value: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
+    """``z = (value - loc) e^{-log_scale}``, finite wherever it is representable, with
+    gradients ``(g e^{-log_scale}, -g e^{-log_scale}, -g z)`` formed directly.
+
+    The value is ``(r e^{-log_scale}) m`` (:func:`split_residual`, one :func:`mul_exp`).
+    Autograd through that chain would form ``d/dr = g e^{-log_scale} m`` before the ``1/2``
+    of the halving reaches ``value``: where ``value - loc`` overflows that intermediate is
+    twice the result (``2 * 3.3e38 = inf`` in float32 where ``d/dvalue = -3.3e38``). Here
+    ``d/dvalue`` is one :func:`mul_exp` of the incoming gradient, exact wherever it is
+    representable (0 on the mean even where ``e^{-log_scale}`` overflows). Differentiable
+    again (the backward is built from this function and :func:`mul_exp`).
+    """
+    return _StandardizedResidual.apply(value, loc, log_scale)
+
+
+def _standardized_value(value: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
+    r, m = split_residual(value, loc)
+    return mul_exp(r, -log_scale) * m  # m applied last: overflows only where z does
+
+
+class _StandardizedResidual(torch.autograd.Function):
+    """:func:`standardized_residual` with its backward written out."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
+        ctx.save_for_backward(value, loc, log_scale)
+        return _standardized_value(value, loc, log_scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        value, loc, log_scale = ctx.saved_tensors
+        grad_value = grad_loc = grad_log_scale = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            # dz/dvalue = -dz/dloc = e^{-log_scale}: one mul_exp, no factor m in between
+            d_value = mul_exp(grad, -log_scale)
+            if ctx.needs_input_grad[0]:
+                grad_value = d_value.sum_to_size(value.shape)
+            if ctx.needs_input_grad[1]:
+                grad_loc = (-d_value).sum_to_size(loc.shape)
+        if ctx.needs_input_grad[2]:
+            z = standardized_residual(value, loc, log_scale)  # recomputed: differentiable
+            grad_log_scale = (-(grad * z)).sum_to_size(log_scale.shape)
+        return grad_value, grad_loc, grad_log_scale

@@ -34,7 +34,7 @@ from .._dtype import loss_tensors
 from .._validation import broadcast_shapes, check_not_nan, should_validate
 from ..special.exp import expm1mx, mul_exp
 from ..special.where import safe_where
-from ._params import check_positive, log_scale_from, split_residual
+from ._params import check_positive, log_scale_from, split_residual, standardized_residual
 from ._reduction import check_reduction, check_value_batch, reduce_loss
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -48,82 +48,9 @@ _NAN_POLICIES = ("raise", "mask")
 # ======================================================================================
 
 
-def _standardize(
-    value: Tensor,
-    loc: Tensor,
-    name: str,
-    param: Tensor,
-    log_scale: Tensor,
-    min_scale: Tensor | None,
-) -> tuple[Tensor, Tensor]:
-    """``(z, log_scale)`` from the scale form ``name``; with ``min_scale`` the scale is
-    ``scale + min_scale`` (``log_scale' = logaddexp(log_scale, log(min_scale))``).
-
-    ``value - loc`` is split as ``r m`` (:func:`split_residual`, ``m = 2`` where the
-    difference overflows) and ``m`` applied last, so ``z`` is finite wherever it is
-    representable."""
-    residual, factor = split_residual(value, loc)
-    z, log_scale = _standardize_residual(residual, name, param, log_scale, min_scale)
-    return z * factor, log_scale
-
-
-def _standardize_residual(
-    residual: Tensor, name: str, param: Tensor, log_scale: Tensor, min_scale: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    if name in ("scale", "var"):
-        if name == "var" and min_scale is None:
-            return _ScaleForm.apply(residual, param, 0.5)  # sigma = var^(1/2)
-        scale = param if name == "scale" else torch.sqrt(param)
-        if min_scale is not None:
-            scale = scale + min_scale
-        return _ScaleForm.apply(residual, scale, 1.0)
-    if min_scale is not None:
-        # soft_floor in log space: log(e^s + m) = logaddexp(s, log m), exact also where the
-        # result is near 0 (m + softplus(s - m) is not); gradient sigmoid(s - log m) > 0.
-        log_scale = torch.logaddexp(log_scale, torch.log(min_scale))
-    return mul_exp(residual, -log_scale), log_scale
-
-
-class _ScaleForm(torch.autograd.Function):
-    """``(z, log sigma)`` from ``sigma = p^k`` (``k = 1``: a scale, ``k = 1/2``: a variance).
-
-    ``z = r / sigma`` and ``log sigma = k log p``, with one backward for ``p``. Autograd
-    would send the two terms of ``d/dp = k (-g_z z + g_log) / p`` separately (and through
-    ``sqrt`` for a variance); for a subnormal ``p`` both overflow and their sum is ``inf -
-    inf``, and ``z^2 / sigma`` can overflow where ``z^2 / (2 var)`` does not. Here the terms
-    are ``-g_z (z / p)`` (``z / p`` by :func:`mul_exp`, finite wherever it is representable)
-    and ``g_log / p``, times ``k``; where both overflow the exact sum overflows too, with
-    the sign of ``-g_z z + g_log``. ``d/dr = g_z / sigma``. Built from differentiable ops.
-    """
-
-    @staticmethod
-    def forward(ctx, residual: Tensor, param: Tensor, k: float) -> tuple[Tensor, Tensor]:
-        sigma = param if k == 1.0 else torch.sqrt(param)
-        z = residual / sigma
-        log_param = torch.log(param)
-        ctx.save_for_backward(param, z)
-        ctx.k = k
-        ctx.residual_shape = residual.shape
-        return z, k * log_param
-
-    @staticmethod
-    def backward(ctx, grad_z: Tensor, grad_log: Tensor) -> tuple[Tensor | None, ...]:
-        param, z = ctx.saved_tensors
-        # recomputed here (not saved) so that a second derivative sees their dependence on p
-        sigma = param if ctx.k == 1.0 else torch.sqrt(param)
-        log_param = torch.log(param)
-        grad_r = grad_param = None
-        if ctx.needs_input_grad[0]:
-            grad_r = (grad_z / sigma).sum_to_size(ctx.residual_shape)
-        if ctx.needs_input_grad[1]:
-            z_over_p = mul_exp(z, -log_param)
-            # k multiplies first: k z (z / p) is finite where z (z / p) alone overflows
-            # (var = 0.55, r = 1.15e19: d/dvar = 2.2e38, z^2 / var = 4.4e38)
-            total = (-ctx.k * grad_z) * z_over_p + ctx.k * mul_exp(grad_log, -log_param)
-            sign = torch.sign(-grad_z * z + grad_log)
-            total = torch.where(torch.isnan(total), sign * math.inf, total)
-            grad_param = total.sum_to_size(param.shape)
-        return grad_r, grad_param, None
+def _scale_of(name: str, param: Tensor) -> Tensor:
+    """``sigma`` from a ``scale`` or ``var`` parameter."""
+    return param if name == "scale" else torch.sqrt(param)
 
 
 def _normal_log_density(z: Tensor, log_scale: Tensor) -> Tensor:
@@ -131,47 +58,117 @@ def _normal_log_density(z: Tensor, log_scale: Tensor) -> Tensor:
     return (-0.5 * z) * z - log_scale - _HALF_LOG_2PI
 
 
-def _log_density(value: Tensor, loc: Tensor, name: str, param: Tensor, log_sigma: Tensor) -> Tensor:
+def _log_density(value: Tensor, loc: Tensor, name: str, param: Tensor) -> Tensor:
     """The normal log density from the scale form ``name`` (no floor)."""
     if name in ("log_scale", "log_var"):
-        residual, factor = split_residual(value, loc)
         k = 1.0 if name == "log_scale" else 0.5
-        return _LogFormDensity.apply(residual, factor, param, k)
-    z, log_sigma = _standardize(value, loc, name, param, log_sigma, None)
-    return _normal_log_density(z, log_sigma)
+        return _LogFormDensity.apply(value, loc, param, k)
+    k = 1.0 if name == "scale" else 0.5
+    return _ScaleFormDensity.apply(value, loc, param, k)
+
+
+class _ScaleFormDensity(torch.autograd.Function):
+    """The log density from ``sigma = p^k`` (``k = 1``: a scale, ``k = 1/2``: a variance),
+    ``z = (r / sigma) m`` with ``value - loc = r m`` (:func:`split_residual`, ``m``
+    applied last), with the derivatives in closed form.
+
+    ``d/dvalue = -d/dloc = -r m / p^{2k}`` (``r / p / p`` or ``r / var``, then ``m``):
+    autograd would form ``d/dz = -z`` first, which overflows where ``z`` does (``r m = 3.8e38``,
+    ``sigma = 1.08``: ``z = 3.5e38`` is inf in float32, ``d/dvalue = 3.3e38``), and ``m``
+    times the result before the ``1/2`` of the halving. ``d/dp = k (z^2 - 1) / p`` with ``k
+    (z^2 - 1)`` formed first (``(k z) z - k``: ``z^2`` alone overflows before the ``k`` of a
+    variance) and divided by ``p`` once (never through ``1/p``, nor ``e^{-log p}`` with its
+    error ``eps |log p|``): autograd sends ``z^2 / p`` and ``-k / p`` separately, each
+    infinite for a subnormal ``p`` (``inf - inf``, or ``-inf`` for ``-1/(2 var) = -2.6e38``
+    at ``var = 1.9e-39``). Where ``k (z^2 - 1)`` itself overflows the terms are divided
+    first (finite only for ``p > 1``); where both overflow the exact value does too, with
+    the sign of ``z^2 - 1``. Built from differentiable ops.
+    """
+
+    @staticmethod
+    def forward(ctx, value: Tensor, loc: Tensor, param: Tensor, k: float) -> Tensor:
+        ctx.save_for_backward(value, loc, param)
+        ctx.k = k
+        return _normal_log_density(*_scale_form_z(value, loc, param, k))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        value, loc, param = ctx.saved_tensors
+        k = ctx.k
+        grad_value = grad_loc = grad_param = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            r, m = split_residual(value, loc)
+            # -r / sigma^2, each division rounded once: an intermediate exceeds the result
+            # only for p > 1, where it is at most |g r|
+            d_value = ((-grad * r) / param / param if k == 1.0 else (-grad * r) / param) * m
+            if ctx.needs_input_grad[0]:
+                grad_value = d_value.sum_to_size(value.shape)
+            if ctx.needs_input_grad[1]:
+                grad_loc = (-d_value).sum_to_size(loc.shape)
+        if ctx.needs_input_grad[2]:
+            z, _ = _scale_form_z(value, loc, param, k)
+            gk = k * grad
+            inner = (gk * z) * z - gk  # k g (z^2 - 1), k first
+            direct = torch.isfinite(inner)
+            total = torch.where(direct, inner, 0.0) / param  # rounded once, 1/p not formed
+            # double where: the split form only sees z and g where the sum overflowed
+            z_split = torch.where(direct, 0.0, z)
+            gk_split = torch.where(direct, 0.0, gk)
+            split = (gk_split * z_split) * (z_split / param) - gk_split / param
+            split = torch.where(torch.isnan(split), torch.sign(inner) * math.inf, split)
+            grad_param = torch.where(direct, total, split).sum_to_size(param.shape)
+        return grad_value, grad_loc, grad_param, None
+
+
+def _scale_form_z(value: Tensor, loc: Tensor, param: Tensor, k: float) -> tuple[Tensor, Tensor]:
+    """``(z, log sigma)`` for ``sigma = p^k``: ``z = (r / sigma) m``, ``m`` last (finite
+    wherever ``z`` is representable), ``log sigma = k log p`` (a given scale or variance is
+    never sent through ``exp``)."""
+    sigma = param if k == 1.0 else torch.sqrt(param)
+    r, m = split_residual(value, loc)
+    return (r / sigma) * m, k * torch.log(param)
 
 
 class _LogFormDensity(torch.autograd.Function):
     """The log density from ``log sigma = k p`` (``k = 1``: ``log_scale``, ``k = 1/2``:
-    ``log_var``), with ``x - mu = r m`` (:func:`split_residual`).
+    ``log_var``), ``z`` by :func:`standardized_residual`.
 
     ``d/dp = k (z^2 - 1)`` is formed as ``((k z) z - k)``: autograd through ``z = r
     e^{-k p}`` multiplies ``z^2`` by ``k`` last, and ``z^2`` overflows float32 at ``|z| =
     1.9e19`` where ``z^2 / 2`` is ``1.8e38`` (``log_var = 0``, ``r = 2e19``: d/dlog_var was
-    ``inf``, exact ``2e38``). ``d/dr = -z e^{-k p} m`` in one :func:`mul_exp`. Built from
-    differentiable ops (differentiable again).
+    ``inf``, exact ``2e38``). ``d/dvalue = -d/dloc = -r m e^{-2 k p}``: one :func:`mul_exp`
+    of ``r`` (``value - loc = r m``, :func:`split_residual`), ``m`` last. Autograd would form
+    ``d/dz = -z``, infinite where ``z`` overflows although ``z / sigma`` does not (``r m =
+    3.8e38``, ``log_scale = 0.073``: ``z = 3.5e38``, ``d/dvalue = 3.3e38`` in float32), and
+    ``m`` times the result before the ``1/2`` of the halving. Built from differentiable ops
+    (differentiable again).
     """
 
     @staticmethod
-    def forward(ctx, residual: Tensor, factor: Tensor, param: Tensor, k: float) -> Tensor:
-        ctx.save_for_backward(residual, factor, param)
+    def forward(ctx, value: Tensor, loc: Tensor, param: Tensor, k: float) -> Tensor:
+        ctx.save_for_backward(value, loc, param)
         ctx.k = k
         log_sigma = k * param
-        z = mul_exp(residual, -log_sigma) * factor
+        z = standardized_residual(value, loc, log_sigma)
         return _normal_log_density(z, log_sigma)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        residual, factor, param = ctx.saved_tensors
+        value, loc, param = ctx.saved_tensors
         k = ctx.k
         log_sigma = k * param
-        z = mul_exp(residual, -log_sigma) * factor
-        grad_r = grad_param = None
-        if ctx.needs_input_grad[0]:
-            grad_r = (mul_exp(-grad * z, -log_sigma) * factor).sum_to_size(residual.shape)
+        grad_value = grad_loc = grad_param = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            r, m = split_residual(value, loc)
+            d_value = mul_exp(-grad * r, -2.0 * log_sigma) * m  # -z / sigma, m last
+            if ctx.needs_input_grad[0]:
+                grad_value = d_value.sum_to_size(value.shape)
+            if ctx.needs_input_grad[1]:
+                grad_loc = (-d_value).sum_to_size(loc.shape)
         if ctx.needs_input_grad[2]:
+            z = standardized_residual(value, loc, log_sigma)
             grad_param = ((grad * k * z) * z - grad * k).sum_to_size(param.shape)
-        return grad_r, None, grad_param, None
+        return grad_value, grad_loc, grad_param, None
 
 
 def _prepare(value, loc, forms, validate_args, **extra):
@@ -243,8 +240,8 @@ def normal_log_prob(
         tensor(-2.1121)
     """
     forms = {"scale": scale, "log_scale": log_scale, "var": var, "log_var": log_var}
-    tensors, name, param, log_sigma = _prepare(value, loc, forms, validate_args)
-    return _log_density(tensors["value"], tensors["loc"], name, param, log_sigma)
+    tensors, name, param, _ = _prepare(value, loc, forms, validate_args)
+    return _log_density(tensors["value"], tensors["loc"], name, param)
 
 
 def normal_nll(
@@ -360,25 +357,24 @@ def normal_nll(
 
     log_form = name in ("log_scale", "log_var")
     if beta == 0.0 and floor is None:
-        loss = -_log_density(value, loc, name, param, log_sigma)
+        loss = -_log_density(value, loc, name, param)
     elif beta == 0.0 and not log_form:
-        z, log_sigma = _standardize(value, loc, name, param, log_sigma, floor)
-        loss = -_normal_log_density(z, log_sigma)
+        # the soft floor on a scale or variance: sigma = scale + min_scale
+        loss = -_ScaleFormDensity.apply(value, loc, _scale_of(name, param) + floor, 1.0)
     else:
         log_floor = None
         if floor is not None and log_form:
             log_floor = torch.log(floor)  # the floor applied inside, with its own backward
         elif floor is not None:
-            _, log_sigma = _standardize(value, loc, name, param, log_sigma, floor)
-        residual, factor = split_residual(value, loc)
-        loss = _WeightedNLL.apply(residual, factor, log_sigma, log_floor, beta)
+            log_sigma = torch.log(_scale_of(name, param) + floor)  # sigma = scale + min_scale
+        loss = _WeightedNLL.apply(value, loc, log_sigma, log_floor, beta)
     return reduce_loss(loss, reduction, mask=mask)
 
 
 class _WeightedNLL(torch.autograd.Function):
     r"""``sg[sigma^{2 beta}] (z^2/2 + log sigma + log(2 pi)/2)`` with no factor overflowing alone.
 
-    Inputs ``(r, m, s, log_floor, beta)`` with ``x - mu = r m`` (:func:`split_residual`) and
+    Inputs ``(x, mu, s, log_floor, beta)``, ``x - mu = r m`` (:func:`split_residual`) and
     ``log sigma = logaddexp(s, log_floor)`` (the soft floor ``sigma + min_scale``; no floor
     when ``log_floor`` is None). The quadratic part is ``y^2 / 2`` with ``y = r e^{t} m``,
     ``t = -(1 - beta) log sigma`` (``w z^2 = (z sqrt(w))^2``, ``w = sigma^{2 beta}``): ``z``
@@ -386,9 +382,11 @@ class _WeightedNLL(torch.autograd.Function):
     underflows where ``w z^2`` is large. The rest, ``w (log sigma + log(2 pi)/2)``,
     overflows only where the whole loss does (``w`` is large only for large ``log sigma``).
 
-    Backward (the weight detached): ``d/dr = w z / sigma m = y e^t m``, ``d/dlog sigma = w (1
-    - z^2) = w - y^2``, and through the floor ``d/ds = (w - y^2) v`` with ``v = e^{s - log
-    sigma}`` formed as ``w v - (y sqrt(v))^2``, the square root taken inside the exponent:
+    Backward (the weight detached): ``d/dx = -d/dmu = w z / sigma = r e^{2t} m`` (to ``x``
+    and ``mu`` directly: through ``r`` it is ``m`` times that, which can overflow), ``d/dlog
+    sigma = w (1 - z^2) = w - y^2``, and through the floor ``d/ds = (w - y^2) v`` with ``v =
+    e^{s - log sigma}`` formed as ``w v - (y sqrt(v))^2``, the square root taken inside the
+    exponent:
     where ``z^2`` overflows and ``v`` underflows (``log_scale = -1e30`` floored at 1e-3,
     residual 3e38) the product is the exact tiny value, not ``inf * 0``; ``d/dlog_floor``
     likewise with ``1 - v``. Where ``w`` and ``y^2`` both overflow (``inf - inf``) the exact
@@ -396,8 +394,9 @@ class _WeightedNLL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, residual, factor, log_scale, log_floor, beta):
-        ctx.save_for_backward(residual, factor, log_scale, log_floor)
+    def forward(ctx, value, loc, log_scale, log_floor, beta):
+        ctx.save_for_backward(value, loc, log_scale, log_floor)
+        residual, factor = split_residual(value, loc)
         ctx.beta = beta
         log_sigma = _floored(log_scale, log_floor)
         y, weight, _ = _beta_pieces(residual, factor, log_sigma, beta)
@@ -405,13 +404,20 @@ class _WeightedNLL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        residual, factor, log_scale, log_floor = ctx.saved_tensors
+        value, loc, log_scale, log_floor = ctx.saved_tensors
+        residual, factor = split_residual(value, loc)
         log_sigma = _floored(log_scale, log_floor)
         y, weight, t = _beta_pieces(residual, factor, log_sigma, ctx.beta)
         grads = [None] * 5
-        if ctx.needs_input_grad[0]:
-            grad_r = mul_exp(grad * y, t) * factor  # w z / sigma, e^t applied to the product
-            grads[0] = grad_r.sum_to_size(residual.shape)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            # w z / sigma = r e^{2t} m: one mul_exp of r (y e^t would overflow with y where
+            # y does but y e^t does not, sigma > 1), m last; to value and loc directly
+            # (through r it would be m times that first, inf where d/dvalue = 3.4e38)
+            d_value = mul_exp(grad * residual, 2.0 * t) * factor
+            if ctx.needs_input_grad[0]:
+                grads[0] = d_value.sum_to_size(value.shape)
+            if ctx.needs_input_grad[1]:
+                grads[1] = (-d_value).sum_to_size(loc.shape)
         z_abs = mul_exp(residual, -log_sigma).abs() * factor
         z_big = z_abs > 1.0
 
@@ -493,9 +499,9 @@ def laplace_log_prob(value: Tensor, loc: Tensor, log_scale: Tensor | float) -> T
     broadcast_shapes(**t)
     value, loc, log_scale = t["value"], t["loc"], t["log_scale"]
     # |r e^{-s}|, not |r| e^{-s}: at r = 0 the abs's zero gradient then reaches mul_exp's
-    # backward, which gives 0 * e^{-s} = 0 even where e^{-s} overflows (not sign(0) * inf)
-    residual, factor = split_residual(value, loc)  # finite where value - loc overflows
-    return -(mul_exp(residual, -log_scale).abs() * factor) - log_scale - _LN2
+    # backward, which gives 0 * e^{-s} = 0 even where e^{-s} overflows (not sign(0) * inf);
+    # z finite where value - loc overflows, its value / loc gradients formed directly
+    return -standardized_residual(value, loc, log_scale).abs() - log_scale - _LN2
 
 
 # ======================================================================================
@@ -708,9 +714,12 @@ def student_t_log_prob(
     with torch.no_grad():  # where z = r e^{-log_scale} would overflow (within a factor e)
         log_max = math.log(torch.finfo(residual.dtype).max)
         beyond = torch.log(residual.abs()) + log_factor - log_scale > log_max - 1.0
-    # double where: where z overflows mul_exp is fed 0 (its gradient 0 * inf would be NaN),
-    # elsewhere log|r| is fed 1
-    z = mul_exp(torch.where(beyond, 0.0, residual), -log_scale) * factor
+    # double where: where z overflows the residual is fed 0 (its gradient 0 * inf would be
+    # NaN), elsewhere log|r| is fed 1; z's value / loc gradients are formed directly (through
+    # r they would be m = 2 times theirs first)
+    z = standardized_residual(
+        torch.where(beyond, 0.0, value), torch.where(beyond, 0.0, loc), log_scale
+    )
     log_abs_r = torch.log(torch.where(beyond, residual, 1.0).abs()) + log_factor
     # An infinite residual (value or loc infinite): the tail is +inf, and its derivatives are
     # the limits as |r| -> inf, d/ddf = +inf and d/dlog_scale = -df (the far tail's; formed

@@ -447,3 +447,159 @@ def test_student_t_infinite_residual_limits(dtype):
         assert leaves[0].grad.item() == 0.0 and leaves[2].grad.item() == 0.0, label
         assert leaves[1].grad.item() == -math.inf, label
         assert leaves[3].grad.item() == args[1].item(), label
+
+
+_SIGMAS = (1.08, 1.2)  # z = r / sigma overflows at the first (r = 1.106 M), not at the second
+
+
+def _overflowing_residual_rows(dtype):
+    """(value, loc, sigma) with ``value - loc = +-1.106 M`` (``M = finfo.max`` of the compute
+    dtype: the difference overflows) and ``sigma`` in :data:`_SIGMAS`: ``z = r / sigma`` is
+    ``1.024 M`` (inf) or ``0.92 M``, while ``d/dvalue = -r / sigma^2`` is ``0.948 M`` or
+    ``0.768 M``."""
+    compute = torch.float32 if dtype in HALF_DTYPES else dtype
+    big = torch.finfo(compute).max
+    return [
+        (sign * 0.996 * big, -sign * 0.11 * big, sigma)
+        for sign, sigma in itertools.product((1.0, -1.0), _SIGMAS)
+    ]
+
+
+def _residual_gradient_cases():
+    """(label, fn(value, loc, p) -> log density (or -NLL), p from sigma, sigma' from p,
+    d/dvalue from (r, sigma')), in mpmath; ``sigma' = sigma + 1e-3`` with a floor."""
+    floor = mpf("1e-3")
+
+    def normal(r, sig):  # d/dvalue of log N = -r / sigma^2
+        return -r / sig**2
+
+    identity = (lambda sig: sig, lambda p: p)
+    log_scale, log_var = (mp.log, mp.exp), (lambda sig: 2 * mp.log(sig), lambda p: mp.exp(p / 2))
+    var = (lambda sig: sig**2, mp.sqrt)
+    return [
+        (
+            "log_prob log_scale",
+            lambda x, m, p: normal_log_prob(x, m, log_scale=p),
+            *log_scale,
+            normal,
+        ),
+        ("log_prob log_var", lambda x, m, p: normal_log_prob(x, m, log_var=p), *log_var, normal),
+        ("log_prob scale", lambda x, m, p: normal_log_prob(x, m, scale=p), *identity, normal),
+        ("log_prob var", lambda x, m, p: normal_log_prob(x, m, var=p), *var, normal),
+        (
+            "nll log_scale",
+            lambda x, m, p: -normal_nll(x, m, log_scale=p, reduction="sum"),
+            *log_scale,
+            normal,
+        ),
+        (
+            "nll log_scale floor",
+            lambda x, m, p: -normal_nll(x, m, log_scale=p, min_scale=1e-3, reduction="sum"),
+            *log_scale,
+            lambda r, sig: normal(r, sig + floor),
+        ),
+        (
+            "nll scale floor",
+            lambda x, m, p: -normal_nll(x, m, scale=p, min_scale=1e-3, reduction="sum"),
+            *identity,
+            lambda r, sig: normal(r, sig + floor),
+        ),
+        # beta = 0.5: w z / sigma = sigma r / sigma^2 (the weight detached)
+        (
+            "nll var beta=0.5",
+            lambda x, m, p: -normal_nll(x, m, var=p, beta=0.5, reduction="sum"),
+            *var,
+            lambda r, sig: -r / sig,
+        ),
+        (
+            "laplace",
+            lambda x, m, p: laplace_log_prob(x, m, p),
+            *log_scale,
+            lambda r, sig: -mp.sign(r) / sig,
+        ),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=dtype_id)
+def test_value_and_loc_gradients_where_the_residual_or_z_overflows_against_mpmath(dtype):
+    """Found by the fuzz suite (issue 10): normal_log_prob(3.3895e38, -3.6975e36, log_scale=
+    0.0139) in float32 gave d/dvalue = -inf, exact -3.33e38: value - loc overflows and is
+    split as r m (m = 2), and the gradient reached value through r, as m times itself
+    (2 * 3.3e38 = inf) before the 1/2 of the halving. And where z = r m / sigma overflows
+    but z / sigma does not (sigma = 1.08), autograd's d/dz = -z was inf. Every scale form,
+    the NLL paths (floor, beta) and Laplace; d/dloc = -d/dvalue. mpmath at 50 digits at the
+    cast inputs; bound (4 |log sigma| + 16) eps relative (r rounded once, e^{-2 log sigma} or
+    the divisions by sigma a few roundings, the exponent rounded by eps |log sigma|), plus
+    the half rounding of the returned gradient for bfloat16."""
+    compute = torch.float32 if dtype in HALF_DTYPES else dtype
+    eps = torch.finfo(compute).eps
+    half_eps = torch.finfo(dtype).eps / 2 if dtype in HALF_DTYPES else 0.0
+    checked = 0
+    for label, fn, param_of, sigma_of, d_value in _residual_gradient_cases():
+        for x, mu, sigma in _overflowing_residual_rows(dtype):
+            with mp.workdps(50):
+                p_exact = param_of(mpf(sigma))
+            v, m, p = (
+                torch.tensor(float(u), dtype=torch.float64).to(dtype) for u in (x, mu, p_exact)
+            )
+            if not all(torch.isfinite(t) for t in (v, m, p)):
+                continue
+            with mp.workdps(50):
+                r = mpf(v.item()) - mpf(m.item())
+                sig = sigma_of(mpf(p.item()))
+                exact = d_value(r, sig)
+            ref = _as_float(exact, dtype)
+            if ref is None or math.isinf(ref):
+                continue
+            leaves = [t.clone().requires_grad_() for t in (v, m, p)]
+            fn(*leaves).sum().backward()
+            bound = (4 * abs(float(mp.log(sig))) + 16) * eps * abs(ref)
+            bound += half_eps * abs(ref) + torch.finfo(dtype).tiny
+            got_v, got_m = leaves[0].grad.item(), leaves[1].grad.item()
+            where = f"{label} x={v.item():.5g} mu={m.item():.5g} p={p.item():.5g}"
+            assert abs(got_v - ref) <= bound, f"{where}: d/dvalue {got_v}, exact {ref:.6g}"
+            assert abs(got_m + ref) <= bound, f"{where}: d/dloc {got_m}, exact {-ref:.6g}"
+            checked += 1
+    assert checked >= 30  # most rows survive the cast and have a representable gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=dtype_id)
+def test_scale_parameter_gradient_at_subnormal_scale_or_variance_against_mpmath(dtype):
+    """Found by the fuzz suite (issue 10): normal_log_prob(3.7e-34, -3.09e-21, var=1.948e-39)
+    in float32 gave d/dvar = -inf, exact (z^2 - 1)/(2 var) = -2.55e38: the -1/(2 var) term was
+    formed as (1/var) / 2, and 1/var overflows. Likewise z / p overflows for |z| < 1 where k
+    z^2 / p does not (var = 2e-39, z = 0.9: z / var = 4.5e38, d/dvar = -4.8e37; scale =
+    3e-39, z = 0.9: d/dscale = -6.3e37). p between 1/(2 max) and 1/max (a subnormal in
+    float32 and float64), z in {0, 0.5, 0.9, 0.999}. mpmath at 50 digits at the cast
+    inputs: d/dp = k (z^2 - 1) / p; bound 16 eps of the terms' size k (z^2 + 1) / p (z
+    rounded twice, z^2 - 1 and one division a few roundings), plus the half rounding of the
+    returned gradient for bfloat16."""
+    compute = torch.float32 if dtype in HALF_DTYPES else dtype
+    eps = torch.finfo(compute).eps
+    half_eps = torch.finfo(dtype).eps / 2 if dtype in HALF_DTYPES else 0.0
+    inv_max = 1.0 / torch.finfo(compute).max
+    checked = 0
+    for form, p_frac, z in itertools.product(("var", "scale"), (0.6, 0.9), (0.0, 0.5, 0.9, 0.999)):
+        p = torch.tensor(p_frac * inv_max, dtype=torch.float64).to(dtype)
+        sigma = math.sqrt(p.item()) if form == "var" else p.item()
+        value = torch.tensor(z * sigma, dtype=torch.float64).to(dtype)
+        if p.item() == 0.0:
+            continue
+        with mp.workdps(50):
+            pv = mpf(p.item())
+            k = mpf(1) / 2 if form == "var" else mpf(1)
+            zz = mpf(value.item()) / (mp.sqrt(pv) if form == "var" else pv)
+            exact = k * (zz * zz - 1) / pv
+        ref = _as_float(exact, dtype)
+        if ref is None or math.isinf(ref):
+            continue
+        leaf = p.clone().requires_grad_()
+        normal_log_prob(value, torch.zeros((), dtype=dtype), **{form: leaf}).backward()
+        size = float(k * (zz * zz + 1) / pv)  # the terms' size: z^2 - 1 may cancel
+        bound = 16 * eps * size + half_eps * abs(ref) + torch.finfo(dtype).tiny
+        got = leaf.grad.item()
+        assert abs(got - ref) <= bound, (
+            f"{form}={p.item():.4g} z={float(zz):.4g}: got {got}, exact {ref:.6g}"
+        )
+        checked += 1
+    assert checked >= 12

@@ -12,7 +12,12 @@ import math
 import pytest
 import torch
 
-from probloss.functional._params import check_positive, log_scale_from, split_residual
+from probloss.functional._params import (
+    check_positive,
+    log_scale_from,
+    split_residual,
+    standardized_residual,
+)
 
 SCALES = [1e-300, 1e-30, 0.5, 1.0, 2.0, 3.7, 1e30, 1e300]
 ULP2 = 2 * torch.finfo(torch.float64).eps
@@ -128,3 +133,33 @@ def test_split_residual(dtype):
     assert r[2].item() == -torch.tensor(top, dtype=dtype).item()
     (r * m).sum().backward()
     assert value.grad.tolist() == [1.0, 1.0, 1.0] and loc.grad.tolist() == [-1.0, -1.0, -1.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_standardized_residual_gradients_where_the_difference_overflows(dtype):
+    """z = (value - loc) e^{-log_scale} with value - loc = max/1.5 - (-max/1.5) (split, m = 2)
+    and an incoming gradient g = 0.6 max: d/dvalue = -d/dloc = g e^{-log_scale} = 0.6 max at
+    log_scale = 0, exactly g (through r it was m g = 1.2 max = inf, found by the fuzz suite),
+    although z itself (1.33 max) overflows; at log_scale = 0.5 (z finite) it is g e^{-0.5},
+    within 8 (1 + |log_scale|) eps (mul_exp's roundings, the exponent rounded by eps
+    |log_scale|). d/dlog_scale = -g z = -inf, exactly. On the mean z = 0 and d/dvalue =
+    e^{1000} g: inf, not NaN."""
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    top = torch.finfo(compute).max / 1.5
+    eps = torch.finfo(compute).eps
+    value = torch.tensor([top, top, 1.0], dtype=compute).to(dtype).requires_grad_()
+    loc = torch.tensor([-top, -top, 1.0], dtype=compute).to(dtype).requires_grad_()
+    log_scale = torch.tensor([0.0, 0.5, -1000.0], dtype=dtype, requires_grad=True)
+    g = torch.tensor([0.6 * torch.finfo(compute).max, 1e-3, 1.0], dtype=compute)
+    z = standardized_residual(value.to(compute), loc.to(compute), log_scale.to(compute))
+    assert z[0].item() == math.inf  # 1.33 max, exactly
+    assert math.isfinite(z[1].item()) and z[2].item() == 0.0  # 0.81 max; 0 on the mean
+    (z * g).sum().backward()
+    expected = [g[0].item(), g[1].item() * math.exp(-0.5), math.inf]
+    got = value.grad.to(torch.float64).tolist()
+    half = torch.finfo(dtype).eps if dtype != compute else 0.0
+    assert got[0] == pytest.approx(expected[0], rel=half, abs=0) and math.isfinite(got[0])
+    assert got[1] == pytest.approx(expected[1], rel=8 * 1.5 * eps + half)
+    assert got[2] == math.inf
+    assert loc.grad.to(torch.float64).tolist() == [-v for v in got]
+    assert log_scale.grad[0].item() == -math.inf
