@@ -631,19 +631,62 @@ def _student_t_kernel(z: Tensor, df: Tensor) -> Tensor:
 
     z_far = torch.where(near, 2.0, z).abs()
     df_far = torch.where(near, 1.0, df)
-    split = (df_far < 1.0) & (z_far > 1.0)  # |u| may overflow: log|z| - log(df)/2, both >= 0
-    z_split = torch.where(split, z_far, 2.0)
-    df_split = torch.where(split, df_far, 1.0)
-    z_direct = torch.where(split, 2.0, z_far)
-    df_direct = torch.where(split, 1.0, df_far)
+    far_value = _FarKernel.apply(z_far, df_far)
+    return torch.where(near, near_value, far_value)
+
+
+def _far_kernel_pieces(z: Tensor, df: Tensor) -> tuple[Tensor, Tensor]:
+    """``(L, q)`` with ``L = log1p(z^2/df) = 2 log|u| + log1p(q)``, ``u = z/sqrt(df)``, ``q =
+    1/u^2 <= 1`` (``z > sqrt(df)``); ``log|u|`` is ``log z - log(df)/2`` where ``u`` itself
+    could overflow (df < 1 < z)."""
+    split = (df < 1.0) & (z > 1.0)  # |u| may overflow: log z - log(df)/2, both >= 0
+    z_split = torch.where(split, z, 2.0)
+    df_split = torch.where(split, df, 1.0)
+    z_direct = torch.where(split, 2.0, z)
+    df_direct = torch.where(split, 1.0, df)
     log_u = torch.where(
         split,
         torch.log(z_split) - 0.5 * torch.log(df_split),
         torch.log(z_direct / torch.sqrt(df_direct)),
     )
-    inv_u = torch.sqrt(df_far) / z_far  # < 1; may underflow harmlessly
-    far_value = (0.5 * (df_far + 1.0)) * (2.0 * log_u + torch.log1p(inv_u * inv_u))
-    return torch.where(near, near_value, far_value)
+    inv_u = torch.sqrt(df) / z  # < 1; may underflow harmlessly
+    q = inv_u * inv_u
+    return 2.0 * log_u + torch.log1p(q), q
+
+
+class _FarKernel(torch.autograd.Function):
+    r"""``K = (df + 1)/2 * L`` for ``z > sqrt(df)`` (:func:`_far_kernel_pieces`), with the
+    derivatives in closed form.
+
+    With ``q = df/z^2``: ``dK/dz = (df + 1) / (z (1 + q))`` and ``dK/ddf = L/2 - (1 + 1/df) /
+    (2 (1 + q))``. Autograd through ``2 log|u| + log1p(q)`` adds ``-(df + 1)/(2 df)`` (from
+    ``log|u|``) and ``(df + 1) q / (2 df (1 + q))`` (from ``log1p(q)``, through ``1/z^2``):
+    at a subnormal ``df`` both overflow, with opposite signs (``inf - inf = NaN``, where the
+    exact d/ddf of the log density is ``1/df = 7.1e44``, +inf in float32), and elsewhere
+    they cancel for ``q`` near 1. The closed form has no such pair; ``1/(2 df (1 + q))`` is
+    one division of the incoming gradient (0, not ``0 * inf``, where it is 0). Built from
+    differentiable ops (differentiable again).
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, df: Tensor) -> Tensor:
+        ctx.save_for_backward(z, df)
+        log_term, _ = _far_kernel_pieces(z, df)
+        return (0.5 * (df + 1.0)) * log_term
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        z, df = ctx.saved_tensors
+        log_term, q = _far_kernel_pieces(z, df)
+        one_q = 1.0 + q
+        grad_z = grad_df = None
+        if ctx.needs_input_grad[0]:
+            grad_z = grad * (((df + 1.0) / z) / one_q)  # (df + 1)/z <= sqrt(df) + 1/sqrt(df)
+        if ctx.needs_input_grad[1]:
+            half = 0.5 * grad
+            # L/2 - 1/(2 (1 + q)) - 1/(2 df (1 + q)); df (1 + q) >= df > 0, finite or +inf
+            grad_df = half * log_term - half / one_q - half / (df * one_q)
+        return grad_z, grad_df
 
 
 def _student_t_far_tail(log_abs_r: Tensor, log_scale: Tensor, df: Tensor) -> Tensor:

@@ -603,3 +603,52 @@ def test_scale_parameter_gradient_at_subnormal_scale_or_variance_against_mpmath(
         )
         checked += 1
     assert checked >= 12
+
+
+def _student_t_d_df(x: float, df: float) -> mpf:
+    """d/ddf of log t(x | df, 0, 1) in mpmath: psi((df + 1)/2)/2 - psi(df/2)/2 - 1/(2 df)
+    - log1p(x^2/df)/2 + (df + 1) x^2 / (2 df (df + x^2))."""
+    d, z = mpf(df), mpf(x)
+    return (
+        mp.digamma((d + 1) / 2) / 2
+        - mp.digamma(d / 2) / 2
+        - 1 / (2 * d)
+        - mp.log1p(z * z / d) / 2
+        + (d + 1) * z * z / (2 * d * (d + z * z))
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=dtype_id)
+def test_student_t_df_gradient_at_subnormal_df_beyond_sqrt_df_against_mpmath(dtype):
+    """Found by the fuzz suite (issue 10): student_t_log_prob(0, df=1.4e-45, loc=3.1e-21,
+    log_scale=0.03) float32 gave d/ddf = NaN (exact 7.1e44: +inf in float32; float64 at df =
+    5e-324 likewise). For z^2 > df the kernel (df + 1)/2 (2 log|u| + log1p(df/z^2)) was
+    differentiated by autograd into -(df + 1)/(2 df) and (df + 1)/(2 z^2 (1 + q)) (through
+    1/z^2): both overflow at a subnormal df, inf - inf. Now dK/ddf = L/2 - (1 + 1/df)/(2 (1
+    + q)) in closed form. Rows: df between 1/(2 max) and 1/max with z^2 = 1.05 df (exact
+    d/ddf = 0.76/df, finite), and the smallest subnormal df with z^2 = 2 df (1/z^2
+    overflows: NaN before) and z = 1e3 sqrt(df) (exact about 1/df: +inf). mpmath at 50
+    digits at the cast inputs (loc 0, log_scale 0: z = value exactly); bound 16 eps relative
+    (every term of the sum has the sign of the result up to log1p(z^2/df)/2 of size < 1,
+    each rounded a few times), plus the half rounding for bfloat16."""
+    compute = torch.float32 if dtype in HALF_DTYPES else dtype
+    eps = torch.finfo(compute).eps
+    half_eps = torch.finfo(dtype).eps / 2 if dtype in HALF_DTYPES else 0.0
+    inv_max = 1.0 / torch.finfo(compute).max
+    smallest = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    rows = [(f * inv_max, math.sqrt(1.05 * f * inv_max)) for f in (0.6, 0.8)]
+    rows += [(smallest, math.sqrt(2 * smallest)), (smallest, 1e3 * math.sqrt(smallest))]
+    for df, x in rows:
+        df_t, x_t = (torch.tensor(v, dtype=torch.float64).to(dtype) for v in (df, x))
+        with mp.workdps(50):
+            exact = _student_t_d_df(x_t.item(), df_t.item())
+        ref = _as_float(exact, dtype)
+        leaf = df_t.clone().requires_grad_()
+        zero = torch.zeros((), dtype=dtype)
+        student_t_log_prob(x_t, leaf, zero, zero).backward()
+        got = leaf.grad.item()
+        label = f"df={df_t.item():.4g} x={x_t.item():.4g}: got {got}, exact {float(exact):.6g}"
+        if ref is None or math.isinf(ref):
+            assert got == math.inf, label
+        else:
+            assert abs(got - ref) <= (16 * eps + half_eps) * abs(ref), label
