@@ -30,7 +30,11 @@ gradient is first formed directly (weights applied by
 :func:`~probloss.special.mul_exp`); where that is not finite it is replaced by the same
 expression summed in signed log space (:func:`_qsum`), exact to ``eps64`` times the size
 of the exponents. Log magnitudes are carried divided by 4 (exact), so that sums of up to
-four logarithms near ``finfo(float64).max`` stay finite. A value or gradient beyond the
+four logarithms near ``finfo(float64).max`` stay finite, and as double-floats
+``L + E`` (:func:`_two_sum`): a sum of exponents such as ``1.7e21 + 3.4e38`` keeps its
+low part, which decides the sign where two overflowing terms of opposite signs have
+exponents that agree to float64 precision (a tie, read as an exact cancellation to 0,
+where mpmath says ``+inf``). A value or gradient beyond the
 range of the output dtype is then ``+-inf`` with its exact sign, never NaN. The backward
 is not differentiable again (``once_differentiable``).
 """
@@ -49,44 +53,76 @@ _LOG2_4 = math.log(2.0) / 4.0
 
 
 # ---------------------------------------------------------------- signed quarter-logs
-# A real number x is carried as (L, S) with x = S e^{4 L}: L = log|x| / 4, S = sign(x);
-# zero is (-inf, 0).
+# A real number x is carried as (L, E, S) with x = S e^{4 (L + E)}: L + E = log|x| / 4 as a
+# double-float (E the low part, |E| <= ulp(L) / 2), S = sign(x); zero is (-inf, 0, 0).
 
 
-def _qlog(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(log|x| / 4, sign x)``; 0 is ``(-inf, 0)``."""
-    return torch.log(x.abs()) / 4.0, torch.sign(x)
+def _two_sum(a: Tensor, b) -> tuple[Tensor, Tensor]:
+    """``(s, e)`` with ``s = fl(a + b)`` and ``s + e = a + b`` exactly (Knuth's TwoSum);
+    ``e = 0`` where ``s`` is not finite (an infinite exponent has no low part)."""
+    s = a + b
+    bb = s - a
+    e = (a - (s - bb)) + (b - bb)
+    return s, torch.where(torch.isfinite(s), e, 0.0)
 
 
-def _qzero(L: Tensor, S: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-    """``(L, S)`` where ``keep``, else exactly zero (``L`` replaced: no ``-inf + inf``)."""
-    return torch.where(keep, L, -math.inf), torch.where(keep, S, 0.0)
+def _qadd(*terms) -> tuple[Tensor, Tensor]:
+    """The double-float sum of ``(L, E)`` pairs (``E`` may be 0.0: an exact float), i.e.
+    the quarter-log of a product. Each step is a TwoSum of the high parts, whose error
+    joins the low parts, then renormalised (``|E| <= ulp(L) / 2``, so that pairs compare
+    by ``L`` first); exact unless the sum needs more than 106 bits."""
+    h, e = terms[0]
+    for h2, e2 in terms[1:]:
+        h, err = _two_sum(h, h2)
+        h, e = _two_sum(h, (err + e) + e2)  # |err + e + e2| << |h|: fast renormalisation
+    return h, e
 
 
-def _qlse(L: Tensor, dim: int) -> Tensor:
-    """``log(sum e^{4L}) / 4`` along ``dim``: the shift by the (finite) maximum keeps
-    ``4 (L - max) <= 0``, so nothing overflows although ``4 L`` may."""
+def _qlog(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(log|x| / 4, 0, sign x)``; 0 is ``(-inf, 0, 0)``."""
+    return torch.log(x.abs()) / 4.0, torch.zeros_like(x), torch.sign(x)
+
+
+def _qzero(L: Tensor, E: Tensor, S: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(L, E, S)`` where ``keep``, else exactly zero (``L`` replaced: no ``-inf + inf``)."""
+    return torch.where(keep, L, -math.inf), torch.where(keep, E, 0.0), torch.where(keep, S, 0.0)
+
+
+def _qlse(L: Tensor, E: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """``log(sum e^{4 (L + E)}) / 4`` along ``dim``: the shift by the (finite) largest pair
+    keeps every ``4 (L + E - top) <= 0`` (``L - top`` exact where it matters: Sterbenz), so
+    nothing overflows although ``4 L`` may."""
     top = L.amax(dim, keepdim=True)
     top = torch.where(torch.isfinite(top), top, 0.0)  # all -inf: the sum is 0, log -inf
-    return (top + torch.log(torch.exp(4.0 * (L - top)).sum(dim, keepdim=True)) / 4.0).squeeze(dim)
+    top_e = torch.where(L == top, E, -math.inf).amax(dim, keepdim=True)
+    top_e = torch.where(torch.isfinite(top_e), top_e, 0.0)
+    d = (L - top) + (E - top_e)
+    log_sum = torch.log(torch.exp(4.0 * d).sum(dim, keepdim=True)) / 4.0
+    h, e = _qadd((top, top_e), (log_sum, 0.0))
+    return h.squeeze(dim), e.squeeze(dim)
 
 
-def _qsum(L: Tensor, S: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+def _qsum(L: Tensor, E: Tensor, S: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
     """Signed sum along ``dim``: positive and negative parts by :func:`_qlse`, then
-    ``e^{4P} - e^{4N} = +-e^{4 max} (1 - e^{-4 |P - N|})`` (``log1mexp``); an exact
-    cancellation (or no term) is 0."""
-    pos = _qlse(torch.where(S > 0, L, -math.inf), dim)
-    neg = _qlse(torch.where(S < 0, L, -math.inf), dim)
-    high, low = torch.maximum(pos, neg), torch.minimum(pos, neg)
-    alive = high > low  # False at an exact tie and where both are -inf (gap NaN)
-    gap = torch.where(alive, high - low, 1.0)
-    out = high + log1mexp(4.0 * gap) / 4.0
-    return _qzero(out, torch.where(pos > neg, 1.0, -1.0), alive)
+    ``e^{4P} - e^{4N} = +-e^{4 max} (1 - e^{-4 |P - N|})`` (``log1mexp``), with ``P - N``
+    formed from the double-floats; an exact cancellation (or no term) is 0."""
+    pos, pos_e = _qlse(torch.where(S > 0, L, -math.inf), torch.where(S > 0, E, 0.0), dim)
+    neg, neg_e = _qlse(torch.where(S < 0, L, -math.inf), torch.where(S < 0, E, 0.0), dim)
+    gap = (pos - neg) + (pos_e - neg_e)  # NaN where both are -inf (or both +inf)
+    alive = (gap != 0) & ~torch.isnan(gap)
+    up = gap > 0
+    size = torch.where(alive, gap.abs(), 1.0)
+    h, e = _qadd(
+        (torch.where(up, pos, neg), torch.where(up, pos_e, neg_e)),
+        (log1mexp(4.0 * size) / 4.0, 0.0),
+    )
+    return _qzero(h, e, torch.where(up, 1.0, -1.0), alive)
 
 
-def _qvalue(L: Tensor, S: Tensor) -> Tensor:
-    """``S e^{4 L}`` (``+-inf`` beyond the range; 0 for ``S = 0``)."""
-    return torch.where(S == 0, 0.0, S * torch.exp(4.0 * torch.where(S == 0, 0.0, L)))
+def _qvalue(L: Tensor, E: Tensor, S: Tensor) -> Tensor:
+    """``S e^{4 (L + E)}`` (``+-inf`` beyond the range; 0 for ``S = 0``)."""
+    x = torch.where(S == 0, 0.0, L + E)
+    return torch.where(S == 0, 0.0, S * torch.exp(4.0 * x))
 
 
 # ---------------------------------------------------------------- the moments
@@ -122,11 +158,14 @@ class _Terms:
         self.a = atanh_rho
         if not quarter:
             return
-        # quarter-logs: pi_k, |d_ki| (d = 2 (mu/2 - m/2), exact), sigma_ki
-        lw4 = logits / 4.0 - logits.amax(-1, keepdim=True) / 4.0
-        self.Lpi = torch.where(self.zero, -math.inf, lw4 - _qlse(lw4, -1).unsqueeze(-1))
-        Ld, self.Sd = _qlog(self.half_dev)
-        self.Ld = Ld + _LOG2_4
+        # quarter-logs (double-floats): pi_k, |d_ki| (d = 2 (mu/2 - m/2), exact), sigma_ki
+        lw4 = _two_sum(logits / 4.0, -logits.amax(-1, keepdim=True) / 4.0)
+        lse, lse_e = _qlse(*lw4, -1)
+        Lpi = _qadd(lw4, (-lse.unsqueeze(-1), -lse_e.unsqueeze(-1)))
+        self.Lpi = torch.where(self.zero, -math.inf, Lpi[0])
+        self.Epi = torch.where(self.zero, 0.0, Lpi[1])
+        Ld, _, self.Sd = _qlog(self.half_dev)
+        self.Ld, self.Ed = _two_sum(Ld, _LOG2_4)
         self.Ls = self.ls / 4.0
 
     def coefficient(self) -> Tensor:
@@ -137,21 +176,31 @@ class _Terms:
         return torch.where(self.off, self.rho.unsqueeze(-1), 1.0).expand(shape)
 
     # quarter-log terms, (*, K, P), without the weight
-    def q_sigma(self) -> tuple[Tensor, Tensor]:
-        Lc, Sc = _qlog(self.coefficient())
-        return Lc + self.Ls[..., self.I] + self.Ls[..., self.J], Sc
+    def pi(self, *lead: int) -> tuple[Tensor, Tensor]:
+        """``(L, E)`` of ``pi_k`` with ``lead`` trailing dimensions added."""
+        L, E = self.Lpi, self.Epi
+        for _ in lead:
+            L, E = L.unsqueeze(-1), E.unsqueeze(-1)
+        return L, E
 
-    def q_dev(self) -> tuple[Tensor, Tensor]:
-        L = self.Ld[..., self.I] + self.Ld[..., self.J]
-        return L, self.Sd[..., self.I] * self.Sd[..., self.J]
+    def q_sigma(self) -> tuple[Tensor, Tensor, Tensor]:
+        Lc, Ec, Sc = _qlog(self.coefficient())
+        L, E = _qadd((self.Ls[..., self.I], 0.0), (self.Ls[..., self.J], 0.0), (Lc, Ec))
+        return L, E, Sc
 
-    def q_Q(self) -> tuple[Tensor, Tensor]:
-        (L1, S1), (L2, S2) = self.q_sigma(), self.q_dev()
-        return _qsum(torch.stack((L1, L2), -1), torch.stack((S1, S2), -1), -1)
+    def q_dev(self) -> tuple[Tensor, Tensor, Tensor]:
+        i, j = self.I, self.J
+        L, E = _qadd((self.Ld[..., i], self.Ed[..., i]), (self.Ld[..., j], self.Ed[..., j]))
+        return L, E, self.Sd[..., i] * self.Sd[..., j]
 
-    def q_C(self) -> tuple[Tensor, Tensor]:
-        L, S = self.q_Q()
-        return _qsum(L + self.Lpi.unsqueeze(-1), S, -2)
+    def q_Q(self) -> tuple[Tensor, Tensor, Tensor]:
+        (L1, E1, S1), (L2, E2, S2) = self.q_sigma(), self.q_dev()
+        st = (torch.stack(x, -1) for x in ((L1, L2), (E1, E2), (S1, S2)))
+        return _qsum(*st, -1)
+
+    def q_C(self) -> tuple[Tensor, Tensor, Tensor]:
+        L, E, S = self.q_Q()
+        return _qsum(*_qadd((L, E), self.pi(1)), S, -2)
 
     # direct terms, (*, K, P), weighted by pi_k
     def sigma(self) -> Tensor:
@@ -209,13 +258,13 @@ class _SecondMoments(torch.autograd.Function):
             wide, logits, loc, log_scale, atanh_rho, scale_tril, g
         )
         t = w = _Terms(logits, loc, log_scale, atanh_rho, ctx.bivariate, quarter=True)
-        Lg, Sg = _qlog(g.unsqueeze(-2))  # (*, 1, P)
-        Lg, Sg = _qzero(Lg, Sg, Sg != 0)
+        Lg, Eg, Sg = _qlog(g.unsqueeze(-2))  # (*, 1, P)
+        Lg, Eg, Sg = _qzero(Lg, Eg, Sg, Sg != 0)
         need = ctx.needs_input_grad
         grads = [None] * 6
 
-        def pick(direct, L, S):
-            return torch.where(torch.isfinite(direct), direct, _qvalue(L, S)).to(dtype)
+        def pick(direct, L, E, S):
+            return torch.where(torch.isfinite(direct), direct, _qvalue(L, E, S)).to(dtype)
 
         if need[0]:  # sum_p g_p pi_k (Q_kp - C_p)
             c = _value(t).unsqueeze(-2)
@@ -224,63 +273,68 @@ class _SecondMoments(torch.autograd.Function):
                 g.unsqueeze(-2) * (q - mul_exp(c / t.total.unsqueeze(-1), t.log_w.unsqueeze(-1)))
             ).sum(-1)
             direct = torch.where(t.zero, 0.0, direct)
-            (LQ, SQ), (LC, SC) = w.q_Q(), w.q_C()
-            LC, SC = LC.unsqueeze(-2).expand_as(LQ), SC.unsqueeze(-2).expand_as(SQ)
-            L, S = _qsum(torch.stack((LQ, LC), -1), torch.stack((SQ, -SC), -1), -1)
-            L, S = _qsum(L + w.Lpi.unsqueeze(-1) + Lg, S * Sg, -1)
-            grads[0] = pick(direct, *_qzero(L, S, ~w.zero))
+            (LQ, EQ, SQ), (LC, EC, SC) = w.q_Q(), w.q_C()
+            LC, EC, SC = (x.unsqueeze(-2).expand_as(LQ) for x in (LC, EC, SC))
+            st = (torch.stack(x, -1) for x in ((LQ, LC), (EQ, EC), (SQ, -SC)))
+            L, E, S = _qsum(*st, -1)
+            L, E, S = _qsum(*_qadd((L, E), w.pi(1), (Lg, Eg)), S * Sg, -1)
+            grads[0] = pick(direct, *_qzero(L, E, S, ~w.zero))
         if need[1] or need[2]:
             # contributions of pair p to coordinate I[p] and to J[p]: (*, K, P, 2)
             D = loc.shape[-1]
             target = torch.tensor([t.I, t.J], device=loc.device).T  # (P, 2)
             onehot = target.unsqueeze(-1) == torch.arange(D, device=loc.device)  # (P, 2, D)
 
-            def scatter(direct_pk, L_pk, S_pk):
+            def scatter(direct_pk, L_pk, E_pk, S_pk):
                 """``sum_p`` of ``(*, K, P, 2)`` contributions into ``(*, K, D)``."""
                 d = torch.where(onehot, direct_pk.unsqueeze(-1), 0.0).sum((-3, -2))
                 Lx = torch.where(onehot, L_pk.unsqueeze(-1), -math.inf).flatten(-3, -2)
+                Ex = torch.where(onehot, E_pk.unsqueeze(-1), 0.0).flatten(-3, -2)
                 Sx = torch.where(onehot, S_pk.unsqueeze(-1), 0.0).flatten(-3, -2)
-                return pick(d, *_qsum(Lx, Sx, -2))
+                return pick(d, *_qsum(Lx, Ex, Sx, -2))
 
             gg = g.unsqueeze(-2).unsqueeze(-1)  # (*, 1, P, 1)
-            Lg2, Sg2 = Lg.unsqueeze(-1), Sg.unsqueeze(-1)
-            Lpi = w.Lpi.unsqueeze(-1).unsqueeze(-1)
+            qg2, Sg2 = (Lg.unsqueeze(-1), Eg.unsqueeze(-1)), Sg.unsqueeze(-1)
             if need[1]:  # g_p pi_k d_{k, other coordinate}
                 other = torch.stack((t.pi_dev(t.J), t.pi_dev(t.I)), -1)
                 Lo = torch.stack((w.Ld[..., w.J], w.Ld[..., w.I]), -1)
+                Eo = torch.stack((w.Ed[..., w.J], w.Ed[..., w.I]), -1)
                 So = torch.stack((w.Sd[..., w.J], w.Sd[..., w.I]), -1)
-                L, S = _qzero(Lo + Lpi + Lg2, So * Sg2, So * Sg2 != 0)
-                grads[1] = scatter(gg * other, L, S)
+                L, E = _qadd((Lo, Eo), w.pi(1, 1), qg2)
+                grads[1] = scatter(gg * other, *_qzero(L, E, So * Sg2, So * Sg2 != 0))
             if need[2]:  # g_p pi_k Sigma_kp, to both coordinates
                 sig = t.sigma().unsqueeze(-1).expand(*t.sigma().shape, 2)
-                Ls, Ss = w.q_sigma()
-                L, S = _qzero(
-                    Ls.unsqueeze(-1) + Lpi + Lg2,
-                    Ss.unsqueeze(-1) * Sg2,
-                    Ss.unsqueeze(-1) * Sg2 != 0,
-                )
-                grads[2] = scatter(gg * sig, L.expand_as(sig), S.expand_as(sig))
+                Ls, Es, Ss = w.q_sigma()
+                L, E = _qadd((Ls.unsqueeze(-1), Es.unsqueeze(-1)), w.pi(1, 1), qg2)
+                S = Ss.unsqueeze(-1) * Sg2
+                L, E, S = _qzero(L, E, S, S != 0)
+                grads[2] = scatter(gg * sig, *(x.expand_as(sig) for x in (L, E, S)))
         if atanh_rho is not None and need[3]:  # sum_{p off} g_p pi_k sech^2(a_k) s_i s_j
             lc = 2.0 * log_cosh(t.a).unsqueeze(-1)
             ls = t.ls[..., t.I] + t.ls[..., t.J]
             gp = torch.where(t.off, g.unsqueeze(-2), 0.0)
             direct = mul_exp(gp / t.total.unsqueeze(-1), t.log_w.unsqueeze(-1) + ls - lc).sum(-1)
             direct = torch.where(t.zero, 0.0, direct)
-            Ls = w.Ls[..., w.I] + w.Ls[..., w.J] - 2.0 * log_cosh(w.a).unsqueeze(-1) / 4.0
-            L, S = _qzero(
-                Ls + w.Lpi.unsqueeze(-1) + Lg, Sg * w.off, (Sg * w.off != 0) & ~w.zero.unsqueeze(-1)
+            L, E = _qadd(
+                (w.Ls[..., w.I], 0.0),
+                (w.Ls[..., w.J], 0.0),
+                (-2.0 * log_cosh(w.a).unsqueeze(-1) / 4.0, 0.0),
+                w.pi(1),
+                (Lg, Eg),
             )
-            grads[3] = pick(direct, *_qsum(L, S, -1))
+            S = Sg * w.off
+            L, E, S = _qzero(L, E, S, (S != 0) & ~w.zero.unsqueeze(-1))
+            grads[3] = pick(direct, *_qsum(L, E, S, -1))
         if scale_tril is not None and need[5]:  # 2 g_i pi_k L_kij (diagonal pairs only)
             gi = g.unsqueeze(-2).unsqueeze(-1)  # (*, 1, D, 1)
             log_w = t.log_w[..., None, None]
             direct = mul_exp(gi * scale_tril / t.total[..., None, None], log_w + math.log(2.0))
-            Ll, Sl = _qlog(scale_tril)
-            L = w.Lpi[..., None, None] + Lg.unsqueeze(-1) + Ll + _LOG2_4
+            Ll, El, Sl = _qlog(scale_tril)
+            L, E = _qadd(w.pi(1, 1), (Lg.unsqueeze(-1), Eg.unsqueeze(-1)), (Ll, El), (_LOG2_4, 0.0))
             S = Sg.unsqueeze(-1) * Sl
-            L, S = _qzero(L, S, (S != 0) & ~w.zero[..., None, None])
+            L, E, S = _qzero(L, E, S, (S != 0) & ~w.zero[..., None, None])
             direct = torch.where(w.zero[..., None, None], 0.0, direct)
-            grads[5] = pick(direct, L, S)
+            grads[5] = pick(direct, L, E, S)
         return tuple(grads)
 
 

@@ -1209,3 +1209,31 @@ def test_sample_correlation_gradient_where_the_scale_overflows(dtype):
             exact = mp.exp(mpf(big)) * sech * (sech * mpf(e1) - mp.tanh(60) * mpf(e2))
         size = abs(mp.exp(mpf(big)) * sech) * (abs(sech * e1) + abs(e2))
         _assert_matches_mp(grad, [(exact, size)], dtype, f"d/datanh_rho (seed {seed})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_covariance_sign_decided_by_the_low_part_of_an_exponent_sum(dtype):
+    """Found by the fuzz suite (float64 path, bfloat16 draw): ``c12`` has the terms
+    ``pi_2 rho_2 e^{1.7e21 + 3.39e38}`` (positive) and ``pi_3 rho_3 e^{3.39e38 + 5.5}``
+    (negative); in float64 both exponent sums round to ``3.3895313892515355e38`` (ulp
+    ``3.8e22``), so the log-space sum read a tie, an exact cancellation, and returned 0;
+    exact (mpmath) ``+e^{3.3895e38 + 1.7e21}``, ``+inf`` (the positive side is larger by
+    ``e^{1.7e21}``). The exponent sums are now double-floats, exact here. Against
+    :func:`_mp_second_moments` (bound of the module, above); float32 inputs run in float64,
+    the same tie. (d/dlogits is not checked: for ``k = 2`` it is ``pi_2 pi_1 e^{6.8e38}``
+    from ``(1 - pi_2) - pi_3 = pi_1 = 5e-19``, below float64's resolution of the terms.)"""
+    logits = [-36.75, 0.048828125, 5.3125]
+    loc = [[0.049072265625, -3.147125244140625e-05], [-0.00372314453125, 9.6875],
+           [-4.738711601752347e-38, 88.5]]  # fmt: skip
+    log_scale = [[-14.25, 4.338734978715565e-30], [1.7155471988549883e21, 3.3895313892515355e38],
+                 [3.3895313892515355e38, 5.53125]]  # fmt: skip
+    a = [-8.623852854459215e20, 4.15625, -84.5]
+    c, (_, _, gs, ga) = _grads(
+        lambda *x: bivariate_normal_mixture_covariance(*x)[..., [0, 0, 1], [0, 1, 1]],
+        dtype, logits, loc, log_scale, a,
+    )  # fmt: skip
+    ref = _mp_second_moments(logits, loc, log_scale, a)
+    assert c[1] == INF
+    _assert_matches_mp(c, ref["value"], dtype, "value")
+    _assert_matches_mp(gs, ref["log_scale"], dtype, "d/dlog_scale")
+    _assert_matches_mp(ga, ref["atanh_rho"], dtype, "d/datanh_rho")
