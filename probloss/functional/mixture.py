@@ -104,6 +104,7 @@ __all__ = [
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)  # as normal.py's, for bitwise-equal terms
 _LN2 = math.log(2.0)
 _NAN_POLICIES = ("raise", "mask")
 # Event sizes up to this are handled one (*, K) coordinate plane at a time; larger ones with
@@ -478,13 +479,39 @@ def _planes_sub_(t: Tensor, w: Tensor) -> Tensor:
 
 
 def _standardized(value: Tensor, loc: Tensor, log_scale: Tensor, shape: torch.Size) -> Tensor:
-    """``z = (value - loc) / exp(log_scale)``, shape ``(*shape, D)``, new and contiguous.
+    """``z = (value - loc) e^{-log_scale}``, shape ``(*shape, D)``, new and contiguous.
 
-    Division by ``exp(log_scale)`` (one pass, no negation) is as exact as multiplication by
-    ``exp(-log_scale)``: two roundings either way.
+    Bitwise the plain path's ``z`` (:func:`~probloss.functional._params.split_residual` and
+    :func:`~probloss.special.mul_exp`, one multiplication by ``exp(-log_scale)`` in the fused
+    domain): where two components' terms are within an ulp of each other, a different
+    rounding of ``z`` (``r / exp(s)`` rounds ``exp(8.6e-17)`` to 1 in float64, ``exp(-8.6e-17)``
+    is ``1 - 2^-53``) decides their responsibilities, so both paths round alike. A residual
+    that overflowed (``value - loc`` of huge opposite numbers) is ``inf`` here and is
+    recomputed by :func:`_rescue_overflowed_residuals_`.
     """
     z = _residuals(value, loc, shape)
-    return z.div_(torch.exp(log_scale))
+    return z.mul_(torch.neg(log_scale).exp_())
+
+
+def _rescue_overflowed_residuals_(z: Tensor, value: Tensor, loc: Tensor, log_scale: Tensor) -> bool:
+    """In place ``z = ((value/2 - loc/2) e^{-log_scale}) 2`` where ``value - loc`` overflowed.
+
+    ``3.4e38 - (-1.3e36)`` overflows float32 while ``z`` at ``log_scale = 85.8`` is 19: the
+    component's term is finite (``-345``, not ``-inf``). Halving is exact in the range
+    where a difference can overflow; the factor 2 is applied last, so ``z`` overflows only
+    where it is beyond the float range. The same operations as
+    :func:`~probloss.functional._params.split_residual` (bitwise the plain path). Returns
+    whether any entry was recomputed. Called only where some ``z`` is infinite or some
+    term ``-inf`` (one host read of a reduction: the fused kernels run on CPU only).
+    """
+    x = value.unsqueeze(-2)
+    over = torch.isinf(x - loc) & torch.isfinite(x) & torch.isfinite(loc)
+    if not bool(over.any()):
+        return False
+    # double where: the halves are formed from 0 where not needed
+    half = 0.5 * torch.where(over, x, 0.0) - 0.5 * torch.where(over, loc, 0.0)
+    z.copy_(torch.where(over, (half * torch.exp(-log_scale)) * 2.0, z))
+    return True
 
 
 def _joint_init(logits: Tensor, shape: torch.Size) -> tuple[Tensor, Tensor]:
@@ -495,18 +522,51 @@ def _joint_init(logits: Tensor, shape: torch.Size) -> tuple[Tensor, Tensor]:
     return (j if j.shape == shape else j.expand(shape).clone()), weights
 
 
-def _clear_dead_(z: Tensor, j: Tensor) -> None:
+def _normal_terms(z: Tensor, log_w: Tensor, log_scale: Tensor, out: Tensor | None = None) -> Tensor:
+    """The joint terms ``T_k = log_softmax(l)_k + sum_d log N(x_d | mu_kd, sigma_kd)``, new.
+
+    Bitwise the plain path's terms (``normal_log_prob`` summed over D, then the log weight
+    added): per coordinate ``((-z/2) z - s) - log(2 pi)/2``, the coordinates added in order
+    (as torch's ``sum`` over ``D <= 4`` does; beyond, that ``sum`` itself), the log weight
+    last. Where two terms are within their rounding error of each other (``|T| = 2.3e39``
+    in float64, one ulp ``3e23``) the order of the roundings decides which component takes
+    the responsibility: adding ``z^2/2`` into the log weight in one ``addcmul`` (one
+    rounding) tied two components that differ only by ``1.5e23`` in log weight (``r = 0.5,
+    0.5``, exact ``1, 0``), where rounding their common density first keeps them apart. So
+    the kernel rounds as the plain path does (a fast path may not be less exact). The
+    elementwise part runs on the contiguous ``(*, K, D)`` block (into ``out`` if given), the
+    sum over coordinates one plane at a time (see :func:`_residuals`).
+    """
+    q = torch.mul(z, -0.5) if out is None else torch.mul(z, -0.5, out=out)
+    q.mul_(z).sub_(log_scale).sub_(_HALF_LOG_2PI)
+    d = z.shape[-1]
+    if d > _PLANAR_MAX_D:
+        lp = q.sum(-1)
+    else:
+        lp = q[..., 0].clone() if d == 1 else torch.add(q[..., 0], q[..., 1])
+        for i in range(2, d):
+            lp.add_(q[..., i])
+    return lp.add_(log_w)
+
+
+def _any_dead(j: Tensor) -> bool:
+    """Whether some joint term is ``-inf`` (or NaN): one ``amin`` pass, read on the host
+    (the fused kernels run on CPU only, never while tracing). False in the common case."""
+    return j.numel() > 0 and not bool(j.amin() > -math.inf)
+
+
+def _clear_dead_(z: Tensor, j: Tensor, known_dead: bool | None = None) -> None:
     """In place ``z = 0`` for the components whose joint term ``j`` is ``-inf``.
 
     Such a component (a zero weight, or a quadratic form beyond the float range: a
     residual of ``1e6`` at ``log_scale = -80`` in float32) has responsibility exactly 0 and
     so an exactly zero gradient; but its ``z`` may be infinite, or huge enough that a
     backward factor (``z1 - z2``) overflows, and ``0 * inf`` is NaN. Its ``z`` is used only
-    by the backward, where with ``w = 0`` any finite value gives the exact 0. One ``amin``
-    pass (read on the host: the fused kernels run on CPU only, never while tracing) skips
-    the fill when no term is ``-inf``, the common case.
+    by the backward, where with ``w = 0`` any finite value gives the exact 0. The fill is
+    skipped when no term is ``-inf`` (:func:`_any_dead`, unless ``known_dead`` says), the
+    common case.
     """
-    if j.numel() == 0 or bool(j.amin() > -math.inf):  # NaN: fill (NaN stays NaN)
+    if not (_any_dead(j) if known_dead is None else known_dead):  # NaN: fill (stays NaN)
         return
     z.masked_fill_((j == -math.inf).unsqueeze(-1), 0.0)
 
@@ -578,9 +638,10 @@ def _double_backward(ctx, grad: Tensor, plain) -> tuple[Tensor | None, ...]:
 class _NormalMixture(torch.autograd.Function):
     """Diagonal normal mixture log density with a hand-written backward.
 
-    Forward: ``z = (x - mu) / sigma`` (*, K, D); joint terms
-    ``j_k = log_softmax(l)_k - sum_d (z^2/2 + log sigma)``; ``log p = logsumexp(j) - D/2
-    log 2 pi``; ``j`` is turned into the responsibilities ``r`` in place. Saved: the inputs
+    Forward: ``z = (x - mu) e^{-log sigma}`` (*, K, D); joint terms
+    ``j_k = log_softmax(l)_k + sum_d log N_kd`` rounded as the plain path rounds them
+    (:func:`_normal_terms`); ``log p = logsumexp(j)``, bitwise the plain path's value; ``j``
+    is turned into the responsibilities ``r`` in place. Saved: the inputs
     (references), ``z``, ``r`` and the weights ``pi = softmax(l)``. With ``w = g r`` (``g``
     the incoming gradient, 0 in rows whose value is ``-inf``)::
 
@@ -598,18 +659,21 @@ class _NormalMixture(torch.autograd.Function):
         shape = torch.broadcast_shapes(
             (*value.shape[:-1], 1), logits.shape, loc.shape[:-1], log_scale.shape[:-1]
         )
-        z = _standardized(value, loc, log_scale, shape)
-        j, weights = _joint_init(logits, shape)
-        d = value.shape[-1]
-        if d <= _PLANAR_MAX_D:
-            for i in range(d):
-                j.addcmul_(z[..., i], z[..., i], value=-0.5).sub_(log_scale[..., i])
-        else:
-            j.sub_(torch.addcmul(log_scale, z, z, value=0.5).sum(-1))
-        _clear_dead_(z, j)
+        z = _residuals(value, loc, shape)
+        inv_scale = torch.neg(log_scale).exp_()  # e^{-s}, bitwise the plain path's
+        z.mul_(inv_scale)  # see _standardized
+        log_w = torch.log_softmax(logits, -1)
+        weights = torch.exp(log_w)  # one pass; a second softmax kernel in the backward costs 3
+        # the buffer of e^{-s} is reused for the terms' (*, K, D) block when it has that shape
+        j = _normal_terms(z, log_w, log_scale, inv_scale if inv_scale.shape == z.shape else None)
+        del inv_scale
+        dead = _any_dead(j)
+        if dead and _rescue_overflowed_residuals_(z, value, loc, log_scale):
+            j = _normal_terms(z, log_w, log_scale)  # rare: a value - loc that overflowed
+        _clear_dead_(z, j, known_dead=dead)
         lse = _row_softmax_(j)  # j is now the responsibilities
         ctx.save_for_backward(value, logits, loc, log_scale, z, j, weights, lse)
-        return lse - 0.5 * d * _LOG_2PI
+        return lse
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -943,9 +1007,11 @@ class _BivariateMixture(torch.autograd.Function):
         z = _standardized(value, loc, log_scale, shape)
         # exact: |z| >= max gives Q >= z^2/2 = inf either way, and an infinite z would make
         # M = (z1 - z2) e^a NaN where z1 = z2 = inf (checked first: CPU only, see
-        # _clear_dead_; NaN compares False and is clamped to itself)
+        # _clear_dead_; NaN compares False and is clamped to itself); an infinite z from a
+        # value - loc that overflowed is first recomputed (it may be finite)
         big = torch.finfo(z.dtype).max
         if z.numel() and not all(bool(abs(v) <= big) for v in torch.aminmax(z)):
+            _rescue_overflowed_residuals_(z, value, loc, log_scale)
             z.clamp_(-big, big)
         ea, inv_ea, p, m = _bivariate_pieces(z, atanh_rho)
         j, weights = _joint_init(logits, shape)

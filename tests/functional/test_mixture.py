@@ -1215,6 +1215,179 @@ def test_normal_component_beyond_the_float_range_issue_reproduction():
     assert abs(lc.grad[1, 0].item() - expected) <= 4 * _eps(torch.float32) * expected
 
 
+def _log_space_oracle(event: tuple) -> tuple:
+    """mpmath in log space, at 1000 digits (terms of any size keep their O(1) differences):
+    ``(value, d_value, d_logits, d_loc, d_log_scale)`` of one diagonal-mixture event.
+
+    ``normal_oracle`` (40 digits of the probability-space formula) cannot resolve two
+    terms of size 1e70 that differ by 1e55. Responsibilities ``e^{T_k - max T}`` below
+    ``e^{-10^4}`` are 0 (beyond any float's resolution)."""
+    x, logits, loc, log_scale = event
+    with mp.workdps(1000):
+        lse = mp.log(mp.fsum(mp.exp(mpmath.mpf(v)) for v in logits))
+        log_w = [mpmath.mpf(v) - lse for v in logits]
+        z = [
+            [
+                (mpmath.mpf(xd) - m) * mp.exp(-mpmath.mpf(s))
+                for xd, m, s in zip(x, mu, ls, strict=True)
+            ]
+            for mu, ls in zip(loc, log_scale, strict=True)
+        ]
+        terms = [
+            lw - mp.fsum(zd * zd / 2 + s + LOG_2PI / 2 for zd, s in zip(zk, ls, strict=True))
+            for lw, zk, ls in zip(log_w, z, log_scale, strict=True)
+        ]
+        top = max(terms)
+        e = [mp.exp(t - top) if t - top > -1e4 else mpmath.mpf(0) for t in terms]
+        total = mp.fsum(e)
+        r = [v / total for v in e]
+        d_loc = [
+            [rk * zd * mp.exp(-mpmath.mpf(s)) for zd, s in zip(zk, ls, strict=True)]
+            for rk, zk, ls in zip(r, z, log_scale, strict=True)
+        ]
+        outputs = (
+            top + mp.log(total),
+            [-mp.fsum(row[d] for row in d_loc) for d in range(len(x))],
+            [rk - mp.exp(lw) for rk, lw in zip(r, log_w, strict=True)],
+            d_loc,
+            [[rk * (zd * zd - 1) for zd in zk] for rk, zk in zip(r, z, strict=True)],
+        )
+        return _to_float(outputs)
+
+
+# Fuzz rows (PROBLOSS_FUZZ_DRAWS=100000) where two leading terms lie within an ulp or so of
+# each other: the fused kernel added z^2/2 into the log weight in one addcmul and divided
+# by exp(log_scale) (exp(3.4e-8) rounds to 1 in float32, exp(-3.4e-8) does not), the plain
+# path rounds z * exp(-log_scale), each coordinate's density, their sum, then adds the
+# weight; the fused kernel tied components (responsibilities 0.5 / 0.5 or 1/3 each) that
+# the plain path and mpmath separate (1 / 0).
+_TIED_ROWS = [
+    (  # float64 row 8430: equal densities, log weights 0 and -1.5e23 (half an ulp of T)
+        torch.float64,
+        [-6.825934953482149e19, 7.600340289596796],
+        [1.5363748025226746e23, -4513297.679068608, -INF],
+        [
+            [-5e-324, 797.2375579715405],
+            [6.852649782438854e-11, 461.3921032348621],
+            [162.4299896995448, 4.926998426778105e-25],
+        ],
+        [
+            [1.0770518587007111e-35, -5.50424010628158e-34],
+            [3.284922686172289e-25, 0.003939771549901374],
+            [1.0, 90.34656469027257],
+        ],
+    ),
+    (  # float64 row 32422: log_scale 8.6e-17 (exp rounds to 1, exp(-s) to 1 - 2^-53)
+        torch.float64,
+        [-2.0801991620529427e-12, 2.5021032816558262e35],
+        [-16.635532333438686, 0.03367955791181777, -2.572416761943155e-23],
+        [
+            [0.0030686947480622717, -2.6908890615241416e34],
+            [4.941253761095656e-38, 88.71892521235186],
+            [-0.002786121586932873, -13.782422165846185],
+        ],
+        [
+            [0.004120917899178534, 1.7115610761247825e-29],
+            [16.635532333438686, 8.59797054387884e-17],
+            [202.1052657625261, 8.144018485851042e-33],
+        ],
+    ),
+    (  # float32 row 32947: log_scale 3.4e-8
+        torch.float32,
+        [-1.5459589958190918, -8.156642829297254e16],
+        [-7.730853860585768e-33, 2.151896924196145e-37, 0.0010479174088686705],
+        [
+            [-0.007985132746398449, 20.949983596801758],
+            [-7.624619007110596, 123.12487030029297],
+            [-1.2674539107138116e-07, -16.63553237915039],
+        ],
+        [
+            [15.994690895080566, 3.436941753420797e-08],
+            [0.029169045388698578, 1.5771336459025065e-09],
+            [0.9180141091346741, -2.4978827001561513e-33],
+        ],
+    ),
+    (  # float32 row 37284: the third component leads by 9.8e15 at |T| = 8.3e22
+        torch.float32,
+        [406497263616.0, -14.934499740600586],
+        [-0.0, -3.4231564102633623e-34, 255.93748474121094],
+        [
+            [-1.1920928955078125e-07, 1.401298464324817e-45],
+            [-0.006398669444024563, 5.088750369824047e18],
+            [0.005852515809237957, 1.9322880875723603e-16],
+        ],
+        [
+            [2.50592706307895e-11, 17.104766845703125],
+            [-1.3983457798768496e-26, 48.655147552490234],
+            [5.960464477539063e-08, -0.15814313292503357],
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("row", range(len(_TIED_ROWS)))
+def test_fused_terms_round_as_the_plain_path(row):
+    """Issue 10 (fuzz, fused != plain in d/dlog_scale): the fused kernel forms the joint
+    terms with the plain path's operations in the plain path's order, so its value is
+    bitwise the plain one and its gradients agree to the rounding of the backward's
+    factors (16 eps (|g| + 1): a handful of roundings of each product). At these rows that
+    rounding separates the leading terms as mpmath does (log space, 1000 digits), so every
+    gradient is also the exact one within 16 eps (|g| + 1) (responsibilities 0 or 1 up to
+    e^{-1e15}, the rest products of a few rounded factors); before, the fused kernel tied
+    them (r = 0.5 / 0.5: d/dlog_scale off by 3e70 in float64)."""
+    dtype, *event = _TIED_ROWS[row]
+    inputs = [torch.tensor([v], dtype=dtype) for v in event]
+    fused = _value_and_grads(normal_mixture_log_prob, inputs, fused=True)
+    plain = _value_and_grads(normal_mixture_log_prob, inputs, fused=False)
+    assert fused[0] == plain[0]
+    bound = 16 * _eps(dtype)
+    for name, f, p in zip(NORMAL_NAMES[1:], fused[1:], plain[1:], strict=True):
+        assert_within(f.ravel(), p.ravel(), bound * (np.abs(p.ravel()) + 1), range(p.size), name)
+    expected = _log_space_oracle(_events(*inputs)[0])
+    for name, f, e in zip(NORMAL_NAMES[1:], fused[1:], expected[1:], strict=True):
+        e = np.asarray(e)
+        assert_within(f.ravel(), e.ravel(), bound * (np.abs(e.ravel()) + 1), range(e.size), name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_residual_that_overflows_at_a_wide_scale(fused, dtype):
+    """Issue 10 (fuzz, fused value -inf where the plain one is -345.9): ``value - loc`` of
+    huge numbers of opposite signs overflows (``1.35e36 + 3.4e38`` in float32) while ``z``
+    at a wide scale is moderate (``log_scale = 85.8``: ``z = 19``). The fused kernels made
+    the component's term ``-inf``; it is recomputed from the halves (as ``split_residual``
+    does). Value and gradients against mpmath: the normal mixture in log space (bound
+    below), the bivariate one (float32) within 32 eps S."""
+    big = torch.finfo(dtype).max
+    wide = 85.78 if dtype == torch.float32 else 705.0
+    x = torch.tensor(
+        [[1.3468900131415708e36 if dtype == torch.float32 else 1e306, 0.0015]], dtype=dtype
+    )
+    logits = torch.tensor([[0.0, 0.5]], dtype=dtype)
+    loc = torch.tensor([[[-100.0, 0.0], [-big, 1e-30]]], dtype=dtype)
+    log_scale = torch.tensor([[[-30.0, 0.0], [wide, 0.0]]], dtype=dtype)
+    inputs = (x, logits, loc, log_scale)
+    got = _value_and_grads(normal_mixture_log_prob, inputs, fused=fused)
+    expected = _log_space_oracle(_events(*inputs)[0])
+    assert np.isfinite(got[0]).all()
+    # the terms (|T| <= 1 + |value| here: component 0 is beyond the float range) carry an
+    # absolute rounding error of a few eps |T|; each output is a few rounded factors times
+    # responsibilities shifted by that: 32 eps (|e| + 1)(1 + |value|)
+    size = 1.0 + abs(float(expected[0]))
+    for name, g, e in zip(NORMAL_NAMES, got, expected, strict=True):
+        e = np.asarray(e, dtype=np.float64).ravel()
+        bound = REF_EPS * _eps(dtype) * (np.abs(e) + 1) * size
+        assert_within(g.ravel(), e, bound, range(e.size), f"overflow {dtype} {name}")
+    if dtype == torch.float64:  # bivariate_oracle's 40 digits do not reach 1.8e308 e^-705
+        return
+    a = torch.tensor([[0.0, 0.3]], dtype=dtype)
+    inputs = (*inputs, a)
+    got = _value_and_grads(bivariate_normal_mixture_log_prob, inputs, fused=fused)
+    expected, scale = _oracle_arrays(bivariate_oracle, _events(*inputs), _flush_eps(dtype))
+    assert np.isfinite(got[0]).all()
+    _check(got, expected, scale, REF_EPS * _eps(dtype), BIVARIATE_NAMES, f"overflow {dtype}")
+
+
 def _dead_bivariate_events(dtype):
     """Bivariate events with a component beyond the float range: the issue's reproduction
     (z1 = z2 = inf, whose ``z1 - z2`` was NaN in the value), correlated variants, and a
