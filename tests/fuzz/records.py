@@ -948,9 +948,11 @@ def _mixture_terms(value, logits, loc, log_scale=None, scale_tril=None):
         )
         logdet = scale_tril.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
     else:
-        z = (value.unsqueeze(-2) - loc) * torch.exp(-log_scale)
+        r = value.unsqueeze(-2) - loc
+        z = torch.where(r == 0, 0.0, r * torch.exp(-log_scale))  # 0 * e^{65504} is 0
         logdet = log_scale.sum(-1)
-    return (logits - (z * z / 2).sum(-1) - logdet).nan_to_num(-math.inf, posinf=math.inf)
+    t = logits - (z * z / 2).sum(-1) - logdet
+    return t.nan_to_num(-math.inf, posinf=math.inf, neginf=-math.inf)
 
 
 def _unresolved_mixture(value, logits, loc, scale, *, dtype):
@@ -1037,7 +1039,9 @@ KNOWN_LIMITS: dict[str, tuple[KnownLimit, ...]] = {
     ),
     "functional.multivariate_normal_mixture_log_prob": _MIXTURE,
     "distributions.MultivariateNormalMixture.log_prob": _MIXTURE,
+    "functional.normal_mixture_log_prob": _MIXTURE,
     "functional.normal_mixture_nll": _MIXTURE,
+    "distributions.NormalMixture.log_prob": _MIXTURE,
     "functional.lowrank_multivariate_normal_log_prob": (
         KnownLimit(_LOWRANK, _lowrank_beyond_sqrt_range, _FLOATS),
     ),
