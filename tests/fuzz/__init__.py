@@ -66,8 +66,9 @@ receives the float64 inputs and the draws' ``dtype``. Today:
   multivariate_normal_mixture_log_prob, MultivariateNormalMixture.log_prob (every dtype):
   the two leading component terms ``T_k = log w_k + log N_k`` carry a working-precision
   error ``4 eps (|log w_k| + |log N_k|) > 1`` and lie within it (+104) of each other:
-  responsibilities unresolved, a gradient weighted by a wrong one can overflow. A rigorous bound, wider than the rows
-  that fail (about 1 in 4000 extreme draws fails; the bound covers 7-45%).
+  responsibilities unresolved, a gradient weighted by a wrong one can overflow. A
+  rigorous bound, wider than the rows that fail (about 1 in 4000 extreme draws fails; the
+  bound covers 7-45%).
 * lowrank_multivariate_normal_log_prob (every dtype): ``log p < -sqrt(finfo(float64).max)``:
   the value is right, the gradients go through a QR whose backward multiplies quantities
   of that size (``inf - inf``).
