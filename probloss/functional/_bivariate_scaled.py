@@ -61,6 +61,27 @@ def _scaled_sum(x1: Tensor, t1: Tensor, x2: Tensor, t2: Tensor) -> tuple[Tensor,
     return mul_exp(x1, t1 - ref) + mul_exp(x2, t2 - ref), ref
 
 
+def _n_scaled(
+    zh1: Tensor, zh2: Tensor, log_r: Tensor, log_scale: Tensor, y1: Tensor, y2: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(m, t)`` with ``m e^t = zhat_1 e^{y_1} - zhat_2' e^{y_2}`` (``|m| <= 2``), where
+    ``y_i = log|r_i| - l_i + (common shift)``: ``n`` times that shift's exponential.
+
+    The terms are compared through ``y_1 - y_2 = (log|r_1| - log|r_2|) - (l_1 - l_2)``,
+    formed from the small parts: ``y_1 - y_2`` of the rounded ``y_i`` is only ``eps |y_i|``
+    accurate, and with ``y_i`` near ``3.4e38`` (``l_i`` or ``b`` that large) it loses the
+    ``log|r_i|`` (``x = (1, 1.5)`` gave ``n = 0``). ``t`` is the larger ``y_i``, rounded once.
+    """
+    lr1, lr2 = log_r.unbind(-1)
+    ls1, ls2 = log_scale.unbind(-1)
+    d = (lr1 - lr2) - (ls1 - ls2)  # y1 - y2 from the small parts
+    first = (zh2 == 0) | ((zh1 != 0) & (d >= 0))
+    # double where: each branch scales the smaller term by e^{-|d|} (<= 1), the other gets 0
+    d1, d2 = torch.where(first, d, 0.0), torch.where(first, 0.0, d)
+    m = torch.where(first, zh1 - mul_exp(zh2, -d1), mul_exp(zh1, d2) - zh2)
+    return m, torch.where(first, y1, y2)
+
+
 def _exponent_clamp(dtype: torch.dtype) -> float:
     """``finfo.max / 16``: exponents are clamped there so that the sums of up to six of them
     formed below stay finite (``inf - inf`` would be NaN). The clamp changes nothing that
@@ -78,8 +99,9 @@ def _log_abs(x: Tensor) -> Tensor:
 def _log_coordinates(
     value: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor, clamp: float
 ) -> tuple[Tensor, ...]:
-    """``(sign(a), b, zhat_1, Z_1, zhat_2', Z_2, l)``: ``z_1 = zhat_1 e^{Z_1}``, ``z_2' =
-    sign(a) z_2 = zhat_2' e^{Z_2}``, ``b = |a|``; exponents clamped at ``+-clamp``."""
+    """``(sign(a), b, zhat_1, Z_1, zhat_2', Z_2, l, log|r|)``: ``z_1 = zhat_1 e^{Z_1}``, ``z_2'
+    = sign(a) z_2 = zhat_2' e^{Z_2}``, ``b = |a|``; exponents clamped at ``+-clamp``; the
+    last, ``log|x - mu|`` (shape ``(*, 2)``), for exponents in which ``l`` and ``b`` cancel."""
     dtype = value.dtype
     sign = torch.copysign(torch.ones((), dtype=dtype, device=value.device), atanh_rho)
     b = (sign * atanh_rho).clamp(max=clamp)
@@ -91,9 +113,11 @@ def _log_coordinates(
     # log|r| where r != 0 (zhat = 0 makes the exponent irrelevant there: a finite stand-in)
     log_r = torch.log(torch.where(mag > 0, mag, 1.0)) + torch.log(m)
     z_log = (log_r - log_scale).clamp(-clamp, clamp)
+    # returned clamped: +inf at an infinite residual (sums formed from it stay finite)
+    log_r = log_r.clamp(max=clamp)
     zh1, zh2 = zhat.unbind(-1)
     zl1, zl2 = z_log.unbind(-1)
-    return sign, b, zh1, zl1, sign * zh2, zl2, log_scale
+    return sign, b, zh1, zl1, sign * zh2, zl2, log_scale, log_r
 
 
 def log_scaled_half_q(value: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor) -> Tensor:
@@ -102,17 +126,23 @@ def log_scaled_half_q(value: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: 
     ``w`` and ``n`` formed by :func:`_scaled_sum` and ``n e^b`` by one :func:`mul_exp`: no
     factor underflows before the large one multiplies it. Returned in the input dtype.
 
-    No clamp is needed: ``Z_i`` and ``b`` are finite, ``b >= 0``, so ``n_t + b`` is finite
-    or ``+inf`` (where ``Q`` overflows anyway).
+    ``n e^b`` is the scaled sum of ``z_i e^b = zhat_i e^{log|r_i| + (b - l_i)}``: ``b - l_i``
+    first, exact where ``b`` and ``l_i`` are close. Formed as ``(log|r_i| - l_i) + b`` the
+    exponent carried an absolute error ``eps l_i``: at ``l_i = b = 3.4e38`` (float32 inputs,
+    evaluated in float64) that is ``7.5e22``, and ``log|r| = 58`` was rounded away (``Q/2 =
+    0.1`` where it is ``6.7e49``). ``w`` has no ``b``. Exponents are finite (``b - l_i`` is
+    clamped at ``finfo.max``), so ``+inf`` only where ``Q`` overflows anyway.
     """
     dtype = value.dtype
     value, loc, log_scale, atanh_rho = _wide(value, loc, log_scale, atanh_rho)
     clamp = torch.finfo(value.dtype).max
-    _, b, zh1, zl1, zh2, zl2, _ = _log_coordinates(value, loc, log_scale, atanh_rho, clamp)
+    _, b, zh1, zl1, zh2, zl2, ls, log_r = _log_coordinates(value, loc, log_scale, atanh_rho, clamp)
     w_m, w_t = _scaled_sum(zh1, zl1, zh2, zl2)
-    n_m, n_t = _scaled_sum(zh1, zl1, -zh2, zl2)
+    # z_i e^b = zhat_i e^{log|r_i| + (b - l_i)}: b - l_i formed first (they may cancel)
+    y1, y2 = (log_r + (b.unsqueeze(-1) - ls).clamp(-clamp, clamp)).unbind(-1)
+    nb_m, nb_t = _n_scaled(zh1, zh2, log_r, ls, y1, y2)  # n e^b
     k = torch.sqrt(0.125 + 0.125 * torch.exp(-2.0 * b))
-    half_q = mul_exp(k * w_m, w_t).square() + mul_exp(k * n_m, n_t + b).square()
+    half_q = mul_exp(k * w_m, w_t).square() + mul_exp(k * nb_m, nb_t).square()
     return half_q.to(dtype)
 
 
@@ -132,25 +162,36 @@ def log_scaled_gradients(
     grad, value, loc, log_scale, atanh_rho = _wide(grad, value, loc, log_scale, atanh_rho)
     # exponents clamped at +-finfo.max / 16 so that their sums stay finite (_exponent_clamp)
     clamp = _exponent_clamp(value.dtype)
-    sign, b, zh1, zl1, zh2, zl2, log_scale = _log_coordinates(
+    sign, b, zh1, zl1, zh2, zl2, log_scale, log_r = _log_coordinates(
         value, loc, log_scale, atanh_rho, clamp
     )
     c = 0.5 + 0.5 * torch.exp(-2.0 * b)
     s = -0.5 * torch.expm1(-2.0 * b)
-    n_m, n_t = _scaled_sum(zh1, zl1, -zh2, zl2)
-    two_b = 2.0 * b
-    g1_m, g1_t = _scaled_sum(zh1, zl1, n_m * s, n_t + two_b)
-    g2_m, g2_t = _scaled_sum(zh2, zl2, -n_m * s, n_t + two_b)
+    # Every exponent in which b and l_i may cancel is formed from log|r_i| and b - l_i (or l_i
+    # + b), never as (log|r_i| - l_i) + b: that carries an absolute error eps l_i, 7.5e22 at
+    # l_i = b = 3.4e38, and rounds log|r_i| away.
+    b_col = b.unsqueeze(-1)
+    b_minus = (b_col - log_scale).clamp(-clamp, clamp)
+    y1, y2 = (log_r + b_minus).unbind(-1)  # z_i e^b
+    e1, e2 = (log_r - (log_scale + b_col).clamp(-clamp, clamp)).unbind(-1)  # z_i e^{-b}
+    bm1, bm2 = b_minus.unbind(-1)
     ls1, ls2 = log_scale.unbind(-1)
+    nb_m, nb_t = _n_scaled(zh1, zh2, log_r, log_scale, y1, y2)  # n e^b
+    ns_m = nb_m * s  # n s e^{2b} = ns_m e^{nb_t + b}
     gc = grad * c
-    d_x1 = -mul_exp(gc * g1_m, g1_t - ls1)
-    d_x2 = -sign * mul_exp(gc * g2_m, g2_t - ls2)
+    # d/dx_i = -c g_i e^{-l_i}: g1 e^{-l1} = z1 e^{-l1} + n s e^{2b} e^{-l1}
+    dx1_m, dx1_t = _scaled_sum(zh1, zl1 - ls1, ns_m, nb_t + bm1)
+    dx2_m, dx2_t = _scaled_sum(zh2, zl2 - ls2, -ns_m, nb_t + bm2)
+    d_x1 = -mul_exp(gc * dx1_m, dx1_t)
+    d_x2 = -sign * mul_exp(gc * dx2_m, dx2_t)
     d_value = torch.stack((d_x1, d_x2), -1)
-    # d/dls_i = -1 - z_i d/dz_i = -1 + c z_i g_i
-    d_ls1 = mul_exp(gc * zh1 * g1_m, zl1 + g1_t) - grad
-    d_ls2 = mul_exp(gc * zh2 * g2_m, zl2 + g2_t) - grad
-    u_m, u_t = _scaled_sum(zh1, zl1 - b, n_m * s, n_t + b)
-    v_m, v_t = _scaled_sum(zh2, zl2 - b, -n_m * s, n_t + b)
+    # d/dls_i = -1 - z_i d/dz_i = -1 + c z_i g_i: z1 g1 = z1^2 + (z1 e^b) n s e^b
+    l1_m, l1_t = _scaled_sum(zh1 * zh1, 2.0 * zl1, zh1 * ns_m, y1 + nb_t)
+    l2_m, l2_t = _scaled_sum(zh2 * zh2, 2.0 * zl2, -zh2 * ns_m, y2 + nb_t)
+    d_ls1 = mul_exp(gc * l1_m, l1_t) - grad
+    d_ls2 = mul_exp(gc * l2_m, l2_t) - grad
+    u_m, u_t = _scaled_sum(zh1, e1, ns_m, nb_t)
+    v_m, v_t = _scaled_sum(zh2, e2, -ns_m, nb_t)
     d_a = grad * torch.tanh(atanh_rho) + mul_exp(sign * grad * u_m * v_m, u_t + v_t)
     out = (d_value, -d_value, torch.stack((d_ls1, d_ls2), -1), d_a)
     return tuple(g.to(dtype) for g in out)  # type: ignore[return-value]

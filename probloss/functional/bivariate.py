@@ -109,8 +109,15 @@ class _BivariateLogDensity(torch.autograd.Function):
         # Q >= |z|^2 / (1 + |rho|); z1 - z2 would be inf - inf = NaN on the way.
         half_q = torch.where(torch.isinf(z).any(-1), math.inf, half_q)
         # -log(2 pi s1 s2 sqrt(1 - rho^2)) with -0.5 log(1 - rho^2) = log cosh(a)
-        log_scale_sum = log_scale[..., 0] + log_scale[..., 1]  # 8x faster than sum(-1) here
-        rest = (log_cosh(atanh_rho) - _LOG_2PI) - log_scale_sum
+        ls1, ls2 = log_scale[..., 0], log_scale[..., 1]  # 8x faster than unbind / sum here
+        log_cosh_a = log_cosh(atanh_rho)
+        rest = (log_cosh_a - _LOG_2PI) - (ls1 + ls2)
+        # the terms may each be near finfo.max and cancel (l1 = l2 = |a| = 3.4e38: l1 + l2
+        # overflows, the sum is -3.4e38): there as halves, 2 ((lc/2 - c/2 - l1/2) - l2/2)
+        # (halving is exact above the subnormals, where such terms lie), so no partial sum
+        # overflows unless the result does
+        halves = ((0.5 * log_cosh_a - 0.5 * _LOG_2PI) - 0.5 * ls1) - 0.5 * ls2
+        rest = torch.where(torch.isfinite(rest), rest, 2.0 * halves)
         # Q/2 = inf dominates even an overflowing log cosh(a) - log_scale_sum (inf - inf):
         # Q >= cosh(a)^2 narrow^2 + wide^2 / 4 grows like the squares of z and e^|a|, the
         # rest only like |a| and |log_scale|.

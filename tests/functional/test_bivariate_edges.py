@@ -49,7 +49,7 @@ def _exact(x1, x2, mu1, mu2, l1, l2, a):
     """(value, {entry: (exact, T)}) at the given (already rounded) inputs."""
     # 60 digits + 2|a| / ln 10 (the cancellation near the line), capped at 400: beyond that
     # the bound (relative to the sum of the terms' magnitudes) dwarfs 1e-60 anyway
-    with mp.workdps(min(60 + int(2 * abs(a) / 2.3), 400)):
+    with mp.workdps(60 + int(min(abs(a) / 2.3 * 2, 340))):
         x1, x2, mu1, mu2, l1, l2, a = map(mpf, (x1, x2, mu1, mu2, l1, l2, a))
         e1, e2 = mp.exp(-l1), mp.exp(-l2)
         z1, z2 = (x1 - mu1) * e1, (x2 - mu2) * e2
@@ -109,10 +109,12 @@ def test_each_gradient_entry_is_its_own_value_against_mpmath(dtype):
     _check_against_mpmath(dtype, _grid(dtype))
 
 
-def _check_against_mpmath(dtype, rows):
+def _check_against_mpmath(dtype, rows, cancelled=False):
     """Value and the seven gradient entries at ``rows`` (x1, x2, l1, l2, a; mu = 0) within
     the module's bound of their mpmath values (infinities where the exact value is beyond
-    the dtype)."""
+    the dtype). ``cancelled``: the exponents are counted after the cancellation of ``|a|``
+    against ``l_i`` (``E = |log|r1|| + |log|r2|| + ||a| - l1| + ||a| - l2| + |l1 - l2|``),
+    the accuracy of forms that take ``|a| - l_i`` first."""
     compute = torch.float32 if dtype in HALF_DTYPES else dtype
     eps = torch.finfo(compute).eps
     tiny = torch.finfo(compute).tiny
@@ -140,6 +142,8 @@ def _check_against_mpmath(dtype, rows):
         value, entries = _exact(x1, x2, 0.0, 0.0, l1, l2, ai)
         logs = [abs(math.log(abs(v))) if v else 0.0 for v in (x1, x2)]
         e_sum = sum(logs) + abs(l1) + abs(l2) + 4 * abs(ai)
+        if cancelled:
+            e_sum = sum(logs) + abs(abs(ai) - l1) + abs(abs(ai) - l2) + abs(l1 - l2)
         k = 2 * eps * (e_sum + 16)
         labels.append(f"x=({x1:.3g}, {x2:.3g}) l=({l1:.4g}, {l2:.4g}) a={ai:.3g}")
         with mp.workdps(30):
@@ -332,3 +336,55 @@ def test_fallback_exponents_are_not_clamped_into_overflow(dtype):
     bivariate_normal_log_prob(x, loc, ls, a).backward()
     assert ls.grad[0].item() == -1.0
     assert ls.grad[1].item() == math.inf  # z2^2 cosh^2(a): beyond every dtype
+
+
+def _cancelling_grid(dtype):
+    """``l1 = l2 = L`` and ``a = +-L`` with ``L`` from ``1e3`` to ``0.9 finfo.max`` of the input
+    dtype: ``z_i`` underflows (or is 0) while ``z_i e^{|a|} = x_i``, off the correlation line
+    (``x1 != +-x2``, where mpmath would need ``2 L / ln 10`` digits)."""
+    top = torch.finfo(dtype).max
+    rows = []
+    xs = [(1.0, 1.5), (-3.0, 2e-3), (1e-3, -1.0), (-2.47e13, -2.3e25), (1.0, 0.0)]
+    for (x1, x2), big, sign in itertools.product(xs, [1e3, 1e30, 0.9 * top], [1.0, -1.0]):
+        rows.append((x1, x2, big, big, sign * big))
+    t = torch.tensor(rows, dtype=torch.float64).to(dtype)
+    return t[torch.isfinite(t).all(-1)]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_log_scale_cancelled_by_the_correlation_against_mpmath(dtype):
+    """Found by the fuzz suite (bfloat16 bivariate_normal_nll, issue 10): at l1 = l2 = -a =
+    3.39e38, x - mu = (-2.47e13, -2.3e25) the exact NLL is 6.68e49 (mpmath); float64 gave
+    3.39e38 and gradients d/dx = 0.5 (exact 5.78e24): the log-scaled forms formed the
+    exponent of n e^b as (log|r| - l) + b, whose rounding (eps l = 7.5e22) erased log|r| =
+    58, and compared the two coordinates through exponents of that size (x = (1, 1.5): n =
+    0). Now b - l_i is taken first and the coordinates compared through log|r1| - log|r2| -
+    (l1 - l2). Value and all seven gradient entries within the module's bound, with the
+    exponents counted after that cancellation."""
+    _check_against_mpmath(dtype, _cancelling_grid(dtype), cancelled=True)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_log_scale_sum_overflows_where_the_density_does_not(dtype):
+    """Found by the fuzz suite: l1 = l2 = |a| = 0.9 finfo.max on the correlation line (x1 =
+    sign(a) x2: Q = 0 up to e^{-2 l}): -log 2 pi - l1 - l2 + log cosh a = -(l + log 4 pi),
+    finite, but l1 + l2 overflowed before log cosh a = l - log 2 was added (-inf). Closed
+    form (Q/2 = (1 + e^{-2b})/8 (z1 + z2')^2 with z e^{-l} = 0 in every float): value -(l +
+    log 4 pi) within 4 eps of l (the halves rounded, log cosh a within 2 eps), d/dx = d/dmu
+    = 0 (below finfo.tiny), d/dl_i = -1 and d/da = tanh a = sign(a), each within 4 eps."""
+    compute = torch.float32 if dtype in HALF_DTYPES else dtype
+    eps = torch.finfo(compute).eps
+    big = float(torch.tensor(0.9 * torch.finfo(dtype).max, dtype=torch.float64).to(dtype))
+    for sign, x in itertools.product((1.0, -1.0), (1.0, 2.5e3)):
+        xt = torch.tensor([x, sign * x], dtype=dtype, requires_grad=True)
+        mu = torch.zeros(2, dtype=dtype, requires_grad=True)
+        ls = torch.tensor([big, big], dtype=dtype, requires_grad=True)
+        a = torch.tensor(sign * big, dtype=dtype, requires_grad=True)
+        out = bivariate_normal_log_prob(xt, mu, ls, a)
+        out.backward()
+        label = f"x={x} sign={sign}"
+        assert abs(out.item() + (big + math.log(4 * math.pi))) <= 4 * eps * big, label
+        assert (xt.grad.abs() <= torch.finfo(compute).tiny).all(), label
+        assert (mu.grad.abs() <= torch.finfo(compute).tiny).all(), label
+        assert ((ls.grad.double() + 1.0).abs() <= 4 * eps).all(), label
+        assert abs(a.grad.item() - sign) <= 4 * eps, label
