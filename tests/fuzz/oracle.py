@@ -43,8 +43,9 @@ def _dps_for(*xs: float) -> int:
     """60 digits plus the decades of the largest and smallest magnitude among ``xs``."""
     extra = 0.0
     for x in xs:
-        if x != 0 and math.isfinite(x):
-            extra = max(extra, abs(math.log10(abs(x))))
+        x = mp.mpf(x)  # mpf: a halved 5e-324 is 0.0 as a float, and log10(0) raises
+        if x != 0 and mp.isfinite(x):
+            extra = max(extra, abs(float(mp.log10(abs(x)))))
     return int(DPS + 2 * extra)
 
 
