@@ -160,7 +160,14 @@ class _LogFormDensity(torch.autograd.Function):
         grad_value = grad_loc = grad_param = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             r, m = split_residual(value, loc)
-            d_value = mul_exp(-grad * r, -2.0 * log_sigma) * m  # -z / sigma, m last
+            prod = -grad * r
+            d_value = mul_exp(prod, -2.0 * log_sigma)  # -z / sigma
+            # -grad * r underflows where the result need not be small (a responsibility
+            # 1e-28 times r = 3e-39 at sigma = e^{-75} in float32: exact -0.034): there
+            # (-grad * z) e^{-log sigma}, with z = r e^{-log sigma} formed first
+            lost = (prod == 0) & (grad != 0) & (r != 0)
+            z = mul_exp(torch.where(lost, r, 0.0), -log_sigma)  # double where: 0 elsewhere
+            d_value = torch.where(lost, mul_exp(-grad * z, -log_sigma), d_value) * m  # m last
             if ctx.needs_input_grad[0]:
                 grad_value = d_value.sum_to_size(value.shape)
             if ctx.needs_input_grad[1]:

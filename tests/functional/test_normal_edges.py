@@ -652,3 +652,23 @@ def test_student_t_df_gradient_at_subnormal_df_beyond_sqrt_df_against_mpmath(dty
             assert got == math.inf, label
         else:
             assert abs(got - ref) <= (16 * eps + half_eps) * abs(ref), label
+
+
+def test_value_gradient_when_the_incoming_gradient_times_the_residual_underflows():
+    """d/dvalue = -g r / sigma^2 formed as (-g r) e^{-2 log sigma} underflowed where g r does
+    (a mixture responsibility g = 1e-28 times r = 2.9e-39 in float32, sigma = e^{-74.8}: 0
+    where the exact -0.034; the fused mixture kernel had it right, so fused != plain in the
+    fuzz). There it is (-g z) e^{-log sigma} with z = r e^{-log sigma} first. Bound: two
+    mul_exp (about an ulp each) and two products: 8 eps32 relative; mpmath at the cast
+    inputs."""
+    value = torch.tensor([2.6281142503642295e-39], requires_grad=True)
+    loc = torch.tensor([-3.1011015275201067e-40], requires_grad=True)
+    log_scale = torch.tensor([-74.83798217773438])
+    grad = torch.tensor([1e-28])
+    normal_log_prob(value, loc, log_scale=log_scale).backward(grad)
+    with mp.workdps(50):
+        r = mpf(float(value)) - mpf(float(loc))
+        exact = -mpf(float(grad)) * r * mp.exp(-2 * mpf(float(log_scale)))
+    eps = torch.finfo(torch.float32).eps
+    assert abs(float(value.grad) - float(exact)) <= 8 * eps * abs(float(exact)), value.grad
+    assert float(loc.grad) == -float(value.grad)
