@@ -62,8 +62,8 @@ receives the float64 inputs and the draws' ``dtype``. Today:
 * multivariate_normal_log_prob (float64): the gradients' solve ``L^{-T} z`` overflows at
   finite inputs (a subnormal or smallest-normal diagonal entry): ``0 * inf`` in the back
   substitution, ``inf - inf`` in ``d/dL_ii`` where ``1/L_ii`` overflows too.
-* normal_mixture_log_prob, normal_mixture_nll, NormalMixture.log_prob,
-  multivariate_normal_mixture_log_prob, MultivariateNormalMixture.log_prob (every dtype):
+* normal_mixture_log_prob, normal_mixture_nll, NormalMixture.log_prob, and the bivariate
+  and multivariate (dense) mixtures' log densities and NLLs (every dtype):
   the two leading component terms ``T_k = log w_k + log N_k`` carry a working-precision
   error ``4 eps (|log w_k| + |log N_k|) > 1`` and lie within it (+104) of each other:
   responsibilities unresolved, a gradient weighted by a wrong one can overflow. A

@@ -938,9 +938,19 @@ _F64 = torch.float64
 _EPS32 = torch.finfo(torch.float32).eps
 
 
-def _mixture_terms(value, logits, loc, log_scale=None, scale_tril=None):
+def _mixture_terms(value, logits, loc, log_scale=None, scale_tril=None, atanh_rho=None):
     """``T_k = logit_k + log N_k(x)`` (up to constants), float64, ``(N, K)``; ``-inf`` for an
-    infinite logit or an undefined term."""
+    infinite logit or an undefined term (also where float64 overflows on the way)."""
+    if atanh_rho is not None:
+        # Q = cosh^2 a (z1 - tanh a z2)^2 + z2^2 = (z1 cosh a - z2 sinh a)^2 + z2^2,
+        # log det / 2 = l1 + l2 - log cosh a
+        r = value.unsqueeze(-2) - loc
+        z = torch.where(r == 0, 0.0, r * torch.exp(-log_scale))
+        a = atanh_rho
+        u = z[..., 0] * torch.cosh(a) - z[..., 1] * torch.sinh(a)
+        log_cosh = a.abs() + torch.log1p(torch.exp(-2 * a.abs())) - math.log(2.0)
+        t = logits - (u * u + z[..., 1] ** 2) / 2 - log_scale.sum(-1) + log_cosh
+        return t.nan_to_num(-math.inf, posinf=math.inf, neginf=-math.inf)
     if scale_tril is not None:
         r = value.unsqueeze(-2) - loc
         z = torch.linalg.solve_triangular(scale_tril.tril(), r.unsqueeze(-1), upper=False).squeeze(
@@ -955,7 +965,7 @@ def _mixture_terms(value, logits, loc, log_scale=None, scale_tril=None):
     return t.nan_to_num(-math.inf, posinf=math.inf, neginf=-math.inf)
 
 
-def _unresolved_mixture(value, logits, loc, scale, *, dtype):
+def _unresolved_mixture(value, logits, loc, scale, atanh_rho=None, *, dtype):
     """Rows of a mixture in ``dtype`` whose responsibilities its working precision cannot
     resolve (``_UNRESOLVED``)."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
@@ -963,7 +973,7 @@ def _unresolved_mixture(value, logits, loc, scale, *, dtype):
     form = "scale_tril" if scale.dim() == 4 else "log_scale"
     with torch.no_grad():
         log_w = logits.log_softmax(-1).nan_to_num(-math.inf)
-        t = _mixture_terms(value, log_w, loc, **{form: scale})
+        t = _mixture_terms(value, log_w, loc, **{form: scale}, atanh_rho=atanh_rho)
         top, idx = t.topk(2, dim=-1)
         t1, t2 = top[..., 0], top[..., 1]
         # T_k = log w_k + log N_k carries an absolute error up to ~4 eps (|log w_k| +
@@ -1039,6 +1049,9 @@ KNOWN_LIMITS: dict[str, tuple[KnownLimit, ...]] = {
     ),
     "functional.multivariate_normal_mixture_log_prob": _MIXTURE,
     "distributions.MultivariateNormalMixture.log_prob": _MIXTURE,
+    "functional.bivariate_normal_mixture_log_prob": _MIXTURE,
+    "functional.bivariate_normal_mixture_nll": _MIXTURE,
+    "distributions.BivariateNormalMixture.log_prob": _MIXTURE,
     "functional.normal_mixture_log_prob": _MIXTURE,
     "functional.normal_mixture_nll": _MIXTURE,
     "distributions.NormalMixture.log_prob": _MIXTURE,
