@@ -667,7 +667,7 @@ def test_value_gradient_when_the_incoming_gradient_times_the_residual_underflows
     grad = torch.tensor([1e-28])
     normal_log_prob(value, loc, log_scale=log_scale).backward(grad)
     with mp.workdps(50):
-        r = mpf(float(value)) - mpf(float(loc))
+        r = mpf(float(value.detach())) - mpf(float(loc.detach()))
         exact = -mpf(float(grad)) * r * mp.exp(-2 * mpf(float(log_scale)))
     eps = torch.finfo(torch.float32).eps
     assert abs(float(value.grad) - float(exact)) <= 8 * eps * abs(float(exact)), value.grad
