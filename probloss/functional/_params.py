@@ -71,9 +71,13 @@ def split_residual(value: Tensor, loc: Tensor) -> tuple[Tensor, Tensor]:
     (``3e38 - (-3e38)`` in float32), although ``z = (value - loc) / sigma`` may be finite for
     a large ``sigma``. There ``r = value/2 - loc/2`` (halving is exact above the subnormal
     range, where such numbers lie) and ``m = 2``; elsewhere ``r = value - loc``, ``m = 1``.
-    Apply ``m`` last (``(r / sigma) m``): it overflows only where the result does.
+    Apply ``m`` last (``(r / sigma) m``): it overflows only where the result does. ``m``
+    broadcasts against ``r`` (a 0-dim 1 where no difference overflowed, on CPU).
     """
     r = value - loc
+    if r.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(torch.isinf(r).any()):  # the common case, on CPU one reduction: m = 1
+            return r, r.new_ones(())
     over = torch.isinf(r) & torch.isfinite(value) & torch.isfinite(loc)
     # double where: the halves are formed from 0 where not needed (no inf - inf anywhere)
     v_half, l_half = torch.where(over, value, 0.0), torch.where(over, loc, 0.0)

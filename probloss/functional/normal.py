@@ -166,8 +166,11 @@ class _LogFormDensity(torch.autograd.Function):
             # 1e-28 times r = 3e-39 at sigma = e^{-75} in float32: exact -0.034): there
             # (-grad * z) e^{-log sigma}, with z = r e^{-log sigma} formed first
             lost = (prod == 0) & (grad != 0) & (r != 0)
-            z = mul_exp(torch.where(lost, r, 0.0), -log_sigma)  # double where: 0 elsewhere
-            d_value = torch.where(lost, mul_exp(-grad * z, -log_sigma), d_value) * m  # m last
+            eager_cpu = r.device.type == "cpu" and not torch.compiler.is_compiling()
+            if not eager_cpu or bool(lost.any()):  # on CPU only when needed (rare)
+                z = mul_exp(torch.where(lost, r, 0.0), -log_sigma)  # double where
+                d_value = torch.where(lost, mul_exp(-grad * z, -log_sigma), d_value)
+            d_value = d_value * m  # m last
             if ctx.needs_input_grad[0]:
                 grad_value = d_value.sum_to_size(value.shape)
             if ctx.needs_input_grad[1]:
