@@ -67,6 +67,25 @@ def _log_density(value: Tensor, loc: Tensor, name: str, param: Tensor) -> Tensor
     return _ScaleFormDensity.apply(value, loc, param, k)
 
 
+def _value_gradient(grad: Tensor, r: Tensor, over_var, over_sigma) -> Tensor:
+    """``-grad r / sigma^2``, the density's ``d/dvalue`` (before the factor ``m``), given
+    ``over_var(x) = x / sigma^2`` and ``over_sigma(x) = x / sigma`` of the scale form.
+
+    Formed as ``over_var(-grad r)``; where ``-grad r`` underflows although the result need
+    not be small (a responsibility 1e-28 times ``r = 3e-39`` at ``sigma = e^{-75}`` in
+    float32: exact -0.034, 0 before) it is ``over_sigma(-grad z)`` with ``z = over_sigma(r)``
+    formed first. On CPU (not compiling) that fallback runs only when some entry needs it.
+    """
+    prod = -grad * r
+    d_value = over_var(prod)
+    lost = (prod == 0) & (grad != 0) & (r != 0)
+    eager_cpu = r.device.type == "cpu" and not torch.compiler.is_compiling()
+    if not eager_cpu or bool(lost.any()):
+        z = over_sigma(torch.where(lost, r, 0.0))  # double where: 0 elsewhere
+        d_value = torch.where(lost, over_sigma(-grad * z), d_value)
+    return d_value
+
+
 class _ScaleFormDensity(torch.autograd.Function):
     """The log density from ``sigma = p^k`` (``k = 1``: a scale, ``k = 1/2``: a variance),
     ``z = (r / sigma) m`` with ``value - loc = r m`` (:func:`split_residual`, ``m``
@@ -98,9 +117,16 @@ class _ScaleFormDensity(torch.autograd.Function):
         grad_value = grad_loc = grad_param = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             r, m = split_residual(value, loc)
+            sigma = _scale_of("scale" if k == 1.0 else "var", param)
             # -r / sigma^2, each division rounded once: an intermediate exceeds the result
             # only for p > 1, where it is at most |g r|
-            d_value = ((-grad * r) / param / param if k == 1.0 else (-grad * r) / param) * m
+            d_value = _value_gradient(
+                grad,
+                r,
+                lambda x: x / param / param if k == 1.0 else x / param,
+                lambda x: x / sigma,
+            )
+            d_value = d_value * m  # m last
             if ctx.needs_input_grad[0]:
                 grad_value = d_value.sum_to_size(value.shape)
             if ctx.needs_input_grad[1]:
@@ -160,16 +186,12 @@ class _LogFormDensity(torch.autograd.Function):
         grad_value = grad_loc = grad_param = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             r, m = split_residual(value, loc)
-            prod = -grad * r
-            d_value = mul_exp(prod, -2.0 * log_sigma)  # -z / sigma
-            # -grad * r underflows where the result need not be small (a responsibility
-            # 1e-28 times r = 3e-39 at sigma = e^{-75} in float32: exact -0.034): there
-            # (-grad * z) e^{-log sigma}, with z = r e^{-log sigma} formed first
-            lost = (prod == 0) & (grad != 0) & (r != 0)
-            eager_cpu = r.device.type == "cpu" and not torch.compiler.is_compiling()
-            if not eager_cpu or bool(lost.any()):  # on CPU only when needed (rare)
-                z = mul_exp(torch.where(lost, r, 0.0), -log_sigma)  # double where
-                d_value = torch.where(lost, mul_exp(-grad * z, -log_sigma), d_value)
+            d_value = _value_gradient(
+                grad,
+                r,
+                lambda x: mul_exp(x, -2.0 * log_sigma),
+                lambda x: mul_exp(x, -log_sigma),
+            )
             d_value = d_value * m  # m last
             if ctx.needs_input_grad[0]:
                 grad_value = d_value.sum_to_size(value.shape)

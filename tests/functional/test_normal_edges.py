@@ -672,3 +672,26 @@ def test_value_gradient_when_the_incoming_gradient_times_the_residual_underflows
     eps = torch.finfo(torch.float32).eps
     assert abs(float(value.grad) - float(exact)) <= 8 * eps * abs(float(exact)), value.grad
     assert float(loc.grad) == -float(value.grad)
+
+
+@pytest.mark.parametrize("form, param, g", [("scale", 3.2e-33, 1e-28), ("var", 1.2e-38, 1e-17)])
+def test_scale_form_value_gradient_when_the_incoming_gradient_times_the_residual_underflows(
+    form, param, g
+):
+    """The same underflow for a given scale or variance: (-g r) / sigma^2 was 0 where -g r
+    underflows (g = 1e-28, r = 2.9e-39, scale 3.2e-33 in float32: exact -0.028; g = 1e-17
+    at var = 1.2e-38: exact -2.4e-18); now (-g (r / sigma)) / sigma there. Bound: three
+    roundings and the division by the scale (or its square root, for a variance): 8 eps32
+    relative; mpmath at the cast inputs."""
+    value = torch.tensor([2.6281142503642295e-39], requires_grad=True)
+    loc = torch.tensor([-3.1011015275201067e-40], requires_grad=True)
+    param = torch.tensor([param])
+    grad = torch.tensor([g])
+    normal_log_prob(value, loc, **{form: param}).backward(grad)
+    with mp.workdps(50):
+        r = mpf(float(value.detach())) - mpf(float(loc.detach()))
+        var = mpf(float(param)) if form == "var" else mpf(float(param)) ** 2
+        exact = -mpf(float(grad)) * r / var
+    eps = torch.finfo(torch.float32).eps
+    assert abs(float(value.grad) - float(exact)) <= 8 * eps * abs(float(exact)), value.grad
+    assert float(loc.grad) == -float(value.grad)
