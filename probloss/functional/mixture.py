@@ -89,10 +89,11 @@ from torch import Tensor
 
 from .._dtype import as_loss_tensors
 from .._validation import check_in_interval, check_not_nan, should_validate
+from ._params import split_residual
 from ._reduction import check_reduction, check_value_batch, reduce_loss
 from .bivariate import bivariate_normal_log_prob
 from .multivariate import multivariate_normal_log_prob
-from .normal import normal_log_prob
+from .normal import _HALF_LOG_2PI, normal_log_prob  # the same constant: bitwise-equal terms
 
 __all__ = [
     "bivariate_normal_mixture_log_prob",
@@ -104,7 +105,6 @@ __all__ = [
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)  # as normal.py's, for bitwise-equal terms
 _LN2 = math.log(2.0)
 _NAN_POLICIES = ("raise", "mask")
 # Event sizes up to this are handled one (*, K) coordinate plane at a time; larger ones with
@@ -499,18 +499,16 @@ def _rescue_overflowed_residuals_(z: Tensor, value: Tensor, loc: Tensor, log_sca
     ``3.4e38 - (-1.3e36)`` overflows float32 while ``z`` at ``log_scale = 85.8`` is 19: the
     component's term is finite (``-345``, not ``-inf``). Halving is exact in the range
     where a difference can overflow; the factor 2 is applied last, so ``z`` overflows only
-    where it is beyond the float range. The same operations as
-    :func:`~probloss.functional._params.split_residual` (bitwise the plain path). Returns
+    where it is beyond the float range: :func:`~probloss.functional._params.split_residual`,
+    as in the plain path (bitwise). Returns
     whether any entry was recomputed. Called only where some ``z`` is infinite or some
     term ``-inf`` (one host read of a reduction: the fused kernels run on CPU only).
     """
-    x = value.unsqueeze(-2)
-    over = torch.isinf(x - loc) & torch.isfinite(x) & torch.isfinite(loc)
+    r, m = split_residual(value.unsqueeze(-2), loc)
+    over = m != 1  # m = 2 exactly where a difference of finite numbers overflowed
     if not bool(over.any()):
         return False
-    # double where: the halves are formed from 0 where not needed
-    half = 0.5 * torch.where(over, x, 0.0) - 0.5 * torch.where(over, loc, 0.0)
-    z.copy_(torch.where(over, (half * torch.exp(-log_scale)) * 2.0, z))
+    z.copy_(torch.where(over, (r * torch.exp(-log_scale)) * m, z))
     return True
 
 
