@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..special import mul_exp
-from ._params import split_residual
+from ._params import split_residual, sum_to_size_rescaled
 
 
 def lost_precision(value: Tensor, loc: Tensor, z: Tensor) -> Tensor:
@@ -148,7 +148,7 @@ def log_scaled_half_q(value: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: 
 
 def log_scaled_gradients(
     grad: Tensor, value: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     r"""The closed-form derivatives (:func:`.bivariate._gradient_pieces`) from logarithms,
     at the broadcast shape ``(*, 2)`` / ``(*)``, in the input dtype:
 
@@ -156,7 +156,8 @@ def log_scaled_gradients(
         d/dls1 = -1 - z1 d/dz1            d/dx2 = -c g2 e^{-ls2} sign(a), g2 = z2' - n s e^{2b}
         d/da = tanh a + sign(a) u v,      u = z1 e^{-b} + n s e^b,  v = z2' e^{-b} - n s e^b.
 
-    Accurate to ``eps`` times the exponents involved, relative to the terms.
+    Accurate to ``eps`` times the exponents involved, relative to the terms. A fifth
+    tensor holds ``log|d/dx_i|`` in the working (wide) precision.
     """
     dtype = value.dtype
     grad, value, loc, log_scale, atanh_rho = _wide(grad, value, loc, log_scale, atanh_rho)
@@ -194,7 +195,10 @@ def log_scaled_gradients(
     v_m, v_t = _scaled_sum(zh2, e2, -ns_m, nb_t)
     d_a = grad * torch.tanh(atanh_rho) + mul_exp(sign * grad * u_m * v_m, u_t + v_t)
     out = (d_value, -d_value, torch.stack((d_ls1, d_ls2), -1), d_a)
-    return tuple(g.to(dtype) for g in out)  # type: ignore[return-value]
+    # log|d/dx_i| (wide): what sum_to_size_rescaled needs where two entries of a broadcast
+    # value's gradient overflow with opposite signs
+    value_log_abs = torch.stack((_log_abs(gc * dx1_m) + dx1_t, _log_abs(gc * dx2_m) + dx2_t), -1)
+    return (*(g.to(dtype) for g in out), value_log_abs)  # type: ignore[return-value]
 
 
 def with_fallback(
@@ -216,7 +220,8 @@ def with_fallback(
     :func:`log_scaled_gradients` recomputes those entries with every magnitude carried as a
     logarithm, so each is its own value: finite where it is representable, the infinity of
     the right sign where it is not. On CPU (not compiling) the fallback is skipped when every
-    entry is finite and no event lost precision already.
+    entry is finite and no event lost precision already. ``d/dvalue`` and ``d/dloc`` are
+    summed by :func:`sum_to_size_rescaled`.
     """
     shapes = (value.shape, loc.shape, log_scale.shape, atanh_rho.shape)
     present = [g for g in grads if g is not None]
@@ -226,17 +231,31 @@ def with_fallback(
         and not bool(lost.any())
         and all(bool(torch.isfinite(g).all()) for g in present)
     )
+    scaled = None
     if not skip:
         scaled = log_scaled_gradients(grad, value, loc, log_scale, atanh_rho)
         lost_event = lost.unsqueeze(-1)
         selected: list[Tensor | None] = []
-        for i, (g, fallback) in enumerate(zip(grads, scaled, strict=True)):
+        for i, (g, fallback) in enumerate(zip(grads, scaled[:4], strict=True)):
             if g is None:
                 selected.append(None)
                 continue
             bad = lost if i == 3 else lost_event
             selected.append(torch.where(torch.isfinite(g) & ~bad, g, fallback))
         grads = selected
-    return tuple(
-        None if g is None else g.sum_to_size(shape) for g, shape in zip(grads, shapes, strict=True)
-    )
+
+    def value_log_abs(wide: torch.dtype) -> Tensor:
+        nonlocal scaled
+        if scaled is None:
+            scaled = log_scaled_gradients(grad, value, loc, log_scale, atanh_rho)
+        return scaled[4].to(wide)
+
+    summed: list[Tensor | None] = []
+    for i, (g, shape) in enumerate(zip(grads, shapes, strict=True)):
+        if g is None:
+            summed.append(None)
+        elif i < 2:  # d/dvalue = -d/dloc: a sum of terms that may overflow with opposite signs
+            summed.append(sum_to_size_rescaled(g, shape, g.sign(), value_log_abs))
+        else:
+            summed.append(g.sum_to_size(shape))
+    return tuple(summed)

@@ -120,11 +120,53 @@ class _StandardizedResidual(torch.autograd.Function):
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             # dz/dvalue = -dz/dloc = e^{-log_scale}: one mul_exp, no factor m in between
             d_value = mul_exp(grad, -log_scale)
+
+            def log_abs(wide: torch.dtype) -> Tensor:
+                return grad.to(wide).abs().log() - log_scale.to(wide)
+
             if ctx.needs_input_grad[0]:
-                grad_value = d_value.sum_to_size(value.shape)
+                grad_value = sum_to_size_rescaled(d_value, value.shape, grad.sign(), log_abs)
             if ctx.needs_input_grad[1]:
-                grad_loc = (-d_value).sum_to_size(loc.shape)
+                grad_loc = sum_to_size_rescaled(-d_value, loc.shape, -grad.sign(), log_abs)
         if ctx.needs_input_grad[2]:
             z = standardized_residual(value, loc, log_scale)  # recomputed: differentiable
             grad_log_scale = (-(grad * z)).sum_to_size(log_scale.shape)
         return grad_value, grad_loc, grad_log_scale
+
+
+def sum_to_size_rescaled(terms: Tensor, shape: torch.Size, sign: Tensor, log_abs) -> Tensor:
+    """``terms.sum_to_size(shape)`` for ``terms = sign e^{log_abs}``, finite wherever the
+    exact sum is.
+
+    A gradient summed over broadcast entries (a value shared by a mixture's components)
+    can be small while two of its terms overflow with opposite signs: ``inf - inf``
+    (float32 components at ``loc = +-1.8e-30``, ``log_scale = -80``, value 0:
+    ``d/dvalue`` NaN, exact 0). Where the plain sum is not finite it is formed again from
+    the terms' log magnitudes, shifted by their largest ``S`` per output entry,
+    ``sum = e^S sum_i sign_i e^{log_abs_i - S}`` (:func:`mul_exp` applies ``e^S``), in
+    float64 (float32 on MPS): ``log_abs - S`` carries an absolute error ``~2 eps64 |S|``,
+    below the rounding of a half or single precision result and, in float64, of the size
+    of the error of ``e^{-log_scale}`` itself. ``log_abs(dtype)`` (broadcastable to
+    ``terms``, ``-inf`` for a zero term) is evaluated only then: on CPU (not compiling)
+    only when some sum needs it, elsewhere always (branch-free). The rescued entries are
+    constants to a further derivative (``create_graph=True``).
+    """
+    total = terms.sum_to_size(shape)
+    if tuple(shape) == tuple(terms.shape):
+        return total  # nothing summed
+    bad = ~torch.isfinite(total)
+    eager_cpu = terms.device.type == "cpu" and not torch.compiler.is_compiling()
+    if eager_cpu and not bool(bad.any()):
+        return total
+    lead = terms.dim() - len(shape)
+    dims = tuple(range(lead)) + tuple(
+        lead + i for i, n in enumerate(shape) if n == 1 and terms.shape[lead + i] != 1
+    )
+    wide = torch.float32 if terms.device.type == "mps" else torch.float64  # no float64 on MPS
+    u = torch.broadcast_to(log_abs(wide), terms.shape).detach()
+    s = u.amax(dims, keepdim=True)
+    s = torch.where(torch.isfinite(s), s, 0.0)  # all terms 0 (or an inf term): no shift
+    signed = torch.broadcast_to(sign, terms.shape).to(wide)
+    shifted = (signed * torch.exp(u - s)).sum(dims, keepdim=True)
+    rescued = mul_exp(shifted, s).reshape(shape).to(terms.dtype)
+    return torch.where(bad, rescued, total)

@@ -34,7 +34,13 @@ from .._dtype import loss_tensors
 from .._validation import broadcast_shapes, check_not_nan, should_validate
 from ..special.exp import expm1mx, mul_exp
 from ..special.where import safe_where
-from ._params import check_positive, log_scale_from, split_residual, standardized_residual
+from ._params import (
+    check_positive,
+    log_scale_from,
+    split_residual,
+    standardized_residual,
+    sum_to_size_rescaled,
+)
 from ._reduction import check_reduction, check_value_batch, reduce_loss
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -86,6 +92,25 @@ def _value_gradient(grad: Tensor, r: Tensor, over_var, over_sigma) -> Tensor:
     return d_value
 
 
+def _summed_location_gradients(ctx, d_value, grad, r, m, log_var) -> tuple[Tensor | None, ...]:
+    """``d/dvalue`` and ``d/dloc`` summed to the inputs' shapes, from the entries
+    ``d_value = -grad r m / sigma^2`` (``log_var(dtype)``: ``log sigma^2``), by
+    :func:`sum_to_size_rescaled` (finite where terms of opposite signs overflow)."""
+    value, loc = ctx.saved_tensors[:2]
+    sign = -(grad.sign() * r.sign())
+
+    def log_abs(wide: torch.dtype) -> Tensor:
+        log_gr = grad.to(wide).abs().log() + r.to(wide).abs().log()
+        return log_gr + m.to(wide).log() - log_var(wide)
+
+    grad_value = grad_loc = None
+    if ctx.needs_input_grad[0]:
+        grad_value = sum_to_size_rescaled(d_value, value.shape, sign, log_abs)
+    if ctx.needs_input_grad[1]:
+        grad_loc = sum_to_size_rescaled(-d_value, loc.shape, -sign, log_abs)
+    return grad_value, grad_loc
+
+
 class _ScaleFormDensity(torch.autograd.Function):
     """The log density from ``sigma = p^k`` (``k = 1``: a scale, ``k = 1/2``: a variance),
     ``z = (r / sigma) m`` with ``value - loc = r m`` (:func:`split_residual`, ``m``
@@ -127,10 +152,9 @@ class _ScaleFormDensity(torch.autograd.Function):
                 lambda x: x / sigma,
             )
             d_value = d_value * m  # m last
-            if ctx.needs_input_grad[0]:
-                grad_value = d_value.sum_to_size(value.shape)
-            if ctx.needs_input_grad[1]:
-                grad_loc = (-d_value).sum_to_size(loc.shape)
+            grad_value, grad_loc = _summed_location_gradients(
+                ctx, d_value, grad, r, m, lambda wide: 2.0 * k * param.to(wide).log()
+            )
         if ctx.needs_input_grad[2]:
             z, _ = _scale_form_z(value, loc, param, k)
             gk = k * grad
@@ -193,10 +217,9 @@ class _LogFormDensity(torch.autograd.Function):
                 lambda x: mul_exp(x, -log_sigma),
             )
             d_value = d_value * m  # m last
-            if ctx.needs_input_grad[0]:
-                grad_value = d_value.sum_to_size(value.shape)
-            if ctx.needs_input_grad[1]:
-                grad_loc = (-d_value).sum_to_size(loc.shape)
+            grad_value, grad_loc = _summed_location_gradients(
+                ctx, d_value, grad, r, m, lambda wide: 2.0 * k * param.to(wide)
+            )
         if ctx.needs_input_grad[2]:
             z = standardized_residual(value, loc, log_sigma)
             grad_param = ((grad * k * z) * z - grad * k).sum_to_size(param.shape)

@@ -695,3 +695,28 @@ def test_scale_form_value_gradient_when_the_incoming_gradient_times_the_residual
     eps = torch.finfo(torch.float32).eps
     assert abs(float(value.grad) - float(exact)) <= 8 * eps * abs(float(exact)), value.grad
     assert float(loc.grad) == -float(value.grad)
+
+
+@pytest.mark.parametrize("form", ["log_scale", "log_var", "scale"])
+def test_value_gradient_summed_over_terms_that_overflow_with_opposite_signs(form):
+    """A value shared by two densities (broadcast) at loc = -2e-31 and 1.9e-31, sigma = e^{-80}
+    in float32: each term of d/dvalue = sum_k (mu_k - x) / sigma^2 is about 6e38 (inf), their
+    sum -3.1e37. It was NaN (inf - inf); d/dloc is each term itself (+-inf, correctly). The
+    sum is formed again from the terms' logarithms in float64: bound 2 eps32 |exact| (the
+    final rounding and that of the given parameter's own rounding, included in mpmath's
+    inputs) plus 1e-12 times the terms; mpmath at the cast inputs."""
+    value = torch.zeros(1, requires_grad=True)
+    loc = torch.tensor([-2e-31, 1.9e-31])
+    param = {"log_scale": -80.0, "log_var": -160.0, "scale": math.exp(-80.0)}[form]
+    param = torch.full((2,), param)
+    normal_log_prob(value, loc, **{form: param}).sum().backward()
+    with mp.workdps(50):
+        var = {"log_scale": lambda p: mp.exp(2 * p), "log_var": mp.exp, "scale": lambda p: p * p}[
+            form
+        ]
+        terms = [mpf(float(m)) / var(mpf(float(p))) for m, p in zip(loc, param, strict=True)]
+        exact = sum(terms)
+    eps = torch.finfo(torch.float32).eps
+    assert max(abs(t) for t in terms) > torch.finfo(torch.float32).max  # the case
+    bound = 2 * eps * abs(exact) + 1e-12 * sum(abs(t) for t in terms)
+    assert abs(float(value.grad) - exact) <= bound, (value.grad, float(exact))
