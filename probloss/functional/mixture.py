@@ -597,8 +597,8 @@ def _without_dead_components(
     A component whose quadratic form overflows (log density ``-inf``: a target infinitely
     many of its scales away, or at infinity) has responsibility 0, but autograd through its
     density multiplies that 0 by an infinite derivative (NaN). Such components are found
-    after one evaluation and evaluated again at a safe point (target and mean 0, the
-    parameters' safe values: a residual of 0 at unit scale), with ``-inf`` put back as a
+    after one evaluation and evaluated again at a safe point (the mean moved onto the
+    target, the parameters' safe values: a residual of 0 at unit scale), with ``-inf`` put back as a
     constant: the double-where pattern, applied to a condition known only after
     evaluation. (At the mean alone, a residual of ``3e38`` in both coordinates still
     overflowed the bivariate ``z1 - z2`` at unit scale, and a target of ``inf`` gave
@@ -616,7 +616,13 @@ def _without_dead_components(
         with torch.no_grad():
             dead = components(x, loc, *tensors) == -math.inf
     per_coordinate = dead.unsqueeze(-1)  # against (*, K, D)
-    safe = [torch.where(per_coordinate, 0.0, x), torch.where(per_coordinate, 0.0, loc)]
+    # The target keeps its shape (*, 1, D), so that its gradient is summed over K inside the
+    # density's backward (sum_to_size_rescaled: finite where two components' terms overflow
+    # with opposite signs), and a dead component is evaluated on its own target instead:
+    # mean := target (detached), a residual of exactly 0. A row whose components are all
+    # dead (a target at infinity) is -inf whatever its target: there the target is 0.
+    x_safe = torch.where(dead.all(-1)[..., None, None], 0.0, x)
+    safe = [x_safe, torch.where(per_coordinate, x_safe.detach(), loc)]
     for t, fill, event_dims in params:
         mask = dead[(..., *(None,) * event_dims)]
         safe.append(torch.where(mask, torch.as_tensor(fill, dtype=t.dtype, device=t.device), t))
