@@ -56,7 +56,8 @@ Where the library is known wrong and not yet fixed, a :class:`.records.KnownLimi
 (reason, rows, outputs, dtypes, issue) in ``records.KNOWN_LIMITS`` excuses every failure
 of the named outputs on exactly those rows, applied next to ``Undefined`` in
 :func:`.checks.check`. ``test_records.py::test_known_limits_are_not_stale`` fails once a
-statement matches no draw: then the hole is fixed and the statement must go. A predicate
+statement matches no draw (nor, for a rarer hole, fails on its ``example`` row any
+more): then the hole is fixed and the statement must go. A predicate
 receives the float64 inputs and the draws' ``dtype``. Today:
 
 * multivariate_normal_log_prob (float64): the gradients' solve ``L^{-T} z`` overflows at
@@ -68,8 +69,15 @@ receives the float64 inputs and the draws' ``dtype``. Today:
   error ``4 eps (|log w_k| + |log N_k|) > 1`` and lie within it (+104) of each other:
   responsibilities unresolved, a gradient weighted by a wrong one can overflow. A
   rigorous bound, wider than the rows that fail (about 1 in 4000 extreme draws fails; the
-  bound covers 7-45%).
+  bound covers 7-45%). For bivariate components, also where the residuals' rounding
+  (``4 eps (|z1| + |z2|)``, plus ``2 tiny`` for underflow), amplified by ``e^{2|a|}``
+  along the correlation line, lets a term that is ``-inf`` in the working precision come
+  out finite, or an underflowed narrow coordinate move a term by more than 1, within 104
+  of the leading term (``a = -65504``, mean ``(-65504, 65504)``, target ``(0.000488, 0)`` in
+  float16: the narrow coordinate 0.000488 rounds to 0 in float32; about 1% of the draws).
 * lowrank_multivariate_normal_log_prob (every dtype): ``log p < -sqrt(finfo(float64).max)``:
   the value is right, the gradients go through a QR whose backward multiplies quantities
-  of that size (``inf - inf``).
+  of that size (``inf - inf``). In float64 also where the scaled path's factor ``C`` has a
+  subnormal pivot (``Sigma``'s condition number beyond ``1/tiny``): the QR's backward
+  divides by it.
 """
