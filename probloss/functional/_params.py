@@ -124,10 +124,9 @@ class _StandardizedResidual(torch.autograd.Function):
             def log_abs(wide: torch.dtype) -> Tensor:
                 return grad.to(wide).abs().log() - log_scale.to(wide)
 
-            if ctx.needs_input_grad[0]:
-                grad_value = sum_to_size_rescaled(d_value, value.shape, grad.sign(), log_abs)
-            if ctx.needs_input_grad[1]:
-                grad_loc = sum_to_size_rescaled(-d_value, loc.shape, -grad.sign(), log_abs)
+            grad_value, grad_loc = summed_location_gradients(
+                ctx.needs_input_grad, value, loc, d_value, grad.sign(), log_abs
+            )
         if ctx.needs_input_grad[2]:
             z = standardized_residual(value, loc, log_scale)  # recomputed: differentiable
             grad_log_scale = (-(grad * z)).sum_to_size(log_scale.shape)
@@ -170,3 +169,15 @@ def sum_to_size_rescaled(terms: Tensor, shape: torch.Size, sign: Tensor, log_abs
     shifted = (signed * torch.exp(u - s)).sum(dims, keepdim=True)
     rescued = mul_exp(shifted, s).reshape(shape).to(terms.dtype)
     return torch.where(bad, rescued, total)
+
+
+def summed_location_gradients(needs, value, loc, d_value, sign, log_abs) -> tuple:
+    """``(d/dvalue, d/dloc)`` of a location family, ``None`` where ``needs[0]`` /
+    ``needs[1]`` is false, from the broadcast entries ``d_value = sign e^{log_abs}``
+    (``d/dloc = -d/dvalue``), each summed by :func:`sum_to_size_rescaled`."""
+    grad_value = grad_loc = None
+    if needs[0]:
+        grad_value = sum_to_size_rescaled(d_value, value.shape, sign, log_abs)
+    if needs[1]:
+        grad_loc = sum_to_size_rescaled(-d_value, loc.shape, -sign, log_abs)
+    return grad_value, grad_loc

@@ -39,7 +39,7 @@ from ._params import (
     log_scale_from,
     split_residual,
     standardized_residual,
-    sum_to_size_rescaled,
+    summed_location_gradients,
 )
 from ._reduction import check_reduction, check_value_batch, reduce_loss
 
@@ -95,20 +95,15 @@ def _value_gradient(grad: Tensor, r: Tensor, over_var, over_sigma) -> Tensor:
 def _summed_location_gradients(ctx, d_value, grad, r, m, log_var) -> tuple[Tensor | None, ...]:
     """``d/dvalue`` and ``d/dloc`` summed to the inputs' shapes, from the entries
     ``d_value = -grad r m / sigma^2`` (``log_var(dtype)``: ``log sigma^2``), by
-    :func:`sum_to_size_rescaled` (finite where terms of opposite signs overflow)."""
+    :func:`summed_location_gradients` (finite where terms of opposite signs overflow)."""
     value, loc = ctx.saved_tensors[:2]
-    sign = -(grad.sign() * r.sign())
 
     def log_abs(wide: torch.dtype) -> Tensor:
         log_gr = grad.to(wide).abs().log() + r.to(wide).abs().log()
         return log_gr + m.to(wide).log() - log_var(wide)
 
-    grad_value = grad_loc = None
-    if ctx.needs_input_grad[0]:
-        grad_value = sum_to_size_rescaled(d_value, value.shape, sign, log_abs)
-    if ctx.needs_input_grad[1]:
-        grad_loc = sum_to_size_rescaled(-d_value, loc.shape, -sign, log_abs)
-    return grad_value, grad_loc
+    sign = -(grad.sign() * r.sign())
+    return summed_location_gradients(ctx.needs_input_grad, value, loc, d_value, sign, log_abs)
 
 
 class _ScaleFormDensity(torch.autograd.Function):
