@@ -1,86 +1,12 @@
-"""Argument checks that name the argument and its shape, and never sync a GPU by default.
+"""moved to probloss._core.validation; kept until the mixture package is moved."""
 
-Shape checks are free and always run. Checks on *values* (range, NaN) read the tensor on the
-host, which on an accelerator forces a synchronisation; like ``torch.distributions``'
-``validate_args`` they are controlled per call: ``validate_args=None`` (the default) checks
-values of CPU tensors only, ``True`` always checks, ``False`` never does.
-"""
-
-from __future__ import annotations
-
-import torch
-from torch import Tensor
-
-
-def should_validate(validate_args: bool | None, *tensors: Tensor) -> bool:
-    """Whether value checks run: the explicit choice, else only if every tensor is on CPU
-    and no graph is being traced (``torch.compile`` cannot trace a host read; a compiled
-    step checks nothing unless asked, like a GPU step)."""
-    if validate_args is not None:
-        return validate_args
-    if torch.compiler.is_compiling():
-        return False
-    return all(t.device.type == "cpu" for t in tensors)
-
-
-def distribution_validate_args(validate_args: bool | None, *tensors: Tensor) -> bool:
-    """``validate_args`` for a probloss Distribution: the explicit choice, else torch's
-    global default (``Distribution.set_default_validate_args``) but only for CPU tensors.
-
-    torch validates parameters and samples by default, which reads them on the host and so
-    waits for a GPU at every step; probloss keeps torch's switch and skips the read there
-    (and while ``torch.compile`` traces, see :func:`should_validate`).
-    An empty parameter (a batch of 0 elements) is never checked, whatever the choice:
-    it holds no value to check, and torch's ``constraints.independent`` cannot even
-    reshape it (``cannot reshape tensor of 0 elements``). ``numel`` is a shape property,
-    so this reads no value.
-    """
-    if any(t.numel() == 0 for t in tensors):
-        return False
-    if validate_args is not None:
-        return validate_args
-    from torch.distributions import Distribution
-
-    return bool(Distribution._validate_args) and should_validate(None, *tensors)
-
-
-def validate_sample(distribution, value: Tensor) -> None:
-    """``distribution._validate_sample(value)`` if it validates, and unless ``value`` is empty.
-
-    An empty value (``sample_shape`` with a 0, or an empty batch) has no element to check,
-    and torch's check of a vector support fails on it with "cannot reshape tensor of 0
-    elements"; the log density then returns its empty result.
-    """
-    if distribution._validate_args and value.numel() > 0:
-        distribution._validate_sample(value)
-
-
-def broadcast_shapes(**tensors: Tensor) -> torch.Size:
-    """The broadcast shape of the named tensors, or a ValueError listing every shape."""
-    try:
-        return torch.broadcast_shapes(*(t.shape for t in tensors.values()))
-    except RuntimeError:
-        shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in tensors.items())
-        raise ValueError(f"shapes do not broadcast: {shapes}") from None
-
-
-def check_in_interval(
-    value: Tensor, name: str, low: float, high: float, *, allow_nan: bool = False
-) -> None:
-    """Raise ValueError unless every element of ``value`` lies in ``[low, high]``."""
-    if not allow_nan and torch.isnan(value).any():
-        count = int(torch.isnan(value).sum())
-        raise ValueError(f"{name} of shape {tuple(value.shape)} contains {count} NaN value(s)")
-    finite = value[~torch.isnan(value)]
-    if finite.numel() and ((finite < low).any() or (finite > high).any()):
-        raise ValueError(
-            f"{name} of shape {tuple(value.shape)} must lie in [{low}, {high}]; "
-            f"got values from {finite.min().item():.6g} to {finite.max().item():.6g}"
-        )
-
-
-def check_not_nan(value: Tensor, name: str) -> None:
-    """Raise ValueError if ``value`` contains NaN (infinities are left to the caller)."""
-    if torch.isnan(value).any():
-        count = int(torch.isnan(value).sum())
-        raise ValueError(f"{name} of shape {tuple(value.shape)} contains {count} NaN value(s)")
+from ._core.shapes import broadcast_shapes  # noqa: F401
+from ._core.validation import (  # noqa: F401
+    check_in_interval,
+    check_not_nan,
+    check_positive,
+    check_renamed_keywords,
+    distribution_validate_args,
+    should_validate,
+    validate_sample,
+)

@@ -1,4 +1,5 @@
-"""Tests of ``probloss.functional._reduction`` (``reduce_loss``, ``check_reduction``).
+"""Tests of ``probloss._core.reduction`` (``reduce_loss``, ``check_reduction``,
+``check_nan_policy``, ``mask_nan_events``, ``check_value_batch``).
 
 Numbers: per-event losses are seeded random float64 tensors; expected reductions are the
 same sums formed independently (``torch.sum`` over the selected events, ``numpy`` for the
@@ -14,7 +15,14 @@ import math
 import pytest
 import torch
 
-from probloss.functional._reduction import REDUCTIONS, check_reduction, reduce_loss
+from probloss._core.reduction import (
+    REDUCTIONS,
+    check_nan_policy,
+    check_reduction,
+    check_value_batch,
+    mask_nan_events,
+    reduce_loss,
+)
 
 
 def _losses(shape=(3, 4), seed=0):
@@ -113,10 +121,59 @@ def test_bad_reduction(bad):
 
 def test_check_value_batch_refuses_enlarging_broadcast():
     # the (B, 1) slice mistake: a (64, 1) parameter against a (64,) value batch
-    from probloss.functional._reduction import check_value_batch
-
     with pytest.raises(ValueError, match=r"atanh_rho of batch shape \(64, 1\).*\(64, 64\)"):
         check_value_batch(torch.Size([64]), atanh_rho=torch.Size([64, 1]))
     # broadcasting up to the value's batch shape is fine
     check_value_batch(torch.Size([64]), loc=torch.Size([64]), scale=torch.Size([]))
     check_value_batch(torch.Size([4, 64]), log_scale=torch.Size([1, 64]))
+
+
+def test_check_reduction_with_a_narrower_set():
+    """A loss without an unreduced form passes its own set; the message lists it."""
+    check_reduction("sum", ("mean", "sum"))
+    with pytest.raises(ValueError, match=r"^reduction must be 'mean' or 'sum', got 'none'$"):
+        check_reduction("none", ("mean", "sum"))
+
+
+@pytest.mark.parametrize("bad", ["omit", "propagate", "", None])
+def test_bad_nan_policy(bad):
+    check_nan_policy("raise")
+    check_nan_policy("mask")
+    with pytest.raises(ValueError, match=r"^nan_policy must be 'raise' or 'mask', got "):
+        check_nan_policy(bad)
+
+
+def test_mask_nan_events_scalar_events():
+    """Event shape (): each NaN element is its own event, filled with the location."""
+    value = torch.tensor([0.5, math.nan, -1.0])
+    loc = torch.tensor([7.0, 8.0, 9.0])
+    filled, mask = mask_nan_events(value, loc)
+    assert filled.tolist() == [0.5, 8.0, -1.0]
+    assert mask.tolist() == [True, False, True]
+
+
+def test_mask_nan_events_vector_events():
+    """Event shape (2,): an event with one NaN coordinate is filled whole (both
+    coordinates), the mask has the batch shape; a shared fill broadcasts."""
+    value = torch.tensor([[1.0, 2.0], [math.nan, 3.0], [4.0, math.nan], [math.nan, math.nan]])
+    filled, mask = mask_nan_events(value, torch.tensor([-1.0, -2.0]), event_dims=1)
+    assert mask.tolist() == [True, False, False, False]
+    assert filled.tolist() == [[1.0, 2.0], [-1.0, -2.0], [-1.0, -2.0], [-1.0, -2.0]]
+    matrix = torch.zeros(3, 2, 2)
+    matrix[1, 0, 1] = math.nan
+    _, mask = mask_nan_events(matrix, torch.ones(2, 2), event_dims=2)
+    assert mask.tolist() == [True, False, True]
+
+
+def test_mask_nan_events_then_reduce_gives_exact_zero_gradient():
+    """The contract of the pair: masked events filled with the (detached) location get
+    loss 0 and gradient exactly 0 for every parameter, where the unmasked NaN gave NaN
+    (test_masked_event_with_nan_from_upstream_poisons_the_gradient). Expected gradient of
+    the mean of (value - loc)^2 over the 2 kept events: -(value - loc) = [-1, 0, -3]."""
+    loc = torch.tensor([0.0, 5.0, -1.0], requires_grad=True)
+    value, mask = mask_nan_events(torch.tensor([1.0, math.nan, 2.0]), loc)
+    assert not value.requires_grad  # the fill is detached
+    out = reduce_loss((value - loc) ** 2, "mean", mask=mask)
+    out.backward()
+    assert out.item() == 5.0  # (1 + 9) / 2
+    assert loc.grad.tolist() == [-1.0, 0.0, -3.0]

@@ -1,16 +1,18 @@
-"""Argument checks: clear messages naming argument and shape; value checks are opt-out."""
+"""Tests of ``probloss._core.validation``: messages name the argument and its shape; value
+checks run on CPU tensors by default, never while tracing, and never on empty tensors."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from probloss._dtype import as_loss_tensors, loss_dtype
-from probloss._validation import (
-    broadcast_shapes,
+from probloss._core.validation import (
     check_in_interval,
     check_not_nan,
+    check_renamed_keywords,
+    distribution_validate_args,
     should_validate,
+    validate_sample,
 )
 from probloss.distributions import (
     BivariateNormal,
@@ -31,12 +33,6 @@ def test_should_validate_defaults_to_cpu_only():
     assert not should_validate(False, cpu)
 
 
-def test_broadcast_shapes_names_every_argument():
-    with pytest.raises(ValueError, match=r"value \(3,\), logits \(4,\)"):
-        broadcast_shapes(value=torch.zeros(3), logits=torch.zeros(4))
-    assert broadcast_shapes(a=torch.zeros(2, 1), b=torch.zeros(3)) == (2, 3)
-
-
 def test_check_in_interval_messages():
     with pytest.raises(ValueError, match=r"value of shape \(3,\) must lie in \[0.0, 1.0\]"):
         check_in_interval(torch.tensor([0.5, 1.5, -0.1]), "value", 0.0, 1.0)
@@ -48,26 +44,12 @@ def test_check_in_interval_messages():
         check_not_nan(torch.tensor([float("nan")] * 2), "y")
 
 
-@pytest.mark.parametrize(
-    ("dtypes", "expected"),
-    [
-        ((torch.float16,), torch.float32),
-        ((torch.bfloat16, torch.float16), torch.float32),
-        ((torch.float32,), torch.float32),
-        ((torch.float16, torch.float64), torch.float64),
-    ],
-)
-def test_loss_dtype_policy(dtypes, expected):
-    tensors = [torch.zeros(1, dtype=d) for d in dtypes]
-    assert loss_dtype(*tensors) == expected
-    assert all(
-        t.dtype == expected for t in as_loss_tensors(**{f"t{i}": t for i, t in enumerate(tensors)})
-    )
-
-
-def test_integer_tensors_are_rejected_by_name():
-    with pytest.raises(TypeError, match="logits must be a real floating-point tensor"):
-        as_loss_tensors(logits=torch.zeros(2, dtype=torch.int64))
+def test_check_renamed_keywords():
+    check_renamed_keywords("f", {}, {"min_diag": "min_scale"})  # nothing unexpected
+    with pytest.raises(TypeError, match=r"^f\(\): min_diag was renamed min_scale$"):
+        check_renamed_keywords("f", {"min_diag": 1.0}, {"min_diag": "min_scale"})
+    with pytest.raises(TypeError, match=r"^f\(\) got an unexpected keyword argument 'bogus'$"):
+        check_renamed_keywords("f", {"bogus": 1.0}, {"min_diag": "min_scale"})
 
 
 def _meta(*shape):
@@ -104,11 +86,11 @@ def test_distributions_do_not_read_non_cpu_values_by_default(build):
 
 def test_distributions_validate_cpu_values_and_keep_torch_switch():
     with pytest.raises(ValueError):
-        Normal(torch.tensor([float("nan")]), torch.zeros(1))
+        Normal(torch.tensor([float("nan")]), log_scale=torch.zeros(1))
     previous = torch.distributions.Distribution._validate_args
     torch.distributions.Distribution.set_default_validate_args(False)
     try:
-        Normal(torch.tensor([float("nan")]), torch.zeros(1))  # the global switch is respected
+        Normal(torch.tensor([float("nan")]), log_scale=torch.zeros(1))  # global switch respected
     finally:
         torch.distributions.Distribution.set_default_validate_args(previous)
 
@@ -116,8 +98,6 @@ def test_distributions_validate_cpu_values_and_keep_torch_switch():
 def test_distribution_validation_skips_empty_tensors():
     """An empty parameter has no value to check (and torch's independent constraint cannot
     reshape 0 elements): validation is off for it whatever the choice, on for the rest."""
-    from probloss._validation import distribution_validate_args, validate_sample
-
     empty, full = torch.zeros(0, 2), torch.zeros(3, 2)
     assert not distribution_validate_args(True, empty)
     assert not distribution_validate_args(None, full, empty)
@@ -126,26 +106,6 @@ def test_distribution_validation_skips_empty_tensors():
     validate_sample(d, torch.zeros(0, 3, 2))  # nothing to check, no error
     with pytest.raises(ValueError, match="value"):
         validate_sample(d, torch.zeros(3, 3))  # a non-empty value is still checked
-
-
-def test_loss_tensors_convert_numbers_to_the_tensors_dtype():
-    """_dtype.loss_tensors' documented rules: tensors decide the dtype (half -> float32),
-    Python numbers are converted straight to it (the float64 value of 0.1, not its float32
-    rounding), None is dropped, and with no tensor the default dtype is used;
-    promote_float_tensors keeps half precision."""
-    from probloss._dtype import loss_tensors, promote_float_tensors
-
-    out = loss_tensors(x=torch.zeros(2, dtype=torch.float64), c=0.1, skip=None)
-    assert set(out) == {"x", "c"} and out["c"].dtype == torch.float64 and out["c"].item() == 0.1
-    half = loss_tensors(x=torch.zeros(2, dtype=torch.bfloat16), c=0.1)
-    assert half["x"].dtype == half["c"].dtype == torch.float32
-    assert loss_tensors(c=0.5)["c"].dtype == torch.get_default_dtype()
-    a, b = promote_float_tensors(
-        a=torch.zeros(1, dtype=torch.float16), b=torch.zeros(1, dtype=torch.float16)
-    )
-    assert a.dtype == b.dtype == torch.float16
-    a, b = promote_float_tensors(a=torch.zeros(1, dtype=torch.float16), b=torch.zeros(1))
-    assert a.dtype == b.dtype == torch.float32
 
 
 def test_no_value_checks_while_compiling():
@@ -182,7 +142,7 @@ def _compile_heads_and_mixtures(f, seen):
         torch.equal(a, b) for a, b in zip(out, f(torch.zeros(3, 4)), strict=True)
     )
     for component in ("normal", "bivariate", "full"):
-        head = MixtureDensityHead(6, 2, 4, component=component, pen_states=3)
-        g = lambda x, head=head: (head(x).mixture.mode, head(x).pen.logits)  # noqa: E731
+        head = MixtureDensityHead(6, 2, 4, component=component)
+        g = lambda x, head=head: (head(x).mode, head(x).logits)  # noqa: E731
         compiled = torch.compile(g, backend="eager", fullgraph=True)(torch.ones(5, 6))
         assert all(torch.equal(a, b) for a, b in zip(compiled, g(torch.ones(5, 6)), strict=True))
