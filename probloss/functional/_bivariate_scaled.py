@@ -27,6 +27,12 @@ import torch
 from torch import Tensor
 
 from ..special import mul_exp
+from ._bivariate_forms import (
+    correlation_sign,
+    cosh_coefficient,
+    quadratic_factor,
+    sinh_coefficient,
+)
 from ._params import split_residual, sum_to_size_rescaled
 
 
@@ -102,8 +108,7 @@ def _log_coordinates(
     """``(sign(a), b, zhat_1, Z_1, zhat_2', Z_2, l, log|r|)``: ``z_1 = zhat_1 e^{Z_1}``, ``z_2'
     = sign(a) z_2 = zhat_2' e^{Z_2}``, ``b = |a|``; exponents clamped at ``+-clamp``; the
     last, ``log|x - mu|`` (shape ``(*, 2)``), for exponents in which ``l`` and ``b`` cancel."""
-    dtype = value.dtype
-    sign = torch.copysign(torch.ones((), dtype=dtype, device=value.device), atanh_rho)
+    sign = correlation_sign(atanh_rho, value)
     b = (sign * atanh_rho).clamp(max=clamp)
     log_scale = log_scale.clamp(-clamp, clamp)
     r, m = split_residual(value, loc)
@@ -122,9 +127,10 @@ def _log_coordinates(
 
 def log_scaled_half_q(value: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor) -> Tensor:
     r"""``Q/2`` from logarithms: ``(k w)^2 + (k n e^b)^2`` with ``k^2 = (1 + e^{-2b})/8``,
-    ``w = z_1 + z_2'``, ``n = z_1 - z_2'`` (the eigen-coordinates of :func:`.bivariate._rotated`),
-    ``w`` and ``n`` formed by :func:`_scaled_sum` and ``n e^b`` by one :func:`mul_exp`: no
-    factor underflows before the large one multiplies it. Returned in the input dtype.
+    ``w = z_1 + z_2'``, ``n = z_1 - z_2'`` (the eigen-coordinates of
+    :func:`._bivariate_forms.rotated`), ``w`` and ``n`` formed by :func:`_scaled_sum` and
+    ``n e^b`` by one :func:`mul_exp`: no factor underflows before the large one multiplies
+    it. Returned in the input dtype.
 
     ``n e^b`` is the scaled sum of ``z_i e^b = zhat_i e^{log|r_i| + (b - l_i)}``: ``b - l_i``
     first, exact where ``b`` and ``l_i`` are close. Formed as ``(log|r_i| - l_i) + b`` the
@@ -141,7 +147,7 @@ def log_scaled_half_q(value: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: 
     # z_i e^b = zhat_i e^{log|r_i| + (b - l_i)}: b - l_i formed first (they may cancel)
     y1, y2 = (log_r + (b.unsqueeze(-1) - ls).clamp(-clamp, clamp)).unbind(-1)
     nb_m, nb_t = _n_scaled(zh1, zh2, log_r, ls, y1, y2)  # n e^b
-    k = torch.sqrt(0.125 + 0.125 * torch.exp(-2.0 * b))
+    k = quadratic_factor(torch.exp(-2.0 * b))
     half_q = mul_exp(k * w_m, w_t).square() + mul_exp(k * nb_m, nb_t).square()
     return half_q.to(dtype)
 
@@ -149,7 +155,7 @@ def log_scaled_half_q(value: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: 
 def log_scaled_gradients(
     grad: Tensor, value: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    r"""The closed-form derivatives (:func:`.bivariate._gradient_pieces`) from logarithms,
+    r"""The closed-form derivatives (:mod:`._bivariate_forms`) from logarithms,
     at the broadcast shape ``(*, 2)`` / ``(*)``, in the input dtype:
 
         n = z1 - z2'                      d/dx1 = -c g1 e^{-ls1},  g1 = z1 + n s e^{2b}
@@ -166,8 +172,7 @@ def log_scaled_gradients(
     sign, b, zh1, zl1, zh2, zl2, log_scale, log_r = _log_coordinates(
         value, loc, log_scale, atanh_rho, clamp
     )
-    c = 0.5 + 0.5 * torch.exp(-2.0 * b)
-    s = -0.5 * torch.expm1(-2.0 * b)
+    c, s = cosh_coefficient(b), sinh_coefficient(b)
     # Every exponent in which b and l_i may cancel is formed from log|r_i| and b - l_i (or l_i
     # + b), never as (log|r_i| - l_i) + b: that carries an absolute error eps l_i, 7.5e22 at
     # l_i = b = 3.4e38, and rounds log|r_i| away.

@@ -1,6 +1,6 @@
 r"""The low-rank-plus-diagonal log density where whitening by ``e^{-l/2}`` overflows.
 
-:func:`.multivariate.lowrank_multivariate_normal_log_prob` whitens by ``d^{-1/2} = e^{-l/2}``,
+:func:`.lowrank.lowrank_multivariate_normal_log_prob` whitens by ``d^{-1/2} = e^{-l/2}``,
 which overflows for ``l_i < -2 log(finfo.max)`` (-1419 in float64); a nonzero row of ``W``
 then becomes infinite and the QR gives NaN, although the density is finite (``W W^T``
 carries that coordinate). Long before, from whitened entries of ``finfo.max ** 0.25``,
@@ -35,10 +35,9 @@ import math
 import torch
 from torch import Tensor
 
+from .._core.constants import LOG_2PI as _LOG_2PI
 from ..special import mul_exp
 from ._squared_norm import half_squared_norm
-
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 def scaled_lowrank_log_prob(

@@ -1,67 +1,15 @@
-"""Resolution of alternative parameterisations: exactly one form, a clear error otherwise."""
+"""Residual kernels of the location families: ``value - loc`` and ``(value - loc) / sigma``
+kept finite where they are representable, and their broadcast-summed gradients.
+
+(The scale-form resolver ``log_scale_from`` lives in :mod:`probloss._core.params`.)
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .._validation import should_validate
-from ..special._dtype import as_float_tensor
 from ..special.exp import mul_exp
-
-
-def check_positive(value: Tensor, name: str) -> None:
-    """Raise ValueError naming ``name`` and its shape unless every element is > 0."""
-    bad = ~(value > 0)  # also catches NaN
-    if bad.any():
-        raise ValueError(
-            f"{name} of shape {tuple(value.shape)} must be positive; got "
-            f"{int(bad.sum())} value(s) <= 0 or NaN (smallest {value.min().item():.6g})"
-        )
-
-
-def log_scale_from(
-    *,
-    scale: Tensor | float | None = None,
-    log_scale: Tensor | float | None = None,
-    var: Tensor | float | None = None,
-    log_var: Tensor | float | None = None,
-    validate_args: bool | None = None,
-) -> Tensor:
-    """``log(scale)`` from exactly one of ``scale``, ``log_scale``, ``var``, ``log_var``.
-
-    ``log_scale`` and ``log_var`` are the stable, unconstrained forms (``log_var / 2``
-    costs nothing and cannot fail); ``scale`` and ``var`` must be positive and are checked
-    when validating (``validate_args=None``: CPU tensors only).
-
-    Raises:
-        ValueError: if not exactly one form is given, or a given ``scale``/``var`` is not
-            positive.
-    """
-    given = {
-        name: value
-        for name, value in (
-            ("scale", scale),
-            ("log_scale", log_scale),
-            ("var", var),
-            ("log_var", log_var),
-        )
-        if value is not None
-    }
-    if len(given) != 1:
-        got = ", ".join(given) or "none"
-        raise ValueError(f"pass exactly one of scale, log_scale, var, log_var; got {got}")
-    ((name, value),) = given.items()
-    value = as_float_tensor(value, name)
-    if name in ("scale", "var") and should_validate(validate_args, value):
-        check_positive(value, name)
-    if name == "scale":
-        return torch.log(value)
-    if name == "var":
-        return 0.5 * torch.log(value)  # log sigma = log(var) / 2
-    if name == "log_var":
-        return 0.5 * value
-    return value
 
 
 def split_residual(value: Tensor, loc: Tensor) -> tuple[Tensor, Tensor]:

@@ -24,58 +24,25 @@ import math
 import torch
 from torch import Tensor
 
-from .._dtype import as_loss_tensors
-from .._validation import check_not_nan, should_validate
+from .._core.constants import LOG_2PI
+from .._core.dtype import as_loss_tensors
+from .._core.reduction import (
+    check_nan_policy,
+    check_reduction,
+    check_value_batch,
+    mask_nan_events,
+    reduce_loss,
+)
+from .._core.validation import check_not_nan, should_validate
 from ..special import log_cosh, mul_exp
+from ._bivariate_forms import (
+    exp_half,
+    gradient_pieces,
+    quadratic_factor,
+    rotated,
+)
 from ._bivariate_scaled import log_scaled_half_q, lost_precision, with_fallback
 from ._params import split_residual
-from ._reduction import check_reduction, check_value_batch, reduce_loss
-
-_LOG_2PI = math.log(2.0 * math.pi)
-_NAN_POLICIES = ("raise", "mask")
-
-
-def _exp_cap(dtype: torch.dtype) -> float:
-    """Largest ``|a|`` used in ``exp(|a| / 2)``: ``2 floor(log(max))`` (176 float32, 1418 float64).
-
-    ``exp(cap / 2)`` is finite, and beyond the cap ``(n e^{|a|})^2`` overflows for every
-    nonzero ``n`` (even the smallest subnormal: ``(e^{-103.3} e^{176})^2 > e^{88.8}`` in
-    float32, ``(e^{-744.4} e^{1418})^2 > e^{709.8}`` in float64), so capping never changes
-    a finite result; it only keeps ``0 * inf`` out of points exactly on the line.
-    """
-    return 2.0 * math.floor(math.log(torch.finfo(dtype).max))
-
-
-def _exp_half(b: Tensor) -> Tensor:
-    """``exp(min(b, cap) / 2)``, finite (see :func:`_exp_cap`)."""
-    return torch.exp(0.5 * b.clamp(max=_exp_cap(b.dtype)))
-
-
-def _rotated(z: Tensor, atanh_rho: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The pieces of the quadratic form: ``(wide, narrow e^|a|, e^{-|a|})``.
-
-    With ``p = z1 + z2``, ``m = z1 - z2`` (twice the coordinates along the eigenvectors
-    ``(1, 1)/sqrt2`` and ``(1, -1)/sqrt2`` of the correlation matrix, eigenvalues
-    ``1 + rho`` and ``1 - rho``) and ``1/(1 +- tanh a) = (1 + e^{-+2a})/2``::
-
-        Q = z^T R^{-1} z = p^2 (1 + e^{-2a})/4 + m^2 (1 + e^{2a})/4
-          = (1 + e^{-2|a|})/4 * (wide^2 + (narrow e^{|a|})^2)
-
-    where ``wide, narrow = z1 +- sign(a) z2`` (``p, m`` for ``a >= 0``, ``m, p`` below):
-    two squares, no cancellation, no ``1 - rho^2``. ``narrow e^{|a|}`` is ``(narrow f) f``
-    with ``f = e^{min(|a|, cap)/2}`` finite, so ``narrow == 0`` (a point exactly on the
-    correlation line) gives 0, never ``0 * inf``. ``|a|`` is ``sign(a) a`` with
-    ``sign(+-0) = +-1``: its derivative is ``sign(a)``, where ``abs``' subgradient at 0 is 0
-    (either branch at ``a = 0`` is the same analytic ``Q(a)``, so either one-sided
-    derivative is the derivative).
-    """
-    # copysign, not where(a >= 0, 1, -1): 15x faster on CPU; sign(-0.0) = -1 is as good
-    sign = torch.copysign(torch.ones((), dtype=z.dtype, device=z.device), atanh_rho)
-    z1, z2 = z.unbind(-1)
-    z2 = sign * z2
-    b = sign * atanh_rho
-    f = _exp_half(b)
-    return z1 + z2, (z1 - z2) * f * f, torch.exp(-b)
 
 
 class _BivariateLogDensity(torch.autograd.Function):
@@ -93,10 +60,10 @@ class _BivariateLogDensity(torch.autograd.Function):
     def forward(ctx, value: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor) -> Tensor:
         ctx.save_for_backward(value, loc, log_scale, atanh_rho)
         z = _standardized(value, loc, log_scale)
-        wide, narrow_e, g = _rotated(z, atanh_rho)
+        wide, narrow_e, g = rotated(z, atanh_rho)
         # Q/2 = (1 + e^{-2|a|})/8 (wide^2 + (n e^|a|)^2), the factor taken inside the squares:
         # no intermediate exceeds Q/2, so nothing overflows unless the result does
-        k = torch.sqrt(0.125 + 0.125 * g.square())
+        k = quadratic_factor(g.square())
         half_q = (k * wide).square() + (k * narrow_e).square()
         # a z_i below finfo.tiny (x_i != mu_i) has lost its digits before e^|a| multiplies
         # it (z_1 = e^{-110} = 0 in float32, Q/2 = 6e7 at |a| = 120): Q/2 from logarithms
@@ -111,12 +78,12 @@ class _BivariateLogDensity(torch.autograd.Function):
         # -log(2 pi s1 s2 sqrt(1 - rho^2)) with -0.5 log(1 - rho^2) = log cosh(a)
         ls1, ls2 = log_scale[..., 0], log_scale[..., 1]  # 8x faster than unbind / sum here
         log_cosh_a = log_cosh(atanh_rho)
-        rest = (log_cosh_a - _LOG_2PI) - (ls1 + ls2)
+        rest = (log_cosh_a - LOG_2PI) - (ls1 + ls2)
         # the terms may each be near finfo.max and cancel (l1 = l2 = |a| = 3.4e38: l1 + l2
         # overflows, the sum is -3.4e38): there as halves, 2 ((lc/2 - c/2 - l1/2) - l2/2)
         # (halving is exact above the subnormals, where such terms lie), so no partial sum
         # overflows unless the result does
-        halves = ((0.5 * log_cosh_a - 0.5 * _LOG_2PI) - 0.5 * ls1) - 0.5 * ls2
+        halves = ((0.5 * log_cosh_a - 0.5 * LOG_2PI) - 0.5 * ls1) - 0.5 * ls2
         rest = torch.where(torch.isfinite(rest), rest, 2.0 * halves)
         # Q/2 = inf dominates even an overflowing log cosh(a) - log_scale_sum (inf - inf):
         # Q >= cosh(a)^2 narrow^2 + wide^2 / 4 grows like the squares of z and e^|a|, the
@@ -181,33 +148,11 @@ def _standardized(value: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
 
 
 def _gradient_pieces(z: Tensor, atanh_rho: Tensor) -> tuple[Tensor, ...]:
-    r"""``(sign(a), z1, z2', n s, c, f, e^{-b})`` for the backward, ``b = |a|``.
-
-    With ``z2' = sign(a) z2``, ``1/(1 - rho^2) = cosh^2 b`` and ``rho/(1 - rho^2) = sinh b
-    cosh b``, ``Q = cosh^2(b) (z1^2 + z2'^2) - 2 sinh(b) cosh(b) z1 z2'``, and with ``c =
-    cosh(b) e^{-b} = (1 + e^{-2b})/2``, ``s = sinh(b) e^{-b} = -expm1(-2b)/2`` (so ``e^{2b}
-    (c - s) = 1``) and ``n = z1 - z2'``::
-
-        d(-Q/2)/dz1  = -c e^{2b} (c z1 - s z2')  = -c (z1 + n s e^{2b})
-        d(-Q/2)/dz2' = -c e^{2b} (c z2' - s z1)  = -c (z2' - n s e^{2b})
-        d(-Q/2)/db   = (z1 e^{-b} + n s e^b) (z2' e^{-b} - n s e^b)
-
-    One form, accurate in every regime: near the correlation line ``n`` is exact
-    (Sterbenz) and small; where one coordinate dwarfs the other, the small one enters
-    through its own term (through the eigen-coordinates ``z1 +- z2'`` of the forward it
-    would be rounded away: d/dx1 = 0 instead of -2.7 at z2 = 2e8, found by ``probloss
-    audit``); ``s`` is exact for small ``b``; ``e^{2b}`` never multiplies ``e^{-2b}``, which
-    underflows for ``b > 52`` in float32. ``e^b = f f`` with ``f`` the finite
-    :func:`_exp_half`.
-    """
-    # copysign, not where(a >= 0, 1, -1): 15x faster on CPU; sign(-0.0) = -1 is as good
-    sign = torch.copysign(torch.ones((), dtype=z.dtype, device=z.device), atanh_rho)
-    b = sign * atanh_rho
-    z1, z2 = z.unbind(-1)
-    z2 = sign * z2
-    c = 0.5 + 0.5 * torch.exp(-2.0 * b)
-    s = -0.5 * torch.expm1(-2.0 * b)
-    return sign, z1, z2, (z1 - z2) * s, c, _exp_half(b), torch.exp(-b)
+    """``(sign(a), z1, z2', n s, c, f, e^{-b})`` for the backward, ``b = |a|``: the closed
+    forms of :mod:`._bivariate_forms` with ``e^b = f f``, ``f`` the finite
+    :func:`~._bivariate_forms.exp_half`."""
+    sign, b, z1, z2, c, _, ns = gradient_pieces(z, atanh_rho, with_c=True)
+    return sign, z1, z2, ns, c, exp_half(b), torch.exp(-b)
 
 
 def _check_event_size(**tensors: Tensor) -> None:
@@ -387,8 +332,7 @@ def bivariate_normal_nll(
         tensor([ 1.5295,  0.0000, 10.9837])
     """
     check_reduction(reduction)
-    if nan_policy not in _NAN_POLICIES:
-        raise ValueError(f"nan_policy must be 'raise' or 'mask', got {nan_policy!r}")
+    check_nan_policy(nan_policy)
     masked = nan_policy == "mask"
     value, loc, log_scale, atanh_rho = _prepare(
         value, loc, log_scale, atanh_rho, rho, validate_args, check_value_nan=not masked
@@ -404,9 +348,7 @@ def bivariate_normal_nll(
         )
     mask = None
     if masked:
-        missing = torch.isnan(value).any(-1, keepdim=True)
         # a finite stand-in (the mean, detached): the zero weight then zeroes the gradient
-        value = torch.where(missing, loc.detach(), value)
-        mask = ~missing.squeeze(-1)
+        value, mask = mask_nan_events(value, loc, event_dims=1)
     loss = -_BivariateLogDensity.apply(value, loc, log_scale, atanh_rho)
     return reduce_loss(loss, reduction, mask=mask)

@@ -2,7 +2,8 @@ r"""KL divergences between distributions of the same family, in closed form from
 
 Each returns one value per element, unreduced, never negative, with finite gradients
 wherever the parameters are finite. Half-precision inputs are computed and returned in
-float32 (DESIGN.md, half-precision policy).
+float32. Every parameter here is unconstrained (logits, means, log-variances): there is no
+value to validate, and NaN propagates.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import math
 import torch
 from torch import Tensor
 
-from .._dtype import as_loss_tensors, loss_tensors
-from .._validation import broadcast_shapes
+from .._core.dtype import as_loss_tensors, loss_tensors
+from .._core.shapes import broadcast_shapes
 from ..special import cb_log_partition, cb_mean, cb_variance, softplus
 from ..special.exp import expm1mx, mul_exp
 from ._bregman import bregman_divergence
@@ -168,6 +169,13 @@ def normal_kl(
     overflows where the KL is finite. Gradients: ``dKL/dlog_var_q = expm1(d)/2`` and
     ``dKL/dlog_var_p = -expm1(d)/2 - Delta mu^2 / (2 sigma_p^2)`` (the latter written from
     the result, not as twice it), finite wherever they are representable.
+
+    Parameter form: the log-variance, positional, is the documented exception to
+    ``log_scale`` being the positional form of the functional core. It is what a VAE
+    encoder outputs and the form in which the KL is exact (``d`` above is a difference of
+    log-variances, and ``-log_var_p / 2`` the exponent of ``w``); a ``log_scale`` would
+    enter only as ``2 log_scale``. All parameters are unconstrained, so there is no value
+    to validate (no ``validate_args``): NaN propagates.
 
     With ``p`` omitted it is the KL to the standard normal prior of a VAE
     (Kingma & Welling 2013, arXiv:1312.6114, appendix B); if only one of ``loc_p`` /

@@ -46,7 +46,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._dtype import as_float_tensor, upcast
+from .._core.dtype import as_float_tensor, upcast
 from .where import safe_where
 
 _SERIES_MAX_ABS_ETA = 4.0

@@ -16,7 +16,7 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from ._dtype import as_float_tensor, upcast
+from .._core.dtype import as_float_tensor, upcast
 from .where import safe_where
 
 # The series is used for |x| < 1. On [-1, 1], f(x) / x^2 >= f(-1) = e^-1 (its minimum), so

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._dtype import as_float_tensor, upcast
+from .._core.dtype import as_float_tensor, upcast
 from .where import safe_where
 
 
@@ -60,7 +60,7 @@ def soft_floor(x: Tensor, floor: float | Tensor) -> Tensor:
     floor = torch.as_tensor(floor, dtype=dtype, device=x.device)
     # m + log(1 + e^{x - m}) = log(e^m + e^x): logaddexp is exact also where the result is
     # near 0, where the sum of m and softplus(x - m) would cancel. Half precision is
-    # evaluated in float32 and rounded once (DESIGN.md: special functions).
+    # evaluated in float32 and rounded once (docs/numerics.md, half precision).
     out = torch.logaddexp(upcast(x.to(dtype)), upcast(floor.to(dtype)))
     return out.to(dtype)
 

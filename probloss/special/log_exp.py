@@ -1,7 +1,7 @@
 """Logarithms of exponential expressions, accurate over the whole floating range.
 
 All functions are elementwise, broadcast like torch, return the input dtype and evaluate
-half-precision inputs in float32 (see :mod:`probloss.special._dtype`). Branch switches use
+half-precision inputs in float32 (see :mod:`probloss._core.dtype`). Branch switches use
 :func:`~probloss.special.where.safe_where`, so gradients are finite wherever the true
 derivative is.
 """
@@ -13,20 +13,20 @@ import math
 import torch
 from torch import Tensor
 
-from ._dtype import as_float_tensor, upcast
+from .._core.constants import LOG_2
+from .._core.dtype import as_float_tensor, upcast
 from .where import safe_where
 
-_LN2 = math.log(2.0)
 # ln 2 = hi + lo with hi exactly representable: y - hi is then exact (Sterbenz) near y = ln 2
 # and (y - hi) - lo carries ln 2 to twice the working precision.
 # lo for float64 is ln 2 - float64(ln 2), from a 50-digit mpmath value of ln 2.
 _LN2_LO_FLOAT64 = 2.3190468138462996e-17
 _LN2_SPLIT = {
-    torch.float64: (_LN2, _LN2_LO_FLOAT64),
+    torch.float64: (LOG_2, _LN2_LO_FLOAT64),
     # float32(ln 2) is exact in float64, so the float64 difference below is exact to ~1e-17.
     torch.float32: (
-        float(torch.tensor(_LN2, dtype=torch.float32)),
-        (_LN2 - float(torch.tensor(_LN2, dtype=torch.float32))) + _LN2_LO_FLOAT64,
+        float(torch.tensor(LOG_2, dtype=torch.float32)),
+        (LOG_2 - float(torch.tensor(LOG_2, dtype=torch.float32))) + _LN2_LO_FLOAT64,
     ),
 }
 
@@ -56,11 +56,11 @@ def log1mexp(x: Tensor) -> Tensor:
     x = as_float_tensor(x, "x")
     xc = upcast(x)
     out = safe_where(
-        xc <= _LN2,
+        xc <= LOG_2,
         xc,
         lambda t: torch.log(-torch.expm1(-t)),  # 1 - e^-x = -expm1(-x): exact for small x
         lambda t: torch.log1p(-torch.exp(-t)),  # e^-x < 1/2: log1p keeps every digit
-        safe_true=_LN2,
+        safe_true=LOG_2,
         safe_false=1.0,
     )
     return out.to(x.dtype)
@@ -159,7 +159,7 @@ def log_cosh(x: Tensor) -> Tensor:
         xc.abs() <= 2.0,
         xc,
         near_zero,
-        lambda t: t.abs() - _LN2 + torch.log1p(torch.exp(-2.0 * t.abs())),
+        lambda t: t.abs() - LOG_2 + torch.log1p(torch.exp(-2.0 * t.abs())),
         safe_true=0.0,
         safe_false=3.0,
     )

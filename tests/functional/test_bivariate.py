@@ -64,6 +64,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mpmath import mp
 
+from probloss.audit.naive import naive_bivariate_normal_nll
 from probloss.functional.bivariate import bivariate_normal_log_prob, bivariate_normal_nll
 from tests.functional._checks import (
     F32_F64,
@@ -405,18 +406,8 @@ def test_log_prob_matches_scipy_float64():
     assert_within(got, expected, bound, list(range(n)), "vs scipy")
 
 
-def _naive_nll(value, loc, log_scale, atanh_rho):
-    """The user-story formula: Graves eqs. 24-25 in probability space, then -log."""
-    sx, sy = log_scale.exp().unbind(-1)
-    rho = torch.tanh(atanh_rho)
-    dx, dy = (value - loc).unbind(-1)
-    z = (dx / sx) ** 2 + (dy / sy) ** 2 - 2 * rho * dx * dy / (sx * sy)
-    pdf = torch.exp(-z / (2 * (1 - rho**2))) / (2 * math.pi * sx * sy * torch.sqrt(1 - rho**2))
-    return -torch.log(pdf)
-
-
 def test_naive_probability_space_formula_breaks_where_ours_is_exact():
-    """float32, each case a failure of the naive formula named in user story 1:
+    """float32, each case a failure of the naive formula in user story 1 (docs/user_stories.md):
 
     * atanh_rho = 10 (``tanh(10) == 1`` exactly): ``0/0`` -> NaN on the line;
     * a point 40 scales from the mean: the pdf underflows to 0 -> NLL ``inf``;
@@ -431,7 +422,7 @@ def test_naive_probability_space_formula_breaks_where_ours_is_exact():
     ]
     rows = [tuple(torch.tensor(r, dtype=torch.float32).double().tolist()) for r in rows]
     inputs = as_tensors(rows, torch.float32)
-    naive = _naive_nll(*inputs)
+    naive = naive_bivariate_normal_nll(*inputs)  # the user-story formula, Graves eqs. 24-25
     assert torch.isnan(naive[0])
     assert naive[1] == math.inf
     assert not torch.isfinite(naive[2])

@@ -68,7 +68,7 @@ what a backward-stable evaluation may err by.
   in test_multivariate_edges.py); vs the dense formula, torch ``LowRankMultivariateNormal``
   and scipy: ``4 D eps kappa(Sigma) scale`` (each forms and factors a matrix).
 * ``scale_tril_from_raw``: off-diagonal entries exact, diagonal within ``2 eps`` of mpmath
-  ``min_diag + log1p(exp(raw))``; round trips within ``2 eps (1 + |raw|)`` and ``2 eps |L|``.
+  ``min_scale + log1p(exp(raw))``; round trips within ``2 eps (1 + |raw|)`` and ``2 eps |L|``.
 """
 
 from __future__ import annotations
@@ -87,12 +87,12 @@ from mpmath import mp
 from mpmath.libmp import round_nearest, to_float
 from torch.distributions import LowRankMultivariateNormal, MultivariateNormal
 
-from probloss.functional.multivariate import (
-    default_min_diag,
+from probloss.functional import (
     lowrank_multivariate_normal_log_prob,
     multivariate_normal_log_prob,
     scale_tril_from_raw,
 )
+from probloss.functional.multivariate import default_min_diag, default_min_scale
 from probloss.special import log_cosh, softplus_inverse
 from tests.functional._checks import FLOAT_DTYPES, HALF_DTYPES, assert_within, dtype_id
 
@@ -785,12 +785,12 @@ def test_torch_covariance_fails_for_scales_spanning_many_orders(dtype, tiny_scal
     """sx = tiny_scale, sy = 1/tiny_scale: sx^2 underflows to 0, so torch's Cholesky raises.
 
     Ours, with L from scale_tril_from_raw (diagonal raw = softplus_inverse(scale),
-    min_diag=0, correlation 0.6; the diagonal comes back within eps (1 + |raw|)): within
+    min_scale=0, correlation 0.6; the diagonal comes back within eps (1 + |raw|)): within
     4 eps scale of mpmath at the exact L (row-scaled: the problem is well-conditioned).
     """
     s = torch.tensor([tiny_scale, 1.0 / tiny_scale], dtype=dtype)
     raw = torch.stack([softplus_inverse(s[0]), 0.6 * s[1], softplus_inverse(0.8 * s[1])])
-    factor = scale_tril_from_raw(raw, 2, min_diag=0.0)
+    factor = scale_tril_from_raw(raw, 2, min_scale=0.0)
     # softplus(x) ~ e^x for x << 0: a relative error of eps |x| from rounding raw ~ log(s)
     target = torch.stack([s[0], 0.8 * s[1]])
     rtol = _eps(dtype) * (1 + raw[[0, 2]].abs())
@@ -812,13 +812,13 @@ def test_torch_covariance_fails_for_scales_spanning_many_orders(dtype, tiny_scal
 
 
 def test_scale_tril_ordering_row_major_lower_triangle():
-    """Entry k of raw lands at torch.tril_indices(D, D)[:, k]; diagonal = min_diag + softplus.
+    """Entry k of raw lands at torch.tril_indices(D, D)[:, k]; diagonal = min_scale + softplus.
 
-    Reference: mpmath ``min_diag + log1p(exp(raw))`` (2 eps); off-diagonal entries exact.
+    Reference: mpmath ``min_scale + log1p(exp(raw))`` (2 eps); off-diagonal entries exact.
     """
     dim = 4
     raw = torch.linspace(-30.0, 25.0, dim * (dim + 1) // 2, dtype=F64)
-    factor = scale_tril_from_raw(raw, dim, min_diag=1e-3)
+    factor = scale_tril_from_raw(raw, dim, min_scale=1e-3)
     rows, cols = torch.tril_indices(dim, dim)
     assert (factor.triu(1) == 0).all()
     for k, (i, j) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
@@ -834,7 +834,7 @@ def test_scale_tril_ordering_row_major_lower_triangle():
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 def test_scale_tril_extreme_raw(dtype):
     """raw in +-1e4 and +-1e30 (+-6e4 for float16, its range): finite, lower triangular,
-    diagonal >= min_diag (exactly min_diag where softplus underflows), finite gradients
+    diagonal >= min_scale (exactly min_scale where softplus underflows), finite gradients
     that are exactly 1 on off-diagonal entries."""
     big = 6e4 if dtype == torch.float16 else 1e30
     values = [-big, -1e4, -1.0, 0.0, 1.0, 1e4, big]
@@ -847,26 +847,37 @@ def test_scale_tril_extreme_raw(dtype):
     factor = scale_tril_from_raw(raw, dim)
     compute = _compute_dtype(dtype)
     assert factor.dtype == compute and factor.shape == (14, 3, 3)
-    min_diag = default_min_diag(dtype)
+    min_scale = default_min_scale(dtype)
     assert torch.isfinite(factor).all()
     assert (factor.triu(1) == 0).all()
     diag = factor.diagonal(dim1=-2, dim2=-1)
-    assert (diag >= torch.tensor(min_diag, dtype=compute)).all()
-    assert (diag[0] == torch.tensor(min_diag, dtype=compute)).all()  # raw = -big
+    assert (diag >= torch.tensor(min_scale, dtype=compute)).all()
+    assert (diag[0] == torch.tensor(min_scale, dtype=compute)).all()  # raw = -big
     factor.sum().backward()
     assert torch.isfinite(raw.grad).all()
     off = torch.tensor([k not in (0, 2, 5) for k in range(6)])
     assert (raw.grad[:, off] == 1).all()
 
 
-def test_scale_tril_default_min_diag():
+def test_scale_tril_default_min_scale():
     """sqrt(eps) of the compute dtype: 3.45e-4 for float32 and half inputs, 1.49e-8 for float64."""
-    assert default_min_diag(torch.float32) == pytest.approx(3.4526698e-4, rel=1e-7)
-    assert default_min_diag(torch.float16) == default_min_diag(torch.float32)
-    assert default_min_diag(torch.bfloat16) == default_min_diag(torch.float32)
-    assert default_min_diag(F64) == pytest.approx(1.4901161193847656e-8, rel=1e-15)
+    assert default_min_scale(torch.float32) == pytest.approx(3.4526698e-4, rel=1e-7)
+    assert default_min_scale(torch.float16) == default_min_scale(torch.float32)
+    assert default_min_scale(torch.bfloat16) == default_min_scale(torch.float32)
+    assert default_min_scale(F64) == pytest.approx(1.4901161193847656e-8, rel=1e-15)
     low = torch.full((3,), -1e4, dtype=F64)
     assert (scale_tril_from_raw(low, 2).diagonal() == 1.4901161193847656e-8).all()
+
+
+def test_scale_tril_min_diag_was_renamed_min_scale():
+    """The floor has one name, min_scale (scale units); the old keyword raises a TypeError
+    naming the new one, and default_min_diag is kept as an alias of default_min_scale."""
+    raw = torch.zeros(3)
+    with pytest.raises(TypeError, match="min_diag was renamed min_scale"):
+        scale_tril_from_raw(raw, 2, min_diag=1e-3)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'floor'"):
+        scale_tril_from_raw(raw, 2, floor=1e-3)
+    assert default_min_diag is default_min_scale
 
 
 def test_scale_tril_gradients_reach_every_raw_entry():
@@ -890,37 +901,37 @@ def test_scale_tril_gradients_reach_every_raw_entry():
     )
 
 
-def _raw_from_factor(factor: torch.Tensor, min_diag: float) -> torch.Tensor:
+def _raw_from_factor(factor: torch.Tensor, min_scale: float) -> torch.Tensor:
     """Inverse of scale_tril_from_raw: off-diagonals as they are, softplus_inverse(L_ii - m)."""
     dim = factor.shape[-1]
     rows, cols = torch.tril_indices(dim, dim)
     raw = factor[..., rows, cols].clone()
     diag = rows == cols
-    raw[..., diag] = softplus_inverse(factor[..., rows[diag], cols[diag]] - min_diag)
+    raw[..., diag] = softplus_inverse(factor[..., rows[diag], cols[diag]] - min_scale)
     return raw
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=dtype_id)
 def test_scale_tril_round_trip(dtype):
-    """raw -> L -> raw and L -> raw -> L, raw ~ U(-5, 5), min_diag 1e-6: within 2 eps (1 + |raw|)
-    and 2 eps |L| (the rounding of min_diag + softplus and of softplus_inverse; measured
+    """raw -> L -> raw and L -> raw -> L, raw ~ U(-5, 5), min_scale 1e-6: within 2 eps (1 + |raw|)
+    and 2 eps |L| (the rounding of min_scale + softplus and of softplus_inverse; measured
     0.5 and 0.9 eps)."""
     gen = torch.Generator().manual_seed(6)
-    dim, min_diag = 5, 1e-6
+    dim, min_scale = 5, 1e-6
     raw = (10 * torch.rand(20, dim * (dim + 1) // 2, generator=gen, dtype=F64) - 5).to(dtype)
-    factor = scale_tril_from_raw(raw, dim, min_diag=min_diag)
-    back = _raw_from_factor(factor, min_diag)
+    factor = scale_tril_from_raw(raw, dim, min_scale=min_scale)
+    back = _raw_from_factor(factor, min_scale)
     eps = _eps(dtype)
     assert ((back - raw).abs() <= 2 * eps * (1 + raw.abs())).all()
-    again = scale_tril_from_raw(back, dim, min_diag=min_diag)
+    again = scale_tril_from_raw(back, dim, min_scale=min_scale)
     assert ((again - factor).abs() <= 2 * eps * factor.abs()).all()
 
 
 def test_scale_tril_initialisation_recipe():
-    """bias = softplus_inverse(s - min_diag) on the diagonal, 0 elsewhere, gives L = s I (2 eps)."""
-    dim, s, min_diag = 3, 0.05, default_min_diag(torch.float32)
+    """bias = softplus_inverse(s - min_scale) on the diagonal, 0 elsewhere: L = s I (2 eps)."""
+    dim, s, min_scale = 3, 0.05, default_min_scale(torch.float32)
     bias = torch.zeros(dim * (dim + 1) // 2)
-    bias[[0, 2, 5]] = softplus_inverse(torch.tensor(s - min_diag))
+    bias[[0, 2, 5]] = softplus_inverse(torch.tensor(s - min_scale))
     factor = scale_tril_from_raw(bias, dim)
     torch.testing.assert_close(factor, s * torch.eye(dim), rtol=0, atol=2 * _eps(torch.float32) * s)
 
@@ -937,8 +948,8 @@ def test_scale_tril_initialisation_recipe():
         ((), 1, {}, r"\(\*, 1\) for dim=1, got shape \(\) \(a 0-dim tensor\)"),
         ((3,), 0, {}, r"dim must be a positive int, got 0"),
         ((3,), 2.0, {}, r"dim must be a positive int, got 2.0"),
-        ((3,), 2, {"min_diag": -1e-3}, r"min_diag must be finite and >= 0, got -0.001"),
-        ((3,), 2, {"min_diag": math.nan}, r"min_diag must be finite and >= 0, got nan"),
+        ((3,), 2, {"min_scale": -1e-3}, r"min_scale must be finite and >= 0, got -0.001"),
+        ((3,), 2, {"min_scale": math.nan}, r"min_scale must be finite and >= 0, got nan"),
     ],
 )
 def test_scale_tril_errors(shape, dim, kwargs, match):

@@ -43,7 +43,7 @@ import numpy as np
 import pytest
 import torch
 
-from probloss.functional.multivariate import (
+from probloss.functional import (
     lowrank_multivariate_normal_log_prob,
     multivariate_normal_log_prob,
     scale_tril_from_raw,

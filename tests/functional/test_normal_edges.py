@@ -34,7 +34,7 @@ import pytest
 import torch
 from mpmath import mp, mpf
 
-from probloss.functional.normal import (
+from probloss.functional import (
     laplace_log_prob,
     normal_log_prob,
     normal_nll,

@@ -47,7 +47,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..special import log1mexp, log_cosh, mul_exp
+from ...special import log1mexp, log_cosh, mul_exp
+from ._weights import _half_mixture_mean, _weights
 
 _LOG2_4 = math.log(2.0) / 4.0
 
@@ -143,8 +144,6 @@ class _Terms:
     """The pieces of both paths for one set of parameters (in one dtype)."""
 
     def __init__(self, logits, loc, log_scale, atanh_rho, bivariate, quarter: bool):
-        from .mixture_sampling import _half_mixture_mean, _weights
-
         self.I, self.J = _pairs(loc.shape[-1], bivariate)  # first / second coordinate of p
         pairs = zip(self.I, self.J, strict=True)
         self.off = torch.tensor([i != j for i, j in pairs], device=loc.device)

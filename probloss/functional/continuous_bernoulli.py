@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._dtype import as_loss_tensors, promote_float_tensors
-from .._validation import broadcast_shapes, check_in_interval, should_validate
+from .._core.dtype import as_loss_tensors, promote_float_tensors, upcast
+from .._core.shapes import broadcast_shapes
+from .._core.validation import check_in_interval, should_validate
 from ..special import cb_log_partition, cb_mean, mul_exp, safe_where
-from ..special._dtype import upcast
 
 
 def continuous_bernoulli_log_prob(

@@ -1,4 +1,4 @@
-"""Tests of ``probloss.functional.bernoulli``: continuous-Bernoulli log density, CDF, ICDF.
+"""Tests of ``probloss.functional.continuous_bernoulli``: log density, CDF, ICDF.
 
 Where the numbers come from
 ---------------------------

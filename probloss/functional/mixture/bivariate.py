@@ -1,0 +1,317 @@
+r"""Mixtures of correlated bivariate Gaussians (Graves 2013, sketch-rnn): log density, loss.
+
+:func:`bivariate_normal_mixture_log_prob` runs the fused kernel :class:`_BivariateMixture`
+where it is exact (:mod:`._fused`), else the plain path through
+:func:`~probloss.functional.bivariate_normal_log_prob`; both evaluate the closed forms of
+:mod:`probloss.functional._bivariate_forms`. :func:`bivariate_normal_mixture_nll` reduces
+it over events.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..._core.constants import LOG_2, LOG_2PI
+from ..._core.reduction import (
+    check_nan_policy,
+    check_reduction,
+    check_value_batch,
+    reduce_loss,
+)
+from ...special.logsumexp import _row_softmax_
+from .._bivariate_forms import eigen_terms, gradient_pieces
+from ..bivariate import bivariate_normal_log_prob
+from ._fused import (
+    _clear_dead_,
+    _double_backward,
+    _in_fused_domain,
+    _joint_init,
+    _logits_grad_,
+    _planes_sub_,
+    _rescue_overflowed_residuals_,
+    _standardized,
+    _summed_value_gradient,
+    _without_dead_components,
+)
+from ._inputs import _bivariate_inputs, _grad_to, _targets
+from .general import mixture_log_prob
+
+__all__ = [
+    "bivariate_normal_mixture_log_prob",
+    "bivariate_normal_mixture_nll",
+]
+
+
+def _plain_bivariate_mixture(
+    value: Tensor, logits: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor
+) -> Tensor:
+
+    def components(x: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor) -> Tensor:
+        return bivariate_normal_log_prob(x, loc, log_scale, atanh_rho, validate_args=False)
+
+    lp = _without_dead_components(components, value, loc, (log_scale, 0.0, 1), (atanh_rho, 0.0, 0))
+    return mixture_log_prob(lp, logits)
+
+
+class _BivariateMixture(torch.autograd.Function):
+    """Bivariate normal mixture log density with a hand-written backward.
+
+    Component ``k``: ``log N = log cosh a - log 2 pi - log s1 - log s2 - Q/2`` with
+    ``Q/2 = (z1^2 + z2^2)/4 + (P^2 + M^2)/8`` (:func:`~.._bivariate_forms.eigen_terms`) and
+    ``log cosh a = log(e^a + e^-a) - log 2``. Saved: the inputs (references), ``z``, the
+    responsibilities ``r`` and the weights ``pi``; the backward's pieces are recomputed
+    from them (less memory for a few cheap passes). With ``w = g r``, ``b = |a|``,
+    ``z2' = sign(a) z2``, ``n = z1 - z2'``, ``s = -expm1(-2b)/2``, ``c = 1 - s``
+    (:func:`~.._bivariate_forms.gradient_pieces`, the closed forms of the single
+    density's backward, formed from ``z1`` and ``z2`` directly)::
+
+        A_1 = w d(Q/2)/dz1 = w c (z1 + n s e^{2b}),   A_2 = sign w c (z2' - n s e^{2b})
+        d/dloc_i       = A_i / s_i,     d/dlog_scale_i = z_i A_i - w
+        d/datanh_rho   = w tanh a + sign w u v,
+                         u = z1 e^{-b} + n s e^b,  v = z2' e^{-b} - n s e^b
+        d/dlogits      = w - g pi,      d/dvalue = -sum_k d/dloc
+
+    Products are ordered with ``w`` first (``((w c n s) e^b) e^b``), so a component whose
+    ``Q`` overflowed (``r = 0``) contributes exactly 0, and nothing overflows unless the
+    exact derivative does.
+    """
+
+    @staticmethod
+    def forward(ctx, value, logits, loc, log_scale, atanh_rho) -> Tensor:
+        shape = torch.broadcast_shapes(
+            (*value.shape[:-1], 1), logits.shape, loc.shape[:-1], log_scale.shape[:-1],
+            atanh_rho.shape,
+        )  # fmt: skip
+        z = _standardized(value, loc, log_scale, shape)
+        # exact: |z| >= max gives Q >= z^2/2 = inf either way, and an infinite z would make
+        # M = (z1 - z2) e^a NaN where z1 = z2 = inf (checked first: CPU only, see
+        # _clear_dead_; NaN compares False and is clamped to itself); an infinite z from a
+        # value - loc that overflowed is first recomputed (it may be finite)
+        big = torch.finfo(z.dtype).max
+        if z.numel() and not all(bool(abs(v) <= big) for v in torch.aminmax(z)):
+            _rescue_overflowed_residuals_(z, value, loc, log_scale)
+            z.clamp_(-big, big)
+        ea, inv_ea, p, m = eigen_terms(z, atanh_rho)
+        j, weights = _joint_init(logits, shape)
+        j.add_(ea.add_(inv_ea).log_())  # log cosh a + log 2
+        del ea, inv_ea
+        z1, z2 = z[..., 0], z[..., 1]
+        j.sub_(log_scale[..., 0]).sub_(log_scale[..., 1])
+        j.addcmul_(z1, z1, value=-0.25).addcmul_(z2, z2, value=-0.25)
+        j.addcmul_(p, p, value=-0.125).addcmul_(m, m, value=-0.125)
+        del p, m
+        _clear_dead_(z, j)
+        lse = _row_softmax_(j)
+        ctx.save_for_backward(value, logits, loc, log_scale, atanh_rho, z, j, weights, lse)
+        return lse - (LOG_2PI + LOG_2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
+            return _double_backward(ctx, grad, _plain_bivariate_mixture)
+        value, logits, loc, log_scale, atanh_rho, z, resp, weights, lse = ctx.saved_tensors
+        need_value, need_logits, need_loc, need_log_scale, need_rho = ctx.needs_input_grad
+        g = torch.where(lse == -math.inf, 0.0, grad).unsqueeze(-1)  # a -inf row: gradient 0
+        w = resp * g
+        d_value = d_logits = d_loc = d_log_scale = d_rho = None
+        if not (need_value or need_loc or need_log_scale or need_rho):
+            d_logits = _logits_grad_(w, weights, g) if need_logits else None
+            return None, _grad_to(d_logits, logits, need_logits), None, None, None
+        # closed-form derivatives (_bivariate_forms.gradient_pieces), w multiplied in first
+        # so a component with no responsibility contributes exactly 0; every temporary is
+        # (*, K). e^{|a|} is finite in the fused kernel's domain (_fused_bounds).
+        sign, b, z1, _, _, s, ns = gradient_pieces(z, atanh_rho)
+        eb = torch.exp(b)
+        del b
+        z2 = z[..., 1]
+        if need_value or need_loc or need_log_scale:
+            wc = torch.addcmul(w, w, s, value=-1.0)  # w c, c = 1 - s = (1 + e^{-2|a|})/2
+            del s  # before the next (*, K) buffers: the backward's peak memory is here
+            t = torch.mul(wc, ns).mul_(eb).mul_(eb)  # w c n s e^{2|a|}
+            # A_i = w d(Q/2)/dz_i: A_1 = w c (z1 + n s e^{2|a|}), A_2 = w c z2 - sign t
+            a = torch.empty_like(z)
+            torch.addcmul(t, wc, z1, out=a[..., 0])
+            torch.mul(wc, z2, out=a[..., 1]).addcmul_(sign, t, value=-1.0)
+            del wc, t
+        if need_rho:
+            # d/da = w tanh a + sign u v, u = z1 e^{-|a|} + n s e^{|a|}, v = z2' e^{-|a|} -
+            # n s e^{|a|}, z2' = sign z2 (w multiplied into u first)
+            # in place where possible: the (*, K) buffers here set the backward's peak memory
+            n_e = ns.mul_(eb)
+            inv_eb = eb.reciprocal_()
+            v = torch.mul(z2, sign).mul_(inv_eb).sub_(n_e)
+            w_z1 = inv_eb.mul_(z1) if inv_eb.shape == z1.shape else inv_eb * z1
+            wu = n_e.mul_(w).add_(w_z1.mul_(w))  # w n s e^{|a|} + w z1 e^{-|a|}
+            d_rho = torch.tanh(atanh_rho)
+            d_rho = d_rho.mul_(w) if d_rho.shape == w.shape else d_rho * w
+            d_rho.addcmul_(wu.mul_(v), sign)
+            del n_e, inv_eb, w_z1, wu, v
+        del ns, eb, sign
+        if need_value or need_loc or need_log_scale:
+            if need_value or need_loc:
+                scale = torch.exp(log_scale)
+                if scale.shape == a.shape:
+                    d_loc = torch.div(a, scale, out=scale)
+                else:
+                    d_loc = a / scale
+                if need_value:
+                    d_value = _summed_value_gradient(d_loc, a, log_scale)
+            if need_log_scale:
+                d_log_scale = _planes_sub_(a.mul_(z), w)  # z_i A_i - w
+        if need_logits:
+            d_logits = _logits_grad_(w, weights, g)
+        return (
+            _grad_to(d_value, value, need_value),
+            _grad_to(d_logits, logits, need_logits),
+            _grad_to(d_loc, loc, need_loc),
+            _grad_to(d_log_scale, log_scale, need_log_scale),
+            _grad_to(d_rho, atanh_rho, need_rho),
+        )
+
+
+def bivariate_normal_mixture_log_prob(
+    value: Tensor,
+    logits: Tensor,
+    loc: Tensor,
+    log_scale: Tensor,
+    atanh_rho: Tensor,
+    *,
+    fused: bool = True,
+) -> Tensor:
+    r"""Log density of a mixture of correlated bivariate Gaussians (Graves 2013, sketch-rnn).
+
+    .. math::
+        \log p(x) = \operatorname{logsumexp}_k\big(\log\operatorname{softmax}(\ell)_k
+            + \log\mathcal N(x \mid \mu_k, \sigma_k, \rho_k)\big),
+
+    .. math::
+        \log\mathcal N = -\log 2\pi - \log\sigma_1 - \log\sigma_2 + \log\cosh a - \tfrac12 Q,
+        \qquad Q = \frac{z_1^2 - 2\rho z_1 z_2 + z_2^2}{1 - \rho^2}
+          = \frac{z_1^2 + z_2^2}2 + \frac{(z_1 + z_2)^2 e^{-2a} + (z_1 - z_2)^2 e^{2a}}4,
+
+    with :math:`z_i = (x_i - \mu_i)/\sigma_i`, :math:`\rho = \tanh a`,
+    :math:`-\tfrac12\log(1-\rho^2) = \log\cosh a`. This is the pen-offset likelihood of
+    Graves (2013) eqs. 23-26 and of sketch-rnn (Ha & Eck 2017, eqs. 1-2 and the
+    reconstruction loss :math:`L_s`), in log space from unconstrained ``log_scale`` and
+    ``atanh_rho``: no ``1 - rho^2`` (0 in float32 once ``tanh(a)`` rounds to 1, from
+    ``|a|`` of about 9), no ``exp`` of the
+    quadratic form, so far targets, tiny scales and saturated correlations give the exact
+    finite value instead of ``inf``/NaN. Each component equals
+    :func:`~probloss.functional.bivariate.bivariate_normal_log_prob`.
+
+    Args:
+        value: pen offsets :math:`x`, shape ``(*, 2)``.
+        logits: mixture logits, shape ``(*, K)``, unnormalised.
+        loc: means, shape ``(*, K, 2)``.
+        log_scale: :math:`\log\sigma`, shape ``(*, K, 2)``, unconstrained.
+        atanh_rho: :math:`a = \operatorname{atanh}\rho`, shape ``(*, K)``, unconstrained.
+        fused: on CPU, use the fused kernel with a hand-written backward (the default).
+            Any input is fine: where the kernel's ``exp`` of ``log_scale`` would not be a
+            normal float or its backward could overflow (``|atanh_rho|`` above 42 in
+            float32, 352 in float64), off the CPU and while compiling, the plain path
+            through ``bivariate_normal_log_prob`` is taken by itself, as it always is with
+            ``fused=False``; both paths agree (module docstring). A double backward
+            recomputes the gradients through the plain path.
+
+    Returns:
+        Tensor of shape ``(*)``, the broadcast batch shape (torch's broadcasting, as for
+        every unreduced density); float32 for half-precision inputs.
+
+    Raises:
+        ValueError: ``value`` is not ``(*, 2)``, ``loc`` / ``log_scale`` not ``(*, K, 2)``,
+            ``atanh_rho`` not ``(*, K)``, or the batch shapes do not broadcast.
+
+    Example:
+        >>> logits = torch.tensor([0.0, -1.0])
+        >>> loc, log_scale = torch.zeros(2, 2), torch.tensor([[0.0, 0.0], [-3.0, -3.0]])
+        >>> atanh_rho = torch.tensor([0.5, 12.0])  # second: tanh(12) == 1 in float32
+        >>> x = torch.tensor([[0.1, 0.1], [1e4, -1e4]])
+        >>> bivariate_normal_mixture_log_prob(x, logits, loc, log_scale, atanh_rho)
+        tensor([ 1.2139e+01, -1.8591e+08])
+
+    References:
+        Graves (2013), "Generating sequences with recurrent neural networks",
+        arXiv:1308.0850, eqs. 23-26; Ha & Eck (2017), "A neural representation of sketch
+        drawings", arXiv:1704.03477, sec. 3.
+    """
+    value, logits, loc, log_scale, atanh_rho = _bivariate_inputs(
+        value, logits, loc, log_scale, atanh_rho
+    )
+    return _bivariate_mixture(value, logits, loc, log_scale, atanh_rho, fused)
+
+
+def _bivariate_mixture(value, logits, loc, log_scale, atanh_rho, fused: bool) -> Tensor:
+    """The fused kernel where it is exact (see :func:`_in_fused_domain`), else the plain path."""
+    if fused and _in_fused_domain(log_scale, atanh_rho):
+        return _BivariateMixture.apply(value, logits, loc, log_scale, atanh_rho)
+    return _plain_bivariate_mixture(value, logits, loc, log_scale, atanh_rho)
+
+
+def bivariate_normal_mixture_nll(
+    value: Tensor,
+    logits: Tensor,
+    loc: Tensor,
+    log_scale: Tensor,
+    atanh_rho: Tensor,
+    *,
+    reduction: str = "mean",
+    nan_policy: str = "raise",
+    validate_args: bool | None = None,
+) -> Tensor:
+    r"""Negative log-likelihood of a bivariate Gaussian mixture (the sketch-rnn offset loss).
+
+    .. math::
+        \ell_i = -\log p(x_i) \quad\text{(see :func:`bivariate_normal_mixture_log_prob`)}
+
+    per event (a 2-d offset), with the fused kernel, then reduced: ``"mean"`` averages over
+    events (not over the 2 coordinates), ``"sum"`` adds them, ``"none"`` returns them.
+    sketch-rnn's :math:`L_s` divides the sum over a sequence by the maximum length
+    :math:`N_{max}`: pass ``reduction="sum"`` and divide, or mask padding with NaN targets.
+    No events: ``"mean"`` NaN, ``"sum"`` 0, like torch. As in :func:`normal_mixture_nll`,
+    a parameter whose batch shape would enlarge that of ``value`` is a ValueError unless
+    ``reduction="none"``.
+
+    Args:
+        value, logits, loc, log_scale, atanh_rho: as in
+            :func:`bivariate_normal_mixture_log_prob`.
+        reduction: ``"mean"`` (over events), ``"sum"`` or ``"none"``.
+        nan_policy: ``"raise"`` or ``"mask"`` (events with a NaN coordinate get loss 0,
+            are not counted by ``"mean"`` and have gradient exactly 0), as in
+            :func:`normal_mixture_nll`.
+        validate_args: check ``value`` for NaN under ``"raise"``; ``None``: CPU only.
+
+    Returns:
+        A scalar for ``"mean"`` / ``"sum"``, else shape ``(*)``; float32 for half inputs.
+
+    Raises:
+        ValueError: bad ``reduction`` / ``nan_policy``, shapes, a parameter that would
+            enlarge the batch shape of ``value`` (reduced losses), or NaN under
+            ``"raise"``.
+
+    Example:
+        >>> x = torch.tensor([[0.5, 0.4], [float("nan"), 0.0]])
+        >>> logits, loc, log_scale = torch.zeros(1), torch.zeros(1, 2), torch.zeros(1, 2)
+        >>> bivariate_normal_mixture_nll(x, logits, loc, log_scale, torch.tensor([1.0]),
+        ...                              nan_policy="mask", reduction="none")
+        tensor([1.5295, 0.0000])
+    """
+    check_reduction(reduction)
+    check_nan_policy(nan_policy)
+    value, logits, loc, log_scale, atanh_rho = _bivariate_inputs(
+        value, logits, loc, log_scale, atanh_rho
+    )
+    if reduction != "none":
+        check_value_batch(
+            value.shape[:-1],
+            " (event dimension 2 last)",
+            logits=logits.shape[:-1],
+            loc=loc.shape[:-2],
+            log_scale=log_scale.shape[:-2],
+            atanh_rho=atanh_rho.shape[:-1],
+        )
+    value, mask = _targets(value, loc, nan_policy, validate_args)
+    loss = -_bivariate_mixture(value, logits, loc, log_scale, atanh_rho, fused=True)
+    return reduce_loss(loss, reduction, mask=mask)

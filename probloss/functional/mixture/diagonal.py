@@ -1,0 +1,300 @@
+r"""Mixtures of diagonal Gaussians (Bishop 1994): the MDN log density and loss.
+
+:func:`normal_mixture_log_prob` runs the fused kernel :class:`_NormalMixture` (hand-written
+backward from the responsibilities, :mod:`._fused`) where it is exact, else the plain
+autograd path (:func:`~probloss.functional.normal_log_prob` summed over ``D``, then
+:func:`~.general.mixture_log_prob`); :func:`normal_mixture_nll` reduces it over events.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..._core.constants import HALF_LOG_2PI  # normal_log_prob's: bitwise-equal terms
+from ..._core.reduction import (
+    check_nan_policy,
+    check_reduction,
+    check_value_batch,
+    reduce_loss,
+)
+from ...special.logsumexp import _row_softmax_
+from ..normal import normal_log_prob
+from ._fused import (
+    _PLANAR_MAX_D,
+    _any_dead,
+    _clear_dead_,
+    _double_backward,
+    _in_fused_domain,
+    _logits_grad_,
+    _planes_mul,
+    _planes_sub_,
+    _rescue_overflowed_residuals_,
+    _residuals,
+    _summed_value_gradient,
+    _without_dead_components,
+)
+from ._inputs import _grad_to, _normal_inputs, _targets
+from .general import mixture_log_prob
+
+__all__ = [
+    "normal_mixture_log_prob",
+    "normal_mixture_nll",
+]
+
+
+def _normal_terms(z: Tensor, log_w: Tensor, log_scale: Tensor, out: Tensor | None = None) -> Tensor:
+    """The joint terms ``T_k = log_softmax(l)_k + sum_d log N(x_d | mu_kd, sigma_kd)``, new.
+
+    Bitwise the plain path's terms (``normal_log_prob`` summed over D, then the log weight
+    added): per coordinate ``((-z/2) z - s) - log(2 pi)/2``, the coordinates added in order
+    (as torch's ``sum`` over ``D <= 4`` does; beyond, that ``sum`` itself), the log weight
+    last. Where two terms are within their rounding error of each other (``|T| = 2.3e39``
+    in float64, one ulp ``3e23``) the order of the roundings decides which component takes
+    the responsibility: adding ``z^2/2`` into the log weight in one ``addcmul`` (one
+    rounding) tied two components that differ only by ``1.5e23`` in log weight (``r = 0.5,
+    0.5``, exact ``1, 0``), where rounding their common density first keeps them apart. So
+    the kernel rounds as the plain path does (a fast path may not be less exact). The
+    elementwise part runs on the contiguous ``(*, K, D)`` block (into ``out`` if given), the
+    sum over coordinates one plane at a time (see :func:`_residuals`).
+    """
+    q = torch.mul(z, -0.5) if out is None else torch.mul(z, -0.5, out=out)
+    q.mul_(z).sub_(log_scale).sub_(HALF_LOG_2PI)
+    d = z.shape[-1]
+    if d > _PLANAR_MAX_D:
+        lp = q.sum(-1)
+    else:
+        lp = q[..., 0].clone() if d == 1 else torch.add(q[..., 0], q[..., 1])
+        for i in range(2, d):
+            lp.add_(q[..., i])
+    return lp.add_(log_w)
+
+
+def _plain_normal_mixture(value: Tensor, logits: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
+    """The plain autograd path: component log densities, summed over D, then the mixture."""
+
+    def components(x: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
+        return normal_log_prob(x, loc, log_scale=log_scale).sum(-1)
+
+    lp = _without_dead_components(components, value, loc, (log_scale, 0.0, 1))
+    return mixture_log_prob(lp, logits)
+
+
+class _NormalMixture(torch.autograd.Function):
+    """Diagonal normal mixture log density with a hand-written backward.
+
+    Forward: ``z = (x - mu) e^{-log sigma}`` (*, K, D); joint terms
+    ``j_k = log_softmax(l)_k + sum_d log N_kd`` rounded as the plain path rounds them
+    (:func:`_normal_terms`); ``log p = logsumexp(j)``, bitwise the plain path's value; ``j``
+    is turned into the responsibilities ``r`` in place. Saved: the inputs
+    (references), ``z``, ``r`` and the weights ``pi = softmax(l)``. With ``w = g r`` (``g``
+    the incoming gradient, 0 in rows whose value is ``-inf``)::
+
+        d/dlogits    = w - g pi             (in place into w, after its other uses)
+        d/dloc       = w z / sigma          (= r (x - mu) / sigma^2)
+        d/dlog_scale = w z^2 - w = (w z) z - w
+        d/dvalue     = -sum_k d/dloc
+
+    each formed with ``w`` multiplied in first, so that a component whose ``z^2/2``
+    overflowed (``r = 0``) contributes exactly 0.
+    """
+
+    @staticmethod
+    def forward(ctx, value: Tensor, logits: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
+        shape = torch.broadcast_shapes(
+            (*value.shape[:-1], 1), logits.shape, loc.shape[:-1], log_scale.shape[:-1]
+        )
+        z = _residuals(value, loc, shape)
+        inv_scale = torch.neg(log_scale).exp_()  # e^{-s}, bitwise the plain path's
+        z.mul_(inv_scale)  # see _standardized
+        log_w = torch.log_softmax(logits, -1)
+        weights = torch.exp(log_w)  # one pass; a second softmax kernel in the backward costs 3
+        # the buffer of e^{-s} is reused for the terms' (*, K, D) block when it has that shape
+        j = _normal_terms(z, log_w, log_scale, inv_scale if inv_scale.shape == z.shape else None)
+        del inv_scale
+        dead = _any_dead(j)
+        if dead and _rescue_overflowed_residuals_(z, value, loc, log_scale):
+            j = _normal_terms(z, log_w, log_scale)  # rare: a value - loc that overflowed
+        _clear_dead_(z, j, known_dead=dead)
+        lse = _row_softmax_(j)  # j is now the responsibilities
+        ctx.save_for_backward(value, logits, loc, log_scale, z, j, weights, lse)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
+            return _double_backward(ctx, grad, _plain_normal_mixture)
+        value, logits, loc, log_scale, z, resp, weights, lse = ctx.saved_tensors
+        need_value, need_logits, need_loc, need_log_scale = ctx.needs_input_grad
+        g = torch.where(lse == -math.inf, 0.0, grad).unsqueeze(-1)  # a -inf row: gradient 0
+        w = resp * g
+        d_value = d_logits = d_loc = d_log_scale = None
+        if need_value or need_loc or need_log_scale:
+            t = _planes_mul(z, w)  # w z
+            if need_value or need_loc:
+                scale = torch.exp(log_scale)
+                if scale.shape == t.shape:  # reuse the fresh buffer: d/dloc = w z / sigma
+                    d_loc = torch.div(t, scale, out=scale)
+                else:
+                    d_loc = t / scale
+                if need_value:
+                    d_value = _summed_value_gradient(d_loc, t, log_scale)
+            if need_log_scale:
+                d_log_scale = _planes_sub_(t.mul_(z), w)  # (w z) z - w
+        if need_logits:
+            d_logits = _logits_grad_(w, weights, g)
+        return (
+            _grad_to(d_value, value, need_value),
+            _grad_to(d_logits, logits, need_logits),
+            _grad_to(d_loc, loc, need_loc),
+            _grad_to(d_log_scale, log_scale, need_log_scale),
+        )
+
+
+def normal_mixture_log_prob(
+    value: Tensor,
+    logits: Tensor,
+    loc: Tensor,
+    log_scale: Tensor,
+    *,
+    fused: bool = True,
+) -> Tensor:
+    r"""Log density of a mixture of diagonal Gaussians, in log space (Bishop 1994).
+
+    .. math::
+        \log p(x) = \operatorname{logsumexp}_k\Big(\log\operatorname{softmax}(\ell)_k
+            - \sum_{d=1}^D \big(\tfrac12 z_{kd}^2 + \log\sigma_{kd}\big)\Big)
+            - \tfrac D2 \log 2\pi,
+        \qquad z_{kd} = \frac{x_d - \mu_{kd}}{\sigma_{kd}}
+
+    The density of a mixture density network with ``K`` diagonal components in ``D``
+    dimensions. The tutorial form ``log(sum(pi * prod(pdf)))`` is ``-inf`` (NaN gradient)
+    once the target is 14.4 scales from every mean in float32, 38.6 in float64 (``D = 1``,
+    unit scales: ``exp(-z^2/2)`` underflows); this one is exact there: at ``z = 1e6`` it
+    is about ``-5e11``, accurate to float rounding. Gradients are the responsibilities
+    :math:`r_k` (see :mod:`.mixture`): :math:`r_k - \pi_k` for the logits,
+    :math:`r_k z_{kd}/\sigma_{kd}` for the means, :math:`r_k (z_{kd}^2 - 1)` for the
+    log-scales.
+
+    Args:
+        value: targets :math:`x`, shape ``(*, D)``.
+        logits: mixture logits :math:`\ell`, shape ``(*, K)``, unnormalised.
+        loc: means :math:`\mu`, shape ``(*, K, D)``.
+        log_scale: :math:`\log\sigma`, shape ``(*, K, D)``, unconstrained.
+        fused: on CPU, use the fused kernel with a hand-written backward (the default;
+            ``benchmarks/bench_mixture.py`` measures its speed and memory against the plain
+            autograd path). Any input is fine: where the kernel's
+            ``exp(log_scale)`` would not be a normal float, off the CPU (where the check
+            would wait for the device) and while compiling, the plain path is taken by
+            itself, and both paths agree (module docstring). ``fused=False`` always takes
+            the plain path (component densities from
+            :func:`~probloss.functional.normal.normal_log_prob`). A double backward
+            recomputes the gradients through the plain path.
+
+    Returns:
+        Tensor of shape ``(*)``, the broadcast batch shape (torch's broadcasting: this is
+        the unreduced density), one value per event; float32 for float16 / bfloat16
+        inputs, else the promoted input dtype.
+
+    Raises:
+        ValueError: ``loc`` / ``log_scale`` are not ``(*, K, D)`` with ``K`` from ``logits``
+            and ``D`` from ``value``, or the batch shapes do not broadcast.
+
+    Example:
+        >>> logits = torch.tensor([0.0, 0.0])
+        >>> loc = torch.tensor([[-1.0, 0.0], [1.0, 0.0]])  # K = 2 components in D = 2
+        >>> log_scale = torch.zeros(2, 2)
+        >>> x = torch.tensor([[0.0, 0.0], [1e6, 0.0]])  # between the means; very far
+        >>> normal_mixture_log_prob(x, logits, loc, log_scale)
+        tensor([-2.3379e+00, -5.0000e+11])
+        >>> pdf = (-0.5 * (x[:, None] - loc) ** 2).exp().prod(-1) / (2 * torch.pi)
+        >>> (0.5 * pdf).sum(-1).log()  # the tutorial form
+        tensor([-2.3379,    -inf])
+
+    References:
+        Bishop (1994), "Mixture density networks", NCRG/94/004, eqs. 22-26 (error function)
+        and 34-39 (gradients through the posteriors).
+    """
+    value, logits, loc, log_scale = _normal_inputs(value, logits, loc, log_scale)
+    return _normal_mixture(value, logits, loc, log_scale, fused)
+
+
+def _normal_mixture(value, logits, loc, log_scale, fused: bool) -> Tensor:
+    """The fused kernel where it is exact (see :func:`_in_fused_domain`), else the plain path."""
+    if fused and _in_fused_domain(log_scale):
+        return _NormalMixture.apply(value, logits, loc, log_scale)
+    return _plain_normal_mixture(value, logits, loc, log_scale)
+
+
+def normal_mixture_nll(
+    value: Tensor,
+    logits: Tensor,
+    loc: Tensor,
+    log_scale: Tensor,
+    *,
+    reduction: str = "mean",
+    nan_policy: str = "raise",
+    validate_args: bool | None = None,
+) -> Tensor:
+    r"""Negative log-likelihood of a diagonal Gaussian mixture: the MDN loss, reduced.
+
+    .. math::
+        \ell_i = -\log p(x_i) \quad\text{(see :func:`normal_mixture_log_prob`)}
+
+    one value per event (a ``D``-dimensional target), computed with the fused kernel, then
+    reduced: ``"mean"`` averages over events (never over the ``D`` coordinates or the
+    ``K`` components), ``"sum"`` adds them, ``"none"`` returns them. It is a density, so it
+    can be negative. Like torch, a batch of no events gives ``"mean"`` NaN (0 / 0),
+    ``"sum"`` 0 and ``"none"`` an empty tensor.
+
+    Reduced losses do not broadcast the targets: the parameters' batch shapes may broadcast
+    *up to* that of ``value`` (a shared mixture of batch shape ``()``), but one that would
+    enlarge it (``logits`` of shape ``(N, 1, K)`` against ``value (N, D)``, every target
+    against every mixture, an ``(N, N)`` average) is a ValueError naming the argument and
+    both shapes. ``reduction="none"`` keeps torch's broadcasting, as
+    :func:`normal_mixture_log_prob` does.
+
+    Args:
+        value, logits, loc, log_scale: as in :func:`normal_mixture_log_prob`.
+        reduction: ``"mean"`` (over events), ``"sum"`` or ``"none"``.
+        nan_policy: ``"raise"``: NaN in ``value`` is a ValueError (when validating;
+            otherwise it propagates). ``"mask"``: events with a NaN in any coordinate are
+            ignored: loss 0 under ``"none"``, left out of ``"sum"`` and of the count of
+            ``"mean"`` (a mean over no events is NaN); their gradient is exactly 0 with
+            respect to every parameter (they are evaluated at the mean of component 0,
+            detached, where the loss is finite for finite parameters).
+        validate_args: check ``value`` for NaN under ``"raise"``; ``None`` checks CPU
+            tensors only (no GPU host sync). Shapes are always checked.
+
+    Returns:
+        A scalar for ``"mean"`` / ``"sum"``, else shape ``(*)``; float32 for half inputs.
+
+    Raises:
+        ValueError: bad ``reduction`` or ``nan_policy``, shapes as in
+            :func:`normal_mixture_log_prob`, a parameter that would enlarge the batch shape
+            of ``value`` (reduced losses), or NaN in ``value`` under ``"raise"``.
+
+    Example:
+        >>> x = torch.tensor([[0.5], [float("nan")], [3.0]])
+        >>> logits, loc, log_scale = torch.zeros(2), torch.tensor([[0.0], [3.0]]), torch.zeros(2, 1)
+        >>> normal_mixture_nll(x, logits, loc, log_scale, nan_policy="mask", reduction="none")
+        tensor([1.6885, 0.0000, 1.6010])
+        >>> normal_mixture_nll(x, logits, loc, log_scale, nan_policy="mask")
+        tensor(1.6448)
+    """
+    check_reduction(reduction)
+    check_nan_policy(nan_policy)
+    value, logits, loc, log_scale = _normal_inputs(value, logits, loc, log_scale)
+    if reduction != "none":
+        check_value_batch(
+            value.shape[:-1],
+            " (event dimension D last)",
+            logits=logits.shape[:-1],
+            loc=loc.shape[:-2],
+            log_scale=log_scale.shape[:-2],
+        )
+    value, mask = _targets(value, loc, nan_policy, validate_args)
+    loss = -_normal_mixture(value, logits, loc, log_scale, fused=True)
+    return reduce_loss(loss, reduction, mask=mask)
