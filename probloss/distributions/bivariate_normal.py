@@ -2,25 +2,23 @@ r"""A bivariate normal with correlation, parameterised by ``log_scale`` and ``at
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 from torch.distributions import Distribution, constraints
 
-from .._dtype import as_loss_tensors, promote_float_tensors
-from .._validation import distribution_validate_args, validate_sample
-from ..functional.bivariate import _batch_shape, _check_event_size, bivariate_normal_log_prob
-from ..functional.mixture_sampling import (
-    _CorrelatedStep,
-    _sech,
-    bivariate_normal_mixture_covariance,
-)
+from .._core.constants import LOG_2PI
+from .._core.dtype import as_loss_tensors, promote_float_tensors, upcast
+from .._core.shapes import BIVARIATE_LAYOUTS
+from .._core.shapes import batch_shape as layout_batch_shape
+from .._core.validation import distribution_validate_args, validate_sample
+from ..functional._bivariate_forms import CorrelatedStep, sech
+from ..functional.bivariate import bivariate_normal_log_prob
+from ..functional.mixture import bivariate_normal_mixture_covariance
 from ..special import log_cosh, mul_exp
-from ..special._dtype import upcast
 
-_ONE_PLUS_LOG_2PI = 1.0 + math.log(2.0 * math.pi)
+_ONE_PLUS_LOG_2PI = 1.0 + LOG_2PI
 
 
 class BivariateNormal(Distribution):
@@ -36,9 +34,10 @@ class BivariateNormal(Distribution):
     :math:`x = \mu + \sigma \odot (\epsilon_1,\ \rho\epsilon_1 + \epsilon_2/\cosh a)`,
     using :math:`\sqrt{1-\rho^2} = 1/\cosh a` (never ``1 - tanh^2``). The entropy is
     :math:`1 + \log 2\pi + \log\sigma_1 + \log\sigma_2 - \log\cosh a`, finite for every
-    finite ``a``. ``log_prob`` and ``entropy`` of half-precision parameters are float32
-    (DESIGN.md, half-precision policy); samples (computed in float32) and moments are
-    returned in the parameters' dtype.
+    finite ``a``. ``log_prob`` and ``entropy`` of half-precision parameters are float32;
+    samples (computed in float32) and moments are returned in the parameters' dtype.
+    ``kl_divergence`` with another ``BivariateNormal`` or a torch ``MultivariateNormal`` of
+    event size 2 is in closed form (:mod:`probloss.distributions.kl`).
 
     Args:
         loc: mean, shape ``(*, 2)``.
@@ -74,8 +73,9 @@ class BivariateNormal(Distribution):
         loc, log_scale, atanh_rho = promote_float_tensors(
             loc=loc, log_scale=log_scale, atanh_rho=atanh_rho
         )
-        _check_event_size(loc=loc, log_scale=log_scale)
-        batch_shape = _batch_shape(loc=loc, log_scale=log_scale, atanh_rho=atanh_rho)
+        batch_shape = layout_batch_shape(
+            BIVARIATE_LAYOUTS, loc=loc, log_scale=log_scale, atanh_rho=atanh_rho
+        )
         self.loc = loc.expand((*batch_shape, 2))
         self.log_scale = log_scale.expand((*batch_shape, 2))
         self.atanh_rho = atanh_rho.expand(batch_shape)
@@ -106,7 +106,7 @@ class BivariateNormal(Distribution):
     @property
     def _sech(self) -> Tensor:
         # sqrt(1 - rho^2) = 1 / cosh(a), never 1 - tanh^2 (the samplers' one helper)
-        return _sech(self.atanh_rho)
+        return sech(self.atanh_rho)
 
     @property
     def mean(self) -> Tensor:
@@ -188,7 +188,7 @@ class BivariateNormal(Distribution):
         e1, e2 = eps.unbind(-1)
         ls1, ls2 = log_scale.unbind(-1)
         # the second step's d/d atanh_rho as one exponential (the mixture sampler's helper)
-        step = torch.stack((mul_exp(e1, ls1), _CorrelatedStep.apply(atanh_rho, ls2, e1, e2)), -1)
+        step = torch.stack((mul_exp(e1, ls1), CorrelatedStep.apply(atanh_rho, ls2, e1, e2)), -1)
         return (loc + step).to(self.loc.dtype)
 
     def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:

@@ -1,4 +1,4 @@
-"""The continuous Bernoulli as a ``torch.distributions.Distribution``, computed from logits."""
+"""The continuous Bernoulli with torch's signature (``probs`` first), computed from logits."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, constraints, register_kl
+from torch.distributions import Distribution, constraints
 from torch.distributions.utils import broadcast_all, lazy_property
 
-from .._validation import distribution_validate_args
-from ..functional.bernoulli import (
+from .._core.dtype import upcast
+from .._core.validation import distribution_validate_args
+from ..functional.continuous_bernoulli import (
     continuous_bernoulli_cdf,
     continuous_bernoulli_icdf,
     continuous_bernoulli_log_prob,
 )
-from ..functional.divergence import continuous_bernoulli_kl
 from ..special import cb_entropy, cb_mean, cb_variance
 
 
@@ -23,25 +23,39 @@ class ContinuousBernoulli(Distribution):
     r"""Continuous Bernoulli distribution on ``[0, 1]`` (Loaiza-Ganem & Cunningham 2019).
 
     .. math::
-        p(x \mid \eta) = \frac{\eta}{e^\eta - 1} e^{\eta x}, \qquad x \in [0, 1]
+        p(x \mid \eta) = \frac{\eta}{e^\eta - 1} e^{\eta x}, \qquad x \in [0, 1],
+        \qquad \eta = \operatorname{logit}(\lambda)
 
-    parameterised by its logit (natural parameter) :math:`\eta`. Unlike
-    ``torch.distributions.ContinuousBernoulli``, nothing is computed from clamped
-    probabilities: mean, variance, entropy, ``log_prob``, ``cdf``, ``icdf``, ``rsample`` and
-    the KL divergence (registered with ``torch.distributions.kl_divergence``) are exact for
-    every finite logit (torch's mean saturates at 0.937 beyond ``|logits|`` ~ 17 in float32).
+    A drop-in for ``torch.distributions.ContinuousBernoulli`` with torch's signature and
+    positional order: ``ContinuousBernoulli(0.3)`` has ``probs`` (the paper's
+    :math:`\lambda`) 0.3; the stable form is the keyword ``logits=`` (the natural parameter
+    :math:`\eta`), in which everything is computed. Unlike torch's class, nothing is
+    computed from clamped probabilities or a Taylor window: mean, variance, entropy,
+    ``log_prob``, ``cdf``, ``icdf``, ``rsample`` and the KL divergence
+    (:func:`~probloss.functional.continuous_bernoulli_kl`, registered in
+    :mod:`probloss.distributions.kl` with probloss's and torch's class) are exact for every
+    finite logit (torch's mean saturates at 0.937 beyond ``|logits|`` ~ 17 in float32).
 
-    ``log_prob`` and ``entropy`` of half-precision logits are returned in float32 (DESIGN.md,
-    half-precision policy); mean, variance and samples keep the dtype of ``logits``.
+    ``log_prob`` and ``entropy`` of half-precision logits are returned in float32; mean,
+    variance and samples keep the dtype of ``logits``.
 
     Args:
-        logits: natural parameter, any shape (the batch shape); ``sigmoid(logits)`` is the
-            ``lambda`` of the paper.
-        probs: alternatively ``lambda`` in ``(0, 1)``, converted to logits (less stable
-            near 0 and 1). Pass exactly one of ``logits`` and ``probs``.
-        validate_args: as in ``torch.distributions``.
+        probs: :math:`\lambda` in ``(0, 1)``, any shape (the batch shape); converted to
+            logits once (``log p - log1p(-p)``, less stable near 0 and 1) and kept as given.
+        logits: keyword alternative, the natural parameter :math:`\eta` (any real);
+            ``sigmoid(logits)`` is :math:`\lambda`. Pass exactly one of ``probs`` and
+            ``logits``.
+        lims: accepted for torch compatibility and unused (torch evaluates a Taylor
+            expansion for ``probs`` inside ``lims``; the forms here need none).
+        validate_args: as in ``torch.distributions`` (checks CPU tensors only by default).
+
+    Raises:
+        ValueError: not exactly one of ``probs`` / ``logits``; ``probs`` outside ``(0, 1)``
+            or a NaN logit when validating.
 
     Example:
+        >>> ContinuousBernoulli(0.3).probs  # positional: probs, as in torch
+        tensor(0.3000)
         >>> d = ContinuousBernoulli(logits=torch.tensor([-50.0, 0.0, 50.0]))
         >>> d.mean
         tensor([0.0200, 0.5000, 0.9800])
@@ -55,12 +69,17 @@ class ContinuousBernoulli(Distribution):
 
     def __init__(
         self,
-        logits: Tensor | float | None = None,
         probs: Tensor | float | None = None,
+        logits: Tensor | float | None = None,
+        lims: tuple[float, float] = (0.499, 0.501),
         validate_args: bool | None = None,
     ) -> None:
         if (logits is None) == (probs is None):
-            raise ValueError("pass exactly one of logits and probs")
+            raise ValueError(
+                "ContinuousBernoulli: pass exactly one of probs (positional, as in torch) and "
+                "logits"
+            )
+        self._lims = lims
         if probs is not None:
             (probs,) = broadcast_all(probs)
             if (
@@ -68,18 +87,24 @@ class ContinuousBernoulli(Distribution):
                 and ((probs <= 0) | (probs >= 1)).any()
             ):
                 raise ValueError(
-                    f"probs of shape {tuple(probs.shape)} must lie in (0, 1); use logits "
-                    "for the limits"
+                    f"probs of shape {tuple(probs.shape)} must lie in (0, 1); the first "
+                    "positional argument is probs, as in torch: pass logits as logits= (also "
+                    "for the limits)"
                 )
-            logits = torch.log(probs) - torch.log1p(-probs)
+            self.probs = probs  # kept as given, like torch (shadows the lazy sigmoid)
+            logits = torch.log(probs) - torch.log1p(-probs)  # logit(p)
         (self.logits,) = broadcast_all(logits)
         validate_args = distribution_validate_args(validate_args, self.logits)
         super().__init__(self.logits.shape, validate_args=validate_args)
 
     def expand(self, batch_shape: torch.Size, _instance=None) -> ContinuousBernoulli:
         new = self._get_checked_instance(ContinuousBernoulli, _instance)
-        new.logits = self.logits.expand(torch.Size(batch_shape))
-        super(ContinuousBernoulli, new).__init__(new.logits.shape, validate_args=False)
+        batch_shape = torch.Size(batch_shape)
+        new._lims = self._lims
+        new.logits = self.logits.expand(batch_shape)
+        if "probs" in self.__dict__:
+            new.probs = self.probs.expand(batch_shape)
+        super(ContinuousBernoulli, new).__init__(batch_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
 
@@ -101,7 +126,7 @@ class ContinuousBernoulli(Distribution):
         return cb_variance(self.logits)
 
     def entropy(self) -> Tensor:
-        return cb_entropy(self.logits.float() if _is_half(self.logits) else self.logits)
+        return cb_entropy(upcast(self.logits))  # half: computed and returned in float32
 
     def log_prob(self, value: Tensor) -> Tensor:
         if self._validate_args:
@@ -125,12 +150,3 @@ class ContinuousBernoulli(Distribution):
     def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
         with torch.no_grad():
             return self.rsample(sample_shape)
-
-
-def _is_half(t: Tensor) -> bool:
-    return t.dtype in (torch.float16, torch.bfloat16)
-
-
-@register_kl(ContinuousBernoulli, ContinuousBernoulli)
-def _kl_continuous_bernoulli(q: ContinuousBernoulli, p: ContinuousBernoulli) -> Tensor:
-    return continuous_bernoulli_kl(q.logits, p.logits)

@@ -9,29 +9,24 @@ import torch
 from torch import Tensor
 from torch.distributions import Categorical, Distribution, MultivariateNormal, constraints
 
-from .._dtype import promote_float_tensors
-from .._validation import broadcast_shapes, distribution_validate_args, validate_sample
-from ..functional._mixture_moments import second_moments
+from .._core.dtype import compute_dtype, promote_float_tensors, upcast
+from .._core.shapes import MIXTURE_LAYOUTS, expand_to_layouts, mixture_parameters
+from .._core.validation import distribution_validate_args, validate_sample
 from ..functional.mixture import (
-    bivariate_normal_mixture_log_prob,
-    multivariate_normal_mixture_log_prob,
-    normal_mixture_log_prob,
-)
-from ..functional.mixture_sampling import (
-    _check_temperature,
-    _component_index,
-    _pick,
-    _prepare,
     bivariate_normal_mixture_covariance,
+    bivariate_normal_mixture_log_prob,
     bivariate_normal_mixture_mean,
     bivariate_normal_mixture_mode,
     bivariate_normal_mixture_sample,
+    multivariate_normal_mixture_log_prob,
+    normal_mixture_log_prob,
     normal_mixture_mean,
     normal_mixture_mode,
     normal_mixture_sample,
     normal_mixture_variance,
 )
-from ..special._dtype import compute_dtype, upcast
+from ..functional.mixture._second_moments import second_moments
+from ..functional.mixture.sampling import _check_temperature, _component_index, _pick
 from .bivariate_normal import BivariateNormal
 from .normal import Normal
 
@@ -50,7 +45,7 @@ class _GaussianMixture(Distribution):
 
     def _init_params(self, event_size: int | None, validate_args: bool | None, **named) -> None:
         # checked, promoted (half stays half) and broadcast to the common batch shape
-        tensors, dtype = _prepare(event_size, **named)
+        tensors, dtype = mixture_parameters(event_size, **named)
         for name, t in zip(named, tensors, strict=True):
             setattr(self, name, t.to(dtype))
         batch_shape = self.logits.shape[:-1]
@@ -127,7 +122,7 @@ class NormalMixture(_GaussianMixture):
     from unconstrained parameters. ``log_prob`` is
     :func:`~probloss.functional.mixture.normal_mixture_log_prob` (log-sum-exp of log
     densities, finite far from every component); half-precision parameters give a float32
-    ``log_prob`` (DESIGN.md, half-precision policy), while samples and moments are
+    ``log_prob`` (docs/numerics.md, half precision), while samples and moments are
     computed in float32 and returned in the parameters' dtype. ``mean`` and ``variance``
     are the exact mixture moments (law of total variance); ``mode`` is the mean of the
     most probable component, **not** the mode of the mixture density (see
@@ -190,7 +185,7 @@ class NormalMixture(_GaussianMixture):
     def component_distribution(self) -> Normal:
         """The components as :class:`~probloss.distributions.Normal` with batch
         ``(*, K, D)`` (scalar events; ``Independent(..., 1)`` makes ``D`` the event)."""
-        return Normal(self.loc, self.log_scale, validate_args=self._validate_args)
+        return Normal(self.loc, log_scale=self.log_scale, validate_args=self._validate_args)
 
     @property
     def mean(self) -> Tensor:
@@ -359,7 +354,7 @@ class MultivariateNormalMixture(_GaussianMixture):
     ``MultivariateNormal``, as for a ``MixtureSameFamily``.
 
     Dtypes, as for every probloss distribution: half-precision parameters give a float32
-    ``log_prob`` (DESIGN.md, half-precision policy); samples, ``mean``, ``variance`` and
+    ``log_prob`` (docs/numerics.md, half precision); samples, ``mean``, ``variance`` and
     ``mode`` are computed in float32 and returned in the parameters' dtype. No
     ``rsample`` (see :class:`NormalMixture`); :meth:`sample` runs under
     ``torch.no_grad()``.
@@ -402,23 +397,17 @@ class MultivariateNormalMixture(_GaussianMixture):
         logits, loc, scale_tril = promote_float_tensors(
             logits=logits, loc=loc, scale_tril=scale_tril
         )
-        layouts = (("logits", logits, 1, "(*, K)"), ("loc", loc, 2, "(*, K, D)"))
-        for name, t, dims, layout in (*layouts, ("scale_tril", scale_tril, 3, "(*, K, D, D)")):
-            if t.dim() < dims:
-                raise ValueError(f"{name} must have shape {layout}; got shape {tuple(t.shape)}")
-        d = loc.shape[-1]
-        if scale_tril.shape[-2:] != (d, d):
+        d = loc.shape[-1] if loc.dim() >= 2 else None
+        if d is not None and scale_tril.dim() >= 3 and scale_tril.shape[-2:] != (d, d):
             raise ValueError(
                 f"scale_tril must have shape (*, K, D, D) = (*, K, {d}, {d}) (D = {d} from loc "
                 f"{tuple(loc.shape)}); got shape {tuple(scale_tril.shape)}"
             )
-        # (*, K) and (*, K, D) get unit trailing dimensions: one broadcast checks (*) and K
-        full = broadcast_shapes(
-            logits=logits[..., None, None], loc=loc[..., None], scale_tril=scale_tril
+        # each layout checked, then one broadcast of (*) and K (unit trailing dimensions)
+        self.logits, self.loc, self.scale_tril = expand_to_layouts(
+            MIXTURE_LAYOUTS, logits=logits, loc=loc, scale_tril=scale_tril
         )
-        self.logits = logits.expand(full[:-2])
-        self.loc = loc.expand(full[:-1])
-        self.scale_tril = scale_tril.expand(full)
+        full = self.scale_tril.shape
         validate_args = distribution_validate_args(validate_args, logits, loc, scale_tril)
         Distribution.__init__(self, full[:-3], full[-1:], validate_args=validate_args)
 

@@ -1,4 +1,4 @@
-"""A normal distribution parameterised by its log-scale, computed in log space."""
+"""torch's ``Normal`` (same positional meaning), computed in log space from ``log_scale``."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ from torch import Tensor
 from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 
-from .._validation import distribution_validate_args
+from .._core.constants import LOG_2PI
+from .._core.dtype import upcast
+from .._core.params import log_scale_from
+from .._core.validation import distribution_validate_args
 from ..functional.normal import normal_log_prob
 from ..special import mul_exp
-from ..special._dtype import upcast
 
-_HALF_LOG_2PI_E = 0.5 * math.log(2.0 * math.pi * math.e)
+_HALF_LOG_2PI_E = 0.5 * (LOG_2PI + 1.0)  # log(2 pi e)/2
 _SQRT1_2 = math.sqrt(0.5)
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 
@@ -59,15 +61,21 @@ class _NormalIcdf(torch.autograd.Function):
 
 
 class Normal(torch.distributions.Normal):
-    r"""``torch.distributions.Normal`` parameterised by ``log_scale``, with log-space ``log_prob``.
+    r"""``torch.distributions.Normal`` with a log-space ``log_prob``; ``log_scale`` by keyword.
 
     .. math::
         \log p(x) = -\tfrac12 z^2 - \log\sigma - \tfrac12\log 2\pi,
         \qquad z = (x - \mu)\, e^{-\log\sigma}
 
-    ``log_prob`` and ``entropy`` come from ``log_scale`` directly (no ``log(scale)`` of an
-    ``exp`` that under- or overflows: ``log_scale = -120`` is fine in float32) and, for
-    half-precision parameters, are returned in float32. ``cdf`` is
+    A drop-in for torch's class: ``Normal(loc, scale)`` means what it means in torch (the
+    second positional argument is the standard deviation). The stable, unconstrained form
+    is the keyword ``log_scale=``; ``scale`` is converted to it once, through the
+    project's scale-form resolver, and kept as given (``Normal(0.0, 2.0).scale`` is 2).
+    ``log_prob`` is :func:`~probloss.functional.normal_log_prob` of the form given
+    (``scale=`` or ``log_scale=``) and ``entropy`` is
+    :math:`\tfrac12\log 2\pi e + \log\sigma`, from ``log_scale`` directly (no
+    ``log(scale)`` of an ``exp`` that under- or overflows: ``log_scale = -120`` is fine in
+    float32); both are float32 for half-precision parameters. ``cdf`` is
     ``erfc(-z / sqrt 2) / 2`` at ``z = (x - mu) e^{-log_scale}`` and ``icdf`` is
     ``mu + e^{log_scale} ndtri(p)``, both accurate in the lower tail, where the
     ``erf``/``erfinv`` forms (and torch's ``ndtr``) lose it: torch's ``icdf`` is ``-inf``
@@ -75,16 +83,25 @@ class Normal(torch.distributions.Normal):
     ``e^{+-log_scale}`` formed by :func:`~probloss.special.mul_exp` (so ``x - mu`` and
     the scale may be huge or tiny where the result is not), and ``rsample`` (``sample``) is
     ``mu + e^{log_scale} eps`` the same way; half precision is evaluated in float32 and
-    returned in the parameters' dtype. The KL registry is torch's (a subclass keeps
-    ``kl_divergence`` with other normals).
+    returned in the parameters' dtype. ``kl_divergence`` with another probloss or torch
+    ``Normal`` is :func:`~probloss.functional.normal_kl` (registered in
+    :mod:`probloss.distributions.kl`).
 
     Args:
         loc: mean, any shape.
-        log_scale: log standard deviation, broadcastable with ``loc``.
-        scale: alternatively the standard deviation (positive); pass exactly one.
-        validate_args: as in ``torch.distributions``.
+        scale: standard deviation (positive), broadcastable with ``loc``; torch's meaning.
+        validate_args: as in ``torch.distributions`` (checks CPU tensors only by default);
+            third positionally, as in torch.
+        log_scale: keyword-only alternative, the log standard deviation (any real); pass
+            exactly one of ``scale`` and ``log_scale``.
+
+    Raises:
+        ValueError: not exactly one of ``scale`` / ``log_scale``; a non-positive ``scale``
+            or a NaN parameter when validating.
 
     Example:
+        >>> Normal(0.0, 2.0).scale  # positional: the scale, as in torch
+        tensor(2.)
         >>> d = Normal(torch.tensor(0.0), log_scale=torch.tensor(-120.0))
         >>> d.log_prob(torch.tensor(0.0)), d.scale  # torch's Normal cannot even be built
         (tensor(119.0811), tensor(0.))
@@ -98,22 +115,32 @@ class Normal(torch.distributions.Normal):
     def __init__(
         self,
         loc: Tensor | float,
-        log_scale: Tensor | float | None = None,
-        *,
         scale: Tensor | float | None = None,
         validate_args: bool | None = None,
+        *,
+        log_scale: Tensor | float | None = None,
     ) -> None:
-        if (log_scale is None) == (scale is None):
-            raise ValueError("pass exactly one of log_scale and scale")
-        if log_scale is None:
+        if (scale is None) == (log_scale is None):
+            raise ValueError(
+                "Normal: pass exactly one of scale (positional, as in torch) and log_scale "
+                "(keyword)"
+            )
+        if scale is not None:
             loc, scale = broadcast_all(loc, scale)
-            if distribution_validate_args(validate_args, scale) and not (scale > 0).all():
-                raise ValueError(f"scale of shape {tuple(scale.shape)} must be positive")
-            log_scale = torch.log(scale)
+            check = distribution_validate_args(validate_args, scale)
+            try:
+                log_scale = log_scale_from(scale=scale, validate_args=check)
+            except ValueError as error:  # say what changed for code written for the old order
+                raise ValueError(
+                    f"{error}; Normal's second positional argument is the scale, as in torch: "
+                    "pass a log-scale as log_scale="
+                ) from None
         loc, log_scale = broadcast_all(loc, log_scale)
         self.log_scale = log_scale
+        self._scale_given = scale is not None  # log_prob then uses the given scale itself
         validate_args = distribution_validate_args(validate_args, loc, log_scale)
-        super().__init__(loc, log_scale.exp(), validate_args=validate_args)
+        scale = log_scale.exp() if scale is None else scale.expand(log_scale.shape)
+        super().__init__(loc, scale, validate_args=validate_args)
 
     def expand(self, batch_shape: torch.Size, _instance=None) -> Normal:
         new = self._get_checked_instance(Normal, _instance)
@@ -121,6 +148,7 @@ class Normal(torch.distributions.Normal):
         new.loc = self.loc.expand(batch_shape)
         new.scale = self.scale.expand(batch_shape)
         new.log_scale = self.log_scale.expand(batch_shape)
+        new._scale_given = self._scale_given
         torch.distributions.Distribution.__init__(new, batch_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -128,12 +156,12 @@ class Normal(torch.distributions.Normal):
     def log_prob(self, value: Tensor) -> Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        return normal_log_prob(value, self.loc, log_scale=self.log_scale, validate_args=False)
+        # the form it was given in: a scale is not sent through log and exp (the core's rule)
+        form = {"scale": self.scale} if self._scale_given else {"log_scale": self.log_scale}
+        return normal_log_prob(value, self.loc, **form, validate_args=False)
 
     def entropy(self) -> Tensor:
-        log_scale = self.log_scale
-        if log_scale.dtype in (torch.float16, torch.bfloat16):
-            log_scale = log_scale.float()
+        log_scale = upcast(self.log_scale)  # half: computed and returned in float32
         return _HALF_LOG_2PI_E + log_scale  # 1/2 log(2 pi e sigma^2)
 
     def cdf(self, value: Tensor) -> Tensor:

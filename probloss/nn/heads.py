@@ -1,13 +1,21 @@
-"""Heads: modules that map features to a distribution (``loss = -head(x).log_prob(y)``)."""
+"""Heads: modules that map features to a distribution (``loss = -head(x).log_prob(y)``).
+
+Every head returns one kind of thing whatever its options: a distribution over the whole
+target point (event shape ``(D,)``) with ``log_prob`` (one value per point), ``sample`` and
+``mean``, so ``-head(x).log_prob(y).mean()`` and ``MixtureNLLLoss()(y, head(x))`` average
+over points, the unit of every probloss loss.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.distributions import Independent
 
 from ..distributions.bivariate_normal import BivariateNormal
 from ..distributions.normal import Normal
 from ..special import log_softplus, softplus_inverse
+from ._options import check_init_scale, check_number, check_size
 
 
 def _log_scale(raw: Tensor, min_scale: float) -> Tensor:
@@ -20,30 +28,69 @@ def _log_scale(raw: Tensor, min_scale: float) -> Tensor:
 
 def _raw_for_scale(init_scale: float, min_scale: float) -> float:
     """The raw bias that makes ``softplus(raw) + min_scale == init_scale``."""
-    if not init_scale > min_scale:
-        raise ValueError(f"init_scale ({init_scale}) must exceed min_scale ({min_scale})")
     return float(softplus_inverse(torch.tensor(init_scale - min_scale, dtype=torch.float64)))
 
 
+def _scale_options(init_scale: object, min_scale: object) -> tuple[float, float]:
+    """``(init_scale, min_scale)`` checked: ``min_scale >= 0`` finite, ``init_scale >
+    min_scale`` finite (the initial ``softplus(raw) + min_scale`` must reach it)."""
+    floor = check_number("min_scale", min_scale, low=0.0)
+    return check_init_scale(init_scale, floor), floor
+
+
+class _Points(Independent):
+    """``Independent(base, 1)`` whose ``log_prob`` and ``entropy`` sum the last dimension
+    with ``sum(-1)``: torch's reshape to ``(*batch, -1)`` fails on an empty batch
+    ("cannot reshape tensor of 0 elements")."""
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        return self.base_dist.log_prob(value).sum(-1)  # log p(x) = sum_d log p(x_d)
+
+    def entropy(self) -> Tensor:
+        return self.base_dist.entropy().sum(-1)
+
+
 class NormalHead(nn.Module):
-    r"""Features ``(*, in_features)`` to a diagonal :class:`~probloss.distributions.Normal`.
+    r"""Features ``(*, in_features)`` to a diagonal normal over ``out_features`` outputs.
 
-    A linear layer predicts ``loc`` and a raw scale for each of ``out_features`` outputs;
-    ``scale = softplus(raw) + min_scale``, formed as a log-scale
-    (:func:`~probloss.special.log_softplus`) so it never rounds to ``log 0``. The raw-scale
-    bias starts at ``softplus_inverse(init_scale - min_scale)`` and its weights at zero-mean
-    small values, so training starts at ``scale ~= init_scale`` everywhere.
+    .. math::
+        \log p(y \mid h) = \sum_{d=1}^{D} \log\mathcal N\big(y_d \mid \mu_d(h),
+            \sigma_d(h)^2\big), \qquad \sigma = \operatorname{softplus}(r) + m
 
-    Returns a distribution with batch shape ``(*, out_features)``; a loss is
-    ``-head(x).log_prob(y).mean()``. Like every head: an empty batch ``(0, in_features)``
-    gives an empty distribution, and a half-precision head (``head.half()``) gives a
-    float32 ``log_prob`` and samples in its own dtype.
+    A linear layer predicts ``loc`` and a raw scale :math:`r` for each of the
+    ``D = out_features`` outputs; :math:`\sigma` is formed as a log-scale
+    (:func:`~probloss.special.log_softplus`, with ``m = min_scale`` added in log space) so
+    it never rounds to ``log 0``. The raw-scale bias starts at
+    ``softplus_inverse(init_scale - min_scale)`` and its weights at zero-mean small values,
+    so training starts at ``scale ~= init_scale`` everywhere.
+
+    Returns ``torch.distributions.Independent`` of a probloss
+    :class:`~probloss.distributions.Normal` (``.base_dist``, with ``loc`` and ``scale``):
+    batch shape ``(*)``, event shape ``(out_features,)``, ``log_prob`` one value per target
+    point (the sum over its coordinates), so ``-head(x).log_prob(y).mean()`` averages over
+    points, like every probloss loss. An empty batch ``(0, in_features)`` gives an empty
+    distribution; a half-precision head (``head.half()``) gives a float32 ``log_prob`` and
+    samples in its own dtype.
+
+    Args:
+        in_features: size of the last dimension of the features.
+        out_features: the target dimension ``D``.
+        init_scale: the initial scale, ``> min_scale``, in the units of the target.
+        min_scale: soft floor ``m >= 0`` on the scale.
+
+    Raises:
+        ValueError: a size that is not a positive int, ``min_scale`` negative or not
+            finite, ``init_scale <= min_scale``.
 
     Example:
         >>> head = NormalHead(8, 3, init_scale=0.5)
         >>> d = head(torch.zeros(4, 8))
-        >>> d.loc.shape, d.scale[0]
-        (torch.Size([4, 3]), tensor([0.5000, 0.5000, 0.5000], grad_fn=<SelectBackward0>))
+        >>> d.batch_shape, d.event_shape
+        (torch.Size([4]), torch.Size([3]))
+        >>> d.base_dist.scale[0]
+        tensor([0.5000, 0.5000, 0.5000], grad_fn=<SelectBackward0>)
+        >>> d.log_prob(torch.zeros(4, 3)).shape  # one value per point
+        torch.Size([4])
     """
 
     def __init__(
@@ -55,15 +102,24 @@ class NormalHead(nn.Module):
         min_scale: float = 0.0,
     ) -> None:
         super().__init__()
-        self.out_features = out_features
-        self.min_scale = min_scale
+        check_size("in_features", in_features)
+        self.out_features = check_size("out_features", out_features)
+        init_scale, self.min_scale = _scale_options(init_scale, min_scale)
         self.linear = nn.Linear(in_features, 2 * out_features)
         with torch.no_grad():
-            self.linear.bias[out_features:].fill_(_raw_for_scale(init_scale, min_scale))
+            self.linear.bias[out_features:].fill_(_raw_for_scale(init_scale, self.min_scale))
 
-    def forward(self, features: Tensor) -> Normal:
+    def forward(self, features: Tensor) -> Independent:
         loc, raw = self.linear(features).split(self.out_features, dim=-1)
-        return Normal(loc, _log_scale(raw, self.min_scale))
+        # validation happens in the base Normal (CPU tensors by default), which checks values
+        normal = Normal(loc, log_scale=_log_scale(raw, self.min_scale))
+        return _Points(normal, 1, validate_args=False)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.linear.in_features}, out_features={self.out_features}, "
+            f"min_scale={self.min_scale}"
+        )
 
 
 class BivariateNormalHead(nn.Module):
@@ -72,9 +128,20 @@ class BivariateNormalHead(nn.Module):
     Five outputs per input: ``loc`` (2), raw scales (2) and ``atanh_rho`` (1), the Graves
     (2013) / sketch-rnn parameterisation without its ``exp`` and ``tanh`` round trips:
     ``scale = softplus(raw) + min_scale`` as a log-scale, ``rho = tanh(atanh_rho)`` never
-    formed. Biases start at ``scale = init_scale`` and ``rho = 0``. An empty batch gives
-    an empty distribution; a half-precision head gives a float32 ``log_prob`` and samples
-    in its own dtype.
+    formed. Biases start at ``scale = init_scale`` and ``rho = 0``. The distribution has
+    batch shape ``(*)`` and event shape ``(2,)``: ``log_prob`` is one value per point, so
+    ``-head(x).log_prob(y).mean()`` averages over points. An empty batch gives an empty
+    distribution; a half-precision head gives a float32 ``log_prob`` and samples in its
+    own dtype.
+
+    Args:
+        in_features: size of the last dimension of the features.
+        init_scale: the initial scale of both coordinates, ``> min_scale``.
+        min_scale: soft floor ``m >= 0`` on the scales.
+
+    Raises:
+        ValueError: ``in_features`` not a positive int, ``min_scale`` negative or not
+            finite, ``init_scale <= min_scale``.
 
     Example:
         >>> head = BivariateNormalHead(16, init_scale=0.1)
@@ -87,13 +154,17 @@ class BivariateNormalHead(nn.Module):
         self, in_features: int, *, init_scale: float = 1.0, min_scale: float = 0.0
     ) -> None:
         super().__init__()
-        self.min_scale = min_scale
+        check_size("in_features", in_features)
+        init_scale, self.min_scale = _scale_options(init_scale, min_scale)
         self.linear = nn.Linear(in_features, 5)
         with torch.no_grad():
-            self.linear.bias[2:4].fill_(_raw_for_scale(init_scale, min_scale))
+            self.linear.bias[2:4].fill_(_raw_for_scale(init_scale, self.min_scale))
             self.linear.bias[4].zero_()
 
     def forward(self, features: Tensor) -> BivariateNormal:
         out = self.linear(features)
         loc, raw, atanh_rho = out[..., 0:2], out[..., 2:4], out[..., 4]
         return BivariateNormal(loc, _log_scale(raw, self.min_scale), atanh_rho)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.linear.in_features}, min_scale={self.min_scale}"

@@ -2,77 +2,106 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
-from ..functional._reduction import check_reduction, check_value_batch
+from .._core.constants import HALF_LOG_2PI as _HALF_LOG_2PI
+from .._core.reduction import check_nan_policy, check_reduction, check_value_batch
+from .._core.validation import check_renamed_keywords
 from ..functional.bivariate import bivariate_normal_nll
 from ..functional.normal import normal_nll
+from ._options import check_choice, check_number
 
-_SCALE_FORMS = ("log_scale", "log_var", "scale", "var")
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+_NORMAL_FORMS = "loss(target, loc, log_scale), or scale=, var= or log_var= by keyword"
 
 
 class NormalNLLLoss(nn.Module):
-    """Gaussian negative log-likelihood from a predicted mean and a scale parameter.
+    """Gaussian negative log-likelihood: ``forward(target, loc, log_scale)``.
 
-    ``forward(loc, scale_param, target)`` is :func:`probloss.functional.normal_nll` with
-    ``scale_param`` passed as the form chosen by ``scale_form`` (``"log_scale"`` by default:
-    unconstrained and stable; ``"log_var"``, ``"scale"``, ``"var"`` accepted).
+    ``forward`` is :func:`probloss.functional.normal_nll` with the same arguments: the
+    target first, then ``loc``, then ``log_scale`` (unconstrained and stable) positionally,
+    or exactly one of the keyword alternatives ``scale=``, ``var=``, ``log_var=``.
+    Each element is one event: ``"mean"`` averages over elements.
 
     Args:
-        scale_form: which parameter ``forward`` receives.
-        beta: beta-NLL exponent (Seitzer et al. 2022); 0 is the plain NLL.
-        min_scale: optional soft floor, the scale used is ``scale + min_scale``.
+        beta: beta-NLL exponent in ``[0, 1]`` (Seitzer et al. 2022); 0 is the plain NLL.
+        min_scale: ``None`` or a soft floor ``> 0``: the scale used is ``scale + min_scale``.
         reduction: ``"mean"`` (over events, i.e. elements), ``"sum"`` or ``"none"``.
         nan_policy: ``"raise"`` or ``"mask"`` (NaN targets ignored, "mean" over the rest).
+        validate_args: value checks (``None``: CPU tensors only), as in the functional call.
 
     Reduced losses refuse parameters that would broadcast ``target``'s shape to a larger
     one (``ValueError`` from :func:`~probloss.functional.normal_nll`); an empty batch
     gives NaN for ``"mean"`` and 0 for ``"sum"``, like torch's losses.
 
+    Raises:
+        ValueError: an option outside the allowed values (named in the message).
+        TypeError: ``scale_form=`` (removed: pass the form to ``forward`` by keyword).
+
     Example:
         >>> loss = NormalNLLLoss()
-        >>> loss(torch.zeros(3), torch.zeros(3), torch.tensor([0.0, 1.0, 1e18]))
+        >>> target, loc = torch.tensor([0.0, 1.0, 1e18]), torch.zeros(3)
+        >>> loss(target, loc, torch.zeros(3))  # log_scale, positional
+        tensor(1.6667e+35)
+        >>> loss(target, loc, var=torch.ones(3))  # or one keyword form
         tensor(1.6667e+35)
     """
 
     def __init__(
         self,
         *,
-        scale_form: str = "log_scale",
         beta: float = 0.0,
         min_scale: float | None = None,
         reduction: str = "mean",
         nan_policy: str = "raise",
+        validate_args: bool | None = None,
+        **removed: object,
     ) -> None:
         super().__init__()
-        if scale_form not in _SCALE_FORMS:
-            raise ValueError(f"scale_form must be one of {_SCALE_FORMS}, got {scale_form!r}")
+        if "scale_form" in removed:
+            raise TypeError(
+                "NormalNLLLoss(): scale_form was removed; the scale form is chosen per call: "
+                + _NORMAL_FORMS
+            )
+        check_renamed_keywords("NormalNLLLoss", removed, {})
+        self.beta = check_number("beta", beta, low=0.0, high=1.0)
+        self.min_scale = check_number("min_scale", min_scale, low=0.0, strict=True,
+                                      allow_none=True)  # fmt: skip
         check_reduction(reduction)
-        self.scale_form = scale_form
-        self.beta = beta
-        self.min_scale = min_scale
+        check_nan_policy(nan_policy)
+        check_choice("validate_args", validate_args, (None, True, False))
         self.reduction = reduction
         self.nan_policy = nan_policy
+        self.validate_args = validate_args
 
-    def forward(self, loc: Tensor, scale_param: Tensor, target: Tensor) -> Tensor:
+    def forward(
+        self,
+        target: Tensor,
+        loc: Tensor,
+        log_scale: Tensor | float | None = None,
+        *,
+        scale: Tensor | float | None = None,
+        var: Tensor | float | None = None,
+        log_var: Tensor | float | None = None,
+    ) -> Tensor:
         return normal_nll(
             target,
             loc,
-            **{self.scale_form: scale_param},
+            log_scale,
+            scale=scale,
+            var=var,
+            log_var=log_var,
             beta=self.beta,
             min_scale=self.min_scale,
             reduction=self.reduction,
             nan_policy=self.nan_policy,
+            validate_args=self.validate_args,
         )
 
     def extra_repr(self) -> str:
         return (
-            f"scale_form={self.scale_form!r}, beta={self.beta}, min_scale={self.min_scale}, "
-            f"reduction={self.reduction!r}, nan_policy={self.nan_policy!r}"
+            f"beta={self.beta}, min_scale={self.min_scale}, reduction={self.reduction!r}, "
+            f"nan_policy={self.nan_policy!r}"
         )
 
 
@@ -119,11 +148,11 @@ class GaussianNLLLoss(nn.Module):
         validate_args: bool | None = None,
     ) -> None:
         super().__init__()
+        check_choice("full", full, (False, True))
+        self.eps = check_number("eps", eps, low=0.0)
         check_reduction(reduction)
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
+        check_choice("validate_args", validate_args, (None, True, False))
         self.full = full
-        self.eps = eps
         self.reduction = reduction
         self.validate_args = validate_args
 
@@ -177,29 +206,60 @@ class GaussianNLLLoss(nn.Module):
 class BivariateNormalNLLLoss(nn.Module):
     """Negative log-likelihood of 2-D targets under a correlated normal (sketch, handwriting).
 
-    ``forward(loc, log_scale, atanh_rho, target)`` is
-    :func:`probloss.functional.bivariate_normal_nll`: ``loc``, ``log_scale`` and ``target``
-    of shape ``(*, 2)``, ``atanh_rho`` of shape ``(*)``; ``"mean"`` averages over events
-    (points), not coordinates. Reduced losses refuse parameters that would broadcast the
-    target's batch shape to a larger one (``atanh_rho`` of shape ``(N, 1)`` against
-    targets ``(N, 2)``; ``ValueError`` from the functional call); an empty batch gives NaN
-    for ``"mean"`` and 0 for ``"sum"``, like torch's losses.
+    ``forward(target, loc, log_scale, atanh_rho)`` is
+    :func:`probloss.functional.bivariate_normal_nll` with the same arguments: ``target``,
+    ``loc`` and ``log_scale`` of shape ``(*, 2)``, ``atanh_rho`` of shape ``(*)``
+    positionally, or ``rho=`` (``|rho| < 1``) by keyword instead of ``atanh_rho``.
+    ``"mean"`` averages over events (points), not coordinates. Reduced losses refuse
+    parameters that would broadcast the target's batch shape to a larger one
+    (``atanh_rho`` of shape ``(N, 1)`` against targets ``(N, 2)``; ``ValueError`` from the
+    functional call); an empty batch gives NaN for ``"mean"`` and 0 for ``"sum"``, like
+    torch's losses.
+
+    Args:
+        reduction: ``"mean"`` (over points), ``"sum"`` or ``"none"``.
+        nan_policy: ``"raise"`` or ``"mask"`` (points with a NaN coordinate ignored).
+        validate_args: value checks (``None``: CPU tensors only), as in the functional call.
+
+    Example:
+        >>> loss = BivariateNormalNLLLoss()
+        >>> loss(torch.zeros(4, 2), torch.zeros(4, 2), torch.zeros(4, 2), torch.zeros(4))
+        tensor(1.8379)
     """
 
-    def __init__(self, *, reduction: str = "mean", nan_policy: str = "raise") -> None:
+    def __init__(
+        self,
+        *,
+        reduction: str = "mean",
+        nan_policy: str = "raise",
+        validate_args: bool | None = None,
+    ) -> None:
         super().__init__()
         check_reduction(reduction)
+        check_nan_policy(nan_policy)
+        check_choice("validate_args", validate_args, (None, True, False))
         self.reduction = reduction
         self.nan_policy = nan_policy
+        self.validate_args = validate_args
 
-    def forward(self, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor, target: Tensor) -> Tensor:
+    def forward(
+        self,
+        target: Tensor,
+        loc: Tensor,
+        log_scale: Tensor,
+        atanh_rho: Tensor | None = None,
+        *,
+        rho: Tensor | None = None,
+    ) -> Tensor:
         return bivariate_normal_nll(
             target,
             loc,
             log_scale,
             atanh_rho,
+            rho=rho,
             reduction=self.reduction,
             nan_policy=self.nan_policy,
+            validate_args=self.validate_args,
         )
 
     def extra_repr(self) -> str:

@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from .._dtype import loss_tensors
-from .._validation import check_not_nan, should_validate
+from .._core.dtype import loss_tensors
+from .._core.validation import check_not_nan, should_validate
 
 
 class ActiveUnits(NamedTuple):

@@ -20,17 +20,17 @@ continuous one with the usual dequantisation correction).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 from torch import Tensor, nn
 
-from .._dtype import loss_tensors
+from .._core.constants import LOG_2
+from .._core.dtype import loss_tensors
+from .._core.reduction import check_reduction
 from .schedules import _check_weight
 from .weighting import Beta, WeightedLoss, Weighting, _beta_loss
 
-_LN2 = math.log(2.0)
 _REDUCTIONS = ("mean", "sum")
 
 
@@ -59,8 +59,7 @@ class ELBOResult(NamedTuple):
 
 def _check_settings(data_dims: int, reduction: str) -> None:
     """``data_dims`` an integer >= 1, ``reduction`` one of ``"mean"``, ``"sum"``."""
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    check_reduction(reduction, _REDUCTIONS)
     if isinstance(data_dims, bool) or not isinstance(data_dims, int):
         raise TypeError(f"data_dims must be an integer, got {data_dims!r}")
     if data_dims < 1:
@@ -103,7 +102,7 @@ def _elbo(
     kl_mean = kl.mean(dim=0)
     weighted = weigh(-recon_mean, kl_mean)
     nats = (kl_mean.sum() - recon_mean).detach()  # -(r - KL), averaged over examples
-    bits_per_dim = nats / (data_dims * _LN2)
+    bits_per_dim = nats / (data_dims * LOG_2)
     if reduction == "mean":
         reconstruction, per_dim, loss = recon_mean, kl_mean, weighted.loss
     else:

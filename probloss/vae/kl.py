@@ -5,9 +5,8 @@ whenever both distributions factorise over the dimensions, which is what diagnos
 dimension, active units) and per-dimension strategies (free bits, Kingma et al. 2016,
 arXiv:1606.04934) need; the per-example KL is the sum over the latent dimensions.
 
-Dtypes: float16 / bfloat16 inputs are computed and returned in float32 (DESIGN.md, half
-precision policy): ``log_var = 30`` gives a KL of ``5.3e12``, a fine float32 and an
-overflow in float16.
+Dtypes: float16 / bfloat16 inputs are computed and returned in float32: ``log_var = 30``
+gives a KL of ``5.3e12``, a fine float32 and an overflow in float16.
 """
 
 from __future__ import annotations
@@ -15,10 +14,9 @@ from __future__ import annotations
 from torch import Tensor
 from torch.distributions import Distribution
 
-from .._dtype import loss_tensors
-from .._validation import broadcast_shapes
+from .._core.dtype import compute_dtype, loss_tensors
+from .._core.shapes import broadcast_shapes
 from ..functional import normal_kl
-from ..special._dtype import compute_dtype
 from .reconstruction import resolve_event_dims, sum_trailing
 
 

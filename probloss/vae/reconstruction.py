@@ -10,23 +10,24 @@ nats, with the leading (batch) shape; leading dimensions that only the decoder o
 
 The sum, not the mean, is the log-likelihood: averaging over pixels instead rescales the
 reconstruction term by the image size and silently changes its balance against the KL
-term (DESIGN.md, user story 3).
+term.
 
-Dtypes: float16 / bfloat16 inputs are computed and returned in float32 (DESIGN.md, half
-precision policy).
+Parameters follow the rule of the functional core: data first, then the location, then
+``log_scale`` (positional, unconstrained); the constrained forms are keyword-only
+alternatives. The sigma-VAE decoder is in
+:mod:`probloss.vae.sigma_vae`. Dtypes: float16 / bfloat16
+inputs are computed and returned in float32.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from .._dtype import as_loss_tensors, loss_tensors
-from .._validation import broadcast_shapes, check_in_interval, should_validate
+from .._core.dtype import as_loss_tensors, loss_tensors
+from .._core.shapes import broadcast_shapes
+from .._core.validation import check_in_interval, check_not_nan, should_validate
 from ..functional import continuous_bernoulli_log_prob, laplace_log_prob, normal_log_prob
-from ..special import safe_where, soft_floor
 
 
 def resolve_event_dims(event_dims: int | None, ndim: int, name: str = "event_dims") -> int:
@@ -96,7 +97,7 @@ def bernoulli_log_likelihood(
         >>> bernoulli_log_likelihood(x, torch.tensor([[-1e4, 1e4, 0.0]]))
         tensor([-0.6931])
     """
-    dims = resolve_event_dims(event_dims, _ndim(x))
+    dims = resolve_event_dims(event_dims, ndim_of(x))
     x, logits = as_loss_tensors(x=x, logits=logits)
     broadcast_shapes(x=x, logits=logits)
     if should_validate(validate_args, x):
@@ -141,7 +142,7 @@ def continuous_bernoulli_log_likelihood(
         >>> continuous_bernoulli_log_likelihood(x, torch.tensor([[-50.0, 0.0, 50.0]]))
         tensor([7.8240])
     """
-    dims = resolve_event_dims(event_dims, _ndim(x))
+    dims = resolve_event_dims(event_dims, ndim_of(x))
     x, logits = as_loss_tensors(x=x, logits=logits)
     broadcast_shapes(x=x, logits=logits)
     if should_validate(validate_args, x):
@@ -152,9 +153,11 @@ def continuous_bernoulli_log_likelihood(
 def gaussian_log_likelihood(
     x: Tensor,
     loc: Tensor,
-    *,
     log_scale: Tensor | float | None = None,
+    *,
     scale: Tensor | float | None = None,
+    var: Tensor | float | None = None,
+    log_var: Tensor | float | None = None,
     event_dims: int | None = None,
     validate_args: bool | None = None,
 ) -> Tensor:
@@ -166,8 +169,8 @@ def gaussian_log_likelihood(
             - \tfrac12 \log 2\pi
 
     through :func:`~probloss.functional.normal_log_prob` (log space, no overflow of
-    ``exp(-log_scale)``). The scale is exactly one of ``log_scale`` (unconstrained) or
-    ``scale``, and may be
+    ``exp(-log_scale)``). The scale is exactly one of ``log_scale`` (unconstrained,
+    positional) or the keyword-only ``scale``, ``var``, ``log_var``, and may be
 
     * a Python number: one fixed :math:`\sigma` (``log_scale=0.0`` is the "MSE" decoder,
       whose log-likelihood is ``-SSE / 2`` plus a constant);
@@ -180,42 +183,46 @@ def gaussian_log_likelihood(
         x: data, shape ``(B, *E)`` (broadcastable with the parameters).
         loc: decoder mean, shape broadcastable with ``x``.
         log_scale: :math:`\log\sigma`, a number or a tensor broadcastable with ``x``.
-        scale: :math:`\sigma > 0`, a number or a tensor broadcastable with ``x``.
+        scale, var, log_var: alternatively :math:`\sigma > 0`, :math:`\sigma^2 > 0` or
+            :math:`\log\sigma^2` (keyword-only), as in
+            :func:`~probloss.functional.normal_log_prob`.
         event_dims: number of trailing dimensions summed (default ``x.dim() - 1``).
-        validate_args: check ``scale`` is positive; ``None`` checks CPU tensors only.
+        validate_args: check ``x`` has no NaN and ``scale`` / ``var`` are positive;
+            ``None`` checks CPU tensors only, ``False`` never checks.
 
     Returns:
         Tensor of the broadcast shape without its last ``event_dims`` dimensions;
         float32 for half-precision inputs.
 
     Raises:
-        ValueError: not exactly one of ``log_scale`` / ``scale``, shapes do not broadcast,
-            ``event_dims`` out of range, or (when validating) a non-positive ``scale``.
+        ValueError: not exactly one scale form, shapes do not broadcast, ``event_dims``
+            out of range, or (when validating) NaN in ``x`` or a non-positive
+            ``scale`` / ``var``.
         TypeError: a non-floating tensor or a non-int ``event_dims``.
 
     Example:
         >>> x = torch.tensor([[0.0, 1.0], [2.0, 2.0]])
-        >>> gaussian_log_likelihood(x, torch.ones(2, 2), log_scale=0.0)
+        >>> gaussian_log_likelihood(x, torch.ones(2, 2), 0.0)  # log_scale = 0
         tensor([-2.3379, -2.8379])
     """
-    given = [name for name, v in (("log_scale", log_scale), ("scale", scale)) if v is not None]
-    if len(given) != 1:
-        raise ValueError(f"pass exactly one of log_scale, scale; got {', '.join(given) or 'none'}")
-    dims = resolve_event_dims(event_dims, _ndim(x))
-    t = loss_tensors(x=x, loc=loc, log_scale=log_scale, scale=scale)
+    dims = resolve_event_dims(event_dims, ndim_of(x))
+    forms = {"log_scale": log_scale, "scale": scale, "var": var, "log_var": log_var}
+    t = loss_tensors(x=x, loc=loc, **forms)
     broadcast_shapes(**t)  # here, to name ``x`` in the error
-    log_p = normal_log_prob(
-        t["x"],
-        t["loc"],
-        log_scale=t.get("log_scale"),
-        scale=t.get("scale"),
-        validate_args=validate_args,
-    )
+    _check_x_not_nan(t["x"], validate_args)
+    forms = {name: t.get(name) for name in forms}
+    log_p = normal_log_prob(t["x"], t["loc"], **forms, validate_args=validate_args)
     return sum_trailing(log_p, dims)
 
 
 def laplace_log_likelihood(
-    x: Tensor, loc: Tensor, *, log_scale: Tensor | float, event_dims: int | None = None
+    x: Tensor,
+    loc: Tensor,
+    log_scale: Tensor | float | None = None,
+    *,
+    scale: Tensor | float | None = None,
+    event_dims: int | None = None,
+    validate_args: bool | None = None,
 ) -> Tensor:
     r"""Laplace decoder log-likelihood, summed over the event dimensions.
 
@@ -230,172 +237,41 @@ def laplace_log_likelihood(
         x: data, shape ``(B, *E)`` (broadcastable with the parameters).
         loc: decoder location :math:`\mu`, shape broadcastable with ``x``.
         log_scale: :math:`\log b`, a number or a tensor broadcastable with ``x``.
+        scale: alternatively :math:`b > 0` (keyword-only; exactly one of the two).
         event_dims: number of trailing dimensions summed (default ``x.dim() - 1``).
+        validate_args: check ``x`` has no NaN and ``scale`` is positive; ``None`` checks
+            CPU tensors only, ``False`` never checks.
 
     Returns:
         Tensor of the broadcast shape without its last ``event_dims`` dimensions;
         float32 for half-precision inputs.
 
     Raises:
-        ValueError: shapes do not broadcast or ``event_dims`` is out of range.
+        ValueError: not exactly one of ``log_scale`` / ``scale``, shapes do not broadcast,
+            ``event_dims`` is out of range, or (when validating) NaN in ``x`` or a
+            non-positive ``scale``.
         TypeError: a non-floating tensor or a non-int ``event_dims``.
 
     Example:
         >>> x = torch.tensor([[0.0, 1.0], [2.0, 2.0]])
-        >>> laplace_log_likelihood(x, torch.ones(2, 2), log_scale=0.0)
+        >>> laplace_log_likelihood(x, torch.ones(2, 2), 0.0)  # log_scale = 0
         tensor([-2.3863, -3.3863])
     """
-    dims = resolve_event_dims(event_dims, _ndim(x))
-    t = loss_tensors(x=x, loc=loc, log_scale=log_scale)
+    dims = resolve_event_dims(event_dims, ndim_of(x))
+    t = loss_tensors(x=x, loc=loc, log_scale=log_scale, scale=scale)
     broadcast_shapes(**t)  # here, to name ``x`` in the error
-    return sum_trailing(laplace_log_prob(t["x"], t["loc"], t["log_scale"]), dims)
-
-
-def sigma_vae_log_scale(
-    x: Tensor,
-    loc: Tensor,
-    *,
-    event_dims: int | None = None,
-    per_example: bool = False,
-    min_log_scale: float = -6.0,
-) -> Tensor:
-    r"""The optimal shared log-scale of a Gaussian decoder (sigma-VAE), softly floored.
-
-    For a Gaussian decoder with one scale :math:`\sigma` shared by :math:`n` residuals
-    :math:`r_i = x_i - \mu_i`, the log-likelihood
-    :math:`-\tfrac{1}{2\sigma^2}\sum_i r_i^2 - n \log\sigma + \text{const}` is maximised by
-    :math:`\sigma^{*2} = \frac1n \sum_i r_i^2`, the mean squared error (Rybkin et al. 2021,
-    "Simple and Effective VAE Training with Calibrated Decoders", arXiv:2006.13202). The
-    result is
-
-    .. math::
-        \log\sigma = \operatorname{soft\_floor}\big(\log\sigma^*, m\big)
-            = \log\big(\sqrt{\mathrm{MSE}} + e^{m}\big), \qquad m = \text{min\_log\_scale},
-
-    (:func:`~probloss.special.soft_floor`: ``logaddexp(log sigma*, m)``, never a clamp), so
-    a perfect reconstruction gives ``m`` and a finite likelihood rather than ``+inf``.
-    :math:`\log\sigma^* = \log\|r\| - \tfrac12\log n` is formed from the norm of ``r``
-    scaled by its largest entry, so neither ``r^2`` overflows nor ``log 0`` is taken.
-
-    The MSE runs over the whole batch and every event dimension (as in the paper), or,
-    with ``per_example=True``, over each example's ``event_dims`` trailing dimensions.
-
-    Gradients flow through :math:`\sigma^*` (it is a function of ``loc``), as in the paper.
-    Because :math:`\sigma^*` maximises the likelihood, its own contribution to the gradient
-    of :func:`sigma_vae_log_likelihood` vanishes (envelope theorem): the gradient equals
-    the one with :math:`\sigma` held fixed, up to the small offset the floor introduces
-    (relative :math:`e^m / \sigma^*`). Where ``x == loc`` everywhere the gradient is 0.
-
-    Args:
-        x: data, shape ``(B, *E)`` (broadcastable with ``loc``).
-        loc: decoder mean, shape broadcastable with ``x``.
-        event_dims: number of trailing dimensions forming one example (default
-            ``x.dim() - 1``); only used with ``per_example=True``.
-        per_example: one scale per example instead of one for everything.
-        min_log_scale: the finite soft floor :math:`m` of the log-scale (default -6,
-            :math:`\sigma \ge 0.0025`, as in the paper's implementation).
-
-    Returns:
-        A 0-dimensional tensor, or with ``per_example=True`` a tensor of the broadcast
-        shape with the last ``event_dims`` dimensions set to size 1 (``(B, 1, ..., 1)``),
-        broadcastable against ``x``. float32 for half-precision inputs.
-
-    Raises:
-        ValueError: shapes do not broadcast, the inputs are empty, ``event_dims`` is out of
-            range or ``min_log_scale`` is not finite.
-        TypeError: a non-floating tensor or a non-int ``event_dims``.
-
-    Example:
-        >>> x = torch.tensor([[0.0, 2.0], [1.0, 1.0]])
-        >>> sigma_vae_log_scale(x, torch.ones(2, 2), min_log_scale=-20.0)  # 0.5 log(0.5)
-        tensor(-0.3466)
-        >>> sigma_vae_log_scale(x, torch.ones(2, 2), per_example=True).exp()  # rms + e^-6
-        tensor([[1.0025],
-                [0.0025]])
-    """
-    if not math.isfinite(min_log_scale):
-        raise ValueError(f"min_log_scale must be a finite number, got {min_log_scale!r}")
-    dims = resolve_event_dims(event_dims, _ndim(x))
-    t = loss_tensors(x=x, loc=loc)
-    broadcast_shapes(**t)
-    residual = t["x"] - t["loc"]
-    if residual.numel() == 0:
-        raise ValueError(f"x and loc are empty (broadcast shape {tuple(residual.shape)})")
-    first = residual.dim() - dims if per_example else 0
-    over = tuple(range(first, residual.dim()))  # the dimensions the MSE averages over
-    count = math.prod(residual.shape[d] for d in over)
-    # ||r|| = a ||r / a|| for any constant a > 0: scaling by the (detached) largest |r_i|
-    # keeps r_i^2 from overflowing and leaves value and gradient exact.
-    if over:
-        biggest = residual.abs().amax(dim=over, keepdim=True).detach()
-    else:  # one element per "example": amax / vector_norm over dim=() would reduce all
-        biggest = residual.abs().detach()
-    nonzero = biggest != 0  # NaN counts as nonzero, so it propagates
-    safe_biggest = torch.where(nonzero, biggest, 1.0)
-    scaled = residual / safe_biggest
-    norm = torch.linalg.vector_norm(scaled, dim=over, keepdim=True) if over else scaled.abs()
-    # log sigma* = log ||r|| - log(n) / 2; log 0 = -inf for a zero residual, which the
-    # floor maps to m with gradient 0 (double where: log never sees the 0).
-    log_norm = safe_where(
-        nonzero,
-        norm,
-        torch.log,
-        lambda v: torch.full_like(v, -math.inf),
-        safe_true=1.0,
-        safe_false=0.0,
+    _check_x_not_nan(t["x"], validate_args)
+    log_p = laplace_log_prob(
+        t["x"], t["loc"], t.get("log_scale"), scale=t.get("scale"), validate_args=validate_args
     )
-    log_rms = torch.log(safe_biggest) + log_norm - 0.5 * math.log(count)
-    if not per_example:
-        log_rms = log_rms.reshape(())
-    return soft_floor(log_rms, min_log_scale)
+    return sum_trailing(log_p, dims)
 
 
-def sigma_vae_log_likelihood(
-    x: Tensor,
-    loc: Tensor,
-    *,
-    event_dims: int | None = None,
-    per_example: bool = False,
-    min_log_scale: float = -6.0,
-) -> Tensor:
-    r"""Gaussian log-likelihood with the optimal shared scale (sigma-VAE, Rybkin et al. 2021).
-
-    .. math::
-        \log p(x \mid \mu) = \sum_{i \in \text{event}} -\frac{(x_i - \mu_i)^2}{2\sigma^2}
-            - \log\sigma - \tfrac12\log 2\pi, \qquad \log\sigma =
-            \text{sigma\_vae\_log\_scale}(x, \mu)
-
-    i.e. :func:`gaussian_log_likelihood` with ``log_scale`` from
-    :func:`sigma_vae_log_scale` (see there for the floor and the gradient). Without the
-    floor this is :math:`-\tfrac{n}{2}(\log(2\pi\,\mathrm{MSE}) + 1)` per example of
-    :math:`n` elements: the decoder's reconstruction-vs-KL balance is then set by the data
-    instead of a hand-tuned weight (arXiv:2006.13202).
-
-    Args:
-        x: data, shape ``(B, *E)`` (broadcastable with ``loc``).
-        loc: decoder mean, shape broadcastable with ``x``.
-        event_dims: number of trailing dimensions summed (default ``x.dim() - 1``);
-            with ``per_example=True`` also the dimensions of each example's MSE.
-        per_example: one scale per example instead of one for the batch.
-        min_log_scale: soft floor of the log-scale (default -6).
-
-    Returns:
-        Tensor of the broadcast shape without its last ``event_dims`` dimensions;
-        float32 for half-precision inputs.
-
-    Raises:
-        ValueError, TypeError: as :func:`sigma_vae_log_scale`.
-
-    Example:
-        >>> x = torch.tensor([[0.0, 2.0], [1.0, 1.0]])
-        >>> sigma_vae_log_likelihood(x, torch.ones(2, 2), min_log_scale=-20.0)
-        tensor([-3.1447, -1.1447])
-    """
-    log_scale = sigma_vae_log_scale(
-        x, loc, event_dims=event_dims, per_example=per_example, min_log_scale=min_log_scale
-    )
-    return gaussian_log_likelihood(x, loc, log_scale=log_scale, event_dims=event_dims)
-
-
-def _ndim(x: Tensor | float) -> int:
+def ndim_of(x: Tensor | float) -> int:
     return x.dim() if isinstance(x, Tensor) else 0
+
+
+def _check_x_not_nan(x: Tensor, validate_args: bool | None) -> None:
+    """NaN in the data, named ``x`` (when validating; ``None``: CPU tensors only)."""
+    if should_validate(validate_args, x):
+        check_not_nan(x, "x")

@@ -25,6 +25,7 @@ half dtype (computed in float32, rounded once: eps/2 plus the float32 error).
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -38,7 +39,6 @@ from probloss.distributions import ContinuousBernoulli
 from probloss.functional import (
     continuous_bernoulli_cdf,
     continuous_bernoulli_icdf,
-    continuous_bernoulli_kl,
     continuous_bernoulli_log_prob,
 )
 from tests.functional import cb_reference as ref
@@ -158,16 +158,45 @@ def test_methods_delegate_to_functional(dtype):
     assert torch.equal(d.log_prob(xs), continuous_bernoulli_log_prob(xs, logits))
 
 
-def test_kl_divergence_is_registered():
-    """``torch.distributions.kl_divergence`` dispatches to continuous_bernoulli_kl (and so
-    is right at large logits, where torch's own formula fails)."""
-    q = ContinuousBernoulli(logits=torch.tensor([50.0, 1.0, -30.0, 0.0, 1e4]))
-    p = ContinuousBernoulli(logits=torch.tensor([40.0, 1.0, -25.0, 2.0, -1e4]))
-    got = kl_divergence(q, p)
-    assert torch.equal(got, continuous_bernoulli_kl(q.logits, p.logits))
-    exact = ref.to_float64(ref.cb_kl(50.0, 40.0))
-    # |p - q| = 10 <= |q| / 2: the quadrature, (13 + 8) eps (tests/functional/test_divergence)
-    assert math.isclose(got[0].item(), exact, rel_tol=21 * torch.finfo(torch.float32).eps)
+def test_positional_meaning_and_signature_are_torchs():
+    """Issue 11: ``ContinuousBernoulli(0.3)`` meant logits 0.3; torch's first positional is
+    ``probs``. The signature (names, order, defaults) is torch's, ``probs`` is kept as
+    given, and moments, ``log_prob``, ``cdf``, ``icdf`` equal torch's in float64 at
+    ``probs`` outside its Taylor window (logits 0.85 to 2.9, where it is accurate: relative
+    1e-12, module docstring); ``logits`` second positionally, ``lims`` accepted."""
+
+    def parameters(cls):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(cls).parameters.values()]
+
+    assert parameters(ContinuousBernoulli) == parameters(TorchCB)
+    assert ContinuousBernoulli(0.3).probs.item() == TorchCB(0.3).probs.item()
+    probs = torch.tensor([0.05, 0.3, 0.7, 0.95], dtype=torch.float64)
+    x = torch.tensor([0.1, 0.5, 0.25, 0.9], dtype=torch.float64)
+    u = torch.tensor([0.2, 0.5, 0.6, 0.99], dtype=torch.float64)
+    logits = torch.log(probs) - torch.log1p(-probs)
+    for ours, theirs in [
+        (ContinuousBernoulli(probs), TorchCB(probs)),
+        (ContinuousBernoulli(None, logits), TorchCB(None, logits)),
+        (
+            ContinuousBernoulli(probs, None, (0.4, 0.6), True),
+            TorchCB(probs, None, (0.4, 0.6), True),
+        ),
+    ]:
+        assert torch.equal(ours.probs, theirs.probs)
+        for name, f in [
+            ("mean", lambda d: d.mean),
+            ("variance", lambda d: d.variance),
+            ("entropy", lambda d: d.entropy()),
+            ("log_prob", lambda d: d.log_prob(x)),
+            ("cdf", lambda d: d.cdf(x)),
+            ("icdf", lambda d: d.icdf(u)),
+        ]:
+            torch.testing.assert_close(f(ours), f(theirs), rtol=1e-12, atol=0, msg=name)
+    d = ContinuousBernoulli(probs)
+    assert torch.equal(d.log_prob(x), continuous_bernoulli_log_prob(x, d.logits))
+    assert torch.equal(d.expand((2, 4)).probs, probs.expand(2, 4))
+    with pytest.raises(ValueError, match=r"first positional argument is probs.*logits="):
+        ContinuousBernoulli(torch.tensor([-2.0, 0.5]))  # logits in the old positional place
 
 
 def test_probs_property_and_probs_constructor():
@@ -179,7 +208,7 @@ def test_probs_property_and_probs_constructor():
     expected = [math.log(p) - math.log1p(-p) for p in probs]  # logit(p), exact to 1 ulp
     assert_within(e.logits.numpy(), expected, 1e-15 * np.abs(expected) + 1e-300, probs, "logit")
     assert e.batch_shape == (5,)
-    torch.testing.assert_close(e.probs, torch.tensor(probs, dtype=torch.float64))
+    assert torch.equal(e.probs, torch.tensor(probs, dtype=torch.float64))  # as given
 
 
 @pytest.mark.parametrize(

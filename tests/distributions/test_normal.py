@@ -20,6 +20,7 @@ Where the exact value is below the dtype's ``tiny`` the result must be within ``
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import numpy as np
@@ -38,7 +39,7 @@ def test_log_prob_and_entropy_match_scipy():
     loc = torch.tensor([0.0, 1.0, -3.0], dtype=torch.float64)
     log_scale = torch.tensor([0.0, -2.0, 3.0], dtype=torch.float64)
     x = torch.tensor([0.5, 1.1, 100.0], dtype=torch.float64)
-    d = Normal(loc, log_scale)
+    d = Normal(loc, log_scale=log_scale)
     sd = log_scale.exp().numpy()
     torch.testing.assert_close(
         d.log_prob(x),
@@ -69,16 +70,74 @@ def test_tiny_scale_in_float32_where_torch_overflows():
 def test_scale_alternative_and_errors():
     a = Normal(torch.tensor([1.0]), scale=torch.tensor([2.0]))
     torch.testing.assert_close(a.log_scale, torch.tensor([math.log(2.0)]))
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match=r"exactly one of scale .* and log_scale"):
         Normal(0.0)
-    with pytest.raises(ValueError, match="exactly one"):
-        Normal(0.0, 1.0, scale=1.0)
+    with pytest.raises(ValueError, match=r"exactly one of scale .* and log_scale"):
+        Normal(0.0, 1.0, log_scale=0.0)
+    # a log-scale passed in the old positional place: the error says what changed
+    with pytest.raises(ValueError, match=r"scale of shape \(2,\) must be positive.*log_scale="):
+        Normal(torch.zeros(2), torch.tensor([1.0, -1.0]))
     with pytest.raises(ValueError, match="positive"):
-        Normal(torch.zeros(2), scale=torch.tensor([1.0, -1.0]))
+        Normal(torch.zeros(2), scale=torch.tensor([1.0, 0.0]))
+    assert Normal(0.0, -1.0, validate_args=False).log_scale.isnan()  # unchecked, as asked
+    assert not Normal(0.0, 1.0, False)._validate_args  # torch's third positional
+    with pytest.raises(TypeError):  # log_scale is keyword-only
+        Normal(0.0, None, None, 0.0)
+
+
+def test_positional_meaning_and_signature_are_torchs():
+    """Issue 11: ``Normal(0., 2.0)`` had scale ``e^2 = 7.39`` (the second positional was
+    ``log_scale``). Now the positional parameters are torch's, the scale is kept as given,
+    and every method equals torch's in float64 where torch's formula is accurate (moderate
+    ``z``, ``p`` and the cdf away from the lower tail): relative 1e-14, 1e-13 for
+    ``icdf`` (torch's ``erfinv`` form); ``log_prob`` is the functional core at the given
+    ``scale`` exactly; samples are torch's draws (same seed)."""
+    positional = [
+        name
+        for name, par in inspect.signature(Normal).parameters.items()
+        if par.kind is par.POSITIONAL_OR_KEYWORD
+    ]
+    assert positional == list(inspect.signature(torch.distributions.Normal).parameters)
+    assert Normal(0.0, 2.0).scale.item() == 2.0
+    loc = torch.tensor([0.0, 1.0, -3.0], dtype=torch.float64)
+    scale = torch.tensor([2.0, 0.5, 10.0], dtype=torch.float64)
+    ours, theirs = Normal(loc, scale), torch.distributions.Normal(loc, scale)
+    assert torch.equal(ours.scale, scale) and torch.equal(ours.loc, loc)
+    assert ours.batch_shape == theirs.batch_shape
+    x = torch.tensor([0.5, 1.1, 4.0], dtype=torch.float64)
+    p = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
+    for name, f, rtol in [
+        ("mean", lambda d: d.mean, 0.0),
+        ("stddev", lambda d: d.stddev, 0.0),
+        ("variance", lambda d: d.variance, 1e-16),
+        ("entropy", lambda d: d.entropy(), 1e-14),
+        ("log_prob", lambda d: d.log_prob(x), 1e-14),
+        ("cdf", lambda d: d.cdf(x), 1e-14),
+        ("icdf", lambda d: d.icdf(p), 1e-13),
+        ("expand", lambda d: d.expand((2, 3)).scale, 0.0),
+    ]:
+        torch.testing.assert_close(f(ours), f(theirs), rtol=rtol, atol=0, msg=name)
+    assert torch.equal(ours.log_prob(x), normal_log_prob(x, loc, scale=scale))
+    assert torch.equal(
+        ours.expand((2, 3)).log_prob(x), normal_log_prob(x, loc, scale=scale).expand(2, 3)
+    )
+    torch.manual_seed(0)
+    drawn = ours.sample((4,))
+    torch.manual_seed(0)
+    torch.testing.assert_close(drawn, theirs.sample((4,)), rtol=1e-15, atol=1e-15)
+
+
+def test_log_scale_keyword_is_the_functional_core():
+    """The keyword form: ``scale = exp(log_scale)``, ``log_prob`` the core at ``log_scale``."""
+    ls = torch.tensor([-120.0, 0.0, 3.0], dtype=torch.float64)
+    d = Normal(torch.zeros(3, dtype=torch.float64), log_scale=ls)
+    x = torch.tensor([0.0, 1.0, -2.0], dtype=torch.float64)
+    assert torch.equal(d.scale, ls.exp()) and torch.equal(d.log_scale, ls)
+    assert torch.equal(d.log_prob(x), normal_log_prob(x, d.loc, ls))
 
 
 def test_expand_sample_and_kl_interop():
-    d = Normal(torch.zeros(3), torch.zeros(3))
+    d = Normal(torch.zeros(3), log_scale=torch.zeros(3))
     e = d.expand((2, 3))
     assert e.batch_shape == (2, 3) and e.log_scale.shape == (2, 3)
     assert d.rsample((4,)).shape == (4, 3)
@@ -87,7 +146,7 @@ def test_expand_sample_and_kl_interop():
 
 
 def test_half_precision_log_prob_is_float32():
-    d = Normal(torch.zeros(2, dtype=torch.float16), torch.zeros(2, dtype=torch.float16))
+    d = Normal(torch.zeros(2, dtype=torch.float16), log_scale=torch.zeros(2, dtype=torch.float16))
     assert d.log_prob(torch.zeros(2, dtype=torch.float16)).dtype == torch.float32
     assert d.entropy().dtype == torch.float32
 
@@ -129,7 +188,7 @@ def test_icdf_matches_mpmath_down_to_subnormal_quantiles(dtype):
     p64 = _quantiles(dtype)
     p = torch.tensor(p64, dtype=dtype, requires_grad=True)
     log_scale = torch.zeros(len(p64), dtype=dtype, requires_grad=True)
-    x = Normal(torch.zeros(len(p64), dtype=dtype), log_scale).icdf(p)
+    x = Normal(torch.zeros(len(p64), dtype=dtype), log_scale=log_scale).icdf(p)
     x.sum().backward()
     exact = np.array([_ppf(v) for v in p64])
     if dtype == torch.float32:  # the documented failure of torch's erfinv form
@@ -172,7 +231,7 @@ def test_cdf_matches_mpmath_in_both_tails(dtype):
         ]
         exact = np.array([float(mp.ncdf(z)) for z in z_exact])
         dvalue = np.array([float(mp.npdf(z) * mp.exp(-mp.mpf(0.75))) for z in z_exact])
-    out = Normal(loc, log_scale).cdf(value)
+    out = Normal(loc, log_scale=log_scale).cdf(value)
     out.sum().backward()
     # the documented failures: torch's Normal.cdf and torch.special.ndtr at z = -10
     minus_ten = torch.tensor(-10.0, dtype=dtype)
@@ -196,7 +255,7 @@ def test_cdf_icdf_at_huge_inputs(dtype):
     x = torch.tensor([-top, top, -top, top, 0.0, 1.0], dtype=dtype, requires_grad=True)
     loc = torch.tensor([top, -top, 1e30, -1e30, 1e30, 0.0], dtype=dtype, requires_grad=True)
     ls = torch.tensor([0.0, 10.0, -1e30, 1e30, -100.0, -1e30], dtype=dtype, requires_grad=True)
-    out = Normal(loc, ls).cdf(x)
+    out = Normal(loc, log_scale=ls).cdf(x)
     out.sum().backward()
     assert out.dtype == dtype
     # z = -inf, +inf, -inf, 0 (e^-1e30 times a finite step), -inf, +inf
@@ -206,7 +265,7 @@ def test_cdf_icdf_at_huge_inputs(dtype):
     p = torch.tensor([0.98828125, 0.5, 1e-30], dtype=dtype)
     loc = torch.tensor([-3.3895313892515355e38, 1e38, 0.0], dtype=dtype)
     ls = torch.tensor([88.5, -1e30, 80.0], dtype=dtype)
-    got = Normal(loc, ls).icdf(p)
+    got = Normal(loc, log_scale=ls).icdf(p)
     assert got.dtype == dtype
     with mp.workdps(60):
         exact = [
@@ -227,7 +286,7 @@ def test_cdf_icdf_at_huge_inputs(dtype):
 def test_half_precision_cdf_icdf_rsample(dtype):
     """Half-precision parameters: cdf, icdf and samples are computed in float32 and returned
     in the parameters' dtype (float32 bound plus one rounding: ``eps_half / 2`` relative)."""
-    d = Normal(torch.zeros(3, dtype=dtype), torch.tensor([0.0, -2.0, 3.0], dtype=dtype))
+    d = Normal(torch.zeros(3, dtype=dtype), log_scale=torch.tensor([0.0, -2.0, 3.0], dtype=dtype))
     x = torch.tensor([-1.0, 0.25, 30.0], dtype=dtype)
     p = torch.tensor([1e-3, 0.5, 0.875], dtype=dtype)
     cdf, icdf = d.cdf(x), d.icdf(p)
@@ -253,7 +312,7 @@ def test_rsample_is_loc_plus_scaled_noise():
     loc = torch.tensor([0.0, 1.0, -1e38])
     ls = torch.tensor([0.0, -30.0, 88.75], requires_grad=True)
     torch.manual_seed(seed)
-    got = Normal(loc, ls).rsample()
+    got = Normal(loc, log_scale=ls).rsample()
     torch.manual_seed(seed)
     eps = torch.randn(3)
     assert abs(eps[2].item()) < 0.5
@@ -269,7 +328,9 @@ def test_rsample_is_loc_plus_scaled_noise():
     got.sum().backward()
     assert torch.isfinite(ls.grad).all()
     torch.manual_seed(seed)
-    assert torch.equal(Normal(loc, ls).sample(), got.detach())  # sample is rsample, no graph
+    assert torch.equal(
+        Normal(loc, log_scale=ls).sample(), got.detach()
+    )  # sample is rsample, no graph
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=dtype_id)
@@ -277,7 +338,7 @@ def test_empty_batch(dtype):
     """Empty in, empty out (issue 10): log_prob, cdf, icdf, entropy and rsample of a batch of
     0, with empty gradients."""
     loc = torch.zeros(0, 2, dtype=dtype, requires_grad=True)
-    d = Normal(loc, torch.zeros(0, 2, dtype=dtype))
+    d = Normal(loc, log_scale=torch.zeros(0, 2, dtype=dtype))
     x = torch.zeros(0, 2, dtype=dtype)
     for y in (d.log_prob(x), d.cdf(x), d.icdf(x + 0.5), d.entropy(), d.rsample((3,))):
         assert y.numel() == 0
@@ -298,14 +359,14 @@ def test_cdf_and_icdf_at_subnormal_inputs_and_extreme_scales():
     x = torch.tensor([tiny], requires_grad=True)
     loc = torch.tensor([-tiny], requires_grad=True)
     ls = torch.tensor([-1.0668787882505972e26], requires_grad=True)
-    out = Normal(loc, ls).cdf(x)
+    out = Normal(loc, log_scale=ls).cdf(x)
     out.backward()
     assert out.item() == 1.0
     assert x.grad.item() == 0.0 and loc.grad.item() == 0.0 and ls.grad.item() == 0.0
     p = torch.tensor([5e-324], dtype=torch.float64, requires_grad=True)
     loc = torch.tensor([-1e-3], dtype=torch.float64, requires_grad=True)
     ls = torch.tensor([-2.9e32], dtype=torch.float64, requires_grad=True)
-    out = Normal(loc, ls).icdf(p)
+    out = Normal(loc, log_scale=ls).icdf(p)
     out.backward()
     assert out.item() == -1e-3
     assert p.grad.item() == 0.0 and loc.grad.item() == 1.0 and ls.grad.item() == 0.0

@@ -1,14 +1,20 @@
-"""Heads: shapes, initial scale, gradients to every parameter, extreme raw outputs."""
+"""Heads: shapes, initial scale, gradients to every parameter, extreme raw outputs, options.
+
+References: torch.distributions in float64 at the head's own parameters (the dtype test);
+closed forms for the gradients of log_softplus (stated per test).
+"""
 
 from __future__ import annotations
 
 import io
+import types
 
 import pytest
 import torch
 
 from probloss.distributions.bivariate_normal import BivariateNormal
 from probloss.distributions.normal import Normal
+from probloss.distributions.stroke import StrokeMixture
 from probloss.nn import BivariateNormalHead, MixtureDensityHead, NormalHead
 
 HEADS = {
@@ -19,14 +25,20 @@ TARGET_SHAPE = {"normal": (5, 3), "bivariate": (5, 2)}
 
 
 @pytest.mark.parametrize("name", list(HEADS))
-def test_head_returns_distribution_with_batch_shape(name):
+def test_head_returns_distribution_over_points(name):
+    """Batch (5,), event (D,): log_prob is one value per point, so "mean" is over points
+    (for NormalHead the sum over coordinates of its probloss Normal, exactly)."""
     head = HEADS[name]()
     d = head(torch.randn(5, 6))
-    assert isinstance(d, Normal if name == "normal" else BivariateNormal)
+    assert d.batch_shape == (5,) and d.event_shape == TARGET_SHAPE[name][1:]
     assert tuple(d.sample().shape) == TARGET_SHAPE[name]
-    assert d.log_prob(torch.zeros(TARGET_SHAPE[name])).shape == (5,) + (
-        (3,) if name == "normal" else ()
-    )
+    y = torch.randn(TARGET_SHAPE[name])
+    assert d.log_prob(y).shape == (5,)
+    if name == "normal":
+        assert isinstance(d.base_dist, Normal)
+        assert torch.equal(d.log_prob(y), d.base_dist.log_prob(y).sum(-1))
+    else:
+        assert isinstance(d, BivariateNormal)
 
 
 @pytest.mark.parametrize("min_scale", [0.0, 1e-3])
@@ -37,7 +49,7 @@ def test_head_starts_at_init_scale(name, init_scale, min_scale):
     rounding (relative 1e-6); rho starts at 0."""
     head = HEADS[name](init_scale=init_scale, min_scale=min_scale)
     d = head(torch.zeros(2, 6))
-    scale = d.scale if name == "normal" else d.log_scale.exp()
+    scale = d.base_dist.scale if name == "normal" else d.log_scale.exp()
     torch.testing.assert_close(scale, torch.full_like(scale, init_scale), rtol=1e-6, atol=0)
     if name == "bivariate":
         assert (d.atanh_rho == 0).all()
@@ -83,9 +95,34 @@ def test_extreme_raw_scales_stay_finite(name, raw):
     )
 
 
-def test_init_scale_must_exceed_min_scale():
-    with pytest.raises(ValueError, match="init_scale"):
-        NormalHead(3, 1, init_scale=1e-3, min_scale=1e-3)
+@pytest.mark.parametrize("name", list(HEADS))
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"init_scale": 1e-3, "min_scale": 1e-3}, r"init_scale \(0.001\) must exceed min_scale"),
+        ({"min_scale": -1.0}, r"min_scale must be a finite number in \[0.0, inf\]; got -1.0"),
+        ({"min_scale": float("inf")}, "min_scale must be a finite number"),
+        ({"init_scale": 0.0}, r"init_scale must be a finite number in \(0.0, inf\]; got 0.0"),
+        ({"init_scale": float("nan")}, "init_scale must be a finite number"),
+    ],
+)
+def test_bad_options_raise_in_init(name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        HEADS[name](**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: NormalHead(0, 3), "in_features must be an int >= 1; got 0"),
+        (lambda: NormalHead(6, 0), "out_features must be an int >= 1; got 0"),
+        (lambda: NormalHead(6, 2.0), "out_features must be an int >= 1; got 2.0"),
+        (lambda: BivariateNormalHead(-1), "in_features must be an int >= 1; got -1"),
+    ],
+)
+def test_bad_sizes_raise_in_init(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
 
 
 @pytest.mark.parametrize("name", list(HEADS))
@@ -111,9 +148,10 @@ ALL_HEADS = {
     "mdn-normal": lambda: MixtureDensityHead(8, 3, 4, component="normal"),
     "mdn-bivariate": lambda: MixtureDensityHead(8, 2, 4, component="bivariate"),
     "mdn-full": lambda: MixtureDensityHead(8, 3, 4, component="full"),
+    "mdn-pen": lambda: MixtureDensityHead(8, 2, 4, component="bivariate", pen_states=3),
 }
 EVENT = {"normal": (3,), "bivariate": (2,), "mdn-normal": (3,), "mdn-bivariate": (2,),
-         "mdn-full": (3,)}  # fmt: skip
+         "mdn-full": (3,), "mdn-pen": (5,)}  # fmt: skip
 HALF = (torch.float16, torch.bfloat16)
 
 
@@ -124,8 +162,19 @@ def _reference64(name: str, d):
     log-density magnitude (for the error bound of a log-sum-exp)."""
     f = lambda t: t.detach().double()  # noqa: E731
     if name == "normal":
-        ref = torch.distributions.Normal(f(d.loc), f(d.log_scale).exp())
-        return ref, lambda y: ref.log_prob(y).abs()
+        base = torch.distributions.Normal(f(d.base_dist.loc), f(d.base_dist.log_scale).exp())
+        ref = torch.distributions.Independent(base, 1)
+        return ref, lambda y: base.log_prob(y).abs().sum(-1)
+    if name == "mdn-pen":
+        offsets, magnitude = _reference64("mdn-bivariate", d.offsets)
+        log_pen = torch.log_softmax(f(d.pen_logits), -1)
+
+        def log_prob(y):  # the offsets' mixture + log_softmax of the pen logits at the state
+            state = y[..., 2:].argmax(-1, keepdim=True)
+            return offsets.log_prob(y[..., :2]) + log_pen.gather(-1, state).squeeze(-1)
+
+        ref = types.SimpleNamespace(log_prob=log_prob)
+        return ref, lambda y: magnitude(y[..., :2]) + log_pen.abs().amax(-1)
     if name == "bivariate":
         s = f(d.log_scale).exp()
         rho = torch.tanh(f(d.atanh_rho))
@@ -181,6 +230,8 @@ def test_every_head_and_dtype_samples_evaluates_and_backpropagates(name, dtype):
         assert torch.isfinite(value).all(), moment
 
     y = torch.randn(5, *EVENT[name]).to(dtype)
+    if name == "mdn-pen":  # stroke-5 points: the pen part one-hot
+        y[:, 2:] = torch.nn.functional.one_hot(torch.arange(5) % 3, 3).to(dtype)
     lp = d.log_prob(y)
     assert lp.dtype == (torch.float32 if dtype in HALF else dtype)
     ref, magnitude = _reference64(name, d)
@@ -200,27 +251,18 @@ def test_every_head_and_dtype_samples_evaluates_and_backpropagates(name, dtype):
         assert warm.dtype == dtype and warm.shape == (3, 5, *EVENT[name])
 
 
-@pytest.mark.parametrize(
-    ("name", "pen_states"),
-    [(name, 0) for name in ALL_HEADS] + [(name, 3) for name in ALL_HEADS if "mdn" in name],
-)
-def test_empty_batch_in_empty_out(name, pen_states):
+@pytest.mark.parametrize("name", list(ALL_HEADS))
+def test_empty_batch_in_empty_out(name):
     """Features (0, in_features) (issue 10: "cannot reshape tensor of 0 elements" from
-    torch's argument validation): the distribution has batch shape (0,); log_prob,
-    samples, moments and the gradient of a summed loss are empty (or zero), never an
-    error. Validation stays on (CPU tensors) and simply has no element to check."""
+    torch's argument validation and torch's Independent): the distribution has batch
+    shape (0,); log_prob, samples, moments and the gradient of a summed loss are empty (or
+    zero), never an error. Validation stays on (CPU tensors) and has no element to check."""
     head = ALL_HEADS[name]()
-    if pen_states:
-        head = MixtureDensityHead(
-            8, EVENT[name][0], 4, component=name.removeprefix("mdn-"), pen_states=pen_states
-        )
-    out = head(torch.zeros(0, 8))
-    d = out.mixture if pen_states else out
+    d = head(torch.zeros(0, 8))
     event = EVENT[name]
-    batch = (0,) if name.startswith("mdn") or name == "bivariate" else (0, *event)
-    assert d.batch_shape == batch
+    assert d.batch_shape == (0,) and d.event_shape == event
     lp = d.log_prob(torch.zeros(0, *event))
-    assert lp.shape == batch
+    assert lp.shape == (0,)
     lp.sum().backward()
     assert (head.linear.weight.grad == 0).all()
     assert d.sample().shape == (0, *event)
@@ -230,7 +272,8 @@ def test_empty_batch_in_empty_out(name, pen_states):
     if name.startswith("mdn"):
         assert d.sample_with_temperature(0.5, (2,)).shape == (2, 0, *event)
         assert d.sample_with_temperature(0.0).shape == (0, *event)
-    if name == "bivariate":
+    if name in ("normal", "bivariate"):
         assert d.entropy().shape == (0,)
-    if pen_states:
-        assert out.pen.sample().shape == (0,) and out.pen.log_prob(torch.zeros(0)).shape == (0,)
+    if name == "mdn-pen":
+        assert isinstance(d, StrokeMixture)
+        assert d.pen.sample().shape == (0,) and d.pen.log_prob(torch.zeros(0)).shape == (0,)

@@ -118,38 +118,87 @@ def test_gaussian_nll_does_not_read_values_of_non_cpu_tensors():
     assert out.device.type == "meta" and out.shape == ()
 
 
-def test_gaussian_nll_rejects_bad_settings():
-    with pytest.raises(ValueError, match="reduction"):
-        GaussianNLLLoss(reduction="avg")
-    with pytest.raises(ValueError, match="eps"):
-        GaussianNLLLoss(eps=-1.0)
+def test_gaussian_nll_keeps_torch_signature():
+    """The drop-in keeps torch's options (full, eps, reduction) and forward(input, target,
+    var), not the value-first order of the other losses."""
+    import inspect
+
+    ours = inspect.signature(GaussianNLLLoss)
+    theirs = inspect.signature(torch.nn.GaussianNLLLoss)
+    for name, p in theirs.parameters.items():
+        assert ours.parameters[name].default == p.default, name
+    assert list(inspect.signature(GaussianNLLLoss.forward).parameters)[1:] == [
+        "input", "target", "var"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("form", ["log_scale", "log_var", "scale", "var"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_normal_nll_loss_is_the_functional_call(form, reduction):
+    """forward(target, loc, log_scale) with log_scale positional, the other forms by
+    keyword: bitwise the functional call with the same arguments."""
     mu, y, var = _data((5, 2), (5, 2))
     param = {"log_scale": 0.5 * var.log(), "log_var": var.log(), "scale": var.sqrt(), "var": var}[
         form
     ]
-    loss = NormalNLLLoss(scale_form=form, beta=0.5, min_scale=1e-3, reduction=reduction)
+    loss = NormalNLLLoss(beta=0.5, min_scale=1e-3, reduction=reduction)
     expected = normal_nll(y, mu, **{form: param}, beta=0.5, min_scale=1e-3, reduction=reduction)
-    assert torch.equal(loss(mu, param, y), expected)
-    assert f"scale_form={form!r}" in repr(loss)
+    got = loss(y, mu, param) if form == "log_scale" else loss(y, mu, **{form: param})
+    assert torch.equal(got, expected)
+    assert f"reduction={reduction!r}" in repr(loss) and "beta=0.5" in repr(loss)
+
+
+def test_normal_nll_loss_takes_exactly_one_form():
+    mu, y, var = _data((3,), (3,))
+    with pytest.raises(ValueError, match="log_scale"):
+        NormalNLLLoss()(y, mu, var.log(), var=var)
+    with pytest.raises(ValueError, match="log_scale"):
+        NormalNLLLoss()(y, mu)
 
 
 def test_normal_nll_loss_masks_nan_targets():
     mu, y, var = _data((4,), (4,))
     y[2] = math.nan
-    loss = NormalNLLLoss(nan_policy="mask")(mu, 0.5 * var.log(), y)
-    assert torch.isfinite(loss)
+    loss = NormalNLLLoss(nan_policy="mask")(y, mu, 0.5 * var.log())
+    keep = torch.tensor([True, True, False, True])
+    expected = normal_nll(y[keep], mu[keep], 0.5 * var[keep].log())
+    torch.testing.assert_close(loss, expected, rtol=1e-15, atol=0)
     with pytest.raises(ValueError, match="NaN"):
-        NormalNLLLoss()(mu, 0.5 * var.log(), y)
+        NormalNLLLoss()(y, mu, 0.5 * var.log())
 
 
-def test_normal_nll_loss_rejects_bad_scale_form():
-    with pytest.raises(ValueError, match="scale_form"):
-        NormalNLLLoss(scale_form="std")
+def test_normal_nll_loss_scale_form_option_is_gone():
+    """The form is a keyword of forward now; the old option says so."""
+    with pytest.raises(TypeError, match=r"scale_form was removed.*scale=, var= or log_var="):
+        NormalNLLLoss(scale_form="var")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        NormalNLLLoss(bogus=1)
+
+
+# Every option of every loss module is checked in __init__, naming the option and the
+# allowed values (module half of the parameter rule).
+BAD_OPTIONS = [
+    (NormalNLLLoss, {"reduction": "avg"}, "reduction must be 'mean', 'sum' or 'none', got 'avg'"),
+    (NormalNLLLoss, {"nan_policy": "bogus"}, "nan_policy must be 'raise' or 'mask'"),
+    (NormalNLLLoss, {"beta": 1.5}, r"beta must be a finite number in \[0.0, 1.0\]; got 1.5"),
+    (NormalNLLLoss, {"beta": "0"}, "beta must be a finite number"),
+    (NormalNLLLoss, {"min_scale": -1.0}, r"min_scale must be .* in \(0.0, inf\] or None"),
+    (NormalNLLLoss, {"min_scale": 0.0}, r"min_scale must be .* in \(0.0, inf\] or None"),
+    (NormalNLLLoss, {"validate_args": "yes"}, "validate_args must be one of None, True, False"),
+    (BivariateNormalNLLLoss, {"reduction": "avg"}, "reduction must be"),
+    (BivariateNormalNLLLoss, {"nan_policy": "bogus"}, "nan_policy must be 'raise' or 'mask'"),
+    (BivariateNormalNLLLoss, {"validate_args": 2}, "validate_args must be one of"),
+    (GaussianNLLLoss, {"reduction": "avg"}, "reduction must be"),
+    (GaussianNLLLoss, {"eps": -1.0}, r"eps must be a finite number in \[0.0, inf\]; got -1.0"),
+    (GaussianNLLLoss, {"eps": math.nan}, "eps must be a finite number"),
+    (GaussianNLLLoss, {"full": "yes"}, "full must be one of False, True; got 'yes'"),
+]
+
+
+@pytest.mark.parametrize(("module", "kwargs", "message"), BAD_OPTIONS)
+def test_bad_options_raise_in_init(module, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        module(**kwargs)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -159,7 +208,10 @@ def test_bivariate_nll_loss_is_the_functional_call(reduction):
     atanh_rho = torch.randn(7, generator=g)
     loss = BivariateNormalNLLLoss(reduction=reduction)
     expected = bivariate_normal_nll(y, loc, log_scale, atanh_rho, reduction=reduction)
-    assert torch.equal(loss(loc, log_scale, atanh_rho, y), expected)
+    assert torch.equal(loss(y, loc, log_scale, atanh_rho), expected)
+    rho = torch.tanh(atanh_rho)
+    expected = bivariate_normal_nll(y, loc, log_scale, rho=rho, reduction=reduction)
+    assert torch.equal(loss(y, loc, log_scale, rho=rho), expected)
 
 
 # --------------------------------------------------------------------------------------
@@ -222,9 +274,9 @@ def test_normal_nll_loss_refuses_outer_product(reduction):
     """loc of shape (8, 1) against targets (8,): through normal_nll's check (the module is
     one functional call)."""
     with pytest.raises(ValueError, match=r"loc of batch shape \(8, 1\)"):
-        NormalNLLLoss(reduction=reduction)(torch.zeros(8, 1), torch.zeros(8), torch.zeros(8))
-    with pytest.raises(ValueError, match=r"log_scale of batch shape \(8, 1\)"):
         NormalNLLLoss(reduction=reduction)(torch.zeros(8), torch.zeros(8, 1), torch.zeros(8))
+    with pytest.raises(ValueError, match=r"log_scale of batch shape \(8, 1\)"):
+        NormalNLLLoss(reduction=reduction)(torch.zeros(8), torch.zeros(8), torch.zeros(8, 1))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -234,7 +286,7 @@ def test_bivariate_nll_loss_refuses_outer_product(reduction):
     out = torch.zeros(64, 5)
     with pytest.raises(ValueError, match=r"atanh_rho of batch shape \(64, 1\)"):
         BivariateNormalNLLLoss(reduction=reduction)(
-            out[:, 0:2], out[:, 2:4], out[:, 4:5], torch.zeros(64, 2)
+            torch.zeros(64, 2), out[:, 0:2], out[:, 2:4], out[:, 4:5]
         )
 
 
@@ -245,7 +297,7 @@ def test_bivariate_nll_loss_refuses_outer_product(reduction):
         lambda r: (NormalNLLLoss(reduction=r), (torch.zeros(0),) * 3),
         lambda r: (
             BivariateNormalNLLLoss(reduction=r),
-            (torch.zeros(0, 2), torch.zeros(0, 2), torch.zeros(0), torch.zeros(0, 2)),
+            (torch.zeros(0, 2), torch.zeros(0, 2), torch.zeros(0, 2), torch.zeros(0)),
         ),
     ],
     ids=["gaussian", "normal", "bivariate"],

@@ -1,5 +1,5 @@
 """MixtureDensityHead and MixtureNLLLoss: shapes, initialisation, output layout, gradients,
-extreme features, save/load, pen states, errors.
+extreme features, save/load, pen states (one StrokeMixture), option errors.
 
 Reference values: the head's mixtures are checked against ``torch.distributions``
 (``MixtureSameFamily`` of ``Normal`` / ``MultivariateNormal``) in float64, built by hand
@@ -27,7 +27,9 @@ from probloss.distributions.mixture import (
     MultivariateNormalMixture,
     NormalMixture,
 )
-from probloss.nn.mixture import MixtureDensityHead, MixtureDensityOutput, MixtureNLLLoss
+from probloss.distributions.stroke import StrokeMixture
+from probloss.nn import BivariateNormalHead, NormalHead
+from probloss.nn.mixture import MixtureDensityHead, MixtureNLLLoss
 
 IN, K = 6, 4
 DIM = {"normal": 3, "bivariate": 2, "full": 3}
@@ -54,7 +56,7 @@ def _reference(head: MixtureDensityHead, features: torch.Tensor):
         tril = (
             tril
             - torch.diag_embed(diag)
-            + torch.diag_embed(torch.nn.functional.softplus(diag) + head.min_diag)
+            + torch.diag_embed(torch.nn.functional.softplus(diag) + head.min_scale)
         )
         return MixtureSameFamily(
             Categorical(logits=logits), MultivariateNormal(loc, scale_tril=tril)
@@ -94,7 +96,7 @@ def test_shapes_and_type(component):
     assert mixture.log_prob(torch.randn(3, 1, 1, d)).shape == (3, 2, 5)  # sample dims
 
 
-@pytest.mark.parametrize("min_scale", [0.0, 1e-3])
+@pytest.mark.parametrize("min_scale", [None, 1e-3])
 @pytest.mark.parametrize("component", COMPONENTS)
 def test_matches_torch_reference_with_documented_layout(component, min_scale):
     """float64 against torch.distributions built by hand: 1e-10 relative (rounding only)."""
@@ -107,7 +109,7 @@ def test_matches_torch_reference_with_documented_layout(component, min_scale):
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=0)
 
 
-@pytest.mark.parametrize("min_scale", [0.0, 1e-3])
+@pytest.mark.parametrize("min_scale", [None, 1e-3])
 @pytest.mark.parametrize("init_scale", [0.01, 1.0, 30.0])
 @pytest.mark.parametrize("component", COMPONENTS)
 def test_starts_at_init_scale_equal_weights_no_correlation(component, init_scale, min_scale):
@@ -139,19 +141,24 @@ def test_initial_means_differ_between_components(component):
     assert torch.cdist(loc[0], loc[0]).add(torch.eye(K)).min() > 0
 
 
-@pytest.mark.parametrize("pen_states", [0, 3])
-@pytest.mark.parametrize("component", COMPONENTS)
+def _points(n, pen_states=3, seed=0):
+    """n stroke points: normal offsets, then a one-hot pen state cycling through the states."""
+    g = torch.Generator().manual_seed(seed)
+    pen = torch.nn.functional.one_hot(torch.arange(n) % pen_states, pen_states).float()
+    return torch.cat((torch.randn(n, 2, generator=g), pen), -1)
+
+
+@pytest.mark.parametrize(
+    ("component", "pen_states"), [(c, 0) for c in COMPONENTS] + [("bivariate", 3)]
+)
 def test_gradient_reaches_every_output(component, pen_states):
     """Every bias entry (each logit, mean, scale, correlation, pen logit) and every weight
     row gets a finite, nonzero gradient from the NLL."""
     torch.manual_seed(0)
     head = _head(component, pen_states=pen_states)
     out = head(torch.randn(16, IN))
-    target = torch.randn(16, DIM[component])
-    if pen_states:
-        loss = -(out.mixture.log_prob(target) + out.pen.log_prob(torch.arange(16) % 3)).mean()
-    else:
-        loss = MixtureNLLLoss()(out, target)
+    target = _points(16) if pen_states else torch.randn(16, DIM[component])
+    loss = MixtureNLLLoss()(target, out)
     loss.backward()
     for name, p in head.named_parameters():
         assert torch.isfinite(p.grad).all(), name
@@ -162,17 +169,38 @@ def test_gradient_reaches_every_output(component, pen_states):
     assert head.linear.out_features == K + K * d + scale_outputs[component] + pen_states
 
 
-@pytest.mark.parametrize("component", COMPONENTS)
-def test_pen_state_output(component):
-    head = _head(component, pen_states=3)
-    out = head(torch.zeros(4, 5, IN))
-    assert isinstance(out, MixtureDensityOutput) and isinstance(out, tuple)
-    mixture, pen = out
-    assert mixture.batch_shape == (4, 5)
-    assert isinstance(pen, Categorical) and pen.logits.shape == (4, 5, 3)
-    torch.testing.assert_close(pen.probs, torch.full((4, 5, 3), 1.0 / 3))  # bias 0
-    assert pen.sample().shape == (4, 5)
-    assert not isinstance(_head(component)(torch.zeros(2, IN)), tuple)
+def test_pen_state_output_is_one_stroke_mixture():
+    """pen_states = 3: one distribution over the stroke-5 point, built from the documented
+    layout (logits, loc, raw scales, atanh_rho, then the pen logits, bias 0); its log_prob
+    is the offsets' mixture plus the pen state's log_softmax (exact: the same calls)."""
+    torch.manual_seed(0)
+    head = _head("bivariate", pen_states=3)
+    features = torch.randn(4, 5, IN)
+    out = head(features)
+    assert isinstance(out, StrokeMixture)
+    assert out.batch_shape == (4, 5) and out.event_shape == (5,)
+    assert out.sample().shape == (4, 5, 5) and out.sample((2,)).shape == (2, 4, 5, 5)
+    pen_logits = head.linear(features)[..., -3:]
+    torch.testing.assert_close(out.pen_logits, pen_logits)
+    assert isinstance(out.pen, Categorical) and out.pen.logits.shape == (4, 5, 3)
+    zero = head(torch.zeros(2, IN))
+    torch.testing.assert_close(zero.pen.probs, torch.full((2, 3), 1.0 / 3))  # bias 0
+    points = _points(20).view(4, 5, 5)
+    state = points[..., 2:].argmax(-1, keepdim=True)
+    log_pen = torch.log_softmax(pen_logits, -1).gather(-1, state).squeeze(-1)
+    assert torch.equal(out.log_prob(points), out.offsets.log_prob(points[..., :2]) + log_pen)
+
+
+def test_removed_output_type_says_what_replaced_it():
+    import probloss.nn
+    import probloss.nn.mixture
+
+    for module in (probloss.nn, probloss.nn.mixture):
+        with pytest.raises(AttributeError, match=r"returns one distribution, a .*StrokeMixture"):
+            module.MixtureDensityOutput  # noqa: B018
+        assert not hasattr(module, "MixtureDensityOutput")
+    with pytest.raises(AttributeError, match="has no attribute 'Nothing'"):
+        probloss.nn.Nothing  # noqa: B018
 
 
 @pytest.mark.parametrize(
@@ -215,11 +243,16 @@ def test_log_prob_and_gradient_finite_for_extreme_features(component, min_scale,
         assert torch.isfinite(p.grad).all(), name
 
 
-def test_full_covariance_floor_is_min_scale_when_positive():
-    """The documented floor of L's diagonal: min_scale if positive (else the float32
-    default, see the next test), fixed at construction whatever the module's dtype."""
+def test_full_covariance_floor_is_min_scale():
+    """The documented floor of L's diagonal: min_scale (default: the float32 default, see
+    the next test), fixed at construction whatever the module's dtype; 0 is refused, and
+    the old name min_diag is a TypeError naming min_scale."""
+    with pytest.raises(ValueError, match=r"min_scale must be a finite number in \(0.0"):
+        _head("full", min_scale=0.0)
+    with pytest.raises(TypeError, match="min_diag was renamed min_scale"):
+        _head("full", min_diag=1e-3)
     head = _head("full", min_scale=1e-3)
-    assert head.min_diag == 1e-3
+    assert head.min_scale == 1e-3
     mixture = head.double()(torch.full((2, IN), -1e4, dtype=torch.float64))
     diag = torch.diagonal(mixture.scale_tril, dim1=-2, dim2=-1)
     assert (diag >= 1e-3).all()
@@ -231,16 +264,16 @@ def test_loss_never_reads_non_cpu_values():
     head = _head("bivariate").to("meta")
     features, target = torch.zeros(4, IN, device="meta"), torch.zeros(4, 2, device="meta")
     for reduction in ("mean", "sum", "none"):
-        out = MixtureNLLLoss(reduction)(head(features), target)
+        out = MixtureNLLLoss(reduction=reduction)(target, head(features))
         assert out.device.type == "meta"
 
 
 def test_full_covariance_finite_for_extreme_features():
-    """The diagonal of L is floored at min_diag (3.45e-4 by default): finite log density
+    """The diagonal of L is floored at min_scale (3.45e-4 by default): finite log density
     and gradient even where softplus(raw) underflows to 0 (raw ~ -1e3)."""
     torch.manual_seed(0)
     head = _head("full")
-    assert head.min_diag == pytest.approx(math.sqrt(torch.finfo(torch.float32).eps))
+    assert head.min_scale == pytest.approx(math.sqrt(torch.finfo(torch.float32).eps))
     mixture = head(1e3 * torch.randn(32, IN))
     nll = -mixture.log_prob(mixture.mean.detach())
     assert torch.isfinite(nll).all()
@@ -251,17 +284,18 @@ def test_full_covariance_finite_for_extreme_features():
 @pytest.mark.parametrize("component", COMPONENTS)
 def test_state_dict_round_trip(component):
     torch.manual_seed(0)
-    head = _head(component, init_scale=0.3, min_scale=1e-3, pen_states=2)
+    pen_states = 2 if component == "bivariate" else 0
+    head = _head(component, init_scale=0.3, min_scale=1e-3, pen_states=pen_states)
     buffer = io.BytesIO()
     torch.save(head.state_dict(), buffer)
     buffer.seek(0)
     torch.manual_seed(1)  # a different initialisation, overwritten by the load
-    loaded = _head(component, init_scale=0.3, min_scale=1e-3, pen_states=2)
+    loaded = _head(component, init_scale=0.3, min_scale=1e-3, pen_states=pen_states)
     loaded.load_state_dict(torch.load(buffer))
-    features, target = torch.randn(5, IN), torch.randn(5, DIM[component])
+    features = torch.randn(5, IN)
+    target = _points(5, 2) if pen_states else torch.randn(5, DIM[component])
     a, b = head(features), loaded(features)
-    torch.testing.assert_close(a.mixture.log_prob(target), b.mixture.log_prob(target))
-    torch.testing.assert_close(a.pen.logits, b.pen.logits)
+    assert torch.equal(a.log_prob(target), b.log_prob(target))
     assert "component=" in repr(head) and "num_components=4" in repr(head)
 
 
@@ -276,14 +310,22 @@ def test_nan_features_raise_on_cpu(component):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"component": "diagonal"}, "component must be one of"),
+        ({"component": "diagonal"}, "component must be one of 'normal', 'bivariate', 'full'"),
         ({"component": "bivariate", "out_features": 3}, "needs out_features == 2"),
-        ({"out_features": 0}, "out_features must be a positive int"),
-        ({"num_components": 0}, "num_components must be a positive int"),
-        ({"in_features": 2.5}, "in_features must be a positive int"),
+        ({"out_features": 0}, "out_features must be an int >= 1; got 0"),
+        ({"num_components": 0}, "num_components must be an int >= 1; got 0"),
+        ({"num_components": -2}, "num_components must be an int >= 1; got -2"),
+        ({"in_features": 2.5}, "in_features must be an int >= 1; got 2.5"),
+        ({"in_features": True}, "in_features must be an int >= 1; got True"),
         ({"pen_states": -1}, "pen_states must be an int >= 0"),
-        ({"min_scale": -0.1}, "min_scale must be >= 0"),
-        ({"init_scale": 0.1, "min_scale": 0.1}, "must exceed min_scale"),
+        ({"pen_states": 1, "component": "bivariate"}, "pen_states must be 0 .* >= 2"),
+        ({"pen_states": 3}, "pen_states must be 0 .*component='bivariate'.*'normal'"),
+        ({"min_scale": -0.1}, r"min_scale must be a finite number in \[0.0, inf\]; got -0.1"),
+        ({"min_scale": math.nan}, "min_scale must be a finite number"),
+        ({"min_scale": 0.0, "component": "full"}, r"min_scale must be .* in \(0.0"),
+        ({"init_scale": 0.1, "min_scale": 0.1}, "init_scale .* must exceed min_scale"),
+        ({"init_scale": math.inf}, "init_scale must be a finite number"),
+        ({"init_scale": "1"}, "init_scale must be a finite number"),
     ],
 )
 def test_bad_arguments_raise(kwargs, message):
@@ -309,10 +351,10 @@ def test_loss_reductions_are_of_events():
     """'mean' averages over the 6 events (points), not the 18 coordinates."""
     mixture, target = _mixture_and_target()
     per_event = -mixture.log_prob(target)
-    assert MixtureNLLLoss(reduction="none")(mixture, target).shape == (6,)
-    torch.testing.assert_close(MixtureNLLLoss(reduction="none")(mixture, target), per_event)
-    torch.testing.assert_close(MixtureNLLLoss(reduction="sum")(mixture, target), per_event.sum())
-    torch.testing.assert_close(MixtureNLLLoss()(mixture, target), per_event.sum() / 6)
+    assert MixtureNLLLoss(reduction="none")(target, mixture).shape == (6,)
+    torch.testing.assert_close(MixtureNLLLoss(reduction="none")(target, mixture), per_event)
+    torch.testing.assert_close(MixtureNLLLoss(reduction="sum")(target, mixture), per_event.sum())
+    torch.testing.assert_close(MixtureNLLLoss()(target, mixture), per_event.sum() / 6)
 
 
 def test_loss_nan_policy():
@@ -320,13 +362,13 @@ def test_loss_nan_policy():
     target[1, 2] = float("nan")  # one coordinate of event 1
     target[4] = float("nan")
     with pytest.raises(ValueError, match="target"):
-        MixtureNLLLoss()(mixture, target)
-    masked = MixtureNLLLoss(nan_policy="mask", reduction="none")(mixture, target)
+        MixtureNLLLoss()(target, mixture)
+    masked = MixtureNLLLoss(nan_policy="mask", reduction="none")(target, mixture)
     keep = torch.tensor([True, False, True, True, False, True])
     assert (masked[~keep] == 0).all()
     clean = torch.where(torch.isnan(target), 0.0, target)
     torch.testing.assert_close(masked[keep], -mixture.log_prob(clean)[keep])
-    mean = MixtureNLLLoss(nan_policy="mask")(mixture, target)
+    mean = MixtureNLLLoss(nan_policy="mask")(target, mixture)
     torch.testing.assert_close(mean, masked.sum() / 4)
 
 
@@ -336,7 +378,7 @@ def test_loss_masked_events_get_zero_gradient():
     features = torch.randn(4, IN, requires_grad=True)
     target = torch.randn(4, 2)
     target[0, 0] = float("nan")
-    MixtureNLLLoss(nan_policy="mask")(head(features), target).backward()
+    MixtureNLLLoss(nan_policy="mask")(target, head(features)).backward()
     assert (features.grad[0] == 0).all() and (features.grad[1:] != 0).any()
     assert torch.isfinite(head.linear.weight.grad).all()
 
@@ -350,6 +392,51 @@ def test_loss_bad_settings_raise(kwargs, message):
         MixtureNLLLoss(**kwargs)
 
 
+def test_loss_takes_the_value_first():
+    """(value, distribution), like every probloss loss; the old order is a TypeError that
+    says so, and reduction / nan_policy are keyword-only."""
+    mixture, target = _mixture_and_target()
+    with pytest.raises(TypeError, match=r"the order is \(value, distribution\)"):
+        MixtureNLLLoss()(mixture, target)
+    with pytest.raises(TypeError, match=r"the order is \(value, distribution\)"):
+        MixtureNLLLoss()(target, (mixture, mixture))  # e.g. the old (mixture, pen) tuple
+    with pytest.raises(TypeError):
+        MixtureNLLLoss("sum")
+
+
+HEAD_OUTPUTS = {
+    "normal-head": (lambda: NormalHead(IN, 3), lambda n: torch.randn(n, 3)),
+    "bivariate-head": (lambda: BivariateNormalHead(IN), lambda n: torch.randn(n, 2)),
+    **{
+        f"mdn-{c}": (lambda c=c: _head(c), lambda n, c=c: torch.randn(n, DIM[c]))
+        for c in COMPONENTS
+    },
+    "mdn-pen": (lambda: _head("bivariate", pen_states=3), _points),
+}
+
+
+@pytest.mark.parametrize("name", list(HEAD_OUTPUTS))
+def test_loss_works_on_every_head_output(name):
+    """MixtureNLLLoss(target, head(x)) for every head and option: one value per point,
+    "mean" the average over points of -log_prob (exact: the same calls), and with
+    nan_policy="mask" a point with a NaN coordinate (an offset, or a pen entry) gives 0
+    and the others their -log_prob."""
+    torch.manual_seed(0)
+    make_head, make_target = HEAD_OUTPUTS[name]
+    d = make_head()(torch.randn(6, IN))
+    target = make_target(6)
+    per_point = -d.log_prob(target)
+    assert per_point.shape == (6,)
+    assert torch.equal(MixtureNLLLoss(reduction="none")(target, d), per_point)
+    assert torch.equal(MixtureNLLLoss()(target, d), per_point.sum() / 6)
+    target[2, 0] = float("nan")
+    target[4, -1] = float("nan")  # the last pen entry for stroke points
+    masked = MixtureNLLLoss(nan_policy="mask", reduction="none")(target, d)
+    keep = torch.tensor([True, True, False, True, False, True])
+    assert (masked[~keep] == 0).all()
+    assert torch.equal(masked[keep], per_point[keep])
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("component", COMPONENTS)
 def test_loss_refuses_a_mixture_that_enlarges_the_target_batch(component, reduction):
@@ -359,12 +446,12 @@ def test_loss_refuses_a_mixture_that_enlarges_the_target_batch(component, reduct
     head = _head(component)
     mixture = head(torch.zeros(64, 1, IN))
     target = torch.zeros(64, DIM[component])
-    with pytest.raises(ValueError, match=r"mixture of batch shape \(64, 1\).*\(64,\)"):
-        MixtureNLLLoss(reduction=reduction)(mixture, target)
-    assert MixtureNLLLoss(reduction="none")(mixture, target).shape == (64, 64)
+    with pytest.raises(ValueError, match=r"distribution of batch shape \(64, 1\).*\(64,\)"):
+        MixtureNLLLoss(reduction=reduction)(target, mixture)
+    assert MixtureNLLLoss(reduction="none")(target, mixture).shape == (64, 64)
     # a mixture broadcast *up to* the targets (one shared mixture) is fine
     shared = head(torch.zeros(1, IN))
-    assert MixtureNLLLoss(reduction=reduction)(shared, target).shape == ()
+    assert MixtureNLLLoss(reduction=reduction)(target, shared).shape == ()
 
 
 @pytest.mark.parametrize("nan_policy", ["raise", "mask"])
@@ -375,12 +462,12 @@ def test_loss_of_an_empty_batch_reduces_like_torch(component, nan_policy):
     head = _head(component)
     mixture = head(torch.zeros(0, IN))
     target = torch.zeros(0, DIM[component])
-    assert MixtureNLLLoss("none", nan_policy)(mixture, target).shape == (0,)
-    total = MixtureNLLLoss("sum", nan_policy)(mixture, target)
+    assert MixtureNLLLoss(reduction="none", nan_policy=nan_policy)(target, mixture).shape == (0,)
+    total = MixtureNLLLoss(reduction="sum", nan_policy=nan_policy)(target, mixture)
     assert total == 0
     total.backward()
     assert (head.linear.weight.grad == 0).all()
-    assert torch.isnan(MixtureNLLLoss("mean", nan_policy)(mixture, target))
+    assert torch.isnan(MixtureNLLLoss(reduction="mean", nan_policy=nan_policy)(target, mixture))
 
 
 # --------------------------------------------------------------------------------------

@@ -31,9 +31,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.distributions import Normal, kl_divergence
 
+from probloss.vae.constrained import GECO, Capacity
 from probloss.vae.elbo import ELBO, ELBOResult, elbo
 from probloss.vae.schedules import LinearWarmup
-from probloss.vae.weighting import GECO, Beta, Capacity, FreeBits, normalised_beta
+from probloss.vae.weighting import Beta, FreeBits, normalised_beta
 
 mp.mp.dps = 30
 F64 = torch.float64

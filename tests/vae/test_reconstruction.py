@@ -50,9 +50,8 @@ from probloss.vae.reconstruction import (
     continuous_bernoulli_log_likelihood,
     gaussian_log_likelihood,
     laplace_log_likelihood,
-    sigma_vae_log_likelihood,
-    sigma_vae_log_scale,
 )
+from probloss.vae.sigma_vae import sigma_vae_log_likelihood, sigma_vae_log_scale
 from tests.functional._checks import FLOAT_DTYPES, HALF_DTYPES, assert_within, dtype_id
 
 LOGITS = [1e4, -1e4, 100.0, -100.0, 20.0, -20.0, 1.0, -1.0, 1e-3, -1e-3, 0.0, 3.7]
@@ -200,9 +199,9 @@ def test_laplace_matches_scipy(form):
 
 def test_gaussian_scale_errors():
     x, loc = _data()
-    with pytest.raises(ValueError, match="exactly one of log_scale, scale; got none"):
+    with pytest.raises(ValueError, match="exactly one of log_scale, scale, var, log_var; got none"):
         gaussian_log_likelihood(x, loc)
-    with pytest.raises(ValueError, match="exactly one of log_scale, scale; got log_scale, scale"):
+    with pytest.raises(ValueError, match=r"exactly one of .*; got log_scale, scale"):
         gaussian_log_likelihood(x, loc, log_scale=0.0, scale=1.0)
     with pytest.raises(ValueError, match=r"scale of shape \(5,\) must be positive"):
         gaussian_log_likelihood(x, loc, scale=torch.tensor([1.0, 1, 1, 0, 1]).double())
@@ -315,7 +314,7 @@ def test_sigma_vae_scale_is_the_argmin():
     a shared log-scale vanishes there."""
     x, loc = _data(4, (8, 3, 7))
     r = (x - loc).numpy()
-    log_scale = sigma_vae_log_scale(x, loc, min_log_scale=-40.0)
+    log_scale = sigma_vae_log_scale(x, loc, min_scale=math.exp(-40.0))
     assert log_scale.shape == ()
     closed = 0.5 * np.log(np.mean(r**2))
     assert abs(log_scale.item() - closed) <= 1e-14
@@ -338,11 +337,11 @@ def test_sigma_vae_per_example():
     """per_example: one log-scale per example, 0.5 log of that example's MSE (float64
     NumPy), shaped (B, 1, 1) to broadcast against x."""
     x, loc = _data(5, (4, 3, 6))
-    log_scale = sigma_vae_log_scale(x, loc, per_example=True, min_log_scale=-40.0)
+    log_scale = sigma_vae_log_scale(x, loc, per_example=True, min_scale=math.exp(-40.0))
     assert log_scale.shape == (4, 1, 1)
     closed = 0.5 * np.log(np.mean((x - loc).numpy() ** 2, axis=(1, 2)))
     assert np.abs(log_scale.flatten().numpy() - closed).max() <= 1e-14
-    one_dim = sigma_vae_log_scale(x, loc, per_example=True, event_dims=1, min_log_scale=-40.0)
+    one_dim = sigma_vae_log_scale(x, loc, per_example=True, event_dims=1, min_scale=math.exp(-40.0))
     assert one_dim.shape == (4, 3, 1)
 
 
@@ -350,7 +349,7 @@ def test_sigma_vae_soft_floor():
     """The floor is log(rms + e^m) exactly (float64 NumPy), active for small residuals."""
     x, loc = _data(6, (5, 10))
     for factor, m in ((1e-3, -6.0), (1.0, -6.0), (1e-5, -2.0)):
-        got = sigma_vae_log_scale(x, x + factor * (loc - x), min_log_scale=m).item()
+        got = sigma_vae_log_scale(x, x + factor * (loc - x), min_scale=math.exp(m)).item()
         rms = np.sqrt(np.mean((factor * (loc - x).numpy()) ** 2))
         assert got == pytest.approx(np.log(rms + np.exp(m)), rel=1e-14, abs=1e-15)
         assert got > m
@@ -391,7 +390,7 @@ def test_sigma_vae_envelope_theorem(per_example):
     loc.requires_grad_()
 
     def grads(scale_factor, m):
-        kw = {"per_example": per_example, "min_log_scale": m}
+        kw = {"per_example": per_example, "min_scale": math.exp(m)}
         near = x + scale_factor * (loc - x)
         (attached,) = torch.autograd.grad(sigma_vae_log_likelihood(x, near, **kw).sum(), loc)
         near = x + scale_factor * (loc - x)
@@ -427,8 +426,15 @@ def test_sigma_vae_no_overflow_of_squares():
 
 def test_sigma_vae_errors():
     x, loc = _data()
-    with pytest.raises(ValueError, match="min_log_scale must be a finite number, got -inf"):
-        sigma_vae_log_scale(x, loc, min_log_scale=-math.inf)
+    for bad in (0.0, -1e-3, math.inf, math.nan):
+        with pytest.raises(ValueError, match="min_scale must be a positive finite number"):
+            sigma_vae_log_scale(x, loc, min_scale=bad)
+    # the old keyword (log units) raises a TypeError naming the new one and its units
+    for fn in (sigma_vae_log_scale, sigma_vae_log_likelihood):
+        with pytest.raises(TypeError, match=r"min_log_scale was renamed min_scale \(scale units"):
+            fn(x, loc, min_log_scale=-6.0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'min_scal'"):
+        sigma_vae_log_scale(x, loc, min_scal=1e-3)
     with pytest.raises(ValueError, match=r"x and loc are empty \(broadcast shape \(0, 3\)\)"):
         sigma_vae_log_scale(torch.zeros(0, 3), torch.zeros(0, 3))
 
@@ -444,6 +450,6 @@ def test_sigma_vae_likelihood_beats_every_shared_scale_property(seed, log_scale,
     likelihood with any other shared log-scale (float64; slack 1e-12 relative)."""
     x, loc = _data(seed % 1000, (3, 5))
     loc = x + spread * (loc - x)
-    best = sigma_vae_log_likelihood(x, loc, min_log_scale=-60.0).sum().item()
+    best = sigma_vae_log_likelihood(x, loc, min_scale=math.exp(-60.0)).sum().item()
     other = gaussian_log_likelihood(x, loc, log_scale=log_scale).sum().item()
     assert best >= other - 1e-12 * abs(other)

@@ -20,6 +20,7 @@ import math
 import pytest
 import torch
 
+from probloss.vae.constrained import GECO, Capacity
 from probloss.vae.elbo import ELBO
 from probloss.vae.schedules import (
     Constant,
@@ -29,9 +30,7 @@ from probloss.vae.schedules import (
     SigmoidAnnealing,
 )
 from probloss.vae.weighting import (
-    GECO,
     Beta,
-    Capacity,
     FreeBits,
     WeightedLoss,
     Weighting,
