@@ -12,12 +12,11 @@ Run: ``python benchmarks/bench_audit.py [--repeats 5] [--cli-repeats 3]``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
+from _timing import interleaved_medians, measure
 
 from probloss.audit.naive import BIVARIATE_DOMAINS, MIXTURE_DOMAINS, domain_options
 from probloss.audit.runner import audit
@@ -39,16 +38,6 @@ def product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x * y
 
 
-def median_seconds(run, repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -58,18 +47,20 @@ def main() -> None:
     print(f"{'audit(fn), four dtypes':<34}{'points':>8}{'seconds':>10}")
     for name, fn in (("bernoulli_kl(logits_q, logits_p)", bernoulli_kl), ("x * y", product)):
         report = audit(fn)
-        seconds = median_seconds(lambda fn=fn: audit(fn), args.repeats)
-        print(f"{name:<34}{sum(report.points.values()):>8}{seconds:>10.3f}")
+        [timing] = interleaved_medians([lambda fn=fn: measure(lambda: audit(fn))], args.repeats)
+        print(f"{name:<34}{sum(report.points.values()):>8}{timing.wall:>10.3f}")
     print()
     print(f"{'probloss audit probloss.audit.naive:...':<42}{'exit':>5}{'seconds':>10}")
     for name, extra in CLI_CASES:
         command = [sys.executable, "-m", "probloss", "audit", f"probloss.audit.naive:{name}"]
-        times, code = [], None
-        for _ in range(args.cli_repeats):
-            start = time.perf_counter()
-            code = subprocess.run([*command, *extra], capture_output=True).returncode
-            times.append(time.perf_counter() - start)
-        print(f"{name:<42}{code:>5}{statistics.median(times):>10.2f}")
+        codes: list[int] = []
+
+        def cli(command=command, extra=extra, codes=codes) -> None:
+            codes.append(subprocess.run([*command, *extra], capture_output=True).returncode)
+
+        # no warm-up: each run is a fresh process, start-up included
+        [timing] = interleaved_medians([lambda cli=cli: measure(cli)], args.cli_repeats, warmup=0)
+        print(f"{name:<42}{codes[-1]:>5}{timing.wall:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -39,11 +39,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from _timing import median_timings
 from torch.distributions import (
     Categorical,
     Independent,
@@ -119,29 +118,6 @@ def bivariate_eager(x, logits, loc, log_scale, atanh_rho):
 # --- measurement -----------------------------------------------------------------------
 
 
-def forward_backward(fn: Method, inputs: tuple[torch.Tensor, ...]) -> tuple[float, float]:
-    """Wall and CPU seconds of one ``fn(value, *params).sum().backward()``, fresh leaves."""
-    value, *params = inputs
-    leaves = [p.detach().requires_grad_(True) for p in params]
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn(value, *leaves).sum().backward()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def median_times(fns: list[Method], inputs, repeats: int) -> list[tuple[float, float]]:
-    """Median (wall, cpu) seconds of each function, interleaved round by round."""
-    for fn in fns:  # warm-up: allocator, thread pool, lazy initialisation
-        forward_backward(fn, inputs)
-    samples: list[list[tuple[float, float]]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, times in zip(fns, samples, strict=True):
-            times.append(forward_backward(fn, inputs))
-    return [
-        (statistics.median(t[0] for t in times), statistics.median(t[1] for t in times))
-        for times in samples
-    ]
-
-
 def peak_megabytes(fn: Method, inputs: tuple[torch.Tensor, ...]) -> float | None:
     """Peak MB of live tensors allocated during one forward+backward (profiler events)."""
     try:
@@ -178,18 +154,19 @@ def report(title: str, rows: list[tuple[str, Method]], inputs, repeats: int) -> 
     for name, fn in rows[1:]:
         diff = max_relative_difference(fn(*inputs).detach(), reference)
         print(f"  {name:<40} max |diff| / max(1, |value|) vs fused: {diff:.1e}")
-    times = median_times([fn for _, fn in rows], inputs, repeats)
+    times = median_timings([fn for _, fn in rows], inputs, repeats, grad_from=1)
     peaks = [peak_megabytes(fn, inputs) for _, fn in rows]
-    wall0, cpu0 = times[0]
+    wall0, cpu0 = times[0].wall, times[0].cpu
     print(f"{'method':<42}{'wall ms':>9}{'x slower':>9}{'cpu ms':>9}{'x slower':>9}{'peak MB':>9}")
-    for (name, _), (wall, cpu), peak in zip(rows, times, peaks, strict=True):
+    for (name, _), timing, peak in zip(rows, times, peaks, strict=True):
+        wall, cpu = timing.wall, timing.cpu
         peak_text = "n/a" if peak is None else f"{peak:.1f}"
         print(
             f"{name:<42}{1e3 * wall:>9.2f}{wall / wall0:>9.2f}"
             f"{1e3 * cpu:>9.2f}{cpu / cpu0:>9.2f}{peak_text:>9}"
         )
     measured = zip(rows, times, peaks, strict=True)
-    return {name: (wall, cpu, peak) for (name, _), (wall, cpu), peak in measured}
+    return {name: (t.wall, t.cpu, peak) for (name, _), t, peak in measured}
 
 
 def targets(results: dict, fused: str, torch_name: str, eager_name: str) -> None:

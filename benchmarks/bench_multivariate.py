@@ -22,11 +22,8 @@ import torch
 from _timing import median_times
 from torch.distributions import LowRankMultivariateNormal, MultivariateNormal
 
-from probloss.functional.multivariate import (
-    lowrank_multivariate_normal_log_prob,
-    multivariate_normal_log_prob,
-    scale_tril_from_raw,
-)
+from probloss.functional.lowrank import lowrank_multivariate_normal_log_prob
+from probloss.functional.multivariate import multivariate_normal_log_prob, scale_tril_from_raw
 
 
 def ours_dense(value, loc, scale_tril):

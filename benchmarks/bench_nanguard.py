@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from _timing import interleaved_medians, measure
 from torch import nn
 
 from probloss.audit.guard import NaNGuard
@@ -90,18 +89,14 @@ def make_step(model, loss_fn, x, y, guard: NaNGuard | None) -> Callable[[], None
 
 
 def median_block_times(steps: list[Callable[[], None]], repeats: int, block: int) -> list[float]:
-    """Median wall time per step of each candidate, blocks of ``block`` steps interleaved."""
-    for step in steps:  # warm-up (allocator, thread pool, lazy initialisation)
-        for _ in range(block):
-            step()
-    samples: list[list[float]] = [[] for _ in steps]
-    for _ in range(repeats):
-        for step, times in zip(steps, samples, strict=True):
-            start = time.perf_counter()
-            for _ in range(block):
-                step()
-            times.append((time.perf_counter() - start) / block)
-    return [statistics.median(times) for times in samples]
+    """Median wall time per step of each candidate, blocks of ``block`` steps interleaved
+    (one block of each as warm-up)."""
+
+    def sampler(step: Callable[[], None]):
+        return lambda: measure(lambda: [step() for _ in range(block)])
+
+    timings = interleaved_medians([sampler(step) for step in steps], repeats)
+    return [t.wall / block for t in timings]
 
 
 def bench(title: str, build: Callable[[], nn.Module], loss_fn, x, y, args) -> None:

@@ -1,5 +1,6 @@
-"""The command line: ``probloss demo`` (the MDN demo, tested in tests/test_demo_mdn.py) and
-``probloss demo cb``, which shows what user story 4 promises."""
+"""The command line: ``probloss demo`` (the MDN demo, tested in tests/test_demo_mdn.py), one
+subcommand per demo with its own ``--help``, and ``probloss demo cb``, which shows what user
+story 4 promises."""
 
 from __future__ import annotations
 
@@ -9,16 +10,58 @@ import sys
 
 import pytest
 
-from probloss.cli import build_parser, main
+from probloss.cli import DEMOS, main, parse_args
+from probloss.demos import mdn, vae
 from probloss.demos.continuous_bernoulli import mean_table, torch_comparison_table
 
 
 def test_demo_defaults_to_mdn_and_keeps_cb():
-    parser = build_parser()
-    default = parser.parse_args(["demo", "--quick"])
-    assert default.name == "mdn" and default.quick and default.out == "probloss-demo"
-    assert parser.parse_args(["demo", "mdn"]).name == "mdn"
-    assert parser.parse_args(["demo", "cb"]).name == "cb"
+    for argv in (["demo"], ["demo", "--quick"], ["demo", "mdn", "--quick"]):
+        args = parse_args(argv)
+        assert args.name == "mdn" and args.out == "probloss-demo" and args.epochs is None
+        assert args.quick == ("--quick" in argv)
+    assert parse_args(["demo", "cb"]).name == "cb"
+    assert parse_args(["demo", "vae", "--epochs", "3", "--seed", "2"]).epochs == 3
+    assert parse_args(["demo", "nan", "--quick"]).quick
+
+
+def _help(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_demo_help_lists_every_demo(capsys):
+    text = _help(capsys, ["demo", "--help"])
+    for name in DEMOS:
+        assert f"    {name} " in text, name
+    assert "probloss demo NAME --help" in text
+
+
+@pytest.mark.parametrize("name", sorted(DEMOS))
+def test_each_demo_has_its_own_help(capsys, name):
+    """Its own usage line and description, ``--quick`` on each, ``--epochs`` only where the
+    demo takes it, and no pointer back to another help."""
+    text = _help(capsys, ["demo", name, "--help"])
+    assert text.startswith(f"usage: probloss demo {name} [-h] [--quick]")
+    assert " ".join(DEMOS[name].description.split()[:6]) in " ".join(text.split())
+    assert ("--epochs" in text) == (name in ("mdn", "vae"))
+    assert ("--out DIR" in text) == (name != "cb")
+    assert "--help)" not in text and "see probloss" not in text
+
+
+def test_epochs_help_states_the_demos_own_defaults():
+    """The numbers in the help are the modules' settings, not a copy that drifts."""
+    assert f"default {mdn.FULL.steps}, {mdn.QUICK.steps} with --quick" in DEMOS["mdn"].epochs
+    assert f"default {vae.FULL.epochs}, {vae.QUICK.epochs} with --quick" in DEMOS["vae"].epochs
+
+
+def test_options_of_another_demo_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "nan", "--epochs", "3"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --epochs 3" in capsys.readouterr().err
 
 
 def test_demo_epochs_must_be_positive(capsys):

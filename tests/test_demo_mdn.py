@@ -1,5 +1,5 @@
 """``probloss demo`` (the MDN demo, user story 2): runs quickly, writes its figures, and shows
-what the design promises on the inverse problem.
+what user story 2 (docs/user_stories.md) promises on the inverse problem.
 
 The claims are checked on the printed table of one ``--quick`` run (seed 0: 2000 training
 and 1000 test points, 400 Adam steps). They are properties of the fitted models, so a

@@ -1,4 +1,5 @@
-"""``probloss demo vae`` (user story 3): one quick run, its table, its results, its figures.
+"""``probloss demo vae`` (user story 3, docs/user_stories.md): one quick run, its table, its
+results, its figures.
 
 The quick run (seed 0, 15 epochs of 11 Adam steps per strategy) is shared by the tests of
 this module. Its results come from :func:`probloss.demos.vae.train_all`, recorded while

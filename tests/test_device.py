@@ -106,7 +106,7 @@ CASES = {
         ([3e34, -3e34, 0.5], [1.0, 2.0, -3e34]),
     ),
     "normal_icdf_tail": (
-        lambda p, loc, ls: Normal(loc, ls).icdf(p),
+        lambda p, loc, ls: Normal(loc, log_scale=ls).icdf(p),
         ([math.exp(-32.0), 0.5, 1.0 - 2**-20], [0.0], [0.0]),
     ),
 }

@@ -1,1 +1,1 @@
-"""Runnable user stories (see DESIGN.md); ``probloss demo NAME`` runs one."""
+"""Runnable user stories; ``probloss demo NAME`` runs one (``probloss demo --help`` lists them)."""

@@ -1,4 +1,4 @@
-r"""User story 2: mixture density networks (Bishop 1994) against plain MSE regression.
+r"""User story 2 (docs/user_stories.md): mixture density networks (Bishop 1994) against MSE.
 
 Three tasks on built-in synthetic data, each fitted by two small MLPs (two tanh layers of
 64 units, 32 with ``--quick``) with Adam, full batch, a cosine learning-rate decay and
@@ -55,19 +55,28 @@ and test NLL during training).
 from __future__ import annotations
 
 import math
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from ..nn.mixture import MixtureDensityHead, MixtureNLLLoss
+from ._common import (
+    Progress,
+    check_positive_int,
+    import_dependencies,
+    isolated_cpu_run,
+    output_dir,
+    print_total_time,
+    progress_bars,
+)
+from .mdn_plots import plot_data_and_mse, plot_loss_curves, plot_mdn_density, plot_spiral
+from .mdn_tasks import Task, make_tasks
 
 HDR_MASS = 0.9
 HDR_CHUNK = 250  # test inputs per batch of HDR samples
-LOG_DENSITY_FLOOR = -8.0  # heatmaps: log densities below this share the darkest colour
 
 
 @dataclass(frozen=True)
@@ -87,70 +96,6 @@ QUICK = Settings(n_train=2000, n_test=1000, hidden=32, steps=400, hdr_samples=50
 LEARNING_RATE = {"MSE": 1e-2, "MDN": 5e-3}
 FIGURES = ("data_and_mse_fit.png", "mdn_density.png", "spiral_density.png", "loss_curves.png")
 _LOG_2PI = math.log(2.0 * math.pi)
-
-
-# --------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Task:
-    """One regression problem: inputs, targets, and the fixed scales used for training."""
-
-    name: str
-    title: str
-    x_train: Tensor  # (N, in)
-    y_train: Tensor  # (N, D)
-    x_test: Tensor
-    y_test: Tensor
-    y_scale: float  # targets are divided by this for training; NLLs are in data units
-    num_components: int
-    component: str
-    x_scale: float = 1.0
-    curves: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
-
-    @property
-    def dim(self) -> int:
-        return self.y_train.shape[-1]
-
-
-def bishop_data(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """``x ~ U(-10.5, 10.5)``, ``y = x + 7 sin(0.75 x) + N(0, 1)``, each of shape ``(n, 1)``."""
-    x = torch.rand(n, 1, generator=generator) * 21.0 - 10.5
-    y = x + 7.0 * torch.sin(0.75 * x) + torch.randn(n, 1, generator=generator)
-    return x, y
-
-
-SPIRAL_TURNS = 2.5
-SPIRAL_NOISE = 0.08
-
-
-def spiral_radius(t: Tensor) -> Tensor:
-    return 0.3 + t / (2.0 * math.pi)  # one unit of radius per turn
-
-
-def spiral_data(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Direction ``(cos t, sin t)`` and noisy point ``r(t) (cos t, sin t) + noise``."""
-    t = torch.rand(n, generator=generator) * (2.0 * math.pi * SPIRAL_TURNS)
-    direction = torch.stack([torch.cos(t), torch.sin(t)], dim=-1)
-    point = spiral_radius(t)[:, None] * direction
-    point = point + SPIRAL_NOISE * torch.randn(n, 2, generator=generator)
-    return direction, point
-
-
-def make_tasks(n_train: int, n_test: int, seed: int) -> list[Task]:
-    g = torch.Generator().manual_seed(seed)
-    x, y = bishop_data(n_train, g)
-    xt, yt = bishop_data(n_test, g)
-    d, p = spiral_data(n_train, g)
-    dt, pt = spiral_data(n_test, g)
-    common = {"y_scale": 10.0, "x_scale": 5.0, "num_components": 8, "component": "normal"}
-    return [
-        Task("forward", "forward: y = x + 7 sin(0.75 x) + noise", x, y, xt, yt, **common),
-        Task("inverse", "inverse: x given y (multi-valued)", y, x, yt, xt, **common),
-        Task("spiral", "spiral: point given its direction", d, p, dt, pt, 2.0, 6, "bivariate"),
-    ]
 
 
 # --------------------------------------------------------------------------------------
@@ -207,7 +152,7 @@ def train(
     task: Task,
     kind: str,
     steps: int,
-    progress,
+    progress: Progress,
     *,
     lr: float = 5e-3,
     eval_every: int = 25,
@@ -227,7 +172,7 @@ def train(
             residual = model(x) - y
             loss = residual.square().mean()
         else:
-            loss = nll_loss(model(x), y)
+            loss = nll_loss(y, model(x))
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -242,7 +187,7 @@ def train(
                     test_nll = float(-test_dist.log_prob(yt).sum(-1).mean())
                 else:
                     train_nll = float(loss)
-                    test_nll = float(nll_loss(model(xt), yt))
+                    test_nll = float(nll_loss(yt, model(xt)))
             curve.append((step, train_nll + shift, test_nll + shift))
             bar.set_postfix(nll=f"{train_nll + shift:.3f}", refresh=False)
     if kind == "MSE":
@@ -327,172 +272,8 @@ def format_table(scores: dict[tuple[str, str], Score]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------
-# Figures
-# --------------------------------------------------------------------------------------
-
-
-def _np(t: Tensor):
-    """A tensor as a numpy array for matplotlib."""
-    return t.detach().cpu().numpy()
-
-
-def _labels(task: Task) -> tuple[str, str]:
-    return ("x", "y") if task.name == "forward" else ("y (input)", "x (target)")
-
-
-def _grid_log_density(model: MDN, task: Task, inputs: Tensor, targets: Tensor) -> Tensor:
-    """log p(target | input) in data units, shape ``(len(targets), len(inputs))`` (D = 1)."""
-    mixture = model(inputs[:, None] / task.x_scale)
-    values = (targets / task.y_scale)[:, None, None]  # (T, 1, 1) against batch (N,)
-    return mixture.log_prob(values) - math.log(task.y_scale)
-
-
-@torch.no_grad()
-def plot_data_and_mse(figure_cls, tasks: list[Task], models: dict, path: Path) -> None:
-    fig = figure_cls(figsize=(15, 4.6), layout="tight")
-    axes = fig.subplots(1, 3)
-    for ax, task in zip(axes, tasks, strict=True):
-        mse = models[task.name, "MSE"]
-        if task.dim == 1:
-            x, y = _np(task.x_test[:, 0]), _np(task.y_test[:, 0])
-            ax.scatter(x, y, s=3, c="0.6", label="test data")
-            grid = torch.linspace(float(task.x_test.min()), float(task.x_test.max()), 400)
-            pred = mse(grid[:, None] / task.x_scale)[:, 0] * task.y_scale
-            half = float(torch.special.ndtri(torch.tensor(0.95))) * float(mse.sigma[0])
-            half *= task.y_scale
-            ax.plot(_np(grid), _np(pred), c="tab:red", lw=2, label="MSE fit (conditional mean)")
-            ax.fill_between(
-                _np(grid), _np(pred - half), _np(pred + half), color="tab:red", alpha=0.15,
-                label="MSE Gaussian 90% interval",
-            )  # fmt: skip
-            xlabel, ylabel = _labels(task)
-        else:
-            ax.scatter(*_np(task.y_test).T, s=3, c="0.6", label="test data")
-            t = torch.linspace(0, 2 * math.pi, 400)
-            pred = mse(torch.stack([torch.cos(t), torch.sin(t)], -1) / task.x_scale)
-            pred = pred * task.y_scale
-            ax.plot(*_np(pred).T, c="tab:red", lw=2, label="MSE prediction per direction")
-            ax.set_aspect("equal")
-            xlabel, ylabel = "point x", "point y"
-        ax.set(title=task.title, xlabel=xlabel, ylabel=ylabel)
-        ax.legend(loc="upper left", fontsize=8, markerscale=3)
-    fig.suptitle(
-        "Plain MSE regression: fine on the forward task, useless where the target is multi-valued"
-    )
-    fig.savefig(path, dpi=110)
-
-
-@torch.no_grad()
-def plot_mdn_density(figure_cls, tasks: list[Task], models: dict, path: Path) -> None:
-    fig = figure_cls(figsize=(13, 5.2), layout="tight")
-    axes = fig.subplots(1, 2)
-    for ax, task in zip(axes, tasks[:2], strict=True):
-        mdn, mse = models[task.name, "MDN"], models[task.name, "MSE"]
-        lo_x, hi_x = float(task.x_test.min()), float(task.x_test.max())
-        lo_y, hi_y = float(task.y_test.min()) - 2, float(task.y_test.max()) + 2
-        inputs = torch.linspace(lo_x, hi_x, 300)
-        targets = torch.linspace(lo_y, hi_y, 300)
-        # display only (no gradient): the colour scale stops at the floor
-        log_p = _grid_log_density(mdn, task, inputs, targets).clamp(min=LOG_DENSITY_FLOOR)
-        image = ax.pcolormesh(_np(inputs), _np(targets), _np(log_p), cmap="viridis", shading="auto")
-        fig.colorbar(image, ax=ax, label=f"log p(target | input), floored at {LOG_DENSITY_FLOOR:g}")
-        u = torch.rand(600) * (hi_x - lo_x) + lo_x
-        samples = mdn(u[:, None] / task.x_scale).sample()[:, 0] * task.y_scale
-        ax.scatter(
-            _np(u), _np(samples), s=4, c="white", edgecolors="none", label="samples from the MDN"
-        )
-        pred = mse(inputs[:, None] / task.x_scale)[:, 0] * task.y_scale
-        ax.plot(_np(inputs), _np(pred), "--", c="tab:red", lw=1.5, label="MSE fit")
-        ax.set(xlim=(lo_x, hi_x), ylim=(lo_y, hi_y))
-        xlabel, ylabel = _labels(task)
-        ax.set(title=f"MDN, {task.title}", xlabel=xlabel, ylabel=ylabel)
-        ax.legend(loc="upper left", fontsize=8, markerscale=3, facecolor="0.85")
-    fig.suptitle("MDN conditional density (heatmap) and samples drawn from it (white)")
-    fig.savefig(path, dpi=110)
-
-
-@torch.no_grad()
-def plot_spiral(figure_cls, task: Task, models: dict, path: Path) -> None:
-    mdn, mse = models[task.name, "MDN"], models[task.name, "MSE"]
-    angles = (60.0, 200.0, 300.0)  # 3, 2 and 2 crossings of the ray with the spiral
-    fig = figure_cls(figsize=(4.2 * (1 + len(angles)), 4.6), layout="tight")
-    axes = fig.subplots(1, 1 + len(angles))
-    lim = 3.2
-    data = _np(task.y_test).T
-    ax = axes[0]
-    ax.scatter(*data, s=3, c="0.6", label="test data")
-    samples = mdn(task.x_test / task.x_scale).sample() * task.y_scale
-    ax.scatter(*_np(samples).T, s=3, c="tab:blue", label="MDN sample per direction")
-    mse_pred = mse(task.x_test / task.x_scale) * task.y_scale
-    ax.scatter(*_np(mse_pred).T, s=3, c="tab:red", label="MSE prediction")
-    ax.set(title="one MDN sample per test direction", xlabel="point x", ylabel="point y")
-    ax.legend(loc="upper left", fontsize=7, markerscale=3)
-    grid = torch.linspace(-lim, lim, 250)
-    gx, gy = torch.meshgrid(grid, grid, indexing="xy")
-    points = torch.stack([gx, gy], -1) / task.y_scale  # (250, 250, 2)
-    for ax, deg in zip(axes[1:], angles, strict=True):
-        t = math.radians(deg)
-        direction = torch.tensor([[math.cos(t), math.sin(t)]])
-        mixture = mdn(direction / task.x_scale)  # batch shape (1,)
-        log_p = mixture.log_prob(points[:, :, None, :])[..., 0] - 2 * math.log(task.y_scale)
-        ax.pcolormesh(
-            # display only (no gradient): the colour scale stops at the floor
-            _np(gx), _np(gy), _np(log_p.clamp(min=LOG_DENSITY_FLOOR)), cmap="viridis",
-            shading="auto",
-        )  # fmt: skip
-        ax.scatter(*data, s=1, c="0.8", alpha=0.5)
-        ax.plot([0, 2 * lim * math.cos(t)], [0, 2 * lim * math.sin(t)], c="w", lw=0.8, ls=":")
-        s = mixture.sample((150,))[:, 0] * task.y_scale
-        ax.scatter(*_np(s).T, s=5, c="white", edgecolors="none", label="MDN samples")
-        m = _np(mse(direction / task.x_scale)[0] * task.y_scale)
-        ax.scatter([m[0]], [m[1]], marker="x", s=60, c="tab:red", label="MSE prediction")
-        ax.set(title=f"log p(point | direction {deg:g}°)", xlabel="point x", ylabel="point y")
-        ax.legend(loc="upper left", fontsize=7, facecolor="0.85")
-    for ax in axes:
-        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal")
-    fig.suptitle(
-        f"Spiral ({SPIRAL_TURNS:g} turns): given a direction, the point lies on one of 2-3 arms "
-        "(dotted: the ray of that direction)"
-    )
-    fig.savefig(path, dpi=110)
-
-
-def plot_loss_curves(figure_cls, tasks: list[Task], path: Path) -> None:
-    fig = figure_cls(figsize=(5 * len(tasks), 4), layout="tight")
-    axes = fig.subplots(1, len(tasks))
-    colors = {"MSE": "tab:red", "MDN": "tab:blue"}
-    for ax, task in zip(axes, tasks, strict=True):
-        for kind, curve in task.curves.items():
-            steps, train_nll, test_nll = zip(*curve, strict=True)
-            ax.plot(steps, train_nll, c=colors[kind], label=f"{kind} train")
-            ax.plot(steps, test_nll, c=colors[kind], ls="--", label=f"{kind} test")
-        finals = [c[-1][2] for c in task.curves.values()] + [c[-1][1] for c in task.curves.values()]
-        first = max(c[0][1] for c in task.curves.values())
-        ax.set_ylim(min(finals) - 0.3, max(first, max(finals)) + 0.3)
-        ax.set(title=task.title, xlabel="Adam step (full batch)", ylabel="NLL (nats per point)")
-        ax.legend(fontsize=8)
-    fig.suptitle("Training: NLL per point (MSE model: Gaussian with the residual variance)")
-    fig.savefig(path, dpi=110)
-
-
-# --------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------
-
-
-def _import_demo_dependencies():
-    try:
-        # Figure objects without pyplot: no global backend switch, nothing left open.
-        from matplotlib.figure import Figure
-        from tqdm.auto import tqdm
-    except ImportError as error:
-        print(
-            f"probloss demo mdn needs matplotlib and tqdm ({error}); "
-            "install them with: pip install 'probloss[demo]'",
-            file=sys.stderr,
-        )
-        return None
-    return Figure, tqdm
 
 
 def run(
@@ -512,36 +293,31 @@ def run(
 
     Returns:
         0, or 2 if matplotlib or tqdm is missing.
+
+    Raises:
+        TypeError: ``epochs`` is not an int.
+        ValueError: ``epochs`` is below 1.
     """
-    if epochs is not None and epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-    deps = _import_demo_dependencies()
+    check_positive_int("epochs", epochs)
+    deps = import_dependencies("mdn")
     if deps is None:
         return 2
     figure_cls, tqdm = deps
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out)
     start = time.perf_counter()
-    threads = torch.get_num_threads()
-    # The tensors are tiny (a few thousand rows, 64 columns): extra threads only add
-    # synchronisation, and on a busy two-core machine (CI) two threads stall each other.
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
-            torch.manual_seed(seed)
-            tasks, models = _train_and_report(quick, seed, epochs, tqdm)
-            plot_data_and_mse(figure_cls, tasks, models, out / FIGURES[0])
-            plot_mdn_density(figure_cls, tasks, models, out / FIGURES[1])
-            plot_spiral(figure_cls, tasks[2], models, out / FIGURES[2])
-            plot_loss_curves(figure_cls, tasks, out / FIGURES[3])
-    finally:
-        torch.set_num_threads(threads)
+    with isolated_cpu_run():  # tiny tensors (a few thousand rows, 64 columns): one thread
+        torch.manual_seed(seed)
+        tasks, models = _train_and_report(quick, seed, epochs, progress_bars(tqdm))
+        plot_data_and_mse(figure_cls, tasks, models, out / FIGURES[0])
+        plot_mdn_density(figure_cls, tasks, models, out / FIGURES[1])
+        plot_spiral(figure_cls, tasks[2], models, out / FIGURES[2])
+        plot_loss_curves(figure_cls, tasks, out / FIGURES[3])
     print(f"figures written to {out}/: {', '.join(FIGURES)}")
-    print(f"total time {time.perf_counter() - start:.1f} s")
+    print_total_time(start)
     return 0
 
 
-def _train_and_report(quick: bool, seed: int, epochs: int | None, tqdm):
+def _train_and_report(quick: bool, seed: int, epochs: int | None, progress: Progress):
     """Fit both models on every task, print the table; return the tasks and the models."""
     settings = QUICK if quick else FULL
     steps = epochs if epochs is not None else settings.steps
@@ -554,10 +330,6 @@ def _train_and_report(quick: bool, seed: int, epochs: int | None, tqdm):
         f"Mixture density networks (Bishop 1994) vs MSE regression: {n_train} training and "
         f"{n_test} test points, {steps} full-batch Adam steps per model, seed {seed}"
     )
-
-    def progress(iterable, **kwargs):
-        return tqdm(iterable, disable=None, mininterval=0.5, **kwargs)  # off when not a TTY
-
     for t, task in enumerate(tasks):
         for k, kind in enumerate(("MSE", "MDN")):
             t0 = time.perf_counter()

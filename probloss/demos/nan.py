@@ -36,7 +36,6 @@ A figure of both loss curves is written to ``out/nan_loss_curves.png``.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,16 @@ import torch
 from torch import Tensor, nn
 
 from ..audit.guard import NaNGuard, NonFiniteError, NonFiniteReport
+from ..audit.naive import naive_bivariate_normal_nll
 from ..functional.bivariate import bivariate_normal_nll
+from ._common import (
+    Progress,
+    import_dependencies,
+    isolated_cpu_run,
+    output_dir,
+    print_total_time,
+    progress_bars,
+)
 
 FIGURE = "nan_loss_curves.png"
 ALONG, ACROSS = 0.2, 0.01  # noise sd along and across the stroke direction
@@ -110,8 +118,9 @@ def naive_nll(out: Tensor, offset: Tensor) -> Tensor:
             {2\pi\sigma_x\sigma_y\sqrt{1-\rho^2}}, \qquad
         Z = z_x^2 + z_y^2 - 2\rho z_x z_y
 
-    (Graves 2013 eqs. 24-25) with ``out`` ``(B, 5)`` = ``mu (2), log_sigma (2), raw`` and
-    :math:`\rho = \tanh(\text{raw})`; ``offset`` ``(B, 2)``; returns ``(B,)``.
+    (Graves 2013 eqs. 24-25): :func:`probloss.audit.naive.naive_bivariate_normal_nll` of
+    ``out`` ``(B, 5)`` = ``mu (2), log_sigma (2), raw`` with :math:`\rho = \tanh(\text{raw})`;
+    ``offset`` ``(B, 2)``; returns ``(B,)``.
 
     Example:
         >>> out = torch.tensor([[0.0, 0.0, -1.0, -1.0, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0]])
@@ -121,14 +130,7 @@ def naive_nll(out: Tensor, offset: Tensor) -> Tensor:
         >>> probloss_nll(out, offset)
         tensor([169.2631,   2.0879])
     """
-    mu, log_sigma, raw = out[:, :2], out[:, 2:4], out[:, 4]
-    sx, sy = log_sigma.exp().unbind(-1)
-    rho = torch.tanh(raw)
-    dx, dy = (offset - mu).unbind(-1)
-    z = (dx / sx) ** 2 + (dy / sy) ** 2 - 2 * rho * dx * dy / (sx * sy)
-    one_minus = 1 - rho**2
-    pdf = torch.exp(-z / (2 * one_minus)) / (2 * math.pi * sx * sy * torch.sqrt(one_minus))
-    return -torch.log(pdf)
+    return naive_bivariate_normal_nll(offset, out[:, :2], out[:, 2:4], out[:, 4])
 
 
 def probloss_nll(out: Tensor, offset: Tensor) -> Tensor:
@@ -147,7 +149,7 @@ class Run:
     final_nll: float = math.nan
 
 
-def train(loss_fn, settings: Settings, seed: int, name: str, progress) -> Run:
+def train(loss_fn, settings: Settings, seed: int, name: str, progress: Progress) -> Run:
     """Adam on shuffled minibatches under ``NaNGuard(policy="raise")``; stop at its error."""
     data = torch.Generator().manual_seed(seed)
     previous, offset = pen_offsets(settings.num_points, data)
@@ -254,21 +256,6 @@ def _explain(report: NonFiniteReport) -> str:
     )
 
 
-def _import_demo_dependencies():
-    try:
-        # Figure objects without pyplot: no global backend switch, nothing left open.
-        from matplotlib.figure import Figure
-        from tqdm.auto import tqdm
-    except ImportError as error:
-        print(
-            f"probloss demo nan needs matplotlib and tqdm ({error}); "
-            "install them with: pip install 'probloss[demo]'",
-            file=sys.stderr,
-        )
-        return None
-    return Figure, tqdm
-
-
 def run(*, quick: bool = False, out: str | Path = "probloss-demo", seed: int = 0) -> int:
     """Train with the naive and the probloss loss, print the guard's report, plot both.
 
@@ -281,32 +268,23 @@ def run(*, quick: bool = False, out: str | Path = "probloss-demo", seed: int = 0
         0 if the naive run went non-finite and the guard caught it while the probloss run
         finished finite; 1 otherwise; 2 if matplotlib or tqdm is missing.
     """
-    deps = _import_demo_dependencies()
+    deps = import_dependencies("nan")
     if deps is None:
         return 2
     figure_cls, tqdm = deps
     settings = QUICK if quick else FULL
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out)
     start = time.perf_counter()
-
-    def progress(iterable, **kwargs):
-        return tqdm(iterable, disable=None, mininterval=0.5, **kwargs)  # off when not a TTY
-
+    progress = progress_bars(tqdm)
     print(
         f"A trajectory model (MLP -> bivariate Gaussian over the next pen offset) on "
         f"{settings.num_points} synthetic offsets ({100 * JUMP_PROBABILITY:.1f}% pen-up "
         f"jumps), batch {settings.batch_size}, Adam lr {settings.lr:g}, float32, seed {seed}, "
         f"up to {settings.steps} steps, under NaNGuard(policy='raise').\n"
     )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra threads only add synchronisation
-    try:
-        with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
-            naive = train(naive_nll, settings, seed, "naive", progress)
-            ours = train(probloss_nll, settings, seed, "probloss", progress)
-    finally:
-        torch.set_num_threads(threads)
+    with isolated_cpu_run():  # tiny tensors: one thread
+        naive = train(naive_nll, settings, seed, "naive", progress)
+        ours = train(probloss_nll, settings, seed, "probloss", progress)
 
     print("1) naive loss  -log(exp(-Z / (2(1 - rho^2))) / (2 pi sx sy sqrt(1 - rho^2)))")
     if naive.report is None:
@@ -332,5 +310,5 @@ def run(*, quick: bool = False, out: str | Path = "probloss-demo", seed: int = 0
     path = out / FIGURE
     plot(figure_cls, [naive, ours], settings, path)
     print(f"\nfigure written to {path}")
-    print(f"total time {time.perf_counter() - start:.1f} s")
+    print_total_time(start)
     return 0 if naive.report is not None and ours.report is None and finite else 1

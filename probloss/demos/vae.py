@@ -1,4 +1,4 @@
-r"""User story 3: balancing KL against reconstruction in a VAE, one strategy per row.
+r"""User story 3 (docs/user_stories.md): KL against reconstruction in a VAE, one strategy per row.
 
 Data. scikit-learn's bundled 8x8 digits (``load_digits``: 1797 images, no download): 64
 pixels per image on 17 grey levels ``k = 0..16`` (``k / 16`` in ``[0, 1]``). A fixed split
@@ -80,7 +80,6 @@ mean at the posterior mean), ``vae_kl_per_dim.png`` (KL per latent dimension, so
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,30 +88,47 @@ import torch
 from torch import Tensor, nn
 
 from ..special import cb_mean
-from ..vae.diagnostics import active_units, kl_per_dimension
-from ..vae.elbo import ELBO, elbo
-from ..vae.kl import gaussian_kl_per_dim
-from ..vae.reconstruction import (
+from ..vae import (
+    ELBO,
+    active_units,
     bernoulli_log_likelihood,
     continuous_bernoulli_log_likelihood,
+    elbo,
+    gaussian_kl_per_dim,
     gaussian_log_likelihood,
+    kl_per_dimension,
     sigma_vae_log_likelihood,
     sigma_vae_log_scale,
 )
-from ..vae.schedules import CyclicalAnnealing, SigmoidAnnealing
-from ..vae.weighting import GECO, Beta, FreeBits, Weighting
+from ._common import (
+    Progress,
+    check_positive_int,
+    import_dependencies,
+    isolated_cpu_run,
+    no_progress,
+    output_dir,
+    print_total_time,
+    progress_bars,
+)
+from .vae_plots import write_figures
+from .vae_strategies import (
+    BETA_VAE,
+    DATA_DIMS,
+    GECO_MARGIN,
+    LATENT_DIMS,
+    LIKELIHOOD_NAMES,
+    STRATEGIES,
+    Strategy,
+    StrategyResult,
+    make_weighting,
+)
 
-DATA_DIMS = 64  # 8 x 8 pixels
 LEVELS = 17  # grey levels 0..16
-LATENT_DIMS = 8
 N_TEST = 360
 BATCH_SIZE = 128
 LEARNING_RATE = 1e-3
 EVAL_SAMPLES = 16  # posterior samples per test image for E_q log p(x | z)
 N_SHOWN = 10  # test digits in the reconstruction figure
-BETA_VAE = 4.0
-FREE_BITS = 0.5  # nats per latent dimension
-GECO_MARGIN = 5.0  # nats per example: GECO's target is this much better than the ELBO's
 FIGURES = (
     "vae_rate_distortion.png",
     "vae_reconstructions.png",
@@ -129,49 +145,6 @@ class Settings:
 
 FULL = Settings(epochs=300, hidden=128)
 QUICK = Settings(epochs=15, hidden=128)
-
-
-@dataclass(frozen=True)
-class Strategy:
-    """One row: its name (:func:`make_weighting` builds its objective) and its likelihood."""
-
-    name: str
-    likelihood: str  # "cb" (continuous Bernoulli), "bernoulli" or "sigma" (sigma-VAE)
-
-
-STRATEGIES = (
-    Strategy("ELBO", "cb"),  # first: GECO's tolerance comes from it
-    Strategy("Bernoulli ELBO", "bernoulli"),
-    Strategy("beta-VAE", "cb"),
-    Strategy("sigmoid anneal", "cb"),
-    Strategy("cyclical", "cb"),
-    Strategy("free bits", "cb"),
-    Strategy("GECO", "cb"),
-    Strategy("sigma-VAE", "sigma"),
-)
-LIKELIHOOD_NAMES = {"cb": "CB", "bernoulli": "Bern", "sigma": "Gauss"}
-
-
-@dataclass
-class StrategyResult:
-    """Test-set numbers (nats per example) and what the figures need, for one strategy."""
-
-    name: str
-    likelihood: str
-    nats: float  # -ELBO per test example (the true bound, beta = 1)
-    bits_per_dim: float  # nats / (64 ln 2)
-    reconstruction: float  # E_q log p(x | z) per test example
-    kl: float  # KL(q(z | x) || p(z)) per test example: the rate
-    active_units: int
-    kl_per_dim: list[float]  # (L,) mean KL of each latent dimension
-    betas: list[float]  # KL weight in force at each training step
-    train_distortion: float  # mean -log p(x | z) over the last training epoch
-    reconstructions: Tensor  # (N_SHOWN, 64) decoder means at the posterior means
-    seconds: float
-
-    @property
-    def distortion(self) -> float:
-        return -self.reconstruction
 
 
 # --------------------------------------------------------------------------------------
@@ -252,32 +225,6 @@ def decoder_mean(kind: str, out: Tensor) -> Tensor:
     return torch.sigmoid(out)
 
 
-def make_weighting(strategy: Strategy, steps: int, geco_tolerance: float) -> Weighting:
-    """The weighting module of one row, its schedule laid out over ``steps`` steps.
-
-    Raises:
-        ValueError: ``strategy`` is not one of :data:`STRATEGIES`.
-
-    Example:
-        >>> make_weighting(Strategy("free bits", "cb"), steps=1000, geco_tolerance=0.0)
-        FreeBits(threshold=0.5, beta=Constant(beta=1.0))
-    """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of STRATEGIES, got {strategy!r}")
-    if strategy.name == "beta-VAE":
-        return Beta(BETA_VAE)
-    if strategy.name == "sigmoid anneal":
-        # 2 % to 98 % of the rise over 20 % of training (width ~ 8 / steepness)
-        return Beta(SigmoidAnnealing(midpoint=0.25 * steps, steepness=40.0 / steps))
-    if strategy.name == "cyclical":
-        return Beta(CyclicalAnnealing(period=max(steps // 4, 1), ratio=0.5, cycles=4))
-    if strategy.name == "free bits":
-        return FreeBits(FREE_BITS)
-    if strategy.name == "GECO":
-        return GECO(geco_tolerance, alpha=0.99, lr=1e-4)
-    return Beta(1.0)
-
-
 # --------------------------------------------------------------------------------------
 # Training and evaluation
 # --------------------------------------------------------------------------------------
@@ -290,7 +237,7 @@ def train(
     levels: Tensor,
     epochs: int,
     seed: int,
-    progress,
+    progress: Progress,
     desc: str,
 ) -> tuple[list[float], float]:
     """Adam on minibatches; returns the KL weight at each step and the last epoch's distortion.
@@ -354,7 +301,7 @@ def _train_one(
     epochs: int,
     seed: int,
     geco_tolerance: float,
-    progress,
+    progress: Progress,
 ) -> StrategyResult:
     """Train a fresh VAE with one strategy and evaluate it (``data``: training levels, one
     dequantised training set, the dequantised test set)."""
@@ -375,7 +322,11 @@ def _train_one(
 
 
 def train_all(
-    *, quick: bool = False, seed: int = 0, epochs: int | None = None, progress=None
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    epochs: int | None = None,
+    progress: Progress = no_progress,
 ) -> list[StrategyResult]:
     """Train one VAE per strategy (same seed, data, steps) and evaluate it on the test set.
 
@@ -383,7 +334,7 @@ def train_all(
         quick: the short settings (fewer epochs).
         seed: seed of the split, the initialisation, the minibatch order and the noise.
         epochs: passes over the training set (default 300, 15 with ``quick``).
-        progress: a ``tqdm``-like wrapper of iterables, or ``None`` for none.
+        progress: a ``tqdm``-like wrapper of iterables (default: no bar).
 
     Returns:
         One :class:`StrategyResult` per entry of :data:`STRATEGIES`, in order. Training runs
@@ -394,61 +345,26 @@ def train_all(
         TypeError: ``epochs`` is not an int.
         ValueError: ``epochs`` is below 1.
     """
-    _check_epochs(epochs)
+    check_positive_int("epochs", epochs)
     settings = QUICK if quick else FULL
     epochs = settings.epochs if epochs is None else epochs
-    if progress is None:
-
-        def progress(iterable, **kwargs):
-            return _Silent(iterable)
-
     train_levels, test_levels = load_levels(seed)
     fixed = torch.Generator().manual_seed(seed + 1)
     # one fixed dequantisation of the test set (an unbiased draw of the expectation over u),
     # and one of the training set for the sigma-VAE's test-time sigma
     test_x, train_x = dequantise(test_levels, fixed), dequantise(train_levels, fixed)
     results: list[StrategyResult] = []
-    threads = torch.get_num_threads()
-    # Tiny tensors (128 x 64): extra threads only add synchronisation, and on a busy
-    # two-core machine (CI) two threads stall each other.
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
-            for strategy in STRATEGIES:
-                # GECO's target: the plain ELBO's distortion (trained first) minus a margin
-                elbo_rows = [r.train_distortion for r in results if r.name == "ELBO"]
-                tolerance = elbo_rows[0] - GECO_MARGIN if elbo_rows else math.nan
-                torch.manual_seed(seed)  # the same initialisation and noise for every strategy
-                data = (train_levels, train_x, test_x)
-                results.append(
-                    _train_one(strategy, data, settings.hidden, epochs, seed, tolerance, progress)
-                )
-    finally:
-        torch.set_num_threads(threads)
+    with isolated_cpu_run():  # tiny tensors (128 x 64): one thread
+        for strategy in STRATEGIES:
+            # GECO's target: the plain ELBO's distortion (trained first) minus a margin
+            elbo_rows = [r.train_distortion for r in results if r.name == "ELBO"]
+            tolerance = elbo_rows[0] - GECO_MARGIN if elbo_rows else math.nan
+            torch.manual_seed(seed)  # the same initialisation and noise for every strategy
+            data = (train_levels, train_x, test_x)
+            results.append(
+                _train_one(strategy, data, settings.hidden, epochs, seed, tolerance, progress)
+            )
     return results
-
-
-def _check_epochs(epochs: int | None) -> None:
-    """``None`` or an int ``>= 1``: else a TypeError (not an int) or ValueError (below 1)."""
-    if epochs is None:
-        return
-    if isinstance(epochs, bool) or not isinstance(epochs, int):
-        raise TypeError(f"epochs must be a positive int or None, got {epochs!r}")
-    if epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs}")
-
-
-class _Silent:
-    """An iterable with tqdm's ``set_postfix``, doing nothing: training without a bar."""
-
-    def __init__(self, iterable) -> None:
-        self.iterable = iterable
-
-    def __iter__(self):
-        return iter(self.iterable)
-
-    def set_postfix(self, *args, **kwargs) -> None:
-        return None
 
 
 def format_table(results: list[StrategyResult]) -> list[str]:
@@ -470,22 +386,6 @@ def format_table(results: list[StrategyResult]) -> list[str]:
 # --------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------
-
-
-def _import_demo_dependencies():
-    try:
-        # Figure objects without pyplot: no global backend switch, nothing left open.
-        import sklearn.datasets  # noqa: F401  (the digits)
-        from matplotlib.figure import Figure
-        from tqdm.auto import tqdm
-    except ImportError as error:
-        print(
-            f"probloss demo vae needs matplotlib, tqdm and scikit-learn ({error}); "
-            "install them with: pip install 'probloss[demo]'",
-            file=sys.stderr,
-        )
-        return None
-    return Figure, tqdm
 
 
 def print_report(results: list[StrategyResult], steps: int, seed: int) -> None:
@@ -535,15 +435,12 @@ def run(
         TypeError: ``epochs`` is not an int.
         ValueError: ``epochs`` is below 1.
     """
-    _check_epochs(epochs)
-    deps = _import_demo_dependencies()
+    check_positive_int("epochs", epochs)
+    deps = import_dependencies("vae", extra=("sklearn.datasets",))  # the digits
     if deps is None:
         return 2
     figure_cls, tqdm = deps
-    from .vae_plots import write_figures
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out)
     start = time.perf_counter()
     settings = QUICK if quick else FULL
     n_epochs = settings.epochs if epochs is None else epochs
@@ -552,16 +449,12 @@ def run(
         f"L = {LATENT_DIMS}, hidden {settings.hidden}), data and seed ({seed}), "
         f"{n_epochs} epochs each"
     )
-
-    def progress(iterable, **kwargs):
-        return tqdm(iterable, disable=None, mininterval=0.5, **kwargs)  # off when not a TTY
-
-    results = train_all(quick=quick, seed=seed, epochs=epochs, progress=progress)
+    results = train_all(quick=quick, seed=seed, epochs=epochs, progress=progress_bars(tqdm))
     for r in results:
         print(f"  trained {r.name} in {r.seconds:.1f} s")
     print_report(results, len(results[0].betas), seed)
     originals = load_levels(seed)[1][:N_SHOWN] / (LEVELS - 1)
     paths = write_figures(figure_cls, originals, results, out, FIGURES)
     print(f"figures written: {', '.join(str(p) for p in paths)}")
-    print(f"total time {time.perf_counter() - start:.1f} s")
+    print_total_time(start)
     return 0

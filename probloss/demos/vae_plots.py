@@ -1,7 +1,7 @@
 """Figures of the VAE demo (:mod:`probloss.demos.vae`), drawn on matplotlib ``Figure`` objects.
 
 Each function takes the ``Figure`` class (no pyplot: no global backend switch, nothing left
-open), the :class:`~probloss.demos.vae.StrategyResult` list and the output path.
+open), the :class:`~probloss.demos.vae_strategies.StrategyResult` list and the output path.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .vae import FREE_BITS, LATENT_DIMS, LIKELIHOOD_NAMES, StrategyResult
+from ._common import to_numpy
+from .vae_strategies import FREE_BITS, LATENT_DIMS, LIKELIHOOD_NAMES, StrategyResult
 
 COLORS = {
     "ELBO": "tab:blue",
@@ -36,11 +37,6 @@ MARKERS = {
     "GECO": "X",
     "sigma-VAE": "h",
 }
-
-
-def _np(t: Tensor):
-    """A tensor as a numpy array for matplotlib."""
-    return t.detach().cpu().numpy()
 
 
 def _color(name: str) -> str:
@@ -173,7 +169,7 @@ def plot_reconstructions(
     for i, (name, images) in enumerate(rows):
         for j in range(columns):
             ax = axes[i, j]
-            ax.imshow(_np(images[j].reshape(8, 8)), cmap="gray_r", vmin=0.0, vmax=1.0)
+            ax.imshow(to_numpy(images[j].reshape(8, 8)), cmap="gray_r", vmin=0.0, vmax=1.0)
             ax.set_xticks([])
             ax.set_yticks([])
         axes[i, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)

@@ -73,7 +73,7 @@ def test_special_values_match_the_formats(dtype):
 
 
 def test_tanh_saturation_in_float32_is_the_user_story():
-    # tanh(10) == 1 exactly in float32 (DESIGN.md, user story 1)
+    # tanh(10) == 1 exactly in float32 (docs/user_stories.md, user story 1)
     v = special_values(torch.float32)
     assert 9.01 < v["tanh_saturation"] - 1 < 9.02
     assert torch.tanh(torch.tensor(10.0)).item() == 1.0
