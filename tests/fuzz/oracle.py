@@ -256,6 +256,14 @@ def _log_softmax(logits):
     return [(mp.ninf if lg == -math.inf else mp.mpf(lg) - lse) for lg in logits], abs(lse)
 
 
+def logsumexp(x):
+    """``log sum_k e^{x_k}`` of one row; scale ``sum_k r_k |x_k| + |result| + 1``: the ``1``
+    is the documented absolute accuracy (the shifted sum, at least 1, is rounded)."""
+    with mp.workdps(_dps_for(*x)):
+        v, t = _logsumexp_terms([(mp.mpf(v), abs(mp.mpf(v))) for v in x])
+        return [(+v, t + 1)]
+
+
 def mixture_log_prob(component_log_prob, logits):
     with mp.workdps(_dps_for(*component_log_prob, *[lg for lg in logits if math.isfinite(lg)])):
         lp, lse = _log_softmax(logits)

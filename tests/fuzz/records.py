@@ -6,7 +6,7 @@ of ``N`` independent rows (``fn(*tensors)``, every tensor's first dimension ``N`
 domain of each argument (:class:`Arg`, kinds in :mod:`tests.fuzz.draws`), which arguments
 get gradients, the output dtype policy and the mpmath oracle of its float64 path.
 
-Output dtype policy (DESIGN.md, half precision):
+Output dtype policy (docs/numerics.md, half precision):
 
 * ``"same"``: the input dtype (special functions; quantities in the data's units:
   means, variances, CDFs, quantiles, modes, samples);
@@ -126,6 +126,14 @@ SPECIAL = [
     _special("log_cosh"),
     _special("log_softplus"),
     Record(
+        "special.logsumexp",
+        "special.logsumexp",
+        S.logsumexp,
+        (Arg("x", shape=(K,)),),
+        "same",
+        oracle=O.logsumexp,  # gradients: tests/special/test_logsumexp.py (its flush bound)
+    ),
+    Record(
         "special.mul_exp",
         "special.mul_exp",
         S.mul_exp,
@@ -167,6 +175,22 @@ _BIMIX = (
     Arg("atanh_rho", shape=(K,)),
 )
 _BI = (Arg("loc", shape=(2,)), Arg("log_scale", shape=(2,)), Arg("atanh_rho", shape=(1,)))
+
+
+# StrokeMixture: the bivariate mixture's records plus pen logits; no mpmath oracle yet (the
+# offsets part is the bivariate mixture, fuzzed with its oracle above), so these check
+# dtype policy and finiteness only.
+_STROKE = (*_BIMIX, Arg("pen_logits", shape=(3,)))
+
+
+def _stroke(*p):
+    return D.StrokeMixture(*p)
+
+
+def _pen_down(offsets):
+    pen = torch.zeros(*offsets.shape[:-1], 3, dtype=offsets.dtype)
+    pen[..., 0] = 1
+    return torch.cat([offsets, pen], -1)
 
 
 def _bivariate(fn):
@@ -592,7 +616,7 @@ _NORMAL_PARAMS = (_LOC, _LS)
 
 
 def _normal(loc, log_scale):
-    return D.Normal(loc, log_scale)
+    return D.Normal(loc, log_scale=log_scale)
 
 
 def _cb(logits):
@@ -750,6 +774,26 @@ DISTRIBUTIONS = [
         "promote",
         oracle=O.bivariate_normal_mixture_log_prob,
         undefined=_UNDEF_CORRELATED_MIXTURE,
+    ),
+    *(
+        Record(
+            f"distributions.StrokeMixture.{method}",
+            f"distributions.StrokeMixture.{method}",
+            fn,
+            args,
+            policy,
+        )
+        for method, fn, args, policy in (
+            (
+                "log_prob",
+                lambda x, *p: _stroke(*p).log_prob(_pen_down(x)),
+                (_v(shape=(2,)), *_STROKE),
+                "promote",
+            ),
+            ("mean", lambda *p: _stroke(*p).mean, _STROKE, "same"),
+            ("variance", lambda *p: _stroke(*p).variance, _STROKE, "same"),
+            ("mode", lambda *p: _stroke(*p).mode, _STROKE, "same"),
+        )
     ),
     Record(
         "distributions.BivariateNormalMixture.mean",
@@ -1083,7 +1127,7 @@ def _lowrank_subnormal_pivot(value, loc, cov_factor, log_diag, *, dtype):
     # condition number is beyond 1/tiny, and the QR's backward divides by that pivot
     # (inf - inf = NaN) although the gradients are finite (W = (-1.8e308, -1.8e308), l =
     # (-8.4e22, -0.018) in float64: d/dlog_diag_2 = -0.49)
-    from probloss.functional.multivariate import _needs_scaling
+    from probloss.functional.lowrank import _needs_scaling
 
     with torch.no_grad():
         scaled = _needs_scaling(cov_factor, log_diag)
