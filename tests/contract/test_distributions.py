@@ -1,7 +1,8 @@
 """One loop over every class of ``probloss.distributions`` (zuko's style of distribution test).
 
 Each class has one entry in ``CASES``: a small instance (batch ``(3,)``; ``(3, 2)`` for
-Normal), a value in its support and the functional core's log density of that value. Every class must:
+Normal), a value in its support and the functional core's log density of that value.
+Every class must:
 
 * give ``log_prob`` equal to the functional core (same kernel, so equal to rounding:
   bound 4 eps of float64 times the magnitude);
