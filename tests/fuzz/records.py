@@ -188,7 +188,7 @@ def _stroke(*p):
 
 
 def _pen_down(offsets):
-    pen = torch.zeros(*offsets.shape[:-1], 3, dtype=offsets.dtype)
+    pen = torch.zeros(*offsets.shape[:-1], 3, dtype=offsets.dtype, device=offsets.device)
     pen[..., 0] = 1
     return torch.cat([offsets, pen], -1)
 
