@@ -129,7 +129,7 @@ class BivariateNormal(Distribution):
         """``[[s1^2, rho s1 s2], [rho s1 s2, s2^2]]``, shape ``batch_shape + (2, 2)``.
 
         The one-component case of
-        :func:`~probloss.functional.mixture_sampling.bivariate_normal_mixture_covariance`:
+        :func:`~probloss.functional.bivariate_normal_mixture_covariance`:
         ``rho s1 s2 = rho e^{log s1 + log s2}`` in one product (``s1 s2`` alone overflows
         where the entry does not; ``0 * inf`` at ``rho = 0``), and ``d/d atanh_rho =
         sech^2(a) s1 s2`` formed as one exponential (``inf * 0`` through ``tanh``'s

@@ -84,7 +84,7 @@ class _GaussianMixture(Distribution):
             f"{type(self).__name__} has no reparameterised sampler (has_rsample=False): the "
             "component index is discrete. For the conditional pathwise draw (gradient to "
             "loc / log_scale only, none to logits) call "
-            "probloss.functional.mixture_sampling directly"
+            "probloss.functional.mixture.sampling directly"
         )
 
     def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
@@ -102,7 +102,7 @@ class _GaussianMixture(Distribution):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Draws at temperature ``tau`` (``0``: the ``mode``); see the family's sampler in
-        :mod:`probloss.functional.mixture_sampling` for the temperature semantics."""
+        :mod:`probloss.functional.mixture.sampling` for the temperature semantics."""
         with torch.no_grad():
             return self._sample_fn(
                 *(getattr(self, name) for name in self._params),
@@ -126,7 +126,7 @@ class NormalMixture(_GaussianMixture):
     computed in float32 and returned in the parameters' dtype. ``mean`` and ``variance``
     are the exact mixture moments (law of total variance); ``mode`` is the mean of the
     most probable component, **not** the mode of the mixture density (see
-    :func:`~probloss.functional.mixture_sampling.normal_mixture_mode`).
+    :func:`~probloss.functional.normal_mixture_mode`).
     :meth:`sample_with_temperature` samples as sketch-rnn does (weights
     :math:`\operatorname{softmax}(\ell/\tau)`, variances :math:`\tau\sigma^2`).
 
@@ -138,7 +138,7 @@ class NormalMixture(_GaussianMixture):
     estimator (component drawn without gradient, pathwise gradient to ``loc`` and
     ``log_scale`` only, none to ``logits``: unbiased for the component
     parameters, biased for the weights), is available by name for those who want exactly
-    that: :mod:`probloss.functional.mixture_sampling`. :meth:`sample` and
+    that: :mod:`probloss.functional.mixture.sampling`. :meth:`sample` and
     :meth:`sample_with_temperature` run under ``torch.no_grad()``.
 
     Args:
@@ -230,7 +230,7 @@ class BivariateNormalMixture(_GaussianMixture):
     estimator (component drawn without gradient, pathwise gradient to ``loc`` /
     ``log_scale`` / ``atanh_rho`` only, none to ``logits``: unbiased for the component
     parameters, biased for the weights), is available by name for those who want exactly
-    that: :mod:`probloss.functional.mixture_sampling`. :meth:`sample` and
+    that: :mod:`probloss.functional.mixture.sampling`. :meth:`sample` and
     :meth:`sample_with_temperature` run under ``torch.no_grad()``.
 
     Args:
@@ -318,7 +318,7 @@ def multivariate_normal_mixture_sample(
     :math:`k \sim \operatorname{Categorical}(\operatorname{softmax}(\ell/\tau))`,
     :math:`x = \mu_k + \sqrt\tau\, L_k \epsilon`, :math:`\epsilon \sim \mathcal N(0, I_D)`:
     the temperature semantics and the component draw of
-    :mod:`probloss.functional.mixture_sampling`. Computed in float32 for half-precision
+    :mod:`probloss.functional.mixture.sampling`. Computed in float32 for half-precision
     parameters and returned in the parameters' dtype; shape ``(*sample_shape, *, D)``.
     """
     tau = _check_temperature(temperature)

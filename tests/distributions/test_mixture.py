@@ -4,7 +4,7 @@ and ``MultivariateNormalMixture``.
 Where the numbers come from
 ---------------------------
 * ``log_prob``, moments, mode and samples are the functional core
-  (``probloss.functional.mixture`` and ``probloss.functional.mixture_sampling``, tested
+  (``probloss.functional.mixture`` and ``probloss.functional.mixture.sampling``, tested
   against their own references): here they must be *equal* to it.
 * ``torch.distributions.MixtureSameFamily`` in float64 at moderate inputs (where torch is
   right): ``Categorical(logits)`` over ``Independent(Normal(loc, exp(log_scale)), 1)`` or
@@ -43,12 +43,7 @@ from probloss.distributions.mixture import (
     NormalMixture,
 )
 from probloss.distributions.normal import Normal
-from probloss.functional.mixture import (
-    bivariate_normal_mixture_log_prob,
-    multivariate_normal_mixture_log_prob,
-    normal_mixture_log_prob,
-)
-from probloss.functional.mixture_sampling import (
+from probloss.functional import (
     bivariate_normal_mixture_covariance,
     bivariate_normal_mixture_mean,
     bivariate_normal_mixture_mode,
@@ -57,6 +52,11 @@ from probloss.functional.mixture_sampling import (
     normal_mixture_mode,
     normal_mixture_sample,
     normal_mixture_variance,
+)
+from probloss.functional.mixture import (
+    bivariate_normal_mixture_log_prob,
+    multivariate_normal_mixture_log_prob,
+    normal_mixture_log_prob,
 )
 from tests.functional._checks import HALF_DTYPES, assert_within, dtype_id
 
@@ -313,7 +313,7 @@ def test_no_rsample_and_samples_carry_no_graph():
         BivariateNormalMixture(logits, loc[..., :2], log_scale[..., :2], a),
     ):
         assert not d.has_rsample
-        with pytest.raises(NotImplementedError, match="mixture_sampling"):
+        with pytest.raises(NotImplementedError, match=r"mixture\.sampling"):
             d.rsample()
         assert not d.sample((2,)).requires_grad
         assert not d.sample_with_temperature(0.3, (2,)).requires_grad
