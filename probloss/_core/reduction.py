@@ -11,27 +11,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .validation import check_choice
+
 REDUCTIONS = ("mean", "sum", "none")
 NAN_POLICIES = ("raise", "mask")
-
-
-def _one_of(options: tuple[str, ...]) -> str:
-    """``'a', 'b' or 'c'``."""
-    quoted = [repr(o) for o in options]
-    return " or ".join([", ".join(quoted[:-1]), quoted[-1]]) if len(quoted) > 1 else quoted[0]
 
 
 def check_reduction(reduction: str, allowed: tuple[str, ...] = REDUCTIONS) -> None:
     """Raise ValueError unless ``reduction`` is one of ``allowed`` (``"mean"``, ``"sum"``,
     ``"none"`` by default; a loss that has no unreduced form passes ``("mean", "sum")``)."""
-    if reduction not in allowed:
-        raise ValueError(f"reduction must be {_one_of(allowed)}, got {reduction!r}")
+    check_choice("reduction", reduction, allowed)
 
 
 def check_nan_policy(nan_policy: str) -> None:
     """Raise ValueError unless ``nan_policy`` is ``"raise"`` or ``"mask"``."""
-    if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"nan_policy must be {_one_of(NAN_POLICIES)}, got {nan_policy!r}")
+    check_choice("nan_policy", nan_policy, NAN_POLICIES)
 
 
 def mask_nan_events(value: Tensor, fill: Tensor, event_dims: int = 0) -> tuple[Tensor, Tensor]:

@@ -13,6 +13,15 @@ import torch
 from torch import Tensor
 
 
+def check_choice(name: str, value: object, allowed: tuple) -> None:
+    """Raise ValueError unless ``value`` is one of ``allowed``: the one check of every option
+    that takes a fixed set of values (``reduction``, ``nan_policy``, a module's ``component``)."""
+    if value not in allowed:
+        quoted = [repr(a) for a in allowed]
+        one_of = " or ".join([", ".join(quoted[:-1]), quoted[-1]]) if len(quoted) > 1 else quoted[0]
+        raise ValueError(f"{name} must be {one_of}, got {value!r}")
+
+
 def should_validate(validate_args: bool | None, *tensors: Tensor) -> bool:
     """Whether value checks run: the explicit choice, else only if every tensor is on CPU
     and no graph is being traced (``torch.compile`` cannot trace a host read; a compiled

@@ -24,6 +24,8 @@ import math
 import operator
 from dataclasses import dataclass
 
+from .._core.validation import check_choice
+
 _SHAPES = ("linear", "sigmoid", "cosine")
 _TWO_SINH_3 = 2.0 * math.sinh(3.0)
 
@@ -265,8 +267,7 @@ class CyclicalAnnealing(Schedule):
             raise ValueError(f"ratio must lie in (0, 1], got {self.ratio!r}")
         _check_weight("start", self.start)
         _check_weight("end", self.end)
-        if self.shape not in _SHAPES:
-            raise ValueError(f"shape must be one of {_SHAPES}, got {self.shape!r}")
+        check_choice("shape", self.shape, _SHAPES)
         if self.cycles is not None:
             _check_count("cycles", self.cycles, 1)
 
