@@ -1,15 +1,22 @@
-"""Checks of module options, run in ``__init__``: each error names the option and what it allows."""
+"""Checks of module options, run in ``__init__``: each error names the option and what it allows.
+
+Options with a fixed set of values (``reduction``, ``component``) use
+:func:`probloss._core.validation.check_choice`; :class:`ShowOptions` gives every module the
+same ``repr``, one ``name=value`` per option.
+"""
 
 from __future__ import annotations
 
 import math
 
+from .._core.validation import check_choice
 
-def check_choice(name: str, value: object, allowed: tuple) -> None:
-    """Raise ValueError unless ``value`` is one of ``allowed``."""
-    if value not in allowed:
-        choices = ", ".join(repr(a) for a in allowed)
-        raise ValueError(f"{name} must be one of {choices}; got {value!r}")
+
+def check_flag(name: str, value: object, *, allow_none: bool = False) -> bool | None:
+    """Raise ValueError unless ``value`` is ``True`` or ``False`` (or ``None`` if
+    ``allow_none``): ``1``, ``0.0`` or a tensor compare equal to a bool but are not one."""
+    check_choice(name, value, (None, True, False) if allow_none else (True, False))
+    return value
 
 
 def check_size(name: str, value: object, *, low: int = 1) -> int:
@@ -53,3 +60,13 @@ def check_init_scale(init_scale: object, min_scale: float) -> float:
             "softplus(raw) + min_scale > min_scale"
         )
     return init_scale
+
+
+class ShowOptions:
+    """``extra_repr`` as ``name=value!r`` for each attribute named in ``_shown``: one repr
+    format for every module of probloss.nn (mixed in before ``nn.Module``)."""
+
+    _shown: tuple[str, ...] = ()
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in self._shown)

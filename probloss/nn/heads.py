@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Independent
 
+from ..distributions._independent import EventIndependent
 from ..distributions.bivariate_normal import BivariateNormal
 from ..distributions.normal import Normal
 from ..special import log_softplus, softplus_inverse
-from ._options import check_init_scale, check_number, check_size
+from ._options import ShowOptions, check_init_scale, check_number, check_size
 
 
 def _log_scale(raw: Tensor, min_scale: float) -> Tensor:
@@ -38,19 +38,7 @@ def _scale_options(init_scale: object, min_scale: object) -> tuple[float, float]
     return check_init_scale(init_scale, floor), floor
 
 
-class _Points(Independent):
-    """``Independent(base, 1)`` whose ``log_prob`` and ``entropy`` sum the last dimension
-    with ``sum(-1)``: torch's reshape to ``(*batch, -1)`` fails on an empty batch
-    ("cannot reshape tensor of 0 elements")."""
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        return self.base_dist.log_prob(value).sum(-1)  # log p(x) = sum_d log p(x_d)
-
-    def entropy(self) -> Tensor:
-        return self.base_dist.entropy().sum(-1)
-
-
-class NormalHead(nn.Module):
+class NormalHead(ShowOptions, nn.Module):
     r"""Features ``(*, in_features)`` to a diagonal normal over ``out_features`` outputs.
 
     .. math::
@@ -64,7 +52,9 @@ class NormalHead(nn.Module):
     ``softplus_inverse(init_scale - min_scale)`` and its weights at zero-mean small values,
     so training starts at ``scale ~= init_scale`` everywhere.
 
-    Returns ``torch.distributions.Independent`` of a probloss
+    Returns a ``torch.distributions.Independent`` (the subclass
+    ``probloss.distributions._independent.EventIndependent``, which also sums an empty
+    batch) of a probloss
     :class:`~probloss.distributions.Normal` (``.base_dist``, with ``loc`` and ``scale``):
     batch shape ``(*)``, event shape ``(out_features,)``, ``log_prob`` one value per target
     point (the sum over its coordinates), so ``-head(x).log_prob(y).mean()`` averages over
@@ -93,6 +83,8 @@ class NormalHead(nn.Module):
         torch.Size([4])
     """
 
+    _shown = ("in_features", "out_features", "min_scale")
+
     def __init__(
         self,
         in_features: int,
@@ -102,27 +94,21 @@ class NormalHead(nn.Module):
         min_scale: float = 0.0,
     ) -> None:
         super().__init__()
-        check_size("in_features", in_features)
+        self.in_features = check_size("in_features", in_features)
         self.out_features = check_size("out_features", out_features)
         init_scale, self.min_scale = _scale_options(init_scale, min_scale)
         self.linear = nn.Linear(in_features, 2 * out_features)
         with torch.no_grad():
             self.linear.bias[out_features:].fill_(_raw_for_scale(init_scale, self.min_scale))
 
-    def forward(self, features: Tensor) -> Independent:
+    def forward(self, features: Tensor) -> EventIndependent:
         loc, raw = self.linear(features).split(self.out_features, dim=-1)
         # validation happens in the base Normal (CPU tensors by default), which checks values
         normal = Normal(loc, log_scale=_log_scale(raw, self.min_scale))
-        return _Points(normal, 1, validate_args=False)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.linear.in_features}, out_features={self.out_features}, "
-            f"min_scale={self.min_scale}"
-        )
+        return EventIndependent(normal, 1, validate_args=False)
 
 
-class BivariateNormalHead(nn.Module):
+class BivariateNormalHead(ShowOptions, nn.Module):
     r"""Features ``(*, in_features)`` to a correlated 2-D :class:`BivariateNormal`.
 
     Five outputs per input: ``loc`` (2), raw scales (2) and ``atanh_rho`` (1), the Graves
@@ -150,11 +136,13 @@ class BivariateNormalHead(nn.Module):
         (torch.Size([5]), torch.Size([2]))
     """
 
+    _shown = ("in_features", "min_scale")
+
     def __init__(
         self, in_features: int, *, init_scale: float = 1.0, min_scale: float = 0.0
     ) -> None:
         super().__init__()
-        check_size("in_features", in_features)
+        self.in_features = check_size("in_features", in_features)
         init_scale, self.min_scale = _scale_options(init_scale, min_scale)
         self.linear = nn.Linear(in_features, 5)
         with torch.no_grad():
@@ -165,6 +153,3 @@ class BivariateNormalHead(nn.Module):
         out = self.linear(features)
         loc, raw, atanh_rho = out[..., 0:2], out[..., 2:4], out[..., 4]
         return BivariateNormal(loc, _log_scale(raw, self.min_scale), atanh_rho)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.linear.in_features}, min_scale={self.min_scale}"

@@ -10,12 +10,28 @@ from .._core.reduction import check_nan_policy, check_reduction, check_value_bat
 from .._core.validation import check_renamed_keywords
 from ..functional.bivariate import bivariate_normal_nll
 from ..functional.normal import normal_nll
-from ._options import check_choice, check_number
+from ._options import ShowOptions, check_flag, check_number
 
 _NORMAL_FORMS = "loss(target, loc, log_scale), or scale=, var= or log_var= by keyword"
 
 
-class NormalNLLLoss(nn.Module):
+class _EventLoss(ShowOptions, nn.Module):
+    """The options of a loss over events with NaN masking, checked and stored in one place
+    (the whole ``__init__`` of a loss that has no other option)."""
+
+    def __init__(
+        self, *, reduction: str = "mean", nan_policy: str = "raise",
+        validate_args: bool | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        check_reduction(reduction)
+        check_nan_policy(nan_policy)
+        self.reduction = reduction
+        self.nan_policy = nan_policy
+        self.validate_args = check_flag("validate_args", validate_args, allow_none=True)
+
+
+class NormalNLLLoss(_EventLoss):
     """Gaussian negative log-likelihood: ``forward(target, loc, log_scale)``.
 
     ``forward`` is :func:`probloss.functional.normal_nll` with the same arguments: the
@@ -47,6 +63,8 @@ class NormalNLLLoss(nn.Module):
         tensor(1.6667e+35)
     """
 
+    _shown = ("beta", "min_scale", "reduction", "nan_policy", "validate_args")
+
     def __init__(
         self,
         *,
@@ -57,7 +75,7 @@ class NormalNLLLoss(nn.Module):
         validate_args: bool | None = None,
         **removed: object,
     ) -> None:
-        super().__init__()
+        super().__init__(reduction=reduction, nan_policy=nan_policy, validate_args=validate_args)
         if "scale_form" in removed:
             raise TypeError(
                 "NormalNLLLoss(): scale_form was removed; the scale form is chosen per call: "
@@ -67,12 +85,6 @@ class NormalNLLLoss(nn.Module):
         self.beta = check_number("beta", beta, low=0.0, high=1.0)
         self.min_scale = check_number("min_scale", min_scale, low=0.0, strict=True,
                                       allow_none=True)  # fmt: skip
-        check_reduction(reduction)
-        check_nan_policy(nan_policy)
-        check_choice("validate_args", validate_args, (None, True, False))
-        self.reduction = reduction
-        self.nan_policy = nan_policy
-        self.validate_args = validate_args
 
     def forward(
         self,
@@ -98,14 +110,8 @@ class NormalNLLLoss(nn.Module):
             validate_args=self.validate_args,
         )
 
-    def extra_repr(self) -> str:
-        return (
-            f"beta={self.beta}, min_scale={self.min_scale}, reduction={self.reduction!r}, "
-            f"nan_policy={self.nan_policy!r}"
-        )
 
-
-class GaussianNLLLoss(nn.Module):
+class GaussianNLLLoss(ShowOptions, nn.Module):
     r"""Drop-in for ``torch.nn.GaussianNLLLoss`` that broadcasts ``var`` and never syncs.
 
     .. math::
@@ -139,6 +145,8 @@ class GaussianNLLLoss(nn.Module):
     empty batch it is NaN and ``"sum"`` is 0, as in torch.
     """
 
+    _shown = ("full", "eps", "reduction", "validate_args")
+
     def __init__(
         self,
         *,
@@ -148,13 +156,11 @@ class GaussianNLLLoss(nn.Module):
         validate_args: bool | None = None,
     ) -> None:
         super().__init__()
-        check_choice("full", full, (False, True))
+        self.full = check_flag("full", full)
         self.eps = check_number("eps", eps, low=0.0)
         check_reduction(reduction)
-        check_choice("validate_args", validate_args, (None, True, False))
-        self.full = full
         self.reduction = reduction
-        self.validate_args = validate_args
+        self.validate_args = check_flag("validate_args", validate_args, allow_none=True)
 
     def forward(self, input: Tensor, target: Tensor, var: Tensor | float) -> Tensor:
         var = torch.as_tensor(var, dtype=input.dtype, device=input.device)
@@ -199,11 +205,8 @@ class GaussianNLLLoss(nn.Module):
         check_value_batch(batch, input=input.shape, var=var.shape)
         return target.expand(batch)  # a view; normal_nll then sees value = the batch
 
-    def extra_repr(self) -> str:
-        return f"full={self.full}, eps={self.eps}, reduction={self.reduction!r}"
 
-
-class BivariateNormalNLLLoss(nn.Module):
+class BivariateNormalNLLLoss(_EventLoss):
     """Negative log-likelihood of 2-D targets under a correlated normal (sketch, handwriting).
 
     ``forward(target, loc, log_scale, atanh_rho)`` is
@@ -227,20 +230,7 @@ class BivariateNormalNLLLoss(nn.Module):
         tensor(1.8379)
     """
 
-    def __init__(
-        self,
-        *,
-        reduction: str = "mean",
-        nan_policy: str = "raise",
-        validate_args: bool | None = None,
-    ) -> None:
-        super().__init__()
-        check_reduction(reduction)
-        check_nan_policy(nan_policy)
-        check_choice("validate_args", validate_args, (None, True, False))
-        self.reduction = reduction
-        self.nan_policy = nan_policy
-        self.validate_args = validate_args
+    _shown = ("reduction", "nan_policy", "validate_args")
 
     def forward(
         self,
@@ -261,6 +251,3 @@ class BivariateNormalNLLLoss(nn.Module):
             nan_policy=self.nan_policy,
             validate_args=self.validate_args,
         )
-
-    def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}, nan_policy={self.nan_policy!r}"

@@ -29,7 +29,12 @@ from .._core.reduction import (
     mask_nan_events,
     reduce_loss,
 )
-from .._core.validation import check_not_nan, check_renamed_keywords, should_validate
+from .._core.validation import (
+    check_choice,
+    check_not_nan,
+    check_renamed_keywords,
+    should_validate,
+)
 from ..distributions.mixture import (
     BivariateNormalMixture,
     MultivariateNormalMixture,
@@ -37,7 +42,7 @@ from ..distributions.mixture import (
 )
 from ..distributions.stroke import StrokeMixture
 from ..functional.multivariate import default_min_scale, scale_tril_from_raw
-from ._options import check_choice, check_init_scale, check_number, check_size
+from ._options import ShowOptions, check_init_scale, check_number, check_size
 from .heads import _log_scale, _raw_for_scale
 
 COMPONENTS = ("normal", "bivariate", "full")
@@ -58,7 +63,7 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class MixtureDensityHead(nn.Module):
+class MixtureDensityHead(ShowOptions, nn.Module):
     r"""Features ``(*, in_features)`` to a mixture of ``num_components`` Gaussians.
 
     One linear layer predicts, per input, the mixture ``logits`` (``K``), the component
@@ -152,6 +157,15 @@ class MixtureDensityHead(nn.Module):
         >>> type(points).__name__, points.event_shape, points.sample().shape
         ('StrokeMixture', torch.Size([5]), torch.Size([8, 5]))
     """
+
+    _shown = (
+        "in_features",
+        "out_features",
+        "num_components",
+        "component",
+        "min_scale",
+        "pen_states",
+    )
 
     def __init__(
         self,
@@ -255,13 +269,6 @@ class MixtureDensityHead(nn.Module):
         scale_tril = scale_tril_from_raw(raw, d, min_scale=self.min_scale).to(loc.dtype)
         return MultivariateNormalMixture(logits, loc, scale_tril, validate_args=check)
 
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"num_components={self.num_components}, component={self.component!r}, "
-            f"min_scale={self.min_scale}, pen_states={self.pen_states}"
-        )
-
 
 def _nan_fill(distribution: Distribution) -> Tensor:
     """A point of the support with a finite log density, for events with a NaN target:
@@ -270,7 +277,7 @@ def _nan_fill(distribution: Distribution) -> Tensor:
     return distribution.mode if isinstance(distribution, StrokeMixture) else distribution.mean
 
 
-class MixtureNLLLoss(nn.Module):
+class MixtureNLLLoss(ShowOptions, nn.Module):
     r"""Negative log-likelihood of targets under a predicted distribution (a head's output).
 
     ``forward(target, distribution)`` is ``-distribution.log_prob(target)``, one value
@@ -306,6 +313,8 @@ class MixtureNLLLoss(nn.Module):
         tensor([3.0852, 0.0000], grad_fn=<WhereBackward0>)
     """
 
+    _shown = ("reduction", "nan_policy")
+
     def __init__(self, *, reduction: str = "mean", nan_policy: str = "raise") -> None:
         super().__init__()
         check_reduction(reduction)
@@ -330,6 +339,3 @@ class MixtureNLLLoss(nn.Module):
         elif should_validate(None, target):
             check_not_nan(target, "target")
         return reduce_loss(-distribution.log_prob(target), self.reduction, mask=mask)
-
-    def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}, nan_policy={self.nan_policy!r}"
