@@ -3,8 +3,9 @@
 Shape checks are free and always run (:mod:`.shapes`). Checks on *values* (range, NaN)
 read the tensor on the host, which on an accelerator forces a synchronisation; like
 ``torch.distributions``' ``validate_args`` they are controlled per call:
-``validate_args=None`` (the default) checks values of CPU tensors only and never while
-``torch.compile`` traces, ``True`` always checks, ``False`` never does.
+``validate_args=None`` (the default) checks values of CPU tensors only, never while
+``torch.compile`` / ``torch.export`` trace and never inside a ``torch.func`` transform
+(:func:`~probloss._core.ops.host_readable`); ``True`` always checks, ``False`` never does.
 """
 
 from __future__ import annotations
@@ -12,25 +13,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .ops import host_readable
+
 
 def check_choice(name: str, value: object, allowed: tuple) -> None:
     """Raise ValueError unless ``value`` is one of ``allowed``: the one check of every option
-    that takes a fixed set of values (``reduction``, ``nan_policy``, a module's ``component``)."""
-    if value not in allowed:
+    that takes a fixed set of values (``reduction``, ``nan_policy``, a module's ``component``).
+
+    The type must match too: ``1`` is not ``True`` and ``0.0`` not ``False`` (``==`` alone
+    would let them through)."""
+    if not any(type(value) is type(a) and value == a for a in allowed):
         quoted = [repr(a) for a in allowed]
         one_of = " or ".join([", ".join(quoted[:-1]), quoted[-1]]) if len(quoted) > 1 else quoted[0]
         raise ValueError(f"{name} must be {one_of}, got {value!r}")
 
 
 def should_validate(validate_args: bool | None, *tensors: Tensor) -> bool:
-    """Whether value checks run: the explicit choice, else only if every tensor is on CPU
-    and no graph is being traced (``torch.compile`` cannot trace a host read; a compiled
-    step checks nothing unless asked, like a GPU step)."""
+    """Whether value checks run: the explicit choice, else only where the values can be read
+    on the host for free (:func:`~probloss._core.ops.host_readable`: CPU tensors, no graph
+    being traced, no ``torch.func`` transform; a compiled step checks nothing unless asked,
+    like a GPU step)."""
     if validate_args is not None:
         return validate_args
-    if torch.compiler.is_compiling():
-        return False
-    return all(t.device.type == "cpu" for t in tensors)
+    return host_readable(*tensors)
 
 
 def distribution_validate_args(validate_args: bool | None, *tensors: Tensor) -> bool:

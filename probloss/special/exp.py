@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .._core.dtype import as_float_tensor, upcast
+from .._core.ops import host_readable, kernel_op
 from .where import safe_where
 
 # The series is used for |x| < 1. On [-1, 1], f(x) / x^2 >= f(-1) = e^-1 (its minimum), so
@@ -104,14 +105,19 @@ def expm1mx(x: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
+def _mul_exp_fake(x: Tensor, t: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+@kernel_op("mul_exp", event_dims=(0, 0), fake=_mul_exp_fake)
 def _mul_exp_value(x: Tensor, t: Tensor) -> Tensor:
-    """The forward of :func:`mul_exp` (see there)."""
+    """The forward of :func:`mul_exp` (see there); ``x`` and ``t`` of one shape."""
     finfo = torch.finfo(t.dtype)
     log_max, log_tiny = math.log(finfo.max), math.log(finfo.tiny)
     # Fast path when no element needs the four-step form: one reduction pass, free to read
-    # on CPU; on an accelerator reading it would wait for the device, and while tracing
-    # (torch.compile, torch.export) it cannot be read at all, so there both forms are built.
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+    # on CPU; on an accelerator reading it would wait for the device, so there both forms
+    # are built. (An operator's tensors are real even when its caller is being compiled.)
+    if host_readable(t):
         if t.numel() == 0:
             return x * torch.exp(t)
         low, high = torch.aminmax(t)
@@ -134,11 +140,15 @@ class _MulExp(torch.autograd.Function):
     overflow, and are differentiable again (``g exp(t)`` is this function).
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: Tensor, t: Tensor) -> Tensor:
-        y = _mul_exp_value(x, t)
-        ctx.save_for_backward(t, y)
-        return y
+    def forward(x: Tensor, t: Tensor) -> Tensor:
+        return _mul_exp_value(x, t)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[1], output)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
