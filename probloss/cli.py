@@ -75,7 +75,7 @@ def _add_demo(commands, name: str, spec: DemoSpec) -> None:
     parser = commands.add_parser(
         name, help=spec.summary, description=spec.description, prog=f"probloss demo {name}"
     )
-    quick = "short form, a few seconds (CI)" if spec.figures else "accepted; the demo is instant"
+    quick = "short form, under a minute (CI)" if spec.figures else "accepted; the demo is instant"
     parser.add_argument("--quick", action="store_true", help=quick)
     if spec.figures:
         parser.add_argument(

@@ -32,7 +32,7 @@ import sys
 import pytest
 import torch
 
-from probloss.demos import vae
+from probloss.demos import vae, vae_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAMES = [s.name for s in vae.STRATEGIES]
@@ -187,7 +187,7 @@ def test_make_weighting_rejects_an_unknown_strategy():
 def test_dequantised_pixels_stay_in_their_level_bin():
     """``(k + u) / 17`` lies in ``[k / 17, (k + 1) / 17)``: flooring 17 x recovers ``k``."""
     levels = torch.arange(17.0).repeat(50)
-    x = vae.dequantise(levels, torch.Generator().manual_seed(0))
+    x = vae_model.dequantise(levels, torch.Generator().manual_seed(0))
     assert torch.equal(torch.floor(x * 17.0), levels)
     assert float(x.min()) > 0.0 and float(x.max()) < 1.0
 

@@ -5,6 +5,8 @@
 * :func:`progress_bars`, :func:`no_progress`: the progress wrappers the training loops take.
 * :func:`isolated_cpu_run`: one thread and a forked global RNG for the duration of a demo.
 * :func:`output_dir`, :func:`check_positive_int`, :func:`print_total_time`.
+* :func:`run_demo`: the frame of a demo's ``run`` (checks, dependencies, output directory,
+  total time) around its body.
 * :func:`to_numpy`: a tensor as a numpy array for matplotlib.
 """
 
@@ -130,6 +132,36 @@ def check_positive_int(name: str, value: int | None) -> None:
 def print_total_time(start: float) -> None:
     """The last line of every demo: wall time since ``start`` (``time.perf_counter()``)."""
     print(f"total time {time.perf_counter() - start:.1f} s")
+
+
+def run_demo(
+    demo: str,
+    out: str | Path,
+    body: Callable[[type, Progress, Path], int],
+    *,
+    epochs: int | None = None,
+    extra: tuple[str, ...] = (),
+) -> int:
+    """What every demo's ``run`` does around its work; returns an exit status.
+
+    Checks ``epochs`` (:func:`check_positive_int`), imports the dependencies
+    (:func:`import_dependencies` with ``extra``: exit status 2 if one is missing), creates
+    ``out`` (:func:`output_dir`), then runs ``body(Figure, progress, out)`` (``progress``
+    from :func:`progress_bars`), prints the total time and returns ``body``'s status.
+
+    Raises:
+        TypeError, ValueError: ``epochs`` is not a positive int.
+    """
+    check_positive_int("epochs", epochs)
+    deps = import_dependencies(demo, extra=extra)
+    if deps is None:
+        return 2
+    figure_cls, tqdm = deps
+    path = output_dir(out)
+    start = time.perf_counter()
+    status = body(figure_cls, progress_bars(tqdm), path)
+    print_total_time(start)
+    return status
 
 
 def to_numpy(t: Tensor):

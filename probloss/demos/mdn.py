@@ -65,12 +65,8 @@ from torch import Tensor, nn
 from ..nn.mixture import MixtureDensityHead, MixtureNLLLoss
 from ._common import (
     Progress,
-    check_positive_int,
-    import_dependencies,
     isolated_cpu_run,
-    output_dir,
-    print_total_time,
-    progress_bars,
+    run_demo,
 )
 from .mdn_plots import plot_data_and_mse, plot_loss_curves, plot_mdn_density, plot_spiral
 from .mdn_tasks import Task, make_tasks
@@ -286,7 +282,7 @@ def run(
     """Train, print the table, write the figures into ``out``; return an exit status.
 
     Args:
-        quick: a short form for CI (fewer points and steps; a few seconds).
+        quick: a short form for CI (fewer points and steps; under a minute).
         out: output directory for the PNG figures (created if missing).
         seed: seed of the data, the initialisations and the HDR samples.
         epochs: number of full-batch Adam steps per model (default 2000, 400 with ``quick``).
@@ -298,23 +294,19 @@ def run(
         TypeError: ``epochs`` is not an int.
         ValueError: ``epochs`` is below 1.
     """
-    check_positive_int("epochs", epochs)
-    deps = import_dependencies("mdn")
-    if deps is None:
-        return 2
-    figure_cls, tqdm = deps
-    out = output_dir(out)
-    start = time.perf_counter()
-    with isolated_cpu_run():  # tiny tensors (a few thousand rows, 64 columns): one thread
-        torch.manual_seed(seed)
-        tasks, models = _train_and_report(quick, seed, epochs, progress_bars(tqdm))
-        plot_data_and_mse(figure_cls, tasks, models, out / FIGURES[0])
-        plot_mdn_density(figure_cls, tasks, models, out / FIGURES[1])
-        plot_spiral(figure_cls, tasks[2], models, out / FIGURES[2])
-        plot_loss_curves(figure_cls, tasks, out / FIGURES[3])
-    print(f"figures written to {out}/: {', '.join(FIGURES)}")
-    print_total_time(start)
-    return 0
+
+    def body(figure_cls: type, progress: Progress, out: Path) -> int:
+        with isolated_cpu_run():  # tiny tensors (a few thousand rows, 64 columns): one thread
+            torch.manual_seed(seed)
+            tasks, models = _train_and_report(quick, seed, epochs, progress)
+            plot_data_and_mse(figure_cls, tasks, models, out / FIGURES[0])
+            plot_mdn_density(figure_cls, tasks, models, out / FIGURES[1])
+            plot_spiral(figure_cls, tasks[2], models, out / FIGURES[2])
+            plot_loss_curves(figure_cls, tasks, out / FIGURES[3])
+        print(f"figures written to {out}/: {', '.join(FIGURES)}")
+        return 0
+
+    return run_demo("mdn", out, body, epochs=epochs)
 
 
 def _train_and_report(quick: bool, seed: int, epochs: int | None, progress: Progress):

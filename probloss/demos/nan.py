@@ -35,8 +35,8 @@ A figure of both loss curves is written to ``out/nan_loss_curves.png``.
 
 from __future__ import annotations
 
+import functools
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,11 +48,8 @@ from ..audit.naive import naive_bivariate_normal_nll
 from ..functional.bivariate import bivariate_normal_nll
 from ._common import (
     Progress,
-    import_dependencies,
     isolated_cpu_run,
-    output_dir,
-    print_total_time,
-    progress_bars,
+    run_demo,
 )
 
 FIGURE = "nan_loss_curves.png"
@@ -260,7 +257,7 @@ def run(*, quick: bool = False, out: str | Path = "probloss-demo", seed: int = 0
     """Train with the naive and the probloss loss, print the guard's report, plot both.
 
     Args:
-        quick: a short form for CI (fewer points and steps; a few seconds).
+        quick: a short form for CI (fewer points and steps; under a minute).
         out: output directory for the figure (created if missing).
         seed: seed of the data, the batches and the initialisation.
 
@@ -268,14 +265,14 @@ def run(*, quick: bool = False, out: str | Path = "probloss-demo", seed: int = 0
         0 if the naive run went non-finite and the guard caught it while the probloss run
         finished finite; 1 otherwise; 2 if matplotlib or tqdm is missing.
     """
-    deps = import_dependencies("nan")
-    if deps is None:
-        return 2
-    figure_cls, tqdm = deps
     settings = QUICK if quick else FULL
-    out = output_dir(out)
-    start = time.perf_counter()
-    progress = progress_bars(tqdm)
+    return run_demo("nan", out, functools.partial(_train_and_report, settings, seed))
+
+
+def _train_and_report(
+    settings: Settings, seed: int, figure_cls: type, progress: Progress, out: Path
+) -> int:
+    """Both runs, the guard's report and the figure; the exit status of :func:`run`."""
     print(
         f"A trajectory model (MLP -> bivariate Gaussian over the next pen offset) on "
         f"{settings.num_points} synthetic offsets ({100 * JUMP_PROBABILITY:.1f}% pen-up "
@@ -310,5 +307,4 @@ def run(*, quick: bool = False, out: str | Path = "probloss-demo", seed: int = 0
     path = out / FIGURE
     plot(figure_cls, [naive, ours], settings, path)
     print(f"\nfigure written to {path}")
-    print_total_time(start)
     return 0 if naive.report is not None and ours.report is None and finite else 1

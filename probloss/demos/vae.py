@@ -75,6 +75,9 @@ per strategy, lines of constant ELBO, a zoom on the rows near the plain ELBO),
 ``vae_reconstructions.png`` (test digits and each strategy's reconstruction, the decoder's
 mean at the posterior mean), ``vae_kl_per_dim.png`` (KL per latent dimension, sorted) and
 ``vae_beta.png`` (the KL weight at every step).
+
+Modules: training, evaluation and the report here; the data and the model in
+:mod:`.vae_model`, the rows in :mod:`.vae_strategies`, the figures in :mod:`.vae_plots`.
 """
 
 from __future__ import annotations
@@ -85,31 +88,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..special import cb_mean
 from ..vae import (
     ELBO,
     active_units,
-    bernoulli_log_likelihood,
-    continuous_bernoulli_log_likelihood,
     elbo,
     gaussian_kl_per_dim,
-    gaussian_log_likelihood,
     kl_per_dimension,
-    sigma_vae_log_likelihood,
     sigma_vae_log_scale,
 )
 from ._common import (
     Progress,
     check_positive_int,
-    import_dependencies,
     isolated_cpu_run,
     no_progress,
-    output_dir,
-    print_total_time,
-    progress_bars,
+    run_demo,
 )
+from .vae_model import LEVELS, N_TEST, VAE, decoder_mean, dequantise, load_levels, log_likelihood
 from .vae_plots import write_figures
 from .vae_strategies import (
     BETA_VAE,
@@ -123,8 +119,6 @@ from .vae_strategies import (
     make_weighting,
 )
 
-LEVELS = 17  # grey levels 0..16
-N_TEST = 360
 BATCH_SIZE = 128
 LEARNING_RATE = 1e-3
 EVAL_SAMPLES = 16  # posterior samples per test image for E_q log p(x | z)
@@ -145,84 +139,6 @@ class Settings:
 
 FULL = Settings(epochs=300, hidden=128)
 QUICK = Settings(epochs=15, hidden=128)
-
-
-# --------------------------------------------------------------------------------------
-# Data and model
-# --------------------------------------------------------------------------------------
-
-
-def load_levels(seed: int) -> tuple[Tensor, Tensor]:
-    """The digits' grey levels ``0..16`` as float32 rows of 64: ``(train, test)``, a fixed split."""
-    from sklearn.datasets import load_digits
-
-    levels = torch.as_tensor(load_digits().data, dtype=torch.float32)
-    order = torch.randperm(levels.shape[0], generator=torch.Generator().manual_seed(seed))
-    return levels[order[N_TEST:]], levels[order[:N_TEST]]
-
-
-def dequantise(levels: Tensor, generator: torch.Generator) -> Tensor:
-    r"""``(k + u) / 17`` with ``u ~ U(0, 1)``: level ``k`` spread uniformly over its bin.
-
-    A continuous density of the result is a bound on the discrete likelihood of the levels,
-    :math:`\log P(k) \ge \mathbb E_u \log p((k + u) / 17) - \log 17` per pixel (Theis et al.
-    2016, arXiv:1511.01844); without it a density on pixels exactly at 0 or 1 is unbounded.
-
-    Example:
-        >>> x = dequantise(torch.tensor([0.0, 8.0, 16.0]), torch.Generator().manual_seed(0))
-        >>> torch.floor(x * 17)  # each value stays in its level's bin
-        tensor([ 0.,  8., 16.])
-    """
-    return (levels + torch.rand(levels.shape, generator=generator)) / LEVELS
-
-
-class VAE(nn.Module):
-    """MLP encoder to a diagonal Gaussian posterior, MLP decoder to 64 outputs per image."""
-
-    def __init__(self, hidden: int, latent: int = LATENT_DIMS) -> None:
-        super().__init__()
-        self.encoder = nn.Sequential(
-            nn.Linear(DATA_DIMS, hidden), nn.ELU(), nn.Linear(hidden, hidden), nn.ELU(),
-            nn.Linear(hidden, 2 * latent),
-        )  # fmt: skip
-        self.decoder = nn.Sequential(
-            nn.Linear(latent, hidden), nn.ELU(), nn.Linear(hidden, hidden), nn.ELU(),
-            nn.Linear(hidden, DATA_DIMS),
-        )  # fmt: skip
-
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Posterior means and log-variances, each ``(B, L)``."""
-        loc, log_var = self.encoder(x).chunk(2, dim=-1)
-        return loc, log_var
-
-    def forward(self, x: Tensor, samples: int = 1) -> tuple[Tensor, Tensor, Tensor]:
-        """Decoder outputs ``(S, B, 64)`` for ``S`` reparameterised posterior samples."""
-        loc, log_var = self.encode(x)
-        noise = torch.randn((samples, *loc.shape), dtype=loc.dtype)
-        z = loc + torch.exp(0.5 * log_var) * noise  # z = mu + sigma eps, sigma = exp(log_var / 2)
-        return self.decoder(z), loc, log_var
-
-
-def log_likelihood(kind: str, x: Tensor, out: Tensor, log_scale: Tensor | None = None) -> Tensor:
-    """``log p(x | z)`` per sample and image, shape ``(S, B)``, from decoder outputs ``out``.
-
-    For ``"sigma"`` the scale is the batch's optimal one unless ``log_scale`` is given.
-    """
-    if kind == "cb":
-        return continuous_bernoulli_log_likelihood(x, out, event_dims=1)
-    if kind == "bernoulli":
-        return bernoulli_log_likelihood(x, out, event_dims=1)
-    loc = torch.sigmoid(out)
-    if log_scale is None:
-        return sigma_vae_log_likelihood(x, loc, event_dims=1)
-    return gaussian_log_likelihood(x, loc, log_scale=log_scale, event_dims=1)
-
-
-def decoder_mean(kind: str, out: Tensor) -> Tensor:
-    """The mean of ``p(x | z)``: what a reconstruction shows."""
-    if kind == "cb":
-        return cb_mean(out)  # the CB mean is not sigmoid(logits)
-    return torch.sigmoid(out)
 
 
 # --------------------------------------------------------------------------------------
@@ -423,7 +339,7 @@ def run(
     """Train every strategy, print the table, write the figures into ``out``.
 
     Args:
-        quick: the short form for CI (15 epochs instead of 300: a few seconds).
+        quick: the short form for CI (15 epochs instead of 300: under a minute).
         out: output directory for the PNG figures (created if missing).
         seed: seed of the split, the dequantisation, the initialisation and the noise.
         epochs: passes over the training set per strategy (11 Adam steps each).
@@ -435,26 +351,23 @@ def run(
         TypeError: ``epochs`` is not an int.
         ValueError: ``epochs`` is below 1.
     """
-    check_positive_int("epochs", epochs)
-    deps = import_dependencies("vae", extra=("sklearn.datasets",))  # the digits
-    if deps is None:
-        return 2
-    figure_cls, tqdm = deps
-    out = output_dir(out)
-    start = time.perf_counter()
-    settings = QUICK if quick else FULL
-    n_epochs = settings.epochs if epochs is None else epochs
-    print(
-        f"VAE on the 8x8 digits: {len(STRATEGIES)} strategies, the same model (latent "
-        f"L = {LATENT_DIMS}, hidden {settings.hidden}), data and seed ({seed}), "
-        f"{n_epochs} epochs each"
-    )
-    results = train_all(quick=quick, seed=seed, epochs=epochs, progress=progress_bars(tqdm))
-    for r in results:
-        print(f"  trained {r.name} in {r.seconds:.1f} s")
-    print_report(results, len(results[0].betas), seed)
-    originals = load_levels(seed)[1][:N_SHOWN] / (LEVELS - 1)
-    paths = write_figures(figure_cls, originals, results, out, FIGURES)
-    print(f"figures written: {', '.join(str(p) for p in paths)}")
-    print_total_time(start)
-    return 0
+
+    def body(figure_cls: type, progress: Progress, out: Path) -> int:
+        settings = QUICK if quick else FULL
+        n_epochs = settings.epochs if epochs is None else epochs
+        print(
+            f"VAE on the 8x8 digits: {len(STRATEGIES)} strategies, the same model (latent "
+            f"L = {LATENT_DIMS}, hidden {settings.hidden}), data and seed ({seed}), "
+            f"{n_epochs} epochs each"
+        )
+        results = train_all(quick=quick, seed=seed, epochs=epochs, progress=progress)
+        for r in results:
+            print(f"  trained {r.name} in {r.seconds:.1f} s")
+        print_report(results, len(results[0].betas), seed)
+        originals = load_levels(seed)[1][:N_SHOWN] / (LEVELS - 1)
+        paths = write_figures(figure_cls, originals, results, out, FIGURES)
+        print(f"figures written: {', '.join(str(p) for p in paths)}")
+        return 0
+
+    # extra: the digits come with scikit-learn
+    return run_demo("vae", out, body, epochs=epochs, extra=("sklearn.datasets",))

@@ -1,118 +1,38 @@
-r"""Gaussian mixtures (mixture density networks) as ``torch.distributions.Distribution`` s."""
+r"""Gaussian mixtures (mixture density networks) as ``torch.distributions.Distribution`` s.
+
+What they share (weights, ``log_prob``, sampling at a temperature, ``expand``, mean and
+mode) is :class:`~._mixture_base.GaussianMixture`; each class here names its parameters,
+its functional log density and sampler, its components and its second moments.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import ClassVar
 
 import torch
 from torch import Tensor
-from torch.distributions import Categorical, Distribution, MultivariateNormal, constraints
+from torch.distributions import MultivariateNormal, constraints
 
 from .._core.dtype import compute_dtype, promote_float_tensors, upcast
-from .._core.shapes import MIXTURE_LAYOUTS, expand_to_layouts, mixture_parameters
-from .._core.validation import distribution_validate_args, validate_sample
 from ..functional.mixture import (
     bivariate_normal_mixture_covariance,
     bivariate_normal_mixture_log_prob,
-    bivariate_normal_mixture_mean,
-    bivariate_normal_mixture_mode,
     bivariate_normal_mixture_sample,
     multivariate_normal_mixture_log_prob,
     normal_mixture_log_prob,
-    normal_mixture_mean,
-    normal_mixture_mode,
     normal_mixture_sample,
     normal_mixture_variance,
 )
 from ..functional.mixture._second_moments import second_moments
 from ..functional.mixture.sampling import _check_temperature, _component_index, _pick
+from ._mixture_base import MATRIX, VECTOR, GaussianMixture
 from .bivariate_normal import BivariateNormal
 from .normal import Normal
 
-_VECTOR = constraints.independent(constraints.real, 1)  # (*, K)
-_MATRIX = constraints.independent(constraints.real, 2)  # (*, K, D)
 
-
-class _GaussianMixture(Distribution):
-    """What the two mixtures share: weights, sampling with temperature, expand."""
-
-    support = constraints.real_vector
-    has_rsample = False
-    _params: ClassVar[tuple[str, ...]]  # constructor parameters, in functional order
-    _log_prob_fn: ClassVar  # (value, *params) -> log density
-    _sample_fn: ClassVar  # (*params, temperature=, sample_shape=, generator=) -> draws
-
-    def _init_params(self, event_size: int | None, validate_args: bool | None, **named) -> None:
-        # checked, promoted (half stays half) and broadcast to the common batch shape
-        tensors, dtype = mixture_parameters(event_size, **named)
-        for name, t in zip(named, tensors, strict=True):
-            setattr(self, name, t.to(dtype))
-        batch_shape = self.logits.shape[:-1]
-        event_shape = self.loc.shape[-1:]
-        validate_args = distribution_validate_args(validate_args, *tensors)
-        super().__init__(batch_shape, event_shape, validate_args=validate_args)
-
-    def expand(self, batch_shape: torch.Size, _instance=None):
-        new = self._get_checked_instance(type(self), _instance)
-        batch_shape = torch.Size(batch_shape)
-        for name in self._params:
-            t = getattr(self, name)
-            trailing = t.shape[len(self.batch_shape) :]
-            setattr(new, name, t.expand((*batch_shape, *trailing)))
-        Distribution.__init__(new, batch_shape, self.event_shape, validate_args=False)
-        new._validate_args = self._validate_args
-        return new
-
-    @property
-    def num_components(self) -> int:
-        """The number of components ``K``."""
-        return self.logits.shape[-1]
-
-    @property
-    def mixture_weights(self) -> Tensor:
-        """``softmax(logits)``, shape ``(*batch_shape, K)``; sums to 1 over ``K``."""
-        return torch.softmax(upcast(self.logits), -1).to(self.logits.dtype)
-
-    @property
-    def mixture_distribution(self) -> Categorical:
-        """The component index as ``torch.distributions.Categorical(logits=logits)``."""
-        return Categorical(logits=self.logits, validate_args=False)
-
-    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
-        raise NotImplementedError(
-            f"{type(self).__name__} has no reparameterised sampler (has_rsample=False): the "
-            "component index is discrete. For the conditional pathwise draw (gradient to "
-            "loc / log_scale only, none to logits) call "
-            "probloss.functional.mixture.sampling directly"
-        )
-
-    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
-        """Draws ``(*sample_shape, *batch_shape, *event_shape)`` from torch's global RNG."""
-        return self.sample_with_temperature(1.0, sample_shape)
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        validate_sample(self, value)
-        return self._log_prob_fn(value, *(getattr(self, name) for name in self._params))
-
-    def sample_with_temperature(
-        self,
-        temperature: float,
-        sample_shape: torch.Size | tuple[int, ...] = (),
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Draws at temperature ``tau`` (``0``: the ``mode``); see the family's sampler in
-        :mod:`probloss.functional.mixture.sampling` for the temperature semantics."""
-        with torch.no_grad():
-            return self._sample_fn(
-                *(getattr(self, name) for name in self._params),
-                temperature=temperature,
-                sample_shape=sample_shape,
-                generator=generator,
-            )
-
-
-class NormalMixture(_GaussianMixture):
+class NormalMixture(GaussianMixture):
     r"""Mixture of ``K`` diagonal normals in ``D`` dimensions (the MDN of Bishop 1994).
 
     .. math::
@@ -164,11 +84,10 @@ class NormalMixture(_GaussianMixture):
     """
 
     arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {
-        "logits": _VECTOR,
-        "loc": _MATRIX,
-        "log_scale": _MATRIX,
+        "logits": VECTOR,
+        "loc": MATRIX,
+        "log_scale": MATRIX,
     }
-    _params = ("logits", "loc", "log_scale")
     _log_prob_fn = staticmethod(normal_mixture_log_prob)
     _sample_fn = staticmethod(normal_mixture_sample)
 
@@ -188,20 +107,12 @@ class NormalMixture(_GaussianMixture):
         return Normal(self.loc, log_scale=self.log_scale, validate_args=self._validate_args)
 
     @property
-    def mean(self) -> Tensor:
-        return normal_mixture_mean(self.logits, self.loc)
-
-    @property
     def variance(self) -> Tensor:
+        """Law of total variance, shape ``(*batch_shape, D)``."""
         return normal_mixture_variance(self.logits, self.loc, self.log_scale)
 
-    @property
-    def mode(self) -> Tensor:
-        """The mean of the most probable component (not the density's highest point)."""
-        return normal_mixture_mode(self.logits, self.loc)
 
-
-class BivariateNormalMixture(_GaussianMixture):
+class BivariateNormalMixture(GaussianMixture):
     r"""Mixture of ``K`` correlated bivariate normals (Graves 2013 eqs. 23-25, sketch-rnn).
 
     .. math::
@@ -253,12 +164,11 @@ class BivariateNormalMixture(_GaussianMixture):
     """
 
     arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {
-        "logits": _VECTOR,
-        "loc": _MATRIX,
-        "log_scale": _MATRIX,
-        "atanh_rho": _VECTOR,
+        "logits": VECTOR,
+        "loc": MATRIX,
+        "log_scale": MATRIX,
+        "atanh_rho": VECTOR,
     }
-    _params = ("logits", "loc", "log_scale", "atanh_rho")
     _log_prob_fn = staticmethod(bivariate_normal_mixture_log_prob)
     _sample_fn = staticmethod(bivariate_normal_mixture_sample)
 
@@ -283,10 +193,6 @@ class BivariateNormalMixture(_GaussianMixture):
         )
 
     @property
-    def mean(self) -> Tensor:
-        return bivariate_normal_mixture_mean(self.logits, self.loc)
-
-    @property
     def covariance_matrix(self) -> Tensor:
         """Law of total covariance, shape ``(*batch_shape, 2, 2)``."""
         return bivariate_normal_mixture_covariance(
@@ -297,11 +203,6 @@ class BivariateNormalMixture(_GaussianMixture):
     def variance(self) -> Tensor:
         """The diagonal of :attr:`covariance_matrix`, shape ``(*batch_shape, 2)``."""
         return normal_mixture_variance(self.logits, self.loc, self.log_scale)
-
-    @property
-    def mode(self) -> Tensor:
-        """The mean of the most probable component (not the density's highest point)."""
-        return bivariate_normal_mixture_mode(self.logits, self.loc)
 
 
 def multivariate_normal_mixture_sample(
@@ -335,7 +236,7 @@ def multivariate_normal_mixture_sample(
     return (mean + math.sqrt(tau) * step).to(dtype)
 
 
-class MultivariateNormalMixture(_GaussianMixture):
+class MultivariateNormalMixture(GaussianMixture):
     r"""Mixture of ``K`` normals in ``D`` dimensions with full covariances :math:`L_k L_k^\top`.
 
     .. math::
@@ -379,12 +280,14 @@ class MultivariateNormalMixture(_GaussianMixture):
     """
 
     arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {
-        "logits": _VECTOR,
-        "loc": _MATRIX,
+        "logits": VECTOR,
+        "loc": MATRIX,
         "scale_tril": constraints.independent(constraints.lower_cholesky, 1),
     }
-    _params = ("logits", "loc", "scale_tril")
-    _log_prob_fn = staticmethod(multivariate_normal_mixture_log_prob)
+    # the parameters were checked once, at construction (when validating)
+    _log_prob_fn = staticmethod(
+        functools.partial(multivariate_normal_mixture_log_prob, validate_args=False)
+    )
     _sample_fn = staticmethod(multivariate_normal_mixture_sample)
 
     def __init__(
@@ -403,19 +306,7 @@ class MultivariateNormalMixture(_GaussianMixture):
                 f"scale_tril must have shape (*, K, D, D) = (*, K, {d}, {d}) (D = {d} from loc "
                 f"{tuple(loc.shape)}); got shape {tuple(scale_tril.shape)}"
             )
-        # each layout checked, then one broadcast of (*) and K (unit trailing dimensions)
-        self.logits, self.loc, self.scale_tril = expand_to_layouts(
-            MIXTURE_LAYOUTS, logits=logits, loc=loc, scale_tril=scale_tril
-        )
-        full = self.scale_tril.shape
-        validate_args = distribution_validate_args(validate_args, logits, loc, scale_tril)
-        Distribution.__init__(self, full[:-3], full[-1:], validate_args=validate_args)
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        validate_sample(self, value)
-        return multivariate_normal_mixture_log_prob(
-            value, self.logits, self.loc, self.scale_tril, validate_args=False
-        )
+        self._init_params(None, validate_args, logits=logits, loc=loc, scale_tril=scale_tril)
 
     @property
     def component_distribution(self) -> MultivariateNormal:
@@ -423,17 +314,8 @@ class MultivariateNormalMixture(_GaussianMixture):
         return MultivariateNormal(self.loc, scale_tril=self.scale_tril, validate_args=False)
 
     @property
-    def mean(self) -> Tensor:
-        return normal_mixture_mean(self.logits, self.loc)
-
-    @property
     def variance(self) -> Tensor:
         """``sum_k pi_k (diag(L_k L_k^T) + (mu_k - mean)^2)``, shape ``(*batch_shape, D)``."""
         logits, loc, scale_tril = (upcast(t) for t in (self.logits, self.loc, self.scale_tril))
         # (Sigma_k)_ii = sum_j (L_k)_ij^2, differentiated by L directly (second_moments)
         return second_moments(logits, loc, None, None, scale_tril).to(self.loc.dtype)
-
-    @property
-    def mode(self) -> Tensor:
-        """The mean of the most probable component (not the density's highest point)."""
-        return normal_mixture_mode(self.logits, self.loc)

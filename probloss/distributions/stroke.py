@@ -16,10 +16,8 @@ from ..functional.mixture.sampling import (
     _component_index,
     bivariate_normal_mixture_sample,
 )
+from ._mixture_base import MATRIX, VECTOR, expand_parameters
 from .mixture import BivariateNormalMixture
-
-_VECTOR = constraints.independent(constraints.real, 1)  # (*, K) or (*, P)
-_MATRIX = constraints.independent(constraints.real, 2)  # (*, K, 2)
 
 
 class _StrokePoints(constraints.Constraint):
@@ -108,11 +106,11 @@ class StrokeMixture(Distribution):
     """
 
     arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {
-        "logits": _VECTOR,
-        "loc": _MATRIX,
-        "log_scale": _MATRIX,
-        "atanh_rho": _VECTOR,
-        "pen_logits": _VECTOR,
+        "logits": VECTOR,
+        "loc": MATRIX,
+        "log_scale": MATRIX,
+        "atanh_rho": VECTOR,
+        "pen_logits": VECTOR,
     }
     has_rsample = False
 
@@ -145,21 +143,14 @@ class StrokeMixture(Distribution):
                 "(batch shape, then P)"
             ) from None
         offsets = offsets.expand(batch)
-        for name in BivariateNormalMixture._params:
+        for name in BivariateNormalMixture.arg_constraints:
             setattr(self, name, getattr(offsets, name))
         self.pen_logits = pen_logits.expand((*batch, pen_logits.shape[-1]))
         validate_args = distribution_validate_args(validate_args, *params)
         super().__init__(batch, torch.Size((2 + self.pen_states,)), validate_args=validate_args)
 
     def expand(self, batch_shape: torch.Size, _instance=None) -> StrokeMixture:
-        new = self._get_checked_instance(StrokeMixture, _instance)
-        batch_shape = torch.Size(batch_shape)
-        for name in self.arg_constraints:
-            t = getattr(self, name)
-            setattr(new, name, t.expand((*batch_shape, *t.shape[len(self.batch_shape) :])))
-        Distribution.__init__(new, batch_shape, self.event_shape, validate_args=False)
-        new._validate_args = self._validate_args
-        return new
+        return expand_parameters(self, batch_shape, _instance)
 
     @property
     def pen_states(self) -> int:

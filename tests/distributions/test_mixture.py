@@ -1,5 +1,6 @@
 """Tests of ``probloss.distributions.mixture``: ``NormalMixture``, ``BivariateNormalMixture``
-and ``MultivariateNormalMixture``.
+and ``MultivariateNormalMixture``, and through them of their shared base
+(``probloss.distributions._mixture_base``).
 
 Where the numbers come from
 ---------------------------

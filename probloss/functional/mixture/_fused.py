@@ -139,6 +139,40 @@ def _clear_dead_(z: Tensor, j: Tensor, known_dead: bool | None = None) -> None:
     z.masked_fill_((j == -math.inf).unsqueeze(-1), 0.0)
 
 
+def _weighted_responsibilities(grad: Tensor, resp: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """``(g, w)`` of the fused backwards: the incoming gradient ``g`` as ``(*, 1)``, 0 in rows
+    whose value is ``-inf`` (no component can produce the target: gradient 0), and the
+    weighted responsibilities ``w = g r`` ``(*, K)``."""
+    g = torch.where(lse == -math.inf, 0.0, grad).unsqueeze(-1)
+    return g, resp * g
+
+
+def _location_scale_grads(
+    a: Tensor, z: Tensor, w: Tensor, log_scale: Tensor, needed: tuple[bool, bool, bool]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(d/dvalue, d/dloc, d/dlog_scale)`` of the fused kernels from ``a = w d(Q/2)/dz``.
+
+    ``a (*, K, D)`` is the weighted derivative of the half quadratic form by the
+    standardised residual ``z`` (``w z`` for diagonal components), so that
+    ``d/dloc = a / sigma``, ``d/dvalue = -sum_k d/dloc`` (:func:`_summed_value_gradient`)
+    and ``d/dlog_scale = z a - w``. ``needed`` says which of the three are wanted (``None``
+    for the others); ``a`` is overwritten when ``d/dlog_scale`` is.
+    """
+    need_value, need_loc, need_log_scale = needed
+    d_value = d_loc = d_log_scale = None
+    if need_value or need_loc:
+        scale = torch.exp(log_scale)
+        if scale.shape == a.shape:  # reuse the fresh buffer
+            d_loc = torch.div(a, scale, out=scale)
+        else:
+            d_loc = a / scale
+        if need_value:
+            d_value = _summed_value_gradient(d_loc, a, log_scale)
+    if need_log_scale:
+        d_log_scale = _planes_sub_(a.mul_(z), w)  # z_i a_i - w
+    return d_value, d_loc, d_log_scale
+
+
 def _logits_grad_(w: Tensor, weights: Tensor, g: Tensor) -> Tensor:
     """``d/dlogits = w - g pi``, in place into ``w`` (its last use)."""
     return w.addcmul_(weights, g, value=-1.0)

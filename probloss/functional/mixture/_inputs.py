@@ -1,9 +1,12 @@
-r"""Input checks of the mixture log densities and NLLs: shapes, dtypes, NaN targets.
+r"""Inputs and outputs of the mixture log densities and NLLs: shapes, dtypes, NaN targets.
 
 * :func:`_mixture_shapes`, :func:`_normal_inputs`, :func:`_bivariate_inputs`:
   ``value (*, D)``, ``logits (*, K)``, components ``(*, K, D)``, errors naming the argument,
   the expected layout and where ``K`` and ``D`` came from;
-* :func:`_targets`: the NLLs' ``nan_policy``, NaN events rejected or masked.
+* :func:`_targets`: the NLLs' ``nan_policy``, NaN events rejected or masked;
+* :func:`_mixture_nll`: the steps every reduced mixture loss takes around its density;
+* :func:`_grad_to`, :func:`_grads_to`: the fused backwards' gradients summed to the shapes
+  of their (broadcast) inputs.
 
 (The samplers and summaries check theirs with
 :func:`probloss._core.shapes.mixture_parameters`.)
@@ -15,7 +18,13 @@ import torch
 from torch import Tensor
 
 from ..._core.dtype import as_loss_tensors
-from ..._core.reduction import mask_nan_events
+from ..._core.reduction import (
+    check_nan_policy,
+    check_reduction,
+    check_value_batch,
+    mask_nan_events,
+    reduce_loss,
+)
 from ..._core.validation import check_not_nan, should_validate
 
 
@@ -96,6 +105,48 @@ def _targets(value: Tensor, loc: Tensor, nan_policy: str, validate_args: bool | 
     return value, None
 
 
+# Trailing (non-batch) dimensions of each mixture parameter: (*, K) or (*, K, D).
+_PARAMETER_DIMS = {"logits": 1, "loc": 2, "log_scale": 2, "atanh_rho": 1}
+
+
+def _mixture_nll(
+    density,
+    checked_inputs,
+    event: str,
+    inputs: dict[str, Tensor],
+    reduction: str,
+    nan_policy: str,
+    validate_args: bool | None,
+) -> Tensor:
+    """``-density(value, *parameters, fused=True)``, reduced: the steps of every mixture NLL.
+
+    The settings are checked first, then the inputs (``checked_inputs``, e.g.
+    :func:`_normal_inputs`, of ``inputs``: ``value`` first, then the parameters by name);
+    a reduced loss refuses a parameter that would enlarge the targets' batch shape
+    (``check_value_batch``, ``event`` naming the event shape in its message), NaN events
+    are masked or rejected (:func:`_targets`), and the per-event losses reduced.
+    """
+    check_reduction(reduction)
+    check_nan_policy(nan_policy)
+    value, *params = checked_inputs(*inputs.values())
+    if reduction != "none":
+        batches = {
+            name: p.shape[: -_PARAMETER_DIMS[name]]
+            for name, p in zip(list(inputs)[1:], params, strict=True)
+        }
+        check_value_batch(value.shape[:-1], event, **batches)
+    value, mask = _targets(value, params[1], nan_policy, validate_args)  # params[1]: loc
+    loss = -density(value, *params, fused=True)
+    return reduce_loss(loss, reduction, mask=mask)
+
+
 def _grad_to(grad: Tensor | None, t: Tensor, needed: bool) -> Tensor | None:
     """``grad`` summed over broadcast dimensions to the shape of input ``t``, if needed."""
     return grad.sum_to_size(t.shape) if needed and grad is not None else None
+
+
+def _grads_to(
+    grads: tuple[Tensor | None, ...], inputs: tuple[Tensor, ...], needed: tuple[bool, ...]
+) -> tuple[Tensor | None, ...]:
+    """:func:`_grad_to` of each gradient and its input: a backward's return value."""
+    return tuple(_grad_to(g, t, n) for g, t, n in zip(grads, inputs, needed, strict=True))

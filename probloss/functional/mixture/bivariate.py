@@ -9,18 +9,10 @@ it over events.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from ..._core.constants import LOG_2, LOG_2PI
-from ..._core.reduction import (
-    check_nan_policy,
-    check_reduction,
-    check_value_batch,
-    reduce_loss,
-)
 from ...special.logsumexp import _row_softmax_
 from .._bivariate_forms import eigen_terms, gradient_pieces
 from ..bivariate import bivariate_normal_log_prob
@@ -29,14 +21,14 @@ from ._fused import (
     _double_backward,
     _in_fused_domain,
     _joint_init,
+    _location_scale_grads,
     _logits_grad_,
-    _planes_sub_,
     _rescue_overflowed_residuals_,
     _standardized,
-    _summed_value_gradient,
+    _weighted_responsibilities,
     _without_dead_components,
 )
-from ._inputs import _bivariate_inputs, _grad_to, _targets
+from ._inputs import _bivariate_inputs, _grads_to, _mixture_nll
 from .general import mixture_log_prob
 
 __all__ = [
@@ -113,13 +105,13 @@ class _BivariateMixture(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
             return _double_backward(ctx, grad, _plain_bivariate_mixture)
         value, logits, loc, log_scale, atanh_rho, z, resp, weights, lse = ctx.saved_tensors
+        inputs = (value, logits, loc, log_scale, atanh_rho)
         need_value, need_logits, need_loc, need_log_scale, need_rho = ctx.needs_input_grad
-        g = torch.where(lse == -math.inf, 0.0, grad).unsqueeze(-1)  # a -inf row: gradient 0
-        w = resp * g
+        g, w = _weighted_responsibilities(grad, resp, lse)
         d_value = d_logits = d_loc = d_log_scale = d_rho = None
         if not (need_value or need_loc or need_log_scale or need_rho):
             d_logits = _logits_grad_(w, weights, g) if need_logits else None
-            return None, _grad_to(d_logits, logits, need_logits), None, None, None
+            return _grads_to((None, d_logits, None, None, None), inputs, ctx.needs_input_grad)
         # closed-form derivatives (_bivariate_forms.gradient_pieces), w multiplied in first
         # so a component with no responsibility contributes exactly 0; every temporary is
         # (*, K). e^{|a|} is finite in the fused kernel's domain (_fused_bounds).
@@ -151,25 +143,12 @@ class _BivariateMixture(torch.autograd.Function):
             del n_e, inv_eb, w_z1, wu, v
         del ns, eb, sign
         if need_value or need_loc or need_log_scale:
-            if need_value or need_loc:
-                scale = torch.exp(log_scale)
-                if scale.shape == a.shape:
-                    d_loc = torch.div(a, scale, out=scale)
-                else:
-                    d_loc = a / scale
-                if need_value:
-                    d_value = _summed_value_gradient(d_loc, a, log_scale)
-            if need_log_scale:
-                d_log_scale = _planes_sub_(a.mul_(z), w)  # z_i A_i - w
+            needed = (need_value, need_loc, need_log_scale)
+            d_value, d_loc, d_log_scale = _location_scale_grads(a, z, w, log_scale, needed)
         if need_logits:
             d_logits = _logits_grad_(w, weights, g)
-        return (
-            _grad_to(d_value, value, need_value),
-            _grad_to(d_logits, logits, need_logits),
-            _grad_to(d_loc, loc, need_loc),
-            _grad_to(d_log_scale, log_scale, need_log_scale),
-            _grad_to(d_rho, atanh_rho, need_rho),
-        )
+        grads = (d_value, d_logits, d_loc, d_log_scale, d_rho)
+        return _grads_to(grads, inputs, ctx.needs_input_grad)
 
 
 def bivariate_normal_mixture_log_prob(
@@ -298,20 +277,19 @@ def bivariate_normal_mixture_nll(
         ...                              nan_policy="mask", reduction="none")
         tensor([1.5295, 0.0000])
     """
-    check_reduction(reduction)
-    check_nan_policy(nan_policy)
-    value, logits, loc, log_scale, atanh_rho = _bivariate_inputs(
-        value, logits, loc, log_scale, atanh_rho
+    inputs = {
+        "value": value,
+        "logits": logits,
+        "loc": loc,
+        "log_scale": log_scale,
+        "atanh_rho": atanh_rho,
+    }
+    return _mixture_nll(
+        _bivariate_mixture,
+        _bivariate_inputs,
+        " (event dimension 2 last)",
+        inputs,
+        reduction,
+        nan_policy,
+        validate_args,
     )
-    if reduction != "none":
-        check_value_batch(
-            value.shape[:-1],
-            " (event dimension 2 last)",
-            logits=logits.shape[:-1],
-            loc=loc.shape[:-2],
-            log_scale=log_scale.shape[:-2],
-            atanh_rho=atanh_rho.shape[:-1],
-        )
-    value, mask = _targets(value, loc, nan_policy, validate_args)
-    loss = -_bivariate_mixture(value, logits, loc, log_scale, atanh_rho, fused=True)
-    return reduce_loss(loss, reduction, mask=mask)

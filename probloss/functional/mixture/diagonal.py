@@ -8,18 +8,10 @@ autograd path (:func:`~probloss.functional.normal_log_prob` summed over ``D``, t
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from ..._core.constants import HALF_LOG_2PI  # normal_log_prob's: bitwise-equal terms
-from ..._core.reduction import (
-    check_nan_policy,
-    check_reduction,
-    check_value_batch,
-    reduce_loss,
-)
 from ...special.logsumexp import _row_softmax_
 from ..normal import normal_log_prob
 from ._fused import (
@@ -28,15 +20,15 @@ from ._fused import (
     _clear_dead_,
     _double_backward,
     _in_fused_domain,
+    _location_scale_grads,
     _logits_grad_,
     _planes_mul,
-    _planes_sub_,
     _rescue_overflowed_residuals_,
     _residuals,
-    _summed_value_gradient,
+    _weighted_responsibilities,
     _without_dead_components,
 )
-from ._inputs import _grad_to, _normal_inputs, _targets
+from ._inputs import _grads_to, _mixture_nll, _normal_inputs
 from .general import mixture_log_prob
 
 __all__ = [
@@ -128,29 +120,18 @@ class _NormalMixture(torch.autograd.Function):
             return _double_backward(ctx, grad, _plain_normal_mixture)
         value, logits, loc, log_scale, z, resp, weights, lse = ctx.saved_tensors
         need_value, need_logits, need_loc, need_log_scale = ctx.needs_input_grad
-        g = torch.where(lse == -math.inf, 0.0, grad).unsqueeze(-1)  # a -inf row: gradient 0
-        w = resp * g
+        g, w = _weighted_responsibilities(grad, resp, lse)
         d_value = d_logits = d_loc = d_log_scale = None
         if need_value or need_loc or need_log_scale:
-            t = _planes_mul(z, w)  # w z
-            if need_value or need_loc:
-                scale = torch.exp(log_scale)
-                if scale.shape == t.shape:  # reuse the fresh buffer: d/dloc = w z / sigma
-                    d_loc = torch.div(t, scale, out=scale)
-                else:
-                    d_loc = t / scale
-                if need_value:
-                    d_value = _summed_value_gradient(d_loc, t, log_scale)
-            if need_log_scale:
-                d_log_scale = _planes_sub_(t.mul_(z), w)  # (w z) z - w
+            # a = w d(Q/2)/dz = w z, Q/2 = sum_d z_d^2 / 2
+            needed = (need_value, need_loc, need_log_scale)
+            d_value, d_loc, d_log_scale = _location_scale_grads(
+                _planes_mul(z, w), z, w, log_scale, needed
+            )
         if need_logits:
             d_logits = _logits_grad_(w, weights, g)
-        return (
-            _grad_to(d_value, value, need_value),
-            _grad_to(d_logits, logits, need_logits),
-            _grad_to(d_loc, loc, need_loc),
-            _grad_to(d_log_scale, log_scale, need_log_scale),
-        )
+        grads = (d_value, d_logits, d_loc, d_log_scale)
+        return _grads_to(grads, (value, logits, loc, log_scale), ctx.needs_input_grad)
 
 
 def normal_mixture_log_prob(
@@ -284,17 +265,13 @@ def normal_mixture_nll(
         >>> normal_mixture_nll(x, logits, loc, log_scale, nan_policy="mask")
         tensor(1.6448)
     """
-    check_reduction(reduction)
-    check_nan_policy(nan_policy)
-    value, logits, loc, log_scale = _normal_inputs(value, logits, loc, log_scale)
-    if reduction != "none":
-        check_value_batch(
-            value.shape[:-1],
-            " (event dimension D last)",
-            logits=logits.shape[:-1],
-            loc=loc.shape[:-2],
-            log_scale=log_scale.shape[:-2],
-        )
-    value, mask = _targets(value, loc, nan_policy, validate_args)
-    loss = -_normal_mixture(value, logits, loc, log_scale, fused=True)
-    return reduce_loss(loss, reduction, mask=mask)
+    inputs = {"value": value, "logits": logits, "loc": loc, "log_scale": log_scale}
+    return _mixture_nll(
+        _normal_mixture,
+        _normal_inputs,
+        " (event dimension D last)",
+        inputs,
+        reduction,
+        nan_policy,
+        validate_args,
+    )
