@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from .._core.dtype import as_float_tensor, upcast
+from .._core.ops import kernel_op
 from .where import safe_where
 
 _SERIES_MAX_ABS_ETA = 4.0
@@ -246,66 +247,101 @@ def _finite(eta: Tensor) -> Tensor:
     return torch.where(torch.isinf(eta), torch.copysign(big, eta), eta)
 
 
-class _LogPartition(torch.autograd.Function):
+def _same_shape(eta: Tensor) -> Tensor:
+    return torch.empty_like(eta)
+
+
+# The values are operators (probloss._core.ops); each gradient is the next function of
+# the chain A' = mean, mean' = variance, H' = -eta variance, formed by the operators again,
+# so every gradient is differentiable again.
+
+
+@kernel_op("cb_log_partition", event_dims=(0,), fake=_same_shape)
+def _log_partition_value(eta: Tensor) -> Tensor:
+    log_partition, _ = _log_partition_and_mean(_finite(eta), False)
+    # A(eta) -> +-inf as eta -> +-inf (A(eta) ~ max(eta, 0) - log|eta|)
+    return torch.where(torch.isinf(eta), eta, log_partition)
+
+
+@kernel_op("cb_mean", event_dims=(0,), fake=_same_shape)
+def _mean_value(eta: Tensor) -> Tensor:
+    mean, _ = _mean_and_variance(_finite(eta), False)
+    # the limits 1 and 0 at +-inf (at -max the kernel gives 1/max, not 0)
+    return torch.where(torch.isinf(eta), (eta > 0).to(mean.dtype), mean)
+
+
+@kernel_op("cb_variance", event_dims=(0,), fake=_same_shape)
+def _variance_value(eta: Tensor) -> Tensor:
+    return _variance_only(_finite(eta))
+
+
+@kernel_op("cb_entropy", event_dims=(0,), fake=_same_shape)
+def _entropy_value(eta: Tensor) -> Tensor:
+    entropy, _ = _entropy_and_gradient(_finite(eta), False)
+    # H(eta) -> -inf as |eta| -> inf (H ~ 1 - log|eta|)
+    return torch.where(torch.isinf(eta), -torch.inf, entropy)
+
+
+@kernel_op("cb_entropy_derivative", event_dims=(0,), fake=_same_shape)
+def _entropy_derivative_value(eta: Tensor) -> Tensor:
+    _, gradient = _entropy_and_gradient(_finite(eta), True)
+    return torch.where(torch.isinf(eta), 0.0, gradient)  # the limit 0 at +-inf (-1/max at max)
+
+
+class _OfEta(torch.autograd.Function):
+    """Base of the four: one input ``eta``, saved for the backward."""
+
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, eta: Tensor) -> Tensor:
-        log_partition, mean = _log_partition_and_mean(_finite(eta), ctx.needs_input_grad[0])
-        if mean is not None:  # the limits 1 and 0 at +-inf (1/max at -max)
-            mean = torch.where(torch.isinf(eta), (eta > 0).to(mean.dtype), mean)
-        ctx.save_for_backward(eta, mean)
-        # A(eta) -> +-inf as eta -> +-inf (A(eta) ~ max(eta, 0) - log|eta|)
-        return torch.where(torch.isinf(eta), eta, log_partition)
+    def setup_context(ctx, inputs: tuple[Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+
+
+class _LogPartition(_OfEta):
+    @staticmethod
+    def forward(eta: Tensor) -> Tensor:
+        return _log_partition_value(eta)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        eta, mean = ctx.saved_tensors
-        # With create_graph the saved mean would be a constant: recompute it differentiably.
-        return grad * (_Mean.apply(eta) if torch.is_grad_enabled() else mean)
+        return grad * _Mean.apply(ctx.saved_tensors[0])
 
 
-class _Mean(torch.autograd.Function):
+class _Mean(_OfEta):
     @staticmethod
-    def forward(ctx, eta: Tensor) -> Tensor:
-        mean, variance = _mean_and_variance(_finite(eta), ctx.needs_input_grad[0])
-        ctx.save_for_backward(eta, variance)
-        # the limits 1 and 0 at +-inf (at -max the kernel gives 1/max, not 0)
-        return torch.where(torch.isinf(eta), (eta > 0).to(mean.dtype), mean)
+    def forward(eta: Tensor) -> Tensor:
+        return _mean_value(eta)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        eta, variance = ctx.saved_tensors
-        return grad * (_Variance.apply(eta) if torch.is_grad_enabled() else variance)
+        return grad * _Variance.apply(ctx.saved_tensors[0])
 
 
-class _Variance(torch.autograd.Function):
+class _Variance(_OfEta):
     @staticmethod
-    def forward(ctx, eta: Tensor) -> Tensor:
-        ctx.save_for_backward(eta)
-        return _variance_only(_finite(eta))
+    def forward(eta: Tensor) -> Tensor:
+        return _variance_value(eta)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        # plain torch ops, so that it is differentiable again
+        return grad * _variance_derivative(_finite(ctx.saved_tensors[0]))
+
+
+class _Entropy(_OfEta):
+    @staticmethod
+    def forward(eta: Tensor) -> Tensor:
+        return _entropy_value(eta)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         (eta,) = ctx.saved_tensors
-        return grad * _variance_derivative(_finite(eta))
-
-
-class _Entropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, eta: Tensor) -> Tensor:
-        entropy, gradient = _entropy_and_gradient(_finite(eta), ctx.needs_input_grad[0])
-        if gradient is not None:  # the limit 0 at +-inf (-1/max at max)
-            gradient = torch.where(torch.isinf(eta), 0.0, gradient)
-        ctx.save_for_backward(eta, gradient)
-        # H(eta) -> -inf as |eta| -> inf (H ~ 1 - log|eta|)
-        return torch.where(torch.isinf(eta), -torch.inf, entropy)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        eta, gradient = ctx.saved_tensors
-        if torch.is_grad_enabled():  # a differentiable graph (underflows for |eta| > 1e19 f32)
-            finite = _finite(eta)
-            gradient = -finite * _Variance.apply(finite)
-        return grad * gradient
+        if not torch.is_grad_enabled():  # the accurate closed form of H'(eta)
+            return grad * _entropy_derivative_value(eta)
+        # a differentiable graph: H' = -eta var(eta) (underflows for |eta| > 1e19 in float32)
+        finite = _finite(eta)
+        return grad * torch.where(torch.isinf(eta), 0.0, -finite * _Variance.apply(finite))
 
 
 def cb_log_partition(eta: Tensor) -> Tensor:

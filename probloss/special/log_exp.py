@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .._core.constants import LOG_2
 from .._core.dtype import as_float_tensor, upcast
+from .._core.ops import host_readable
 from .where import safe_where
 
 # ln 2 = hi + lo with hi exactly representable: y - hi is then exact (Sterbenz) near y = ln 2
@@ -148,9 +149,9 @@ def log_cosh(x: Tensor) -> Tensor:
     # The first form is exact (if slower to converge to |x|) up to |x| = log(max), where
     # sinh(x/2)^2 ~ max/4 still fits: when every element is there, use it alone, skipping a
     # torch.where over a random mask (several times the cost of the arithmetic on CPU).
-    # The check reads one reduction, free on CPU; accelerators and tracing (which cannot
+    # The check reads one reduction, free on CPU; accelerators, tracing and torch.func (which cannot
     # read a value) always take the blend.
-    if xc.device.type == "cpu" and xc.numel() and not torch.compiler.is_compiling():
+    if xc.numel() and host_readable(xc):
         low, high = torch.aminmax(xc)
         bound = math.log(torch.finfo(xc.dtype).max)
         if bool(low >= -bound) and bool(high <= bound):
