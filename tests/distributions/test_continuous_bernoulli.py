@@ -9,7 +9,7 @@ Where the numbers come from
 * Sampling: a fixed seed, N = 200000 draws; the sample mean is compared with the mpmath
   mean using the mpmath variance for the standard error, and the sample is tested with
   ``scipy.stats.kstest`` against the implementation's own float64 CDF (itself checked
-  against mpmath in ``tests/functional/test_bernoulli.py``).
+  against mpmath in ``tests/functional/test_continuous_bernoulli.py``).
 * ``torch.distributions.ContinuousBernoulli`` is used as a second implementation only where
   it is accurate (float64, 0.5 <= |logits| <= 5, outside its Taylor window
   ``0.499 < probs < 0.501``; measured error there against mpmath <= 1e-13), and as the
@@ -41,20 +41,10 @@ from probloss.functional import (
     continuous_bernoulli_icdf,
     continuous_bernoulli_log_prob,
 )
+from tests.functional import _checks as checks
 from tests.functional import cb_reference as ref
-from tests.functional._checks import (
-    F32_F64,
-    FLOAT_DTYPES,
-    HALF_DTYPES,
-    RTOL,
-    assert_within,
-    cast,
-    dtype_id,
-    relative_bound,
-    signed,
-)
 
-LOGITS = [0.0, *signed([1e-30, 1e-6, 0.1, 1.0, 3.9, 4.0, 4.1, 17.0, 50.0, 1e3, 1e4, 1e20])]
+LOGITS = [0.0, *checks.signed([1e-30, 1e-6, 0.1, 1.0, 3.9, 4.0, 4.1, 17.0, 50.0, 1e3, 1e4, 1e20])]
 MOMENTS = {
     "mean": (lambda d: d.mean, ref.mean),
     "variance": (lambda d: d.variance, ref.variance),
@@ -67,24 +57,24 @@ MOMENTS = {
 # ======================================================================================
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", checks.FLOAT_DTYPES, ids=checks.dtype_id)
 @pytest.mark.parametrize("name", list(MOMENTS))
 def test_moments_match_mpmath(name, dtype):
     """mean / variance keep the logits' dtype, entropy of half logits is float32."""
     get, oracle = MOMENTS[name]
-    etas = [e for e in cast(LOGITS, dtype) if math.isfinite(e)]  # 1e20 overflows float16
+    etas = [e for e in checks.cast(LOGITS, dtype) if math.isfinite(e)]  # 1e20 overflows float16
     d = ContinuousBernoulli(logits=torch.tensor(etas, dtype=torch.float64).to(dtype))
     got = get(d)
-    half = dtype in HALF_DTYPES
+    half = dtype in checks.HALF_DTYPES
     expected_dtype = torch.float32 if half and name == "entropy" else dtype
     assert got.dtype == expected_dtype and got.shape == (len(etas),)
     expected = np.array([ref.to_float64(oracle(e)) for e in etas])
-    if expected_dtype in F32_F64:
-        rtol = RTOL[expected_dtype]
+    if expected_dtype in checks.F32_F64:
+        rtol = checks.RTOL[expected_dtype]
     else:
         rtol = torch.finfo(dtype).eps
-    bound = relative_bound(expected, rtol, expected_dtype)
-    assert_within(got.double().numpy(), expected, bound, etas, f"{name} {dtype}")
+    bound = checks.relative_bound(expected, rtol, expected_dtype)
+    checks.assert_within(got.double().numpy(), expected, bound, etas, f"{name} {dtype}")
 
 
 def test_torch_is_wrong_at_large_logits_float32_and_ours_is_right():
@@ -111,7 +101,7 @@ def test_torch_is_wrong_at_large_logits_float32_and_ours_is_right():
         at_50 = etas.index(50.0)
         assert torch_rel[at_50] > 1e-2, f"torch's {name} was expected to be >1% off at 50"
         assert (torch_rel[etas.index(30.0) :] > 1e-2).all(), name
-        assert_within(o.double().numpy(), exact, 1e-6 * np.abs(exact), etas, f"ours {name}")
+        checks.assert_within(o.double().numpy(), exact, 1e-6 * np.abs(exact), etas, f"ours {name}")
     # the saturation itself: torch's mean does not move between logits 17 and 100
     assert theirs.mean[0] == theirs.mean[etas.index(100.0)]
 
@@ -120,7 +110,7 @@ def test_torch_is_wrong_at_large_logits_float32_and_ours_is_right():
 def test_agrees_with_torch_float64_at_moderate_logits(name):
     """torch is accurate in float64 for 0.5 <= |logits| <= 5 (outside its Taylor window
     around probs = 0.5; measured <= 1e-13 against mpmath): agree within 1e-9 relative."""
-    logits = torch.tensor(signed([0.5, 1.0, 2.5, 3.7, 5.0]), dtype=torch.float64)
+    logits = torch.tensor(checks.signed([0.5, 1.0, 2.5, 3.7, 5.0]), dtype=torch.float64)
     theirs, ours = TorchCB(logits=logits), ContinuousBernoulli(logits=logits)
     pts = torch.tensor([0.05, 0.3, 0.5, 0.77, 0.95], dtype=torch.float64)[:, None]
     x = pts.expand(-1, logits.numel())
@@ -136,7 +126,7 @@ def test_agrees_with_torch_float64_at_moderate_logits(name):
     assert o.shape == t.shape
     labels = list(np.broadcast_to(logits.numpy(), t.shape).ravel())
     t, o = t.numpy().ravel(), o.numpy().ravel()
-    assert_within(o, t, 1e-9 * np.abs(t), labels, f"{name} vs torch")
+    checks.assert_within(o, t, 1e-9 * np.abs(t), labels, f"{name} vs torch")
 
 
 # ======================================================================================
@@ -144,7 +134,7 @@ def test_agrees_with_torch_float64_at_moderate_logits(name):
 # ======================================================================================
 
 
-@pytest.mark.parametrize("dtype", F32_F64, ids=dtype_id)
+@pytest.mark.parametrize("dtype", checks.F32_F64, ids=checks.dtype_id)
 def test_methods_delegate_to_functional(dtype):
     logits = torch.tensor([-50.0, -1.0, 0.0, 0.3, 20.0], dtype=dtype)
     d = ContinuousBernoulli(logits=logits)
@@ -206,7 +196,9 @@ def test_probs_property_and_probs_constructor():
     probs = [0.01, 0.25, 0.5, 0.8, 0.999]
     e = ContinuousBernoulli(probs=torch.tensor(probs, dtype=torch.float64))
     expected = [math.log(p) - math.log1p(-p) for p in probs]  # logit(p), exact to 1 ulp
-    assert_within(e.logits.numpy(), expected, 1e-15 * np.abs(expected) + 1e-300, probs, "logit")
+    checks.assert_within(
+        e.logits.numpy(), expected, 1e-15 * np.abs(expected) + 1e-300, probs, "logit"
+    )
     assert e.batch_shape == (5,)
     assert torch.equal(e.probs, torch.tensor(probs, dtype=torch.float64))  # as given
 
@@ -256,7 +248,7 @@ def test_expand():
         e.log_prob(torch.full((3, 2), 2.0))
 
 
-@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", checks.HALF_DTYPES, ids=checks.dtype_id)
 def test_half_precision_dtypes(dtype):
     """log_prob and entropy of half logits are float32; mean, variance, samples keep the
     dtype; the float32 log_prob equals the computation on the upcast inputs."""
@@ -281,7 +273,7 @@ def test_half_precision_dtypes(dtype):
 EXTREME_LOGITS = [-1e4, -50.0, 0.0, 50.0, 1e4]
 
 
-@pytest.mark.parametrize("dtype", F32_F64, ids=dtype_id)
+@pytest.mark.parametrize("dtype", checks.F32_F64, ids=checks.dtype_id)
 def test_rsample_shape_range_and_gradient(dtype):
     """Shape sample_shape + batch_shape, values in [0, 1], and a finite pathwise gradient
     reaching the logits, for logits in {-1e4, -50, 0, 50, 1e4}."""
@@ -305,17 +297,17 @@ _STAT_LOGITS = {
 }
 
 
-@pytest.mark.parametrize("dtype", F32_F64, ids=dtype_id)
+@pytest.mark.parametrize("dtype", checks.F32_F64, ids=checks.dtype_id)
 def test_sample_mean_within_five_standard_errors(dtype):
     """Sample mean of N = 200000 draws (seed 1) within 5 sqrt(var / N) of the exact mean."""
     torch.manual_seed(1)
-    etas = cast(_STAT_LOGITS[dtype], dtype)
+    etas = checks.cast(_STAT_LOGITS[dtype], dtype)
     d = ContinuousBernoulli(logits=torch.tensor(etas, dtype=dtype))
     samples = d.sample((_N,)).double()
     means = samples.mean(0).numpy()
     exact = np.array([ref.to_float64(ref.mean(e)) for e in etas])
     se = np.sqrt([ref.to_float64(ref.variance(e)) / _N for e in etas])
-    assert_within(means, exact, 5 * se, etas, f"sample mean {dtype}")
+    checks.assert_within(means, exact, 5 * se, etas, f"sample mean {dtype}")
 
 
 def test_samples_pass_kolmogorov_smirnov():

@@ -1,9 +1,10 @@
-"""Edge cases of ``probloss.functional.multivariate`` (issue 10): the low-rank log density at
-extreme inputs (value and gradient), huge and infinite inputs, empty batches.
+"""Edge cases of ``probloss.functional.multivariate`` and ``probloss.functional.lowrank``
+(issue 10): the low-rank log density at extreme inputs (value and gradient), huge and
+infinite inputs, empty batches.
 
 Where the numbers come from
 ---------------------------
-mpmath, through the oracles of ``tests/functional/test_multivariate.py`` (the covariance
+mpmath, through the oracles of ``tests/functional/_multivariate_oracles.py`` (the covariance
 ``W W^T + diag(e^l)`` formed as a matrix at 80, 160, ... digits until 25 digits agree,
 Gaussian elimination; nothing of the implementation reused), extended here by the gradient
 ``d/dx = -v``, ``d/dW = (v v^T - Sigma^{-1}) W``, ``d/dl_i = d_i (v_i^2 - Sigma^{-1}_ii) / 2``
@@ -19,7 +20,7 @@ and for float32 inputs (computed in float64 and rounded once to float32; see
 
 * value: a backward-stable evaluation (every input entry perturbed by a relative ``k eps``)
   errs by the first-order term ``k eps (scale + cond)`` of the module doc of
-  ``test_multivariate.py`` plus the second-order term: the quadratic form changes by
+  ``_multivariate_oracles.py`` plus the second-order term: the quadratic form changes by
   ``delta^T Sigma^{-1} delta <= ||d^{-1/2} delta||^2 <= (k eps)^2 ||r~||^2`` for a
   perturbation ``delta`` of the residual (and the same for the factor rotating a point
   along it), which no working-precision evaluation avoids for a point along a long
@@ -49,7 +50,7 @@ from probloss.functional import (
     scale_tril_from_raw,
 )
 from tests.functional._checks import FLOAT_DTYPES, HALF_DTYPES, assert_within, dtype_id
-from tests.functional.test_multivariate import (
+from tests.functional._multivariate_oracles import (
     _converged,
     _key,
     _lowrank_solved,

@@ -1,9 +1,6 @@
 """Tests of the mixture summaries (``probloss.functional.mixture.moments``): closed forms,
-zero and underflowing weights, results near the float range.
-
-Where the numbers come from and the bounds: the module docstring of
-``tests/functional/mixture/_moment_oracles.py``
-(the references, oracles and inputs these files share).
+zero and underflowing weights, results near the float range. The closed forms these are
+compared with, and their bounds, are described in ``_moment_oracles.py``.
 """
 
 from __future__ import annotations
@@ -14,15 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from probloss.functional.mixture import (
-    bivariate_normal_mixture_covariance,
-    bivariate_normal_mixture_mean,
-    bivariate_normal_mixture_sample,
-    normal_mixture_mean,
-    normal_mixture_mode,
-    normal_mixture_sample,
-    normal_mixture_variance,
-)
+from probloss.functional import mixture
 from tests.functional._checks import HALF_DTYPES, assert_within, dtype_id
 from tests.functional.mixture._moment_oracles import (
     INF,
@@ -45,12 +34,12 @@ def test_summaries_match_closed_forms_float64():
     scale = np.einsum("bk,bkd->b", w, loc.numpy() ** 2 + np.exp(2 * log_scale.numpy()))
     labels = range(cov_ref.size)
     bound = 1e-12 * np.broadcast_to(scale[:, None], mean_ref.shape)
-    got = normal_mixture_mean(logits, loc).numpy()
+    got = mixture.normal_mixture_mean(logits, loc).numpy()
     assert_within(got, mean_ref, bound, labels, "mean")
-    assert np.array_equal(bivariate_normal_mixture_mean(logits, loc).numpy(), got)
-    var = normal_mixture_variance(logits, loc, log_scale).numpy()
+    assert np.array_equal(mixture.bivariate_normal_mixture_mean(logits, loc).numpy(), got)
+    var = mixture.normal_mixture_variance(logits, loc, log_scale).numpy()
     assert_within(var, np.diagonal(cov_ref, axis1=-2, axis2=-1), bound, labels, "variance")
-    cov = bivariate_normal_mixture_covariance(logits, loc, log_scale, a).numpy()
+    cov = mixture.bivariate_normal_mixture_covariance(logits, loc, log_scale, a).numpy()
     bound = 1e-12 * np.broadcast_to(scale[:, None, None], cov_ref.shape)
     assert_within(cov.ravel(), cov_ref.ravel(), bound.ravel(), labels, "covariance")
     assert_within(np.diagonal(cov, axis1=-2, axis2=-1), var, 1e-15 * var, labels, "diag")
@@ -66,10 +55,10 @@ def test_variance_without_cancellation_float32():
     log_scale = torch.full((2, 1), math.log(1e-3))
     lo, hi = (float(v) for v in loc.double().ravel())  # the float32 inputs, exactly
     expected = ((hi - lo) / 2) ** 2 + math.exp(2 * float(log_scale[0, 0]))
-    got = normal_mixture_variance(logits, loc, log_scale).item()
+    got = mixture.normal_mixture_variance(logits, loc, log_scale).item()
     naive = (
         (torch.softmax(logits, -1)[:, None] * (loc**2 + torch.exp(2 * log_scale))).sum(0)
-        - normal_mixture_mean(logits, loc) ** 2
+        - mixture.normal_mixture_mean(logits, loc) ** 2
     ).item()
     assert abs(naive - expected) >= 0.5 * expected  # what the test guards against
     assert abs(got - expected) <= 2e-6 * expected
@@ -81,11 +70,13 @@ def test_summaries_at_extreme_logits():
     logits = torch.tensor([1e4, -1e4, 0.0])
     loc = torch.tensor([[1.0, -2.0], [1e3, 1e3], [-5.0, 5.0]])
     log_scale = torch.tensor([[0.5, -0.5], [3.0, 3.0], [0.0, 0.0]])
-    assert torch.equal(normal_mixture_mean(logits, loc), loc[0])
-    assert torch.equal(normal_mixture_mode(logits, loc), loc[0])
-    var = normal_mixture_variance(logits, loc, log_scale)
+    assert torch.equal(mixture.normal_mixture_mean(logits, loc), loc[0])
+    assert torch.equal(mixture.normal_mixture_mode(logits, loc), loc[0])
+    var = mixture.normal_mixture_variance(logits, loc, log_scale)
     assert torch.allclose(var, torch.exp(2 * log_scale[0]), rtol=1e-6, atol=0)
-    x = normal_mixture_sample(logits, loc, log_scale, sample_shape=(1000,), generator=_gen(5))
+    x = mixture.normal_mixture_sample(
+        logits, loc, log_scale, sample_shape=(1000,), generator=_gen(5)
+    )
     assert torch.isfinite(x).all() and (x[:, 0] < 1 + 10 * math.exp(0.5)).all()
 
 
@@ -95,20 +86,22 @@ def test_half_precision_keeps_the_parameter_dtype(dtype):
     summaries equal the float32 computation rounded once; tau = 0 returns loc exactly."""
     logits, loc, log_scale, a = (t.to(dtype) for t in _random_params(32))
     f32 = [t.float() for t in (logits, loc, log_scale, a)]
-    x = normal_mixture_sample(logits, loc, log_scale, sample_shape=(4,), generator=_gen(6))
-    y = bivariate_normal_mixture_sample(logits, loc, log_scale, a, generator=_gen(6))
+    x = mixture.normal_mixture_sample(logits, loc, log_scale, sample_shape=(4,), generator=_gen(6))
+    y = mixture.bivariate_normal_mixture_sample(logits, loc, log_scale, a, generator=_gen(6))
     assert x.dtype == y.dtype == dtype and x.shape == (4, 64, 2) and torch.isfinite(x).all()
     assert torch.isfinite(y).all()
-    assert torch.equal(normal_mixture_mean(logits, loc), normal_mixture_mean(*f32[:2]).to(dtype))
     assert torch.equal(
-        normal_mixture_variance(logits, loc, log_scale),
-        normal_mixture_variance(*f32[:3]).to(dtype),
+        mixture.normal_mixture_mean(logits, loc), mixture.normal_mixture_mean(*f32[:2]).to(dtype)
     )
     assert torch.equal(
-        bivariate_normal_mixture_covariance(logits, loc, log_scale, a),
-        bivariate_normal_mixture_covariance(*f32).to(dtype),
+        mixture.normal_mixture_variance(logits, loc, log_scale),
+        mixture.normal_mixture_variance(*f32[:3]).to(dtype),
     )
-    zero = normal_mixture_sample(logits, loc, log_scale, temperature=0)
+    assert torch.equal(
+        mixture.bivariate_normal_mixture_covariance(logits, loc, log_scale, a),
+        mixture.bivariate_normal_mixture_covariance(*f32).to(dtype),
+    )
+    zero = mixture.normal_mixture_sample(logits, loc, log_scale, temperature=0)
     assert torch.equal(zero, loc[torch.arange(64), logits.float().argmax(-1)])
 
 
@@ -133,11 +126,11 @@ def test_zero_weight_component_with_overflowing_terms_contributes_nothing(dtype)
     )  # fmt: skip
     a = torch.tensor([[0.5, 0.3]] * 4, dtype=dtype)
     leaves = [t.clone().requires_grad_(True) for t in (logits, loc, log_scale, a)]
-    mean = normal_mixture_mean(*leaves[:2])
-    var = normal_mixture_variance(*leaves[:3])
-    cov = bivariate_normal_mixture_covariance(*leaves)
+    mean = mixture.normal_mixture_mean(*leaves[:2])
+    var = mixture.normal_mixture_variance(*leaves[:3])
+    cov = mixture.bivariate_normal_mixture_covariance(*leaves)
     assert torch.equal(mean, loc[:, 0])
-    assert torch.equal(bivariate_normal_mixture_mean(*leaves[:2]), loc[:, 0])
+    assert torch.equal(mixture.bivariate_normal_mixture_mean(*leaves[:2]), loc[:, 0])
     assert torch.equal(var, torch.exp(2 * log_scale[:, 0]))
     assert torch.equal(torch.diagonal(cov, dim1=-2, dim2=-1), var)
     cross = torch.tanh(a[:, 0]) * torch.exp(log_scale[:, 0].sum(-1))
@@ -195,12 +188,12 @@ def test_weights_below_the_float_range_still_count_float32():
     subnormal = 4 * 2 * 2.0**-149  # 4 K spacings, K = 2
     s_mean, s_var = s_mean + subnormal / (4 * eps), s_var + subnormal / (4 * eps)
     labels = list(np.ndindex(6, 2))
-    for fn in (normal_mixture_mean, bivariate_normal_mixture_mean):
+    for fn in (mixture.normal_mixture_mean, mixture.bivariate_normal_mixture_mean):
         got = fn(logits, loc).double().numpy()
         assert_within(got.ravel(), mean_ref.ravel(), 4 * eps * s_mean.ravel(), labels, "mean")
-    got = normal_mixture_variance(logits, loc, log_scale).double().numpy()
+    got = mixture.normal_mixture_variance(logits, loc, log_scale).double().numpy()
     assert_within(got.ravel(), var_ref.ravel(), 4 * eps * s_var.ravel(), labels, "variance")
-    cov = bivariate_normal_mixture_covariance(logits, loc, log_scale, torch.zeros(6, 2))
+    cov = mixture.bivariate_normal_mixture_covariance(logits, loc, log_scale, torch.zeros(6, 2))
     diag = torch.diagonal(cov, dim1=-2, dim2=-1).double().numpy()
     assert_within(diag.ravel(), var_ref.ravel(), 4 * eps * s_var.ravel(), labels, "cov diag")
 
@@ -215,10 +208,10 @@ def test_summaries_overflow_only_where_the_result_does():
     big = -3.4e38
     logits = torch.tensor([0.0, -3.0])
     loc = torch.full((2, 2), big)
-    mean = normal_mixture_mean(logits, loc)
+    mean = mixture.normal_mixture_mean(logits, loc)
     assert torch.isfinite(mean).all()
     assert ((mean.double() - float(torch.tensor(big))).abs() <= 4 * 2**-23 * 3.4e38).all()
-    cov = bivariate_normal_mixture_covariance(
+    cov = mixture.bivariate_normal_mixture_covariance(
         torch.zeros(1), torch.zeros(1, 2), torch.tensor([[0.0, 100.0]]), torch.zeros(1)
     )
     assert cov[0, 1] == 0 and cov[1, 0] == 0 and cov[0, 0] == 1 and cov[1, 1] == INF
@@ -251,7 +244,7 @@ def test_mean_gradient_near_the_float_range():
     for logits, loc in rows:
         lg = torch.tensor(logits, requires_grad=True)
         mu = torch.tensor(loc, requires_grad=True)
-        mean = normal_mixture_mean(lg, mu)
+        mean = mixture.normal_mixture_mean(lg, mu)
         mean.sum().backward()
         shift = lg.detach().double().numpy() - lg.detach().double().numpy().max()
         w = np.exp(shift) / np.exp(shift).sum()
@@ -280,7 +273,7 @@ def test_mean_within_an_ulp_of_the_float_range_float64():
     for logits in ([36.834171295166016, 0.0, 7.0], [37.01005172729492, 0.0, 3.1]):
         lg = torch.tensor(logits, dtype=torch.float64, requires_grad=True)
         mu = torch.tensor([[-big], [1.0], [-big]], dtype=torch.float64, requires_grad=True)
-        mean = normal_mixture_mean(lg, mu)
+        mean = mixture.normal_mixture_mean(lg, mu)
         mean.sum().backward()
         with mp.workdps(60):
             top = max(logits)
@@ -308,7 +301,7 @@ def test_variance_with_a_deviation_beyond_the_float_range_at_zero_weight():
     log_scale = torch.tensor([[[0.0, 0.0], [-2.220446049250313e-16, 0.0], [-576.8, 0.0]]])
     expected = math.exp(2 * float(log_scale[0, 1, 0]))
     eps = torch.finfo(torch.float32).eps
-    var = normal_mixture_variance(logits, loc, log_scale)
-    cov = bivariate_normal_mixture_covariance(logits, loc, log_scale, torch.zeros(1, 3))
+    var = mixture.normal_mixture_variance(logits, loc, log_scale)
+    cov = mixture.bivariate_normal_mixture_covariance(logits, loc, log_scale, torch.zeros(1, 3))
     for got in (var[0, 0], cov[0, 0, 0]):
         assert abs(got.item() - expected) <= 4 * eps * expected

@@ -1,9 +1,6 @@
 """Tests of the mixture samplers (``probloss.functional.mixture.sampling``): shapes,
-argument checks, temperature limits, generators, pathwise gradients.
-
-Where the numbers come from and the bounds: the module docstring of
-``tests/functional/mixture/_moment_oracles.py``
-(the references, oracles and inputs these files share).
+argument checks, temperature limits, generators, pathwise gradients; references, oracles
+and bounds as stated in ``_moment_oracles.py``.
 """
 
 from __future__ import annotations
@@ -14,16 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from probloss.functional.mixture import (
-    bivariate_normal_mixture_covariance,
-    bivariate_normal_mixture_mean,
-    bivariate_normal_mixture_mode,
-    bivariate_normal_mixture_sample,
-    normal_mixture_mean,
-    normal_mixture_mode,
-    normal_mixture_sample,
-    normal_mixture_variance,
-)
+from probloss.functional import mixture
 from tests.functional._checks import assert_within
 from tests.functional.mixture._moment_oracles import (
     SIGMAS,
@@ -48,12 +36,12 @@ def test_large_batch_in_one_call_picks_each_rows_component():
     logits[rows, rows % k] = 0.0
     loc = (100.0 * torch.arange(k)[:, None] + torch.arange(d)).expand(b, k, d).float()
     log_scale = torch.full((b, k, d), -10.0)
-    x = normal_mixture_sample(logits, loc, log_scale, sample_shape=(2,), generator=_gen(0))
+    x = mixture.normal_mixture_sample(logits, loc, log_scale, sample_shape=(2,), generator=_gen(0))
     assert x.shape == (2, b, d)
     expected = loc[rows, rows % k]
     assert ((x - expected).abs() <= 10 * math.exp(-10.0)).all()
 
-    x2 = bivariate_normal_mixture_sample(
+    x2 = mixture.bivariate_normal_mixture_sample(
         logits, loc[..., :2], log_scale[..., :2], torch.randn(b, k), sample_shape=(2,),
         generator=_gen(1),
     )  # fmt: skip
@@ -70,7 +58,9 @@ def test_large_batch_random_logits_draws_near_a_component_mean():
     g = _gen(2)
     logits = torch.randn(b, k, generator=g, dtype=F64)
     loc = (torch.arange(b)[:, None] * 1000.0 + torch.arange(k) * 10.0).to(F64)[..., None]
-    x = normal_mixture_sample(logits, loc, torch.full((b, k, 1), -6.0, dtype=F64), generator=g)
+    x = mixture.normal_mixture_sample(
+        logits, loc, torch.full((b, k, 1), -6.0, dtype=F64), generator=g
+    )
     assert x.shape == (b, 1)
     rel = (x - loc[:, 0]) / 10.0  # component index within the row, plus noise
     idx = torch.round(rel)
@@ -90,36 +80,42 @@ def test_broadcast_shapes():
     k = 4
     logits, loc, log_scale = torch.zeros(5, 1, k), torch.zeros(3, k, 2), torch.zeros(k, 2)
     a = torch.zeros(1, k)
-    assert normal_mixture_sample(logits, loc, log_scale, sample_shape=(2, 7)).shape == (
+    assert mixture.normal_mixture_sample(logits, loc, log_scale, sample_shape=(2, 7)).shape == (
         2, 7, 5, 3, 2,
     )  # fmt: skip
-    assert normal_mixture_sample(logits, loc, log_scale, temperature=0.0).shape == (5, 3, 2)
-    assert bivariate_normal_mixture_sample(
+    assert mixture.normal_mixture_sample(logits, loc, log_scale, temperature=0.0).shape == (5, 3, 2)
+    assert mixture.bivariate_normal_mixture_sample(
         logits, loc, log_scale, a, sample_shape=torch.Size([6])
     ).shape == (6, 5, 3, 2)
-    assert normal_mixture_mean(logits, loc).shape == (5, 3, 2)
-    assert normal_mixture_variance(logits, loc, log_scale).shape == (5, 3, 2)
-    assert normal_mixture_mode(logits, loc).shape == (5, 3, 2)
-    assert bivariate_normal_mixture_mean(logits, loc).shape == (5, 3, 2)
-    assert bivariate_normal_mixture_covariance(logits, loc, log_scale, a).shape == (5, 3, 2, 2)
-    assert bivariate_normal_mixture_mode(logits, loc).shape == (5, 3, 2)
+    assert mixture.normal_mixture_mean(logits, loc).shape == (5, 3, 2)
+    assert mixture.normal_mixture_variance(logits, loc, log_scale).shape == (5, 3, 2)
+    assert mixture.normal_mixture_mode(logits, loc).shape == (5, 3, 2)
+    assert mixture.bivariate_normal_mixture_mean(logits, loc).shape == (5, 3, 2)
+    assert mixture.bivariate_normal_mixture_covariance(logits, loc, log_scale, a).shape == (
+        5,
+        3,
+        2,
+        2,
+    )
+    assert mixture.bivariate_normal_mixture_mode(logits, loc).shape == (5, 3, 2)
 
 
 @pytest.mark.parametrize(
     ("fn", "args", "pattern"),
     [
-        (normal_mixture_sample, (torch.zeros(()), torch.zeros(1, 1), torch.zeros(1, 1)),
+        (mixture.normal_mixture_sample, (torch.zeros(()), torch.zeros(1, 1), torch.zeros(1, 1)),
          r"logits must have shape \(\*, K\); got shape \(\)"),
-        (normal_mixture_sample, (torch.zeros(3), torch.zeros(3), torch.zeros(3, 1)),
+        (mixture.normal_mixture_sample, (torch.zeros(3), torch.zeros(3), torch.zeros(3, 1)),
          r"loc must have shape \(\*, K, D\); got shape \(3,\)"),
-        (normal_mixture_sample, (torch.zeros(3), torch.zeros(4, 2), torch.zeros(4, 2)),
+        (mixture.normal_mixture_sample, (torch.zeros(3), torch.zeros(4, 2), torch.zeros(4, 2)),
          r"do not broadcast.*got logits \(3,\), loc \(4, 2\), log_scale \(4, 2\)"),
-        (normal_mixture_variance, (torch.zeros(2, 3), torch.zeros(3, 3, 1), torch.zeros(3, 1)),
+        (mixture.normal_mixture_variance,
+         (torch.zeros(2, 3), torch.zeros(3, 3, 1), torch.zeros(3, 1)),
          r"do not broadcast.*logits \(2, 3\), loc \(3, 3, 1\)"),
-        (bivariate_normal_mixture_sample,
+        (mixture.bivariate_normal_mixture_sample,
          (torch.zeros(3), torch.zeros(3, 3), torch.zeros(3, 2), torch.zeros(3)),
          r"loc must have shape \(\*, K, 2\) \(event size 2.*got shape \(3, 3\)"),
-        (bivariate_normal_mixture_covariance,
+        (mixture.bivariate_normal_mixture_covariance,
          (torch.zeros(3), torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(4)),
          r"atanh_rho \(4,\)"),
     ],
@@ -134,9 +130,9 @@ def test_shape_errors_name_the_argument(fn, args, pattern):
 def test_temperature_must_be_finite_and_non_negative(bad):
     args = (torch.zeros(2), torch.zeros(2, 2), torch.zeros(2, 2))
     with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
-        normal_mixture_sample(*args, temperature=bad)
+        mixture.normal_mixture_sample(*args, temperature=bad)
     with pytest.raises(ValueError, match="temperature"):
-        bivariate_normal_mixture_sample(*args, torch.zeros(2), temperature=bad)
+        mixture.bivariate_normal_mixture_sample(*args, torch.zeros(2), temperature=bad)
 
 
 def test_temperature_zero_returns_the_argmax_components_mean_exactly():
@@ -148,15 +144,17 @@ def test_temperature_zero_returns_the_argmax_components_mean_exactly():
     assert np.argmax(logits.numpy()[0]) == 1
     g = _gen(0)
     state = g.get_state()
-    x = normal_mixture_sample(
+    x = mixture.normal_mixture_sample(
         logits, loc, log_scale, temperature=0.0, sample_shape=(3,), generator=g
     )
-    y = bivariate_normal_mixture_sample(logits, loc, log_scale, a, temperature=0, generator=g)
+    y = mixture.bivariate_normal_mixture_sample(
+        logits, loc, log_scale, a, temperature=0, generator=g
+    )
     assert torch.equal(g.get_state(), state)
     assert np.array_equal(x.numpy(), np.broadcast_to(expected, (3, 64, 2)))
     assert np.array_equal(y.numpy(), expected)
-    assert np.array_equal(normal_mixture_mode(logits, loc).numpy(), expected)
-    assert np.array_equal(bivariate_normal_mixture_mode(logits, loc).numpy(), expected)
+    assert np.array_equal(mixture.normal_mixture_mode(logits, loc).numpy(), expected)
+    assert np.array_equal(mixture.bivariate_normal_mixture_mode(logits, loc).numpy(), expected)
 
 
 def test_tiny_temperature_does_not_overflow_the_scaled_logits():
@@ -166,12 +164,12 @@ def test_tiny_temperature_does_not_overflow_the_scaled_logits():
     sqrt(tau) sigma = 1e-19 of its mean (noise of 10 standard deviations: p < 1e-20)."""
     logits = torch.tensor([9.5, 10.0])
     loc = torch.tensor([[-3.0, 0.0], [4.0, 1.0]])
-    x = normal_mixture_sample(
+    x = mixture.normal_mixture_sample(
         logits, loc, torch.zeros(2, 2), temperature=1e-38, sample_shape=(1000,), generator=_gen(3)
     )
     assert torch.isfinite(x).all()
     assert ((x - loc[1]).abs() <= 10 * 1e-19).all()
-    y = bivariate_normal_mixture_sample(
+    y = mixture.bivariate_normal_mixture_sample(
         logits, loc, torch.zeros(2, 2), torch.tensor([0.5, 50.0]), temperature=1e-38,
         sample_shape=(1000,), generator=_gen(4),
     )  # fmt: skip
@@ -185,25 +183,25 @@ def test_generator_makes_draws_reproducible_and_leaves_the_global_rng_alone():
     logits, loc, log_scale, a = _random_params(33)
     global_state = torch.get_rng_state()
     for tau in (1, 1.0, 0.7):
-        first = normal_mixture_sample(
+        first = mixture.normal_mixture_sample(
             logits, loc, log_scale, temperature=tau, sample_shape=(5,), generator=_gen(7)
         )
-        again = normal_mixture_sample(
+        again = mixture.normal_mixture_sample(
             logits, loc, log_scale, temperature=tau, sample_shape=(5,), generator=_gen(7)
         )
         assert torch.equal(first, again)
-        other = normal_mixture_sample(
+        other = mixture.normal_mixture_sample(
             logits, loc, log_scale, temperature=tau, sample_shape=(5,), generator=_gen(8)
         )
         assert not torch.equal(first, other)
-        b1 = bivariate_normal_mixture_sample(logits, loc, log_scale, a, generator=_gen(7))
-        b2 = bivariate_normal_mixture_sample(logits, loc, log_scale, a, generator=_gen(7))
+        b1 = mixture.bivariate_normal_mixture_sample(logits, loc, log_scale, a, generator=_gen(7))
+        b2 = mixture.bivariate_normal_mixture_sample(logits, loc, log_scale, a, generator=_gen(7))
         assert torch.equal(b1, b2)
     assert torch.equal(torch.get_rng_state(), global_state)
     torch.manual_seed(123)
-    g1 = normal_mixture_sample(logits, loc, log_scale)
+    g1 = mixture.normal_mixture_sample(logits, loc, log_scale)
     torch.manual_seed(123)
-    assert torch.equal(normal_mixture_sample(logits, loc, log_scale), g1)
+    assert torch.equal(mixture.normal_mixture_sample(logits, loc, log_scale), g1)
 
 
 def test_conditional_pathwise_gradients():
@@ -218,7 +216,7 @@ def test_conditional_pathwise_gradients():
     log_scale = torch.tensor([[0.2, -0.1], [0.0, 0.3], [-0.4, 0.1]], dtype=F64, requires_grad=True)
     a = torch.tensor([0.7, -1.2, 2.0], dtype=F64, requires_grad=True)
 
-    x = normal_mixture_sample(
+    x = mixture.normal_mixture_sample(
         logits, loc, log_scale, temperature=tau, sample_shape=(n,), generator=_gen(14)
     )
     x.sum().backward()
@@ -232,7 +230,7 @@ def test_conditional_pathwise_gradients():
     assert logits.grad is None
 
     loc.grad = log_scale.grad = None
-    y = bivariate_normal_mixture_sample(
+    y = mixture.bivariate_normal_mixture_sample(
         logits, loc, log_scale, a, temperature=tau, sample_shape=(n,), generator=_gen(15)
     )
     y.sum().backward()

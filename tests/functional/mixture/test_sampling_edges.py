@@ -1,9 +1,6 @@
-"""Mixture draws at the edges: saturated correlations, extreme scales, empty shapes, the
-Gumbel cut-off, overflowing scales.
-
-Where the numbers come from and the bounds: the module docstring of
-``tests/functional/mixture/_moment_oracles.py``
-(the references, oracles and inputs these files share).
+"""Mixture draws at the edges (``probloss.functional.mixture.sampling``): saturated
+correlations, extreme scales, empty shapes, the Gumbel cut-off, overflowing scales. The
+references and bounds are those of ``_moment_oracles.py`` (its module docstring).
 """
 
 from __future__ import annotations
@@ -14,16 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from probloss.functional.mixture import (
-    bivariate_normal_mixture_covariance,
-    bivariate_normal_mixture_mean,
-    bivariate_normal_mixture_mode,
-    bivariate_normal_mixture_sample,
-    normal_mixture_mean,
-    normal_mixture_mode,
-    normal_mixture_sample,
-    normal_mixture_variance,
-)
+from probloss.functional import mixture
 from tests.functional._checks import assert_within, dtype_id
 from tests.functional.mixture._moment_oracles import (
     INF,
@@ -50,7 +38,7 @@ def test_saturated_correlation_draws_lie_on_the_line(dtype, a):
     log_scale = torch.tensor([[0.5, -1.0], [1.0, 0.5]], dtype=dtype)
     atanh = torch.tensor([a, a], dtype=dtype)
     for tau in (1.0, 0.3):
-        x = bivariate_normal_mixture_sample(
+        x = mixture.bivariate_normal_mixture_sample(
             logits, loc, log_scale, atanh, temperature=tau, sample_shape=(n,), generator=_gen(9)
         )
         assert torch.isfinite(x).all()
@@ -72,7 +60,7 @@ def test_spread_off_the_line_is_one_over_cosh(a):
     rho, at most 2e-3 relative after dividing by sech(10) = 9.1e-5). ``sqrt(1 - tanh^2)``
     in float32 is 3% off at a = 8 and exactly 0 at |a| = 10, where it fails this."""
     n = 20_000
-    x = bivariate_normal_mixture_sample(
+    x = mixture.bivariate_normal_mixture_sample(
         torch.zeros(1), torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([a]),
         sample_shape=(n,), generator=_gen(16),
     )  # fmt: skip
@@ -92,8 +80,10 @@ def test_extreme_log_scale_draws_are_finite_with_the_right_scale(log_scale):
     loc = torch.zeros(1, 2)
     ls = torch.full((1, 2), log_scale)
     for x in (
-        normal_mixture_sample(torch.zeros(1), loc, ls, sample_shape=(n,), generator=_gen(12)),
-        bivariate_normal_mixture_sample(
+        mixture.normal_mixture_sample(
+            torch.zeros(1), loc, ls, sample_shape=(n,), generator=_gen(12)
+        ),
+        mixture.bivariate_normal_mixture_sample(
             torch.zeros(1), loc, ls, torch.tensor([0.9]), sample_shape=(n,), generator=_gen(13)
         ),
     ):
@@ -113,15 +103,16 @@ def test_empty_batch_or_sample_shape(batch, sample_shape):
     leaves = [t.requires_grad_(True) for t in params]
     lg, lc, ls, a = leaves
     outputs = [
-        (normal_mixture_sample(lg, lc, ls, sample_shape=sample_shape), (*sample_shape, *batch, 2)),
-        (bivariate_normal_mixture_sample(lg, lc, ls, a, sample_shape=sample_shape),
+        (mixture.normal_mixture_sample(lg, lc, ls, sample_shape=sample_shape),
          (*sample_shape, *batch, 2)),
-        (normal_mixture_mean(lg, lc), (*batch, 2)),
-        (bivariate_normal_mixture_mean(lg, lc), (*batch, 2)),
-        (normal_mixture_variance(lg, lc, ls), (*batch, 2)),
-        (bivariate_normal_mixture_covariance(lg, lc, ls, a), (*batch, 2, 2)),
-        (normal_mixture_mode(lg, lc), (*batch, 2)),
-        (bivariate_normal_mixture_mode(lg, lc), (*batch, 2)),
+        (mixture.bivariate_normal_mixture_sample(lg, lc, ls, a, sample_shape=sample_shape),
+         (*sample_shape, *batch, 2)),
+        (mixture.normal_mixture_mean(lg, lc), (*batch, 2)),
+        (mixture.bivariate_normal_mixture_mean(lg, lc), (*batch, 2)),
+        (mixture.normal_mixture_variance(lg, lc, ls), (*batch, 2)),
+        (mixture.bivariate_normal_mixture_covariance(lg, lc, ls, a), (*batch, 2, 2)),
+        (mixture.normal_mixture_mode(lg, lc), (*batch, 2)),
+        (mixture.bivariate_normal_mixture_mode(lg, lc), (*batch, 2)),
     ]  # fmt: skip
     for out, shape in outputs:
         assert out.shape == shape
@@ -151,13 +142,13 @@ def test_gumbel_cut_off_at_the_extreme_uniforms(monkeypatch, dtype, cut):
     loc = torch.tensor([[-1.0], [1.0]], dtype=dtype)  # (K, D) = (2, 1)
     for gap, winner in ((cut + 1e-3, 0), (1000.0, 0), (cut - 1e-3, 1)):
         logits = torch.tensor([0.0, -gap], dtype=dtype)
-        x = normal_mixture_sample(logits, loc, torch.full((2, 1), -30.0, dtype=dtype))
+        x = mixture.normal_mixture_sample(logits, loc, torch.full((2, 1), -30.0, dtype=dtype))
         assert (x.sign() == loc[winner].sign()).all(), (gap, winner)
     # a logit of -inf is never drawn, even when the live component's uniform is 0 (before:
     # both terms -inf, and the argmax took the first, the -inf component)
     logits = torch.tensor([-INF, 0.0], dtype=dtype)
     monkeypatch.setattr(torch, "rand", lambda *a, **k: extreme_rand(*a, **k).flip(-1))
-    x = normal_mixture_sample(logits, loc, torch.full((2, 1), -30.0, dtype=dtype))
+    x = mixture.normal_mixture_sample(logits, loc, torch.full((2, 1), -30.0, dtype=dtype))
     assert (x > 0).all()
 
 
@@ -176,7 +167,7 @@ def test_overflowing_scale_gives_inf_only_where_the_draw_exceeds_the_range(monke
 
     monkeypatch.setattr(torch, "randn", fixed_randn)
     loc = torch.full((1, 4), 0.5)
-    x = normal_mixture_sample(torch.zeros(1), loc, torch.full((1, 4), 100.0))
+    x = mixture.normal_mixture_sample(torch.zeros(1), loc, torch.full((1, 4), 100.0))
     expected = float(torch.tensor(1e-6)) * math.exp(100.0)
     eps32 = torch.finfo(torch.float32).eps
     assert abs(x[0].item() - expected) <= 4 * eps32 * expected
@@ -199,7 +190,7 @@ def test_sample_correlation_gradient_where_the_scale_overflows(dtype):
     log_scale = torch.tensor([[0.0, big]], dtype=dtype)
     a = torch.tensor([60.0], dtype=dtype, requires_grad=True)
     for seed in range(21, 29):  # one draw per call: a sum of +inf and -inf draws is NaN
-        x = bivariate_normal_mixture_sample(logits, loc, log_scale, a, generator=_gen(seed))
+        x = mixture.bivariate_normal_mixture_sample(logits, loc, log_scale, a, generator=_gen(seed))
         (grad,) = torch.autograd.grad(x[1], a)
         g = _gen(seed)
         torch.rand((1,), generator=g, dtype=dtype)

@@ -1,9 +1,6 @@
 """Statistics of mixture draws at a temperature: component frequencies, means and
-(co)variances within 5 standard errors.
-
-Where the numbers come from and the bounds: the module docstring of
-``tests/functional/mixture/_moment_oracles.py``
-(the references, oracles and inputs these files share).
+(co)variances within 5 standard errors. Where the numbers come from, and why 5 standard
+errors: the module docstring of ``_moment_oracles.py``.
 """
 
 from __future__ import annotations
@@ -14,14 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from probloss.functional.mixture import (
-    bivariate_normal_mixture_covariance,
-    bivariate_normal_mixture_mean,
-    bivariate_normal_mixture_sample,
-    normal_mixture_mean,
-    normal_mixture_sample,
-    normal_mixture_variance,
-)
+from probloss.functional import mixture
 from tests.functional._checks import assert_within
 from tests.functional.mixture._moment_oracles import (
     SIGMAS,
@@ -107,7 +97,7 @@ def test_normal_frequencies_means_variances_at_temperature(tau):
     n = 200_000
     logits, loc = torch.tensor(NORMAL_LOGITS), torch.tensor(NORMAL_LOC)
     log_scale = torch.tensor(NORMAL_LOG_SCALE)
-    x = normal_mixture_sample(
+    x = mixture.normal_mixture_sample(
         logits, loc, log_scale, temperature=tau, sample_shape=(n,), generator=_gen(10)
     )
     assert x.shape == (n, 2) and x.dtype == torch.float32
@@ -131,14 +121,14 @@ def test_normal_overall_mean_and_variance_match_the_summaries():
     logits = torch.tensor([0.5, -0.2, 0.1])
     loc = torch.tensor([[-1.0, 2.0], [1.5, 0.0], [0.0, -3.0]])
     log_scale = torch.tensor([[0.0, -0.3], [-0.5, 0.4], [0.3, 0.0]])
-    x = normal_mixture_sample(logits, loc, log_scale, sample_shape=(n,), generator=_gen(11))
+    x = mixture.normal_mixture_sample(logits, loc, log_scale, sample_shape=(n,), generator=_gen(11))
     w = _np_weights(logits.numpy())
     cov = _np_cov(log_scale.numpy())
     mean_ref, cov_ref = _np_moments(w, loc.numpy(), cov)
     var_ref = np.diagonal(cov_ref)
     fourth = np.diagonal(_np_fourth(w, loc.numpy(), cov))
-    mean = normal_mixture_mean(logits, loc).double().numpy()
-    var = normal_mixture_variance(logits, loc, log_scale).double().numpy()
+    mean = mixture.normal_mixture_mean(logits, loc).double().numpy()
+    var = mixture.normal_mixture_variance(logits, loc, log_scale).double().numpy()
     assert_within(mean, mean_ref, 1e-6 * np.abs(mean_ref).max(), range(2), "mean closed form")
     assert_within(var, var_ref, 1e-6 * var_ref, range(2), "variance closed form")
     xs = x.double().numpy()
@@ -167,7 +157,7 @@ def test_bivariate_frequencies_means_covariances_at_temperature(tau):
     by the temperature) within 5 SE. Measured worst |error| / SE, seed 20: 1.61 (tau 1),
     1.66 (tau 0.4)."""
     n = 200_000
-    x = bivariate_normal_mixture_sample(
+    x = mixture.bivariate_normal_mixture_sample(
         torch.tensor(BIV_LOGITS),
         torch.tensor(BIV_LOC),
         torch.tensor(BIV_LOG_SCALE),
@@ -194,14 +184,16 @@ def test_bivariate_overall_mean_and_covariance_match_the_summaries():
     loc = torch.tensor([[0.0, 1.0], [2.0, -1.0], [-1.5, 0.5]])
     log_scale = torch.tensor([[0.0, 0.2], [-0.4, 0.1], [0.3, -0.2]])
     a = torch.tensor([1.2, -0.6, 0.3])
-    x = bivariate_normal_mixture_sample(
+    x = mixture.bivariate_normal_mixture_sample(
         logits, loc, log_scale, a, sample_shape=(n,), generator=_gen(21)
     )
     w = _np_weights(logits.numpy())
     cov = _np_cov(log_scale.numpy(), a.numpy())
     mean_ref, cov_ref = _np_moments(w, loc.numpy(), cov)
-    mean = bivariate_normal_mixture_mean(logits, loc).double().numpy()
-    got_cov = bivariate_normal_mixture_covariance(logits, loc, log_scale, a).double().numpy()
+    mean = mixture.bivariate_normal_mixture_mean(logits, loc).double().numpy()
+    got_cov = (
+        mixture.bivariate_normal_mixture_covariance(logits, loc, log_scale, a).double().numpy()
+    )
     assert_within(mean, mean_ref, 1e-6 * np.abs(mean_ref).max(), range(2), "mean closed form")
     assert_within(
         got_cov.ravel(), cov_ref.ravel(), 1e-6 * np.abs(cov_ref).max(), range(4), "cov closed"

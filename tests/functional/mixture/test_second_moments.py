@@ -1,9 +1,6 @@
 """Second moments and their gradients beyond the float range
-(``probloss.functional.mixture._second_moments``) against mpmath.
-
-Where the numbers come from and the bounds: the module docstring of
-``tests/functional/mixture/_moment_oracles.py``
-(the references, oracles and inputs these files share).
+(``probloss.functional.mixture._second_moments``) against mpmath, the oracle of
+``_moment_oracles.py`` (its module docstring states the bounds).
 """
 
 from __future__ import annotations
