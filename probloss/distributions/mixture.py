@@ -7,7 +7,6 @@ its functional log density and sampler, its components and its second moments.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import ClassVar
 
@@ -285,9 +284,10 @@ class MultivariateNormalMixture(GaussianMixture):
         "scale_tril": constraints.independent(constraints.lower_cholesky, 1),
     }
     # the parameters were checked once, at construction (when validating)
-    _log_prob_fn = staticmethod(
-        functools.partial(multivariate_normal_mixture_log_prob, validate_args=False)
-    )
+    @staticmethod
+    def _log_prob_fn(value: Tensor, *parameters: Tensor) -> Tensor:
+        # a function, not functools.partial: torch.export (strict) cannot trace a partial
+        return multivariate_normal_mixture_log_prob(value, *parameters, validate_args=False)
     _sample_fn = staticmethod(multivariate_normal_mixture_sample)
 
     def __init__(

@@ -20,7 +20,8 @@ def solve_triangular(factor: Tensor, rhs: Tensor, *, upper: bool) -> Tensor:
     """
     n = factor.shape[-1]
     batch = torch.broadcast_shapes(factor.shape[:-2], rhs.shape[:-1])
-    if factor.shape[:-2].numel() == 1:
+    # per dimension, not numel(): a dynamic batch size (torch.export) must not be guarded
+    if all(size == 1 for size in factor.shape[:-2]):
         columns = rhs.reshape(-1, n).mT
         solved = torch.linalg.solve_triangular(factor.reshape(n, n), columns, upper=upper)
         return solved.mT.reshape((*batch, n))

@@ -250,24 +250,21 @@ class MixtureDensityHead(ShowOptions, nn.Module):
         parts = self.linear(features).split(self._sizes, dim=-1)
         logits = parts[0]
         loc = parts[1].unflatten(-1, (k, d))
-        # torch.distributions' argument checks read values (a host sync on a GPU): run them
-        # for CPU tensors only, like every probloss validation (docs/api.md, rule 4).
-        check = should_validate(None, features)
+        # validation: the distributions' default (torch's global switch; values read only
+        # where that is free: CPU, eager, no torch.func transform), like every probloss check
         if self.component == "normal":
             log_scale = _log_scale(parts[2].unflatten(-1, (k, d)), self.min_scale)
-            return NormalMixture(logits, loc, log_scale, validate_args=check)
+            return NormalMixture(logits, loc, log_scale)
         if self.component == "bivariate":
             log_scale = _log_scale(parts[2].unflatten(-1, (k, 2)), self.min_scale)
             if self.pen_states:
-                return StrokeMixture(
-                    logits, loc, log_scale, parts[3], parts[4], validate_args=check
-                )
-            return BivariateNormalMixture(logits, loc, log_scale, parts[3], validate_args=check)
+                return StrokeMixture(logits, loc, log_scale, parts[3], parts[4])
+            return BivariateNormalMixture(logits, loc, log_scale, parts[3])
         raw = parts[2].unflatten(-1, (k, d * (d + 1) // 2))
         # scale_tril_from_raw computes half precision in float32; the mixture's parameters
         # keep the module's dtype, like loc (and like the other components)
         scale_tril = scale_tril_from_raw(raw, d, min_scale=self.min_scale).to(loc.dtype)
-        return MultivariateNormalMixture(logits, loc, scale_tril, validate_args=check)
+        return MultivariateNormalMixture(logits, loc, scale_tril)
 
 
 def _nan_fill(distribution: Distribution) -> Tensor:
