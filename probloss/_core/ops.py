@@ -74,7 +74,10 @@ class Kernel:
 
 
 def kernel_op(
-    name: str, event_dims: Sequence[int | None], fake: Callable[..., object]
+    name: str,
+    event_dims: Sequence[int | None],
+    fake: Callable[..., object],
+    mutates: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., object]], Kernel]:
     """Decorator: the function becomes a :class:`Kernel` over the operator ``probloss::name``.
 
@@ -85,13 +88,16 @@ def kernel_op(
             argument that is not a tensor. It defines the vmap rule: every output carries the
             vmapped dimension first.
         fake: the shape-only implementation (same signature), run while tracing.
+        mutates: the names of the arguments the kernel overwrites as scratch space (a
+            backward reusing the forward's saved buffers): eager code saves the copies,
+            and tracers, told of it, copy first where the buffer is still needed.
 
     The decorated function must not return its inputs or views of them (``custom_op``
-    forbids aliasing), nor modify them in place.
+    forbids aliasing), nor modify any other argument in place.
     """
 
     def register(fn: Callable[..., object]):
-        op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=())(fn)
+        op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=mutates)(fn)
         op.register_fake(fake)
 
         def vmap_rule(info, in_dims, *args):

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .._core.dtype import as_float_tensor, upcast
+from .._core.ops import kernel_op
 
 __all__ = ["logsumexp"]
 
@@ -52,6 +53,18 @@ def _exp_nonpositive(x: Tensor, *, inplace: bool = False) -> Tensor:
     return (torch.exp(x.clamp(min=floor)) - cut).clamp(min=0.0)
 
 
+def _drop_last(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[:-1])
+
+
+@kernel_op("logsumexp_last", event_dims=(1,), fake=_drop_last)
+def _logsumexp_last(x: Tensor) -> Tensor:
+    """The forward of :class:`_LogSumExp` over the last dimension (non-empty)."""
+    m = _finite_shift(x.amax(-1, keepdim=True))
+    out = _exp_nonpositive(x - m, inplace=True).sum(-1, keepdim=True)
+    return out.log_().add_(m).squeeze(-1)
+
+
 class _LogSumExp(torch.autograd.Function):
     """``logsumexp`` over the last dimension whose gradient is finite for ``-inf`` rows.
 
@@ -65,13 +78,15 @@ class _LogSumExp(torch.autograd.Function):
     from the saved input with differentiable ops, so it is differentiable again.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        m = _finite_shift(x.amax(-1, keepdim=True))
-        out = _exp_nonpositive(x - m, inplace=True).sum(-1, keepdim=True)
-        out = out.log_().add_(m).squeeze(-1)
-        ctx.save_for_backward(x)
-        return out
+    def forward(x: Tensor) -> Tensor:
+        return _logsumexp_last(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
