@@ -6,7 +6,7 @@ from .continuous_bernoulli import (
     continuous_bernoulli_icdf,
     continuous_bernoulli_log_prob,
 )
-from .divergence import bernoulli_kl, continuous_bernoulli_kl, normal_kl
+from .divergence import bernoulli_kl, bivariate_normal_kl, continuous_bernoulli_kl, normal_kl
 from .laplace import laplace_log_prob
 from .lowrank import lowrank_multivariate_normal_log_prob
 from .mixture import (
@@ -31,6 +31,7 @@ from .student_t import student_t_log_prob
 
 __all__ = [
     "bernoulli_kl",
+    "bivariate_normal_kl",
     "bivariate_normal_log_prob",
     "bivariate_normal_mixture_covariance",
     "bivariate_normal_mixture_log_prob",

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .._core.constants import LOG_2PI
 from .._core.dtype import as_loss_tensors
+from .._core.params import log_scale_from, single_form
 from .._core.reduction import (
     check_nan_policy,
     check_reduction,
@@ -33,6 +34,7 @@ from .._core.reduction import (
     mask_nan_events,
     reduce_loss,
 )
+from .._core.shapes import BIVARIATE_LAYOUTS, batch_shape
 from .._core.validation import check_not_nan, should_validate
 from ..special import log_cosh, mul_exp
 from ._bivariate_forms import (
@@ -43,6 +45,8 @@ from ._bivariate_forms import (
 )
 from ._bivariate_scaled import log_scaled_half_q, lost_precision, with_fallback
 from ._params import split_residual
+
+_LAYOUTS = {**BIVARIATE_LAYOUTS, "scale": "(*, 2)"}  # value, loc and a scale form (*, 2)
 
 
 class _BivariateLogDensity(torch.autograd.Function):
@@ -155,50 +159,28 @@ def _gradient_pieces(z: Tensor, atanh_rho: Tensor) -> tuple[Tensor, ...]:
     return sign, z1, z2, ns, c, exp_half(b), torch.exp(-b)
 
 
-def _check_event_size(**tensors: Tensor) -> None:
-    for name, t in tensors.items():
-        if t.dim() == 0 or t.shape[-1] != 2:
-            raise ValueError(
-                f"{name} must have shape (*, 2) (event size 2 in the last dimension); "
-                f"got shape {tuple(t.shape)}"
-            )
-
-
-def _batch_shape(**tensors: Tensor) -> torch.Size:
-    """The broadcast ``(*)`` of named tensors: ``(*, 2)`` ones first, the correlation last."""
-    *events, (corr_name, corr) = tensors.items()
-    try:
-        return torch.broadcast_shapes(*(t.shape[:-1] for _, t in events), corr.shape)
-    except RuntimeError:
-        names = ", ".join(name for name, _ in events)
-        shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in tensors.items())
-        raise ValueError(
-            f"shapes do not broadcast: {names} must be (*, 2) and {corr_name} (*) with "
-            f"broadcastable (*); got {shapes}"
-        ) from None
-
-
 def _prepare(
     value: Tensor,
     loc: Tensor,
-    log_scale: Tensor,
+    scale_forms: dict[str, Tensor | float | None],
     atanh_rho: Tensor | None,
     rho: Tensor | None,
     validate_args: bool | None,
     check_value_nan: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Convert, check shapes (always) and values (when validating); resolve ``rho``."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, str, str]:
+    """Convert, check shapes (always) and values (when validating); resolve ``scale`` and
+    ``rho``. Returns the tensors, then the names of the scale and correlation forms given."""
+    scale_name, scale = single_form(scale_forms)  # log_scale or scale, exactly one
     if (atanh_rho is None) == (rho is None):
         got = "both" if rho is not None else "neither"
         raise ValueError(f"pass exactly one of atanh_rho and rho (keyword); got {got}")
     corr_name = "atanh_rho" if rho is None else "rho"
     corr = atanh_rho if rho is None else rho
-    value, loc, log_scale, corr = as_loss_tensors(
-        value=value, loc=loc, log_scale=log_scale, **{corr_name: corr}
-    )
-    _check_event_size(value=value, loc=loc, log_scale=log_scale)
-    _batch_shape(value=value, loc=loc, log_scale=log_scale, **{corr_name: corr})
-    if should_validate(validate_args, value, loc, log_scale, corr):
+    named = {"value": value, "loc": loc, scale_name: scale, corr_name: corr}
+    value, loc, scale, corr = as_loss_tensors(**named)
+    tensors = {"value": value, "loc": loc, scale_name: scale, corr_name: corr}
+    batch_shape(_LAYOUTS, **tensors)
+    if should_validate(validate_args, *tensors.values()):
         if check_value_nan:
             check_not_nan(value, "value")
         if rho is not None:
@@ -209,17 +191,20 @@ def _prepare(
                     f"{int(bad.sum())} value(s) with |rho| >= 1 or NaN. Pass atanh_rho "
                     "(unconstrained, rho = tanh(atanh_rho)) instead: it has no such limit"
                 )
+    # the one resolver: a scale is checked positive (when validating) and logged once
+    log_scale = log_scale_from(**{scale_name: scale}, validate_args=validate_args)
     if rho is not None:
         corr = torch.atanh(corr)  # 1/(1 - rho^2) amplifies the rounding of rho near +-1
-    return value, loc, log_scale, corr
+    return value, loc, log_scale, corr, scale_name, corr_name
 
 
 def bivariate_normal_log_prob(
     value: Tensor,
     loc: Tensor,
-    log_scale: Tensor,
+    log_scale: Tensor | None = None,
     atanh_rho: Tensor | None = None,
     *,
+    scale: Tensor | None = None,
     rho: Tensor | None = None,
     validate_args: bool | None = None,
 ) -> Tensor:
@@ -251,16 +236,19 @@ def bivariate_normal_log_prob(
     Args:
         value: points, shape ``(*, 2)``.
         loc: means :math:`\mu`, shape ``(*, 2)``, broadcastable with ``value``.
-        log_scale: :math:`\log\sigma`, shape ``(*, 2)``, broadcastable.
+        log_scale: :math:`\log\sigma`, shape ``(*, 2)``, broadcastable (positional).
         atanh_rho: :math:`a = \operatorname{atanh}\rho`, unconstrained, shape ``(*)`` (no
             event dimension), broadcastable with the others' ``(*)``.
         rho: alternatively the correlation itself in ``(-1, 1)`` (keyword only; pass exactly
             one of ``atanh_rho`` and ``rho``). Less stable: a correlation that reached
             ``+-1`` through ``tanh`` has already lost the information, and near ``+-1`` the
             rounding of ``rho`` is amplified by ``1/(1 - rho^2)``.
+        scale: alternatively :math:`\sigma > 0`, shape ``(*, 2)`` (keyword only; pass exactly
+            one of ``log_scale`` and ``scale``), resolved by the one resolver
+            :func:`~probloss._core.params.log_scale_from` (``log`` once).
         validate_args: check values: ``value`` has no NaN, a given ``rho`` lies in
-            ``(-1, 1)``; ``None`` checks CPU tensors only (no GPU host sync). Shapes are
-            always checked.
+            ``(-1, 1)``, a given ``scale`` is positive; ``None`` checks CPU tensors only (no
+            GPU host sync). Shapes are always checked.
 
     Returns:
         Tensor of shape ``(*)`` (one value per event, unreduced, batch dimensions broadcast
@@ -269,8 +257,9 @@ def bivariate_normal_log_prob(
 
     Raises:
         ValueError: a last dimension is not 2, shapes do not broadcast, not exactly one of
-            ``atanh_rho`` / ``rho`` is given, or (when validating) ``value`` contains NaN or
-            ``|rho| >= 1``. Each message names the argument and its shape.
+            ``log_scale`` / ``scale`` or of ``atanh_rho`` / ``rho`` is given, or (when
+            validating) ``value`` contains NaN, ``|rho| >= 1`` or a ``scale`` is not
+            positive. Each message names the argument and its shape.
 
     Example:
         >>> x = torch.tensor([[3.0, 3.0], [3.0, 3.001]])  # on / just off the line x1 = x2
@@ -279,9 +268,12 @@ def bivariate_normal_log_prob(
         >>> rho = torch.tanh(torch.tensor(10.0))  # exactly 1.0 in float32
         >>> 1 - rho**2  # what the probability-space formula divides by
         tensor(0.)
+        >>> bivariate_normal_log_prob(x[0], torch.zeros(2), scale=torch.ones(2), rho=rho * 0.5)
+        tensor(-7.6940)
     """
-    value, loc, log_scale, atanh_rho = _prepare(
-        value, loc, log_scale, atanh_rho, rho, validate_args, check_value_nan=True
+    forms = {"log_scale": log_scale, "scale": scale}
+    value, loc, log_scale, atanh_rho, _, _ = _prepare(
+        value, loc, forms, atanh_rho, rho, validate_args, check_value_nan=True
     )
     return _BivariateLogDensity.apply(value, loc, log_scale, atanh_rho)
 
@@ -289,9 +281,10 @@ def bivariate_normal_log_prob(
 def bivariate_normal_nll(
     value: Tensor,
     loc: Tensor,
-    log_scale: Tensor,
+    log_scale: Tensor | None = None,
     atanh_rho: Tensor | None = None,
     *,
+    scale: Tensor | None = None,
     rho: Tensor | None = None,
     reduction: str = "mean",
     nan_policy: str = "raise",
@@ -308,7 +301,7 @@ def bivariate_normal_nll(
     probability.
 
     Args:
-        value, loc, log_scale, atanh_rho, rho, validate_args: as in
+        value, loc, log_scale, atanh_rho, scale, rho, validate_args: as in
             :func:`bivariate_normal_log_prob` (shapes ``(*, 2)`` and ``(*)``).
         reduction: ``"none"`` (shape ``(*)``), ``"sum"``, or ``"mean"``: the average over
             *events* (points), i.e. the sum divided by the number of (unmasked) events, never
@@ -334,17 +327,16 @@ def bivariate_normal_nll(
     check_reduction(reduction)
     check_nan_policy(nan_policy)
     masked = nan_policy == "mask"
-    value, loc, log_scale, atanh_rho = _prepare(
-        value, loc, log_scale, atanh_rho, rho, validate_args, check_value_nan=not masked
+    forms = {"log_scale": log_scale, "scale": scale}
+    value, loc, log_scale, atanh_rho, scale_name, corr_name = _prepare(
+        value, loc, forms, atanh_rho, rho, validate_args, check_value_nan=not masked
     )
     if reduction != "none":
-        corr_name = "atanh_rho" if rho is None else "rho"
         check_value_batch(
             value.shape[:-1],
             " (event dimension 2 last)",
             loc=loc.shape[:-1],
-            log_scale=log_scale.shape[:-1],
-            **{corr_name: atanh_rho.shape},
+            **{scale_name: log_scale.shape[:-1], corr_name: atanh_rho.shape},
         )
     mask = None
     if masked:

@@ -13,22 +13,11 @@ Where the numbers come from
   25 digits); the pairs lie in the quadrature region ``|p - q| <= max(4, |q|/2)``, whose
   bound is ``(13 + n) eps`` relative, ``n`` = 8 nodes in float32, 16 in float64
   (``tests/functional/test_divergence.py``).
-* BivariateNormal: the textbook form ``(tr(S_p^-1 S_q) - 2 + dmu^T S_p^-1 dmu + log det S_p
-  - log det S_q) / 2`` with ``S = [[s1^2, rho s1 s2], [rho s1 s2, s2^2]]``, ``rho = tanh a``,
-  in mpmath at doubling precision until 25 digits agree (``cb_reference._converged``; the
-  trace cancels like ``cosh^2 a``), at the inputs after the cast; and torch's
-  ``MultivariateNormal`` KL in float64 at moderate parameters (Cholesky of a well
-  conditioned 2 x 2, accurate to a few ulp: relative 1e-12).
-
-Bound of the bivariate KL
--------------------------
-The three non-negative terms (two ``normal_kl``, 10 ulp each, and ``w^2 / 2``) come from
-exponents that are sums of log-scales and ``log cosh a``: each rounding there is an
-absolute ``eps |exponent|``, so a relative ``eps |exponent|`` in an exponential. With ``E``
-the largest magnitude among the log-scales and ``atanh_rho`` of both, the bound is
-``32 (1 + E) eps`` relative to the KL; at the points below, no mean difference cancels
-(``|mu_q2 - cond. mean_p|`` is not small against either). Measured worst: 0.04 / 0.005
-of the bound (float32 / float64) at the named points, 0.15 / 0.14 on the random draws.
+* BivariateNormal at the extremes: the mpmath textbook form and the bound
+  ``32 (1 + E) eps`` relative of ``tests/functional/test_bivariate_kl.py`` (``kl_ref``,
+  ``kl_bound``); against a torch ``MultivariateNormal``, torch's own KL in float64 at
+  moderate parameters (Cholesky of a well conditioned 2 x 2, accurate to a few ulp:
+  relative 1e-12).
 """
 
 from __future__ import annotations
@@ -36,7 +25,6 @@ from __future__ import annotations
 import math
 import warnings
 
-import mpmath
 import pytest
 import torch
 from torch.distributions import ContinuousBernoulli as TorchCB
@@ -45,10 +33,12 @@ from torch.distributions import Normal as TorchNormal
 
 import probloss.distributions as D
 from probloss.distributions import BivariateNormal, ContinuousBernoulli, Normal
-from probloss.distributions.kl import bivariate_normal_kl
-from probloss.functional import continuous_bernoulli_kl, normal_kl
+from probloss.functional import bivariate_normal_kl, continuous_bernoulli_kl, normal_kl
 from tests.functional import cb_reference as cb_ref
 from tests.functional._checks import F32_F64, assert_within, cast, dtype_id
+from tests.functional.test_bivariate_kl import QP as BIVARIATE_QP
+from tests.functional.test_bivariate_kl import kl_bound as bivariate_bound
+from tests.functional.test_bivariate_kl import kl_ref as bivariate_ref
 from tests.functional.test_normal_kl import RTOL as NORMAL_KL_RTOL
 from tests.functional.test_normal_kl import kl_ref as normal_kl_ref
 
@@ -215,39 +205,6 @@ def test_continuous_bernoulli_pairs_are_the_core_exactly(dtype):
 # ======================================================================================
 
 
-def _bivariate_kl_closed_form(mq1, mq2, lq1, lq2, aq, mp1, mp2, lp1, lp2, ap):
-    """The textbook KL of two bivariate normals (mpmath numbers in, mpf out)."""
-    sq1, sq2, sp1, sp2 = (mpmath.exp(v) for v in (lq1, lq2, lp1, lp2))
-    rq, rp, cp2 = mpmath.tanh(aq), mpmath.tanh(ap), mpmath.cosh(ap) ** 2
-    d1, d2 = mq1 - mp1, mq2 - mp2
-    trace = cp2 * ((sq1 / sp1) ** 2 + (sq2 / sp2) ** 2 - 2 * rp * rq * sq1 * sq2 / (sp1 * sp2))
-    maha = cp2 * ((d1 / sp1) ** 2 + (d2 / sp2) ** 2 - 2 * rp * d1 * d2 / (sp1 * sp2))
-    # log det S = 2 log s1 + 2 log s2 - 2 log cosh a  (1 - tanh^2 = 1 / cosh^2)
-    log_det_ratio = 2 * (lp1 + lp2 - lq1 - lq2) - 2 * mpmath.log(mpmath.cosh(ap))
-    log_det_ratio += 2 * mpmath.log(mpmath.cosh(aq))
-    return (trace - 2 + maha + log_det_ratio) / 2
-
-
-def _bivariate_ref(q: tuple[float, ...], p: tuple[float, ...]) -> float:
-    if q == p:
-        return 0.0
-    return cb_ref.to_float64(cb_ref._converged(_bivariate_kl_closed_form, *q, *p))
-
-
-# (mu1, mu2, log_scale1, log_scale2, atanh_rho): tiny scales, saturated correlations,
-# scales far apart, opposite correlations
-BIVARIATE_QP = [
-    ((0.0, 0.0, -120.0, -120.0, 0.0), (0.0, 0.0, -119.0, -119.0, 0.0)),
-    ((0.0, 0.0, -120.0, -119.5, 20.0), (1e-52, 0.0, -119.0, -119.0, 19.0)),
-    ((0.0, 0.0, 0.0, 0.0, 20.0), (1.0, 1.0, 0.0, 0.0, 20.0)),
-    ((1.0, -2.0, 0.5, -0.3, 0.7), (-1.0, 0.5, 0.1, 0.2, -0.4)),
-    ((0.0, 0.0, 0.0, 0.0, 9.5), (0.0, 0.0, 0.0, 1e-3, 10.0)),
-    ((3.0, 1.0, -60.0, 5.0, -3.0), (0.0, 0.0, 0.0, 0.0, 2.0)),
-    ((0.0, 0.0, -100.0, 0.0, 0.0), (0.0, 0.0, 0.0, 0.0, -25.0)),
-    ((1.0, 2.0, 0.0, 0.0, 0.0), (1.0, 2.0, 0.0, 0.0, 0.0)),
-]
-
-
 def _bivariate(rows, dtype):
     rows = torch.tensor(rows, dtype=torch.float64).to(dtype)
     loc, ls, a = rows[:, :2], rows[:, 2:4], rows[:, 4]
@@ -255,58 +212,15 @@ def _bivariate(rows, dtype):
 
 
 @pytest.mark.parametrize("dtype", F32_F64, ids=dtype_id)
-def test_bivariate_kl_matches_mpmath_with_finite_gradients(dtype):
-    """The registered pair is :func:`bivariate_normal_kl` of the stored parameters; values
-    against the mpmath textbook form (module docstring bound), 0 at ``q == p``, gradients
-    finite at ``log_scale = -120`` and ``atanh_rho = 20`` (``tanh`` is 1 in float32)."""
-    # means of opposite signs beyond half the range (their difference overflows)
-    big, wide = torch.finfo(dtype).max / 4, 80.0 if dtype == torch.float32 else 700.0
-    rows = [*BIVARIATE_QP, ((big, -big, wide, wide, 0.5), (-big, big, wide, wide, -0.5))]
-    q_params = _bivariate([q for q, _ in rows], dtype)
-    p_params = _bivariate([p for _, p in rows], dtype)
+def test_bivariate_pair_is_the_core_exactly_with_finite_gradients(dtype):
+    """The registered pair is :func:`~probloss.functional.bivariate_normal_kl` of the stored
+    parameters (tested against mpmath in ``tests/functional/test_bivariate_kl.py``), with
+    finite gradients at ``log_scale = -120`` and ``atanh_rho = 20``."""
+    q_params = _bivariate([q for q, _ in BIVARIATE_QP], dtype)
+    p_params = _bivariate([p for _, p in BIVARIATE_QP], dtype)
     got = _no_warning_kl(BivariateNormal(*q_params), BivariateNormal(*p_params))
     assert torch.equal(got, bivariate_normal_kl(*q_params, *p_params))
-    assert got[-2].item() == 0.0
     _assert_finite_gradients(got, (*q_params, *p_params))
-    cast_rows = [(tuple(cast(q, dtype)), tuple(cast(p, dtype))) for q, p in rows]
-    exact = [_bivariate_ref(q, p) for q, p in cast_rows]
-    eps = torch.finfo(dtype).eps
-    size = [1 + max(abs(v) for v in (*q[2:], *p[2:])) for q, p in cast_rows]
-    bound = [
-        max(32 * s * eps * e, torch.finfo(dtype).tiny) for s, e in zip(size, exact, strict=True)
-    ]
-    assert_within(got.detach().double().numpy(), exact, bound, cast_rows, f"bivariate KL {dtype}")
-
-
-@pytest.mark.parametrize("dtype", F32_F64, ids=dtype_id)
-def test_bivariate_kl_matches_mpmath_on_random_parameters(dtype):
-    """48 seeded draws: means of scale 3, log-scales of scale 5, ``atanh_rho`` of scale 4;
-    mpmath and bound as above."""
-    g = torch.Generator().manual_seed(3)
-    spread = torch.tensor([3.0, 3.0, 5.0, 5.0, 4.0], dtype=torch.float64)
-    draws = torch.randn(48, 2, 5, dtype=torch.float64, generator=g) * spread
-    pairs = [(tuple(cast(q, dtype)), tuple(cast(p, dtype))) for q, p in draws.tolist()]
-    q_params = _bivariate([q for q, _ in pairs], dtype)
-    p_params = _bivariate([p for _, p in pairs], dtype)
-    got = bivariate_normal_kl(*q_params, *p_params).detach().double().numpy()
-    top, eps = torch.finfo(dtype).max, torch.finfo(dtype).eps
-    exact = [_bivariate_ref(q, p) for q, p in pairs]
-    exact = [e if e <= top else math.inf for e in exact]
-    size = [1 + max(abs(v) for v in (*q[2:], *p[2:])) for q, p in pairs]
-    bound = [32 * s_ * eps * e for s_, e in zip(size, exact, strict=True)]
-    assert_within(got, exact, bound, pairs, f"bivariate KL random {dtype}")
-
-
-@pytest.mark.parametrize("dtype", F32_F64, ids=dtype_id)
-def test_bivariate_kl_at_zero_correlation_is_two_normal_kls(dtype):
-    """``rho = 0`` on both sides: exactly the sum of the marginal ``normal_kl`` (the chain
-    rule's conditional is then the second marginal), also at ``log_scale = -120``."""
-    loc_q, ls_q = _t([[0.0, 1.0], [2.0, -3.0]], dtype), _t([[-120.0, 0.3], [5.0, -7.0]], dtype)
-    loc_p, ls_p = _t([[0.0, -1.0], [0.0, 0.0]], dtype), _t([[-119.0, 0.0], [0.0, 2.0]], dtype)
-    zero = torch.zeros(2, dtype=dtype)
-    got = _no_warning_kl(BivariateNormal(loc_q, ls_q, zero), BivariateNormal(loc_p, ls_p, zero))
-    expected = normal_kl(loc_q, 2 * ls_q, loc_p, 2 * ls_p).sum(-1)
-    assert torch.equal(got, expected)
 
 
 def _random_bivariate(generator, n):
@@ -378,12 +292,12 @@ def test_bivariate_extremes_against_a_torch_unit_normal(dtype):
     assert forward.dtype == backward.dtype == dtype
     _assert_finite_gradients(forward, q_params)
     unit = (0.0, 0.0, 0.0, 0.0, 0.0)
-    top, eps = torch.finfo(dtype).max, torch.finfo(dtype).eps
+    top = torch.finfo(dtype).max
     for got, pairs in ((forward, [(r, unit) for r in rows]), (backward, [(unit, r) for r in rows])):
-        exact = [_bivariate_ref(tuple(cast(a, dtype)), tuple(cast(b, dtype))) for a, b in pairs]
+        pairs = [(tuple(cast(a, dtype)), tuple(cast(b, dtype))) for a, b in pairs]
+        exact = [bivariate_ref(a, b) for a, b in pairs]
         exact = [e if e <= top else math.inf for e in exact]
-        size = [1 + max(abs(v) for v in (*a[2:], *b[2:])) for a, b in pairs]
-        bound = [32 * s_ * eps * e for s_, e in zip(size, exact, strict=True)]
+        bound = [bivariate_bound(a, b, e, dtype) for (a, b), e in zip(pairs, exact, strict=True)]
         assert_within(got.detach().double().numpy(), exact, bound, pairs, f"extremes {dtype}")
 
 
@@ -398,12 +312,6 @@ def test_half_precision_kl_is_float32(dtype):
     assert _no_warning_kl(b, b).dtype == torch.float32
     c = ContinuousBernoulli(logits=torch.zeros(2, dtype=dtype))
     assert _no_warning_kl(c, c).dtype == torch.float32
-
-
-def test_gradcheck_bivariate_kl_float64():
-    g = torch.Generator().manual_seed(1)
-    params = [t.requires_grad_() for t in (*_random_bivariate(g, 3), *_random_bivariate(g, 3))]
-    assert torch.autograd.gradcheck(bivariate_normal_kl, params)
 
 
 def test_kl_is_zero_on_itself_for_every_family():

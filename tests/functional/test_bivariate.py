@@ -528,6 +528,57 @@ def test_value_errors_name_argument_and_shape(args, kwargs, pattern):
             fn(*args, **kwargs)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_scale_keyword_equals_the_log_scale_form(dtype):
+    """``scale=`` goes through the one resolver as ``log(scale)``. The scales are powers of
+    two, so both forms hold ``k log 2`` (``|k| <= 3``) to within an ulp of the compute dtype
+    (float32 for half inputs); an ulp ``u`` in ``log_scale`` moves the log density by
+    ``u (1 + z_i d/dz_i)``, at most ``2 eps |log_scale| (1 + |ref|) < 8 eps (1 + |ref|)``,
+    and the bound is twice that (measured: bitwise equal)."""
+    g = torch.Generator().manual_seed(5)
+    x, loc = (torch.randn(6, 2, generator=g, dtype=torch.float64).to(dtype) for _ in "xl")
+    a = torch.randn(6, generator=g, dtype=torch.float64).to(dtype)
+    powers = torch.tensor([[-3.0, 0.0], [1.0, 2.0], [-1.0, 3.0]] * 2, dtype=torch.float64)
+    compute = torch.float32 if dtype in HALF_DTYPES else dtype
+    scale, log_scale = torch.exp2(powers).to(dtype), (powers * math.log(2.0)).to(compute)
+    by_scale = bivariate_normal_log_prob(x, loc, scale=scale, atanh_rho=a)
+    by_log = bivariate_normal_log_prob(x, loc, log_scale, a)
+    assert by_scale.dtype == by_log.dtype == compute
+    bound = 16 * torch.finfo(compute).eps * (1 + by_log.abs())
+    assert ((by_scale - by_log).abs() <= bound).all(), (by_scale, by_log)
+    nll = bivariate_normal_nll(x, loc, scale=scale, atanh_rho=a, reduction="none")
+    assert ((nll + by_log).abs() <= bound).all(), (nll, by_log)
+    s = scale.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(bivariate_normal_nll(x, loc, scale=s, atanh_rho=a), s)
+    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "pattern"),
+    [
+        (
+            (X, LOC, LS, A),
+            {"scale": torch.ones(5, 2)},
+            "exactly one of log_scale, scale; got log_scale, scale",
+        ),
+        ((X, LOC), {"atanh_rho": A}, "exactly one of log_scale, scale; got none"),
+        ((X, LOC), {"scale": -torch.ones(5, 2), "atanh_rho": A}, r"scale of shape \(5, 2\)"),
+        ((X, LOC), {"scale": torch.ones(5, 3), "atanh_rho": A}, r"scale must have shape"),
+    ],
+    ids=["both", "neither", "negative", "event"],
+)
+def test_scale_keyword_errors(args, kwargs, pattern):
+    for fn in (bivariate_normal_log_prob, bivariate_normal_nll):
+        with pytest.raises(ValueError, match=pattern):
+            fn(*args, **kwargs)
+
+
+def test_scale_keyword_in_a_reduced_loss_is_named():
+    """A scale that would enlarge the value's batch in a reduced loss names ``scale``."""
+    with pytest.raises(ValueError, match=r"^scale of batch shape \(5, 1\)"):
+        bivariate_normal_nll(X, LOC, scale=torch.ones(5, 1, 2), atanh_rho=A)
+
+
 def test_loss_option_errors():
     with pytest.raises(ValueError, match="reduction must be"):
         bivariate_normal_nll(X, LOC, LS, A, reduction="batchmean")

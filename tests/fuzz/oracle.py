@@ -206,11 +206,17 @@ def student_t_log_prob(value, df, loc, log_scale):
     return out
 
 
+def _inverse_correlation_form(u1, u2, a):
+    """``u^T R^{-1} u`` for the correlation matrix ``R`` of ``rho = tanh a``, in its
+    eigen-coordinates (module docstring): two non-negative terms."""
+    return (u1 + u2) ** 2 * (1 + mp.exp(-2 * a)) / 4 + (u1 - u2) ** 2 * (1 + mp.exp(2 * a)) / 4
+
+
 def _bivariate_terms(x1, x2, m1, m2, s1, s2, a):
     z1 = (mp.mpf(x1) - m1) * mp.exp(-mp.mpf(s1))
     z2 = (mp.mpf(x2) - m2) * mp.exp(-mp.mpf(s2))
     a = mp.mpf(a)
-    q = (z1 + z2) ** 2 * (1 + mp.exp(-2 * a)) / 4 + (z1 - z2) ** 2 * (1 + mp.exp(2 * a)) / 4
+    q = _inverse_correlation_form(z1, z2, a)
     log_cosh = mp.log(mp.cosh(a))
     c = mp.log(2 * mp.pi)
     v = -c - s1 - s2 + log_cosh - q / 2
@@ -228,6 +234,46 @@ def bivariate_normal_log_prob(value, loc, log_scale, atanh_rho):
 
 def bivariate_normal_nll(value, loc, log_scale, atanh_rho):
     return [(-v, t) for v, t in bivariate_normal_log_prob(value, loc, log_scale, atanh_rho)]
+
+
+def bivariate_normal_kl(loc_q, log_scale_q, atanh_rho_q, loc_p, log_scale_p, atanh_rho_p):
+    r"""The textbook :math:`\tfrac12(\operatorname{tr}\Sigma_p^{-1}\Sigma_q - 2 +
+    \Delta\mu^\top\Sigma_p^{-1}\Delta\mu + \log\det\Sigma_p - \log\det\Sigma_q)`, each
+    :math:`\Sigma_p^{-1}` form in p's standardised coordinates by
+    :func:`_inverse_correlation_form`: :math:`\Sigma_q` there is :math:`D R_q D`, ``D =
+    diag(e^{d_i})``, ``d_i = log sigma_qi - log sigma_pi``, and :math:`R_q = \tfrac{1 +
+    \rho_q}2 (1, 1)(1, 1)^\top + \tfrac{1 - \rho_q}2 (1, -1)(1, -1)^\top` with
+    :math:`(1 \pm \tanh a)/2 = 1/(1 + e^{\mp 2a})`, so the trace is two non-negative
+    terms and nothing divides by ``1 - rho^2``. The rest cancels like ``expm1mx`` as
+    ``q -> p``: twice the digits, plus those of the inputs' decades.
+
+    ``T`` is the float64 path's conditioning (its chain rule, as the function's docstring
+    prints it): ``E = 1 + sum |log_scale| + |a_q| + |a_p|`` bounds the exponents, whose
+    absolute rounding is a relative one in each exponential, times the first normal KL,
+    the second's ``expm1mx(d)/2 + |expm1(d)|`` (``d`` is rounded by ``eps E``), its mean
+    part ``(z_2 - rho_p z_1)^2 cosh^2 a_p / 2`` with the terms ``|z_2|``, ``|rho_p z_1|`` of
+    the difference, and ``(|w_1| + |w_2|)^2 / 2`` (the two parts of ``w`` may cancel).
+    """
+    xs = (*loc_q, *log_scale_q, *atanh_rho_q, *loc_p, *log_scale_p, *atanh_rho_p)
+    with mp.workdps(2 * _dps_for(*xs) + 40):
+        mq1, mq2, lq1, lq2, aq, mp1, mp2, lp1, lp2, ap = (mp.mpf(v) for v in xs)
+        d1, d2 = lq1 - lp1, lq2 - lp2
+        u, v = mp.exp(d1), mp.exp(d2)
+        trace = _inverse_correlation_form(u, v, ap) / (1 + mp.exp(-2 * aq))
+        trace += _inverse_correlation_form(u, -v, ap) / (1 + mp.exp(2 * aq))
+        z1, z2 = (mq1 - mp1) * mp.exp(-lp1), (mq2 - mp2) * mp.exp(-lp2)
+        lc_q, lc_p = mp.log(mp.cosh(aq)), mp.log(mp.cosh(ap))
+        maha = _inverse_correlation_form(z1, z2, ap)
+        value = (trace - 2 + maha - 2 * (d1 + d2) + 2 * (lc_q - lc_p)) / 2
+        first = (mp.expm1(2 * d1) - 2 * d1 + z1 * z1) / 2
+        d = 2 * d2 - 2 * (lc_q - lc_p)
+        shift = mp.tanh(ap) * z1
+        mean_part = ((abs(z2 - shift) + abs(z2) + abs(shift)) * mp.cosh(ap)) ** 2 / 2
+        w1 = 2 * mp.tanh(aq) * mp.sinh((d2 - d1) / 2) * mp.exp((d1 + d2) / 2) * mp.cosh(ap)
+        w2 = mp.sinh(aq - ap) * mp.exp(d1) / mp.cosh(aq)
+        size = 1 + abs(lq1) + abs(lq2) + abs(lp1) + abs(lp2) + abs(aq) + abs(ap)
+        terms = first + (mp.expm1(d) - d) / 2 + abs(mp.expm1(d)) + mean_part
+        return [(+value, +(size * (terms + (abs(w1) + abs(w2)) ** 2 / 2)))]
 
 
 # ---------------------------------------------------------------- mixtures
@@ -326,6 +372,36 @@ def bivariate_normal_mixture_log_prob(value, logits, loc, log_scale, atanh_rho):
 def bivariate_normal_mixture_nll(value, logits, loc, log_scale, atanh_rho):
     pairs = bivariate_normal_mixture_log_prob(value, logits, loc, log_scale, atanh_rho)
     return [(-v, t) for v, t in pairs]
+
+
+def stroke_log_prob(value, logits, loc, log_scale, atanh_rho, pen_logits, pen_state=0):
+    """:class:`~probloss.distributions.StrokeMixture` at offsets ``value`` and the one-hot
+    ``pen_state``: the offsets' mixture (:func:`bivariate_normal_mixture_log_prob`) plus
+    ``log_softmax(pen_logits)`` at that state; ``T`` adds the pen term's ``|q_j| + |lse q|``."""
+    [(offsets, scale)] = bivariate_normal_mixture_log_prob(
+        value, logits, loc, log_scale, atanh_rho
+    )
+    with mp.workdps(max(mp.dps, _dps_for(*pen_logits))):
+        log_pen, lse = _log_softmax(pen_logits)
+        pen_scale = abs(mp.mpf(pen_logits[pen_state])) + lse
+        return [(+(offsets + log_pen[pen_state]), +(scale + pen_scale))]
+
+
+def _pen_probabilities(pen_logits):
+    with mp.workdps(_dps_for(*pen_logits)):
+        return [+p for p in _weights(pen_logits)]
+
+
+def stroke_mean(logits, loc, log_scale, atanh_rho, pen_logits):
+    """The offsets' mixture mean, then ``softmax(pen_logits)`` (each relative: ``T = pi``)."""
+    return mixture_mean(logits, loc) + [_pair(p) for p in _pen_probabilities(pen_logits)]
+
+
+def stroke_variance(logits, loc, log_scale, atanh_rho, pen_logits):
+    """The offsets' mixture variances, then ``pi (1 - pi)`` with its terms' scale
+    ``pi (1 + pi)`` (``1 - pi`` is formed from ``1`` and ``pi``)."""
+    pen = [(p * (1 - p), p * (1 + p)) for p in _pen_probabilities(pen_logits)]
+    return mixture_variance(logits, loc, log_scale) + pen
 
 
 def _weights(logits):

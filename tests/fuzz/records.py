@@ -174,12 +174,14 @@ _BIMIX = (
     Arg("log_scale", shape=(K, 2)),
     Arg("atanh_rho", shape=(K,)),
 )
-_BI = (Arg("loc", shape=(2,)), Arg("log_scale", shape=(2,)), Arg("atanh_rho", shape=(1,)))
+_BI_PARAMS = (("loc", (2,)), ("log_scale", (2,)), ("atanh_rho", (1,)))
+_BI = tuple(Arg(name, shape=shape) for name, shape in _BI_PARAMS)
 
 
-# StrokeMixture: the bivariate mixture's records plus pen logits; no mpmath oracle yet (the
-# offsets part is the bivariate mixture, fuzzed with its oracle above), so these check
-# dtype policy and finiteness only.
+# StrokeMixture: the bivariate mixture's records plus pen logits, against the mpmath
+# offsets mixture plus log_softmax of the pen logits at the pen-down state (oracle.stroke_*;
+# the bound REL * T of tests/fuzz/oracle.py). The mode (an argmax, ties by index) has none,
+# like BivariateNormalMixture.mode.
 _STROKE = (*_BIMIX, Arg("pen_logits", shape=(3,)))
 
 
@@ -297,6 +299,16 @@ FUNCTIONAL = [
         (Arg("logits_q"), Arg("logits_p")),
         "promote",
         oracle=O.bernoulli_kl,
+    ),
+    Record(
+        "functional.bivariate_normal_kl",
+        "functional.bivariate_normal_kl",
+        lambda mq, lq, aq, mp_, lp, ap: F.bivariate_normal_kl(
+            mq, lq, aq.squeeze(-1), mp_, lp, ap.squeeze(-1)
+        ),
+        tuple(Arg(f"{name}_{side}", shape=shape) for side in "qp" for name, shape in _BI_PARAMS),
+        "promote",
+        oracle=O.bivariate_normal_kl,
     ),
     Record(
         "functional.bivariate_normal_log_prob",
@@ -782,17 +794,21 @@ DISTRIBUTIONS = [
             fn,
             args,
             policy,
+            oracle=oracle,
+            undefined=undefined,
         )
-        for method, fn, args, policy in (
+        for method, fn, args, policy, oracle, undefined in (
             (
                 "log_prob",
                 lambda x, *p: _stroke(*p).log_prob(_pen_down(x)),
                 (_v(shape=(2,)), *_STROKE),
                 "promote",
+                O.stroke_log_prob,  # pen-down: state 0 of the one-hot
+                (),
             ),
-            ("mean", lambda *p: _stroke(*p).mean, _STROKE, "same"),
-            ("variance", lambda *p: _stroke(*p).variance, _STROKE, "same"),
-            ("mode", lambda *p: _stroke(*p).mode, _STROKE, "same"),
+            ("mean", lambda *p: _stroke(*p).mean, _STROKE, "same", O.stroke_mean, ()),
+            ("variance", lambda *p: _stroke(*p).variance, _STROKE, "same", O.stroke_variance, ()),
+            ("mode", lambda *p: _stroke(*p).mode, _STROKE, "same", None, ()),
         )
     ),
     Record(
@@ -1159,6 +1175,53 @@ _LOWRANK = (
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _kl_exponents(loc_q, log_scale_q, atanh_rho_q, loc_p, log_scale_p, atanh_rho_p):
+    """Per row, the largest ``|log_scale|`` / ``|atanh_rho|`` and standardised residual
+    ``|mu_qi - mu_pi| e^{-log_scale_pi}`` of a bivariate KL row (float64)."""
+    exponents = torch.cat([log_scale_q, log_scale_p, atanh_rho_q, atanh_rho_p], -1)
+    residuals = (loc_q - loc_p) * torch.exp(-log_scale_p)
+    return exponents.abs().amax(-1), residuals.abs().nan_to_num(math.inf).amax(-1)
+
+
+def _kl_gradient_extremes(*row, dtype):
+    exponent, residual = _kl_exponents(*row)
+    big = torch.finfo(torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype).max
+    return (exponent > math.log(big) / 4) | ~(residual < big**0.125)
+
+
+def _kl_doubling_overflows(*row, dtype):
+    exponent, _ = _kl_exponents(*row)
+    big = torch.finfo(torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype).max
+    return exponent > big / 4
+
+
+_KL = (
+    KnownLimit(
+        "bivariate_normal_kl's gradients: autograd through the chain rule's factors (tanh, "
+        "log_cosh, mul_exp, the difference of the log-variances) forms 0 * inf and inf - "
+        "inf once an exponent (a log-scale or atanh_rho) exceeds log(finfo.max) / 4 of the "
+        "compute dtype or a standardised mean difference finfo.max^(1/8): NaN, or inf "
+        "where the gradient is finite. A rigorous over-approximation (about 95% of the "
+        "extreme draws; the moderate ones are checked); a hand-written backward from the "
+        "closed-form derivatives (tanh, sech^2 and cosh products by mul_exp) would close it",
+        _kl_gradient_extremes,
+        _FLOATS,
+        issue="11",
+    ),
+    KnownLimit(
+        "bivariate_normal_kl's value where a log-scale or atanh_rho exceeds finfo.max / 4 "
+        "(3.4e38 / 4 in float32): the log-variances 2 log_scale, 2 log cosh a and their "
+        "differences overflow although the KL (about |log_scale|) is representable: inf "
+        "instead of 3.39e38",
+        _kl_doubling_overflows,
+        (torch.bfloat16, torch.float32),
+        value=True,
+        grads=(),
+        issue="11",
+    ),
+)
+
+
 _MIXTURE = (KnownLimit(_UNRESOLVED, _unresolved_mixture, _FLOATS),)
 
 
@@ -1181,6 +1244,7 @@ KNOWN_LIMITS: dict[str, tuple[KnownLimit, ...]] = {
     "functional.normal_mixture_log_prob": _MIXTURE,
     "functional.normal_mixture_nll": _MIXTURE,
     "distributions.NormalMixture.log_prob": _MIXTURE,
+    "functional.bivariate_normal_kl": _KL,
     "functional.lowrank_multivariate_normal_log_prob": (
         KnownLimit(_LOWRANK, _lowrank_beyond_sqrt_range, _FLOATS),
         KnownLimit(
