@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 NAMESPACE = "probloss"
+KERNELS: dict[str, Kernel] = {}  # name -> kernel, every one defined (tests run opcheck on each)
 
 
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
@@ -64,8 +65,8 @@ class Kernel:
     (the operator's dispatch costs about 15 us a call and buys nothing there); while
     tracing or under a ``torch.func`` transform it calls the operator :attr:`op`."""
 
-    def __init__(self, fn: Callable[..., object], op) -> None:
-        self.fn, self.op = fn, op
+    def __init__(self, name: str, fn: Callable[..., object], op) -> None:
+        self.name, self.fn, self.op = name, fn, op
         self.__doc__, self.__name__ = fn.__doc__, fn.__name__
 
     def __call__(self, *args):
@@ -113,6 +114,7 @@ def kernel_op(
             return out, out_dims
 
         op.register_vmap(vmap_rule)
-        return Kernel(fn, op)
+        KERNELS[name] = Kernel(name, fn, op)
+        return KERNELS[name]
 
     return register
