@@ -221,6 +221,12 @@ KL_CASES = {
         lambda dt: (_cb(dt), _cb(dt, 2.0)),
         lambda q, p: F.continuous_bernoulli_kl(q.logits, p.logits),
     ),
+    "BivariateNormal||BivariateNormal": (
+        lambda dt: (_bi(dt), _bi(dt, 1.0)),
+        lambda q, p: F.bivariate_normal_kl(
+            q.loc, q.log_scale, q.atanh_rho, p.loc, p.log_scale, p.atanh_rho
+        ),
+    ),
     "probloss Normal||torch Normal": (
         lambda dt: (_normal(dt), td.Normal(_t(_LOC, dt), _t(_LS, dt).exp())),
         lambda q, p: F.normal_kl(q.loc, 2 * q.log_scale, p.loc, 2 * p.scale.log()),
