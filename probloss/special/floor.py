@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .._core.dtype import as_float_tensor, upcast
-from .where import safe_where
+from .._core.ops import host_readable, kernel_op
 
 
 def softplus(x: Tensor) -> Tensor:
@@ -108,30 +108,60 @@ def log_softplus(x: Tensor) -> Tensor:
         tensor([-200.0000,   -0.3665,    3.9120])
     """
     x = as_float_tensor(x, "x")
-    xc = upcast(x)
-    root_hi, root_lo = _ROOT_SPLIT[xc.dtype]
+    return _LogSoftplus.apply(upcast(x)).to(x.dtype)
 
-    def near_root(t: Tensor) -> Tensor:
-        return torch.log1p(
-            torch.log1p((1.0 - math.exp(-1.0)) * torch.expm1((t - root_hi) - root_lo))
-        )
 
-    def body(t: Tensor) -> Tensor:
-        return safe_where(
-            (t >= 0.25) & (t <= 1.0),
-            t,
-            near_root,
-            lambda v: torch.log(softplus(v)),
-            safe_true=0.5,
-            safe_false=0.0,
-        )
+def _near_root(t: Tensor) -> Tensor:
+    """``log(softplus(t))`` for ``1/4 <= t <= 1``, through the root ``x0 = log(e - 1)``:
+    ``softplus(t) = 1 + log1p((1 - 1/e) expm1(t - x0))``."""
+    root_hi, root_lo = _ROOT_SPLIT[t.dtype]
+    return torch.log1p(torch.log1p((1.0 - math.exp(-1.0)) * torch.expm1((t - root_hi) - root_lo)))
 
-    out = safe_where(
-        xc < _LOG_SOFTPLUS_TAIL,
-        xc,
-        lambda t: t + torch.log1p(-0.5 * torch.exp(t)),
-        body,
-        safe_true=2.0 * _LOG_SOFTPLUS_TAIL,
-        safe_false=0.0,
-    )
-    return out.to(x.dtype)
+
+def _tail(t: Tensor) -> Tensor:
+    """``log(softplus(t))`` for ``t < -20``: ``t + log1p(-e^t / 2)`` (error < e^{2t}/3)."""
+    return t + torch.log1p(-0.5 * torch.exp(t))
+
+
+@kernel_op("log_softplus", event_dims=(0,), fake=torch.empty_like)
+def _log_softplus_value(x: Tensor) -> Tensor:
+    """The value of :func:`log_softplus` (float32 or float64 ``x``).
+
+    The three forms are selected with one ``where`` each (the gradient is written by hand,
+    so no branch needs a safe input). On CPU a form no element needs is not computed: in
+    a network's log-scales most elements lie in one or two of the three ranges.
+    """
+    out = torch.log(-torch.nn.functional.logsigmoid(-x))  # log(softplus(x))
+    for form, mask in ((_near_root, (x >= 0.25) & (x <= 1.0)), (_tail, x < _LOG_SOFTPLUS_TAIL)):
+        if not host_readable(mask) or bool(mask.any()):
+            out = torch.where(mask, form(x), out)
+    return out
+
+
+def _log_softplus_derivative(x: Tensor) -> Tensor:
+    """``d/dx log(softplus(x)) = sigmoid(x) / softplus(x)``; below -20, where both underflow,
+    the derivative of the tail form, ``1 - (e^x/2) / (1 - e^x/2)``. Double where: both
+    forms are fed a safe input where unselected, so a second derivative is finite too."""
+    tail = x < _LOG_SOFTPLUS_TAIL
+    body_x = torch.where(tail, 0.0, x)
+    body = torch.sigmoid(body_x) / -torch.nn.functional.logsigmoid(-body_x)
+    half_e = 0.5 * torch.exp(torch.where(tail, x, 2.0 * _LOG_SOFTPLUS_TAIL))
+    return torch.where(tail, 1.0 - half_e / (1.0 - half_e), body)
+
+
+class _LogSoftplus(torch.autograd.Function):
+    """:func:`_log_softplus_value` with the closed-form derivative (differentiable again)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return _log_softplus_value(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad * _log_softplus_derivative(ctx.saved_tensors[0])
