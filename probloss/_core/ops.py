@@ -32,10 +32,10 @@ KERNELS: dict[str, Kernel] = {}  # name -> kernel, every one defined (tests run 
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
-def _is_eager(tensors: Sequence[Tensor]) -> bool:
-    """Not tracing, and every tensor a plain one: no fake or functional tensor of a tracer,
-    none wrapped by a ``torch.func`` transform (a batched tensor of ``vmap`` has no single
-    value)."""
+def has_values(*tensors: Tensor) -> bool:
+    """Whether the tensors have values to read at all: not tracing, and every tensor a
+    plain one (no fake or functional tensor of a tracer, none wrapped by a ``torch.func``
+    transform: a batched tensor of ``vmap`` has no single value)."""
     if torch.compiler.is_compiling():
         return False
     is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
@@ -45,7 +45,7 @@ def _is_eager(tensors: Sequence[Tensor]) -> bool:
 def host_readable(*tensors: Tensor) -> bool:
     """True when reading the values of ``tensors`` on the host is free and allowed: eager
     (not tracing, no ``torch.func`` transform) and every tensor on the CPU."""
-    return _is_eager(tensors) and all(t.device.type == "cpu" for t in tensors)
+    return has_values(*tensors) and all(t.device.type == "cpu" for t in tensors)
 
 
 def _align_batch(arg: Tensor, in_dim: int | None, event_dims: int, batch_rank: int) -> Tensor:
@@ -71,7 +71,7 @@ class Kernel:
 
     def __call__(self, *args):
         tensors = [a for a in args if isinstance(a, Tensor)]
-        return self.fn(*args) if _is_eager(tensors) else self.op(*args)
+        return self.fn(*args) if has_values(*tensors) else self.op(*args)
 
 
 def kernel_op(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .ops import host_readable
+from .ops import has_values, host_readable
 
 
 def check_choice(name: str, value: object, allowed: tuple) -> None:
@@ -60,13 +60,15 @@ def distribution_validate_args(validate_args: bool | None, *tensors: Tensor) -> 
 
 
 def validate_sample(distribution, value: Tensor) -> None:
-    """``distribution._validate_sample(value)`` if it validates, and unless ``value`` is empty.
+    """``distribution._validate_sample(value)`` if it validates, unless ``value`` is empty
+    or has no values to read (``torch.compile`` / ``torch.export`` tracing, a ``torch.func``
+    transform: like torch's own checks under tracing, the check is skipped there).
 
     An empty value (``sample_shape`` with a 0, or an empty batch) has no element to check,
     and torch's check of a vector support fails on it with "cannot reshape tensor of 0
     elements"; the log density then returns its empty result.
     """
-    if distribution._validate_args and value.numel() > 0:
+    if distribution._validate_args and value.numel() > 0 and has_values(value):
         distribution._validate_sample(value)
 
 
