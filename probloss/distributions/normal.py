@@ -45,11 +45,15 @@ class _NormalIcdf(torch.autograd.Function):
     ``mul_exp``: autograd would multiply ``1/phi(z)`` (inf at the smallest subnormals in
     float64) by an underflowed ``e^{log_scale}``, 0 * inf = NaN."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, p: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
-        z = torch.special.ndtri(p)
-        ctx.save_for_backward(p, log_scale)
-        return _loc_plus_scaled(loc, z, log_scale)
+    def forward(p: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
+        return _loc_plus_scaled(loc, torch.special.ndtri(p), log_scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0], inputs[2])
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -17,8 +17,14 @@ import torch
 from torch import Tensor
 
 from .._core.constants import HALF_LOG_2PI
+from .._core.ops import host_readable
 from ..special.exp import mul_exp
-from ._params import split_residual, standardized_residual, summed_location_gradients
+from ._params import (
+    residual_for_backward,
+    split_residual,
+    standardized_value,
+    summed_location_gradients,
+)
 
 
 def scale_of(name: str, param: Tensor) -> Tensor:
@@ -47,13 +53,13 @@ def _value_gradient(grad: Tensor, r: Tensor, over_var, over_sigma) -> Tensor:
     Formed as ``over_var(-grad r)``; where ``-grad r`` underflows although the result need
     not be small (a responsibility 1e-28 times ``r = 3e-39`` at ``sigma = e^{-75}`` in
     float32: exact -0.034, 0 before) it is ``over_sigma(-grad z)`` with ``z = over_sigma(r)``
-    formed first. On CPU (not compiling) that fallback runs only when some entry needs it.
+    formed first. Where the values can be read on the host (:func:`host_readable`) that
+    fallback runs only when some entry needs it.
     """
     prod = -grad * r
     d_value = over_var(prod)
     lost = (prod == 0) & (grad != 0) & (r != 0)
-    eager_cpu = r.device.type == "cpu" and not torch.compiler.is_compiling()
-    if not eager_cpu or bool(lost.any()):
+    if not host_readable(lost) or bool(lost.any()):
         z = over_sigma(torch.where(lost, r, 0.0))  # double where: 0 elsewhere
         d_value = torch.where(lost, over_sigma(-grad * z), d_value)
     return d_value
@@ -91,11 +97,16 @@ class ScaleFormDensity(torch.autograd.Function):
     the sign of ``z^2 - 1``. Built from differentiable ops.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, value: Tensor, loc: Tensor, param: Tensor, k: float) -> Tensor:
-        ctx.save_for_backward(value, loc, param)
-        ctx.k = k
+    def forward(value: Tensor, loc: Tensor, param: Tensor, k: float) -> Tensor:
         return _normal_log_density(*_scale_form_z(value, loc, param, k))
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, Tensor, Tensor, float], output: Tensor) -> None:
+        value, loc, param, ctx.k = inputs
+        ctx.save_for_backward(value, loc, param)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -156,13 +167,18 @@ class _LogFormDensity(torch.autograd.Function):
     (differentiable again).
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, value: Tensor, loc: Tensor, param: Tensor, k: float) -> Tensor:
-        ctx.save_for_backward(value, loc, param)
-        ctx.k = k
+    def forward(value: Tensor, loc: Tensor, param: Tensor, k: float) -> Tensor:
         log_sigma = k * param
-        z = standardized_residual(value, loc, log_sigma)
+        z = standardized_value(value, loc, log_sigma)  # no graph here: the plain value
         return _normal_log_density(z, log_sigma)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, Tensor, Tensor, float], output: Tensor) -> None:
+        value, loc, param, ctx.k = inputs
+        ctx.save_for_backward(value, loc, param)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -183,6 +199,6 @@ class _LogFormDensity(torch.autograd.Function):
                 ctx, d_value, grad, r, m, lambda wide: 2.0 * k * param.to(wide)
             )
         if ctx.needs_input_grad[2]:
-            z = standardized_residual(value, loc, log_sigma)
+            z = residual_for_backward(value, loc, log_sigma)
             grad_param = ((grad * k * z) * z - grad * k).sum_to_size(param.shape)
         return grad_value, grad_loc, grad_param, None

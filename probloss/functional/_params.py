@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._core.ops import host_readable
 from ..special.exp import mul_exp
 
 
@@ -20,10 +21,11 @@ def split_residual(value: Tensor, loc: Tensor) -> tuple[Tensor, Tensor]:
     a large ``sigma``. There ``r = value/2 - loc/2`` (halving is exact above the subnormal
     range, where such numbers lie) and ``m = 2``; elsewhere ``r = value - loc``, ``m = 1``.
     Apply ``m`` last (``(r / sigma) m``): it overflows only where the result does. ``m``
-    broadcasts against ``r`` (a 0-dim 1 where no difference overflowed, on CPU).
+    broadcasts against ``r`` (a 0-dim 1 where no difference overflowed, when the values
+    can be read on the host: eager, on CPU).
     """
     r = value - loc
-    if r.device.type == "cpu" and not torch.compiler.is_compiling():
+    if host_readable(r):
         if not bool(torch.isinf(r).any()):  # the common case, on CPU one reduction: m = 1
             return r, r.new_ones(())
     over = torch.isinf(r) & torch.isfinite(value) & torch.isfinite(loc)
@@ -48,18 +50,34 @@ def standardized_residual(value: Tensor, loc: Tensor, log_scale: Tensor) -> Tens
     return _StandardizedResidual.apply(value, loc, log_scale)
 
 
-def _standardized_value(value: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
+def standardized_value(value: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
+    """The value of :func:`standardized_residual` without its autograd function, for code
+    that records no graph (an autograd function's forward)."""
     r, m = split_residual(value, loc)
     return mul_exp(r, -log_scale) * m  # m applied last: overflows only where z does
+
+
+def residual_for_backward(value: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
+    """``z`` inside a backward: differentiable (:func:`standardized_residual`) when a graph
+    of the backward is being built, else the plain value (entering an autograd function
+    costs about 10 us a call)."""
+    if torch.is_grad_enabled():
+        return standardized_residual(value, loc, log_scale)
+    return standardized_value(value, loc, log_scale)
 
 
 class _StandardizedResidual(torch.autograd.Function):
     """:func:`standardized_residual` with its backward written out."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, value: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
-        ctx.save_for_backward(value, loc, log_scale)
-        return _standardized_value(value, loc, log_scale)
+    def forward(value: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
+        return standardized_value(value, loc, log_scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -76,7 +94,7 @@ class _StandardizedResidual(torch.autograd.Function):
                 ctx.needs_input_grad, value, loc, d_value, grad.sign(), log_abs
             )
         if ctx.needs_input_grad[2]:
-            z = standardized_residual(value, loc, log_scale)  # recomputed: differentiable
+            z = residual_for_backward(value, loc, log_scale)  # recomputed
             grad_log_scale = (-(grad * z)).sum_to_size(log_scale.shape)
         return grad_value, grad_loc, grad_log_scale
 
@@ -95,15 +113,15 @@ def sum_to_size_rescaled(terms: Tensor, shape: torch.Size, sign: Tensor, log_abs
     below the rounding of a half or single precision result and, in float64, of the size
     of the error of ``e^{-log_scale}`` itself. ``log_abs(dtype)`` (broadcastable to
     ``terms``, ``-inf`` for a zero term) is evaluated only then: on CPU (not compiling)
-    only when some sum needs it, elsewhere always (branch-free). The rescued entries are
+    only when some sum needs it (values readable on the host, :func:`host_readable`),
+    elsewhere always (branch-free). The rescued entries are
     constants to a further derivative (``create_graph=True``).
     """
     total = terms.sum_to_size(shape)
     if tuple(shape) == tuple(terms.shape):
         return total  # nothing summed
     bad = ~torch.isfinite(total)
-    eager_cpu = terms.device.type == "cpu" and not torch.compiler.is_compiling()
-    if eager_cpu and not bool(bad.any()):
+    if host_readable(bad) and not bool(bad.any()):
         return total
     lead = terms.dim() - len(shape)
     dims = tuple(range(lead)) + tuple(

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .._core.dtype import as_loss_tensors, promote_float_tensors, upcast
+from .._core.ops import kernel_op
 from .._core.shapes import broadcast_shapes
 from .._core.validation import check_in_interval, should_validate
 from ..special import cb_log_partition, cb_mean, mul_exp, safe_where
@@ -117,6 +118,24 @@ def continuous_bernoulli_cdf(
     return out.to(out_dtype)
 
 
+# The inverse CDF and its partials are kernel operators, run as written under
+# torch.compile: inductor's fused code for them (torch 2.13, CPU) gave ``u expm1(eta)`` = 0
+# at ``eta = 8e-27`` (quantile 0 for 7e-11), and the forms are exact only as written.
+
+
+def _icdf_fake(u: Tensor, logits: Tensor) -> Tensor:
+    return torch.empty(
+        torch.broadcast_shapes(u.shape, logits.shape),
+        dtype=torch.promote_types(u.dtype, logits.dtype),
+        device=u.device,
+    )
+
+
+def _icdf_partials_fake(u: Tensor, eta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    out = _icdf_fake(u, eta)
+    return out, torch.empty_like(out)
+
+
 class _ContinuousBernoulliIcdf(torch.autograd.Function):
     """Inverse CDF with the implicit-function gradient.
 
@@ -124,25 +143,32 @@ class _ContinuousBernoulliIcdf(torch.autograd.Function):
     ``dx/deta = -(dF/deta) / p(x) = -u (x mu(eta x) - mu(eta)) / p(x)``: finite at
     ``u = 0`` and ``u = 1``, where autograd through the closed forms cancels for small
     ``|eta|`` and takes ``log(0)`` at the ends. First derivatives come from ``u`` and
-    ``eta`` directly (:func:`_icdf_partials`, a few ulp); with ``create_graph`` the
-    implicit forms above are built differentiably (probloss functions; relative accuracy
-    about ``(16 + |eta|) eps``, the density evaluated at the rounded ``x``).
+    ``eta`` directly (:func:`_icdf_partials`, a few ulp). When a graph of the backward is
+    built (``create_graph``, and always under ``torch.func.grad``, which cannot tell a first
+    derivative from a later one) those values carry the derivatives of the implicit forms
+    above (probloss functions; relative accuracy about ``(16 + |eta|) eps``, the density
+    evaluated at the rounded ``x``), see :func:`_value_with_derivative_of`.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, u: Tensor, logits: Tensor) -> Tensor:
-        x = _icdf_value(u, logits)
-        ctx.save_for_backward(u, logits, x)
-        return x
+    def forward(u: Tensor, logits: Tensor) -> Tensor:
+        return _icdf_value(u, logits)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(*inputs, output)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
         u, logits, x = ctx.saved_tensors
-        if not torch.is_grad_enabled():  # first derivatives: from (u, eta) directly
-            d_u, d_eta = _icdf_partials(u, logits, x)
+        # first derivatives: from (u, eta) directly
+        d_u, d_eta = _icdf_partials(u.detach(), logits.detach(), x.detach())
+        if not torch.is_grad_enabled():
             return grad * d_u, grad * d_eta
         log_density = _log_density(x, logits)
-        grad_u = grad * torch.exp(-log_density)
+        implicit_u = torch.exp(-log_density)
         # dF/deta = u (x mu(eta x) - mu(eta)) = (1 - u) ((1 - x) mu(-eta (1 - x)) - mu(-eta))
         # by the symmetry 1 - F(x; eta) = F(1 - x; -eta). Take the form whose prefactor is the
         # smaller of u and 1 - u, and divide by p(x) in logs: exactly 0 at u = 0 and u = 1,
@@ -154,9 +180,22 @@ class _ContinuousBernoulliIcdf(torch.autograd.Function):
         d_cdf = (y * cb_mean(eta * y) - cb_mean(eta)) * torch.exp(
             torch.log(prefactor) - log_density
         )
-        return grad_u, -grad * d_cdf
+        return (
+            grad * _value_with_derivative_of(d_u, implicit_u),
+            grad * _value_with_derivative_of(d_eta, -d_cdf),
+        )
 
 
+def _value_with_derivative_of(value: Tensor, form: Tensor) -> Tensor:
+    """``value`` (no graph) whose derivative is that of ``form``, the same quantity
+    evaluated less accurately but differentiably: ``value + (f - f.detach())``, exactly
+    ``value`` (``f - f`` is 0), with ``f = form`` where finite and 0 elsewhere (no
+    ``inf - inf``)."""
+    f = torch.where(torch.isfinite(form), form, 0.0)
+    return value + (f - f.detach())
+
+
+@kernel_op("cb_icdf_partials", event_dims=(0, 0, 0), fake=_icdf_partials_fake)
 def _icdf_partials(u: Tensor, eta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     """``(dx/du, dx/deta)`` of ``x = icdf(u, eta)`` from ``u`` and ``eta``, to a few ulp.
 
@@ -226,6 +265,7 @@ def _icdf_eta_partial_positive(v: Tensor, a: Tensor, x: Tensor) -> Tensor:
     return torch.where(t <= 1.0, low, high)
 
 
+@kernel_op("cb_icdf", event_dims=(0, 0), fake=_icdf_fake)
 def _icdf_value(u: Tensor, logits: Tensor) -> Tensor:
     """``log1p(u expm1(eta)) / eta`` to a few ulp for every ``u`` in [0, 1] and finite ``eta``.
 

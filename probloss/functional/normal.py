@@ -195,10 +195,10 @@ def normal_nll(
     value, loc = tensors["value"], tensors["loc"]
     floor = tensors.get("min_scale")
     if floor is not None:
-        # a Python number is checked as itself (no host read of the tensor made from it: on
-        # a GPU or meta device that would be one); a tensor when validating
+        # a Python number is checked as itself (no tensor made from it, so nothing is read
+        # back from a device or a tracer); a tensor when validating (host_readable default)
         if not isinstance(min_scale, Tensor):
-            if not bool((torch.as_tensor(min_scale, dtype=torch.float64) > 0).all()):
+            if not float(min_scale) > 0.0:  # NaN fails too
                 raise ValueError(f"min_scale must be positive, got {min_scale!r}")
         elif should_validate(validate_args, floor) and not (floor > 0).all():
             raise ValueError(f"min_scale must be positive, got {min_scale!r}")
@@ -249,14 +249,19 @@ class _WeightedNLL(torch.autograd.Function):
     value overflows too, with the sign of ``1 - |z|``. Built from differentiable torch ops.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, value, loc, log_scale, log_floor, beta):
-        ctx.save_for_backward(value, loc, log_scale, log_floor)
+    def forward(value, loc, log_scale, log_floor, beta):
         residual, factor = split_residual(value, loc)
-        ctx.beta = beta
         log_sigma = _floored(log_scale, log_floor)
         y, weight, _ = _beta_pieces(residual, factor, log_sigma, beta)
         return (0.5 * y) * y + weight * (log_sigma + HALF_LOG_2PI)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        value, loc, log_scale, log_floor, ctx.beta = inputs
+        ctx.save_for_backward(value, loc, log_scale, log_floor)
 
     @staticmethod
     def backward(ctx, grad):

@@ -186,11 +186,16 @@ class _FarKernel(torch.autograd.Function):
     differentiable ops (differentiable again).
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, z: Tensor, df: Tensor) -> Tensor:
-        ctx.save_for_backward(z, df)
+    def forward(z: Tensor, df: Tensor) -> Tensor:
         log_term, _ = _far_kernel_pieces(z, df)
         return (0.5 * (df + 1.0)) * log_term
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:

@@ -402,13 +402,16 @@ def test_icdf_cdf_round_trip_float64():
 
 
 def test_cdf_icdf_gradcheck():
-    """float64 gradcheck of cdf and icdf in (x or u, logits), logits 0 included."""
+    """float64 gradcheck of cdf and icdf in (x or u, logits), logits 0 included; the icdf's
+    second derivatives too (its first are exact values carrying the implicit forms'
+    derivatives)."""
     pts = torch.tensor([0.05, 0.3, 0.5, 0.8, 0.95], dtype=torch.float64)
     logits = torch.tensor([-20.0, -1.5, -0.5, 0.0, 0.5, 1.5, 20.0], dtype=torch.float64)
     v = pts[:, None].expand(-1, logits.numel()).clone().requires_grad_(True)
     e = logits[None, :].expand(pts.numel(), -1).clone().requires_grad_(True)
     for fn in (continuous_bernoulli_cdf, continuous_bernoulli_icdf):
         assert torch.autograd.gradcheck(fn, (v, e)), fn.__name__
+    assert torch.autograd.gradgradcheck(continuous_bernoulli_icdf, (v, e))
 
 
 def test_cdf_icdf_argument_checks():
@@ -502,29 +505,37 @@ def _icdf_du(u: float, eta: float):
     return ref._converged(du, u, eta)
 
 
+@pytest.mark.parametrize("via", ["backward", "torch.func.grad"])
 @pytest.mark.parametrize("dtype", F32_F64, ids=dtype_id)
-def test_icdf_gradients_to_a_few_ulp(dtype):
+def test_icdf_gradients_to_a_few_ulp(dtype, via):
     """Regression (issue 10, item: value *and* gradient of the inverse CDF to a few ulp):
     both partial derivatives against mpmath with the module's ``8 eps`` relative bound, for
     quantiles from the smallest subnormal to 1 - eps and logits from 1e-30 to 1e6, both
     signs. Before, ``1/p(x)`` at the rounded ``x`` was off by ``|eta| eps`` (5% at
     ``eta = 1e6`` in float32) and ``u / p(x)`` formed as ``exp(log u - log p)`` by
-    ``|log u| eps``."""
+    ``|log u| eps``. ``torch.func.grad`` always builds a graph of the backward (issue 12):
+    it gave the implicit forms' values (``dx/du`` 8e-26 for 4e-8 at ``eta = 1.2e25``)."""
     fi = torch.finfo(dtype)
     quantiles = [fi.tiny * fi.eps, fi.tiny, 1e-30, 1e-7, 0.1, 0.5, 0.9, 1 - 1e-6, 1 - fi.eps]
     mags = [1e-30, 1e-7, 1e-4, 0.3, 0.999, 1.0, 4.0, 30.0, 87.0, 100.0, 1e3, 1e4, 1e6]
     pairs, u, eta = _grid(quantiles, [0.0, *signed(mags)], dtype)
-    u.requires_grad_(True)
-    eta.requires_grad_(True)
-    continuous_bernoulli_icdf(u, eta).sum().backward()
+    if via == "backward":
+        u.requires_grad_(True)
+        eta.requires_grad_(True)
+        continuous_bernoulli_icdf(u, eta).sum().backward()
+        grad_u, grad_eta = u.grad, eta.grad
+    else:
+        grad_u, grad_eta = torch.func.grad(
+            lambda a, b: continuous_bernoulli_icdf(a, b).sum(), argnums=(0, 1)
+        )(u, eta)
     d_eta = _f64(ref.icdf_grad, pairs)
     d_u = _f64(_icdf_du, pairs)
     assert_within(
-        eta.grad.numpy(), d_eta, relative_bound(d_eta, 8 * fi.eps, dtype), pairs, "dx/deta"
+        grad_eta.numpy(), d_eta, relative_bound(d_eta, 8 * fi.eps, dtype), pairs, "dx/deta"
     )
     over = np.abs(d_u) > fi.max
-    assert (u.grad.numpy()[over] == np.inf).all()
+    assert (grad_u.numpy()[over] == np.inf).all()
     keep = np.flatnonzero(~over)
-    got = u.grad.numpy()[keep]
+    got = grad_u.numpy()[keep]
     bound = relative_bound(d_u[keep], 8 * fi.eps, dtype)
     assert_within(got, d_u[keep], bound, [pairs[i] for i in keep], "dx/du")
