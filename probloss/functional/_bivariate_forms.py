@@ -117,7 +117,14 @@ def cosh_coefficient(b: Tensor) -> Tensor:
 
 
 def sinh_coefficient(b: Tensor) -> Tensor:
-    """``s = sinh(b) e^{-b} = -expm1(-2b)/2``, exact for small ``b``."""
+    """``s = sinh(b) e^{-b} = -expm1(-2b)/2``, exact for small ``b``.
+
+    While compiling it is ``tanh(b) c`` (the same value: ``tanh(b) (1 + e^{-2b})/2 =
+    (1 - e^{-2b})/2``, within 2 ulps): inductor's CPU vector code computes ``expm1(x)`` as
+    ``exp(x) - 1``, which loses every digit for ``|x|`` below ``eps`` (torch 2.13).
+    """
+    if torch.compiler.is_compiling():
+        return torch.tanh(b) * cosh_coefficient(b)
     return -0.5 * torch.expm1(-2.0 * b)
 
 
@@ -149,13 +156,20 @@ class CorrelatedStep(torch.autograd.Function):
     gradient in ``a``, ``e^{t} sech(a) (sech(a) e1 - tanh(a) e2)``, formed as
     ``mul_exp(sech(a) e1 - tanh(a) e2, t - log cosh a)``: through autograd it is
     ``e^{t}`` (``inf``) times ``1 - tanh^2`` (0 in float32 from ``|a|`` of about 9):
-    NaN where the gradient is a defined ``+-inf`` or finite (issue 10)."""
+    NaN where the gradient is a defined ``+-inf`` or finite (issue 10).
+
+    ``apply(a, t, e1, e2)``, all broadcastable; the gradients of ``e1`` and ``e2`` (standard
+    normal draws) are not formed."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, a: Tensor, t: Tensor, e1: Tensor, e2: Tensor) -> Tensor:
-        y = mul_exp(torch.tanh(a) * e1 + sech(a) * e2, t)
-        ctx.save_for_backward(a, t, e1, e2, y)
-        return y
+    def forward(a: Tensor, t: Tensor, e1: Tensor, e2: Tensor) -> Tensor:
+        return mul_exp(torch.tanh(a) * e1 + sech(a) * e2, t)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        ctx.save_for_backward(*inputs, output)
 
     @staticmethod
     @once_differentiable

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._core.ops import host_readable
 from ..special import mul_exp
 from ._bivariate_forms import (
     correlation_sign,
@@ -224,15 +225,15 @@ def with_fallback(
     does, they give NaN, and a NaN in one entry is no reason for another.
     :func:`log_scaled_gradients` recomputes those entries with every magnitude carried as a
     logarithm, so each is its own value: finite where it is representable, the infinity of
-    the right sign where it is not. On CPU (not compiling) the fallback is skipped when every
-    entry is finite and no event lost precision already. ``d/dvalue`` and ``d/dloc`` are
-    summed by :func:`sum_to_size_rescaled`.
+    the right sign where it is not. Where the values are free to read
+    (:func:`~probloss._core.ops.host_readable`: CPU, eager, no ``torch.func`` transform) the
+    fallback is skipped when every entry is finite and no event lost precision already.
+    ``d/dvalue`` and ``d/dloc`` are summed by :func:`sum_to_size_rescaled`.
     """
     shapes = (value.shape, loc.shape, log_scale.shape, atanh_rho.shape)
     present = [g for g in grads if g is not None]
     skip = not present or (
-        value.device.type == "cpu"
-        and not torch.compiler.is_compiling()
+        host_readable(grad, value, loc, log_scale, atanh_rho, lost, *present)
         and not bool(lost.any())
         and all(bool(torch.isfinite(g).all()) for g in present)
     )

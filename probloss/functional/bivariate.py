@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .._core.constants import LOG_2PI
 from .._core.dtype import as_loss_tensors
+from .._core.ops import host_readable, kernel_op
 from .._core.params import log_scale_from, single_form
 from .._core.reduction import (
     check_nan_policy,
@@ -49,6 +50,49 @@ from ._params import split_residual
 _LAYOUTS = {**BIVARIATE_LAYOUTS, "scale": "(*, 2)"}  # value, loc and a scale form (*, 2)
 
 
+def _log_density_fake(value: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor) -> Tensor:
+    shape = torch.broadcast_shapes(
+        value.shape[:-1], loc.shape[:-1], log_scale.shape[:-1], atanh_rho.shape
+    )
+    return value.new_empty(shape)
+
+
+@kernel_op("bivariate_log_density", event_dims=(1, 1, 1, 0), fake=_log_density_fake)
+def _log_density_value(value: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor) -> Tensor:
+    """The forward of :class:`_BivariateLogDensity`: value ``(*, 2)``, loc ``(*, 2)``,
+    log_scale ``(*, 2)``, atanh_rho ``(*)``, one compute dtype; returns ``(*)`` broadcast."""
+    z = _standardized(value, loc, log_scale)
+    wide, narrow_e, g = rotated(z, atanh_rho)
+    # Q/2 = (1 + e^{-2|a|})/8 (wide^2 + (n e^|a|)^2), the factor taken inside the squares:
+    # no intermediate exceeds Q/2, so nothing overflows unless the result does
+    k = quadratic_factor(g.square())
+    half_q = (k * wide).square() + (k * narrow_e).square()
+    # a z_i below finfo.tiny (x_i != mu_i) has lost its digits before e^|a| multiplies
+    # it (z_1 = e^{-110} = 0 in float32, Q/2 = 6e7 at |a| = 120): Q/2 from logarithms
+    # there. Where the values are free to read (CPU) only if some event needs it; elsewhere
+    # always, selected without a host read.
+    lost = lost_precision(value, loc, z)
+    if not host_readable(lost) or bool(lost.any()):
+        half_q = torch.where(lost, log_scaled_half_q(value, loc, log_scale, atanh_rho), half_q)
+    # An infinite z (a target infinitely many scales away) makes Q infinite, since
+    # Q >= |z|^2 / (1 + |rho|); z1 - z2 would be inf - inf = NaN on the way.
+    half_q = torch.where(torch.isinf(z).any(-1), math.inf, half_q)
+    # -log(2 pi s1 s2 sqrt(1 - rho^2)) with -0.5 log(1 - rho^2) = log cosh(a)
+    ls1, ls2 = log_scale[..., 0], log_scale[..., 1]  # 8x faster than unbind / sum here
+    log_cosh_a = log_cosh(atanh_rho)
+    rest = (log_cosh_a - LOG_2PI) - (ls1 + ls2)
+    # the terms may each be near finfo.max and cancel (l1 = l2 = |a| = 3.4e38: l1 + l2
+    # overflows, the sum is -3.4e38): there as halves, 2 ((lc/2 - c/2 - l1/2) - l2/2)
+    # (halving is exact above the subnormals, where such terms lie), so no partial sum
+    # overflows unless the result does
+    halves = ((0.5 * log_cosh_a - 0.5 * LOG_2PI) - 0.5 * ls1) - 0.5 * ls2
+    rest = torch.where(torch.isfinite(rest), rest, 2.0 * halves)
+    # Q/2 = inf dominates even an overflowing log cosh(a) - log_scale_sum (inf - inf):
+    # Q >= cosh(a)^2 narrow^2 + wide^2 / 4 grows like the squares of z and e^|a|, the
+    # rest only like |a| and |log_scale|.
+    return torch.where(torch.isinf(half_q), -math.inf, rest - half_q)
+
+
 class _BivariateLogDensity(torch.autograd.Function):
     """The log density (inputs in one compute dtype, no checks) with a hand-written backward.
 
@@ -60,39 +104,15 @@ class _BivariateLogDensity(torch.autograd.Function):
     again (Hessians, ``gradgradcheck``).
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, value: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor) -> Tensor:
-        ctx.save_for_backward(value, loc, log_scale, atanh_rho)
-        z = _standardized(value, loc, log_scale)
-        wide, narrow_e, g = rotated(z, atanh_rho)
-        # Q/2 = (1 + e^{-2|a|})/8 (wide^2 + (n e^|a|)^2), the factor taken inside the squares:
-        # no intermediate exceeds Q/2, so nothing overflows unless the result does
-        k = quadratic_factor(g.square())
-        half_q = (k * wide).square() + (k * narrow_e).square()
-        # a z_i below finfo.tiny (x_i != mu_i) has lost its digits before e^|a| multiplies
-        # it (z_1 = e^{-110} = 0 in float32, Q/2 = 6e7 at |a| = 120): Q/2 from logarithms
-        # there. On CPU (not compiling) only where some event needs it; elsewhere always,
-        # selected without a host read.
-        lost = lost_precision(value, loc, z)
-        if value.device.type != "cpu" or torch.compiler.is_compiling() or bool(lost.any()):
-            half_q = torch.where(lost, log_scaled_half_q(value, loc, log_scale, atanh_rho), half_q)
-        # An infinite z (a target infinitely many scales away) makes Q infinite, since
-        # Q >= |z|^2 / (1 + |rho|); z1 - z2 would be inf - inf = NaN on the way.
-        half_q = torch.where(torch.isinf(z).any(-1), math.inf, half_q)
-        # -log(2 pi s1 s2 sqrt(1 - rho^2)) with -0.5 log(1 - rho^2) = log cosh(a)
-        ls1, ls2 = log_scale[..., 0], log_scale[..., 1]  # 8x faster than unbind / sum here
-        log_cosh_a = log_cosh(atanh_rho)
-        rest = (log_cosh_a - LOG_2PI) - (ls1 + ls2)
-        # the terms may each be near finfo.max and cancel (l1 = l2 = |a| = 3.4e38: l1 + l2
-        # overflows, the sum is -3.4e38): there as halves, 2 ((lc/2 - c/2 - l1/2) - l2/2)
-        # (halving is exact above the subnormals, where such terms lie), so no partial sum
-        # overflows unless the result does
-        halves = ((0.5 * log_cosh_a - 0.5 * LOG_2PI) - 0.5 * ls1) - 0.5 * ls2
-        rest = torch.where(torch.isfinite(rest), rest, 2.0 * halves)
-        # Q/2 = inf dominates even an overflowing log cosh(a) - log_scale_sum (inf - inf):
-        # Q >= cosh(a)^2 narrow^2 + wide^2 / 4 grows like the squares of z and e^|a|, the
-        # rest only like |a| and |log_scale|.
-        return torch.where(torch.isinf(half_q), -math.inf, rest - half_q)
+    def forward(value: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor) -> Tensor:
+        return _log_density_value(value, loc, log_scale, atanh_rho)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:

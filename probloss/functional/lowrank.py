@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .._core.constants import LOG_2PI
 from .._core.dtype import as_loss_tensors
+from .._core.ops import host_readable
 from .._core.shapes import broadcast_shapes
 from .._core.validation import check_not_nan, should_validate
 from ..special import mul_exp
@@ -170,15 +171,16 @@ def _lowrank_log_prob(value: Tensor, loc: Tensor, cov_factor: Tensor, log_diag: 
 
     Events whose whitened factor ``e^{-l/2} W`` exceeds ``finfo.max ** 0.25``
     (:func:`_needs_scaling`) are computed by :func:`scaled_lowrank_log_prob` (each
-    coordinate scaled by its own size); on CPU (not compiling) only when some event needs it, else
-    always, selected without a host read. Double where: each path sees safe inputs
+    coordinate scaled by its own size); where the values are free to read
+    (:func:`~probloss._core.ops.host_readable`) only when some event needs it, else always,
+    selected without a host read. Double where: each path sees safe inputs
     (``W = 0``, ``l = 0``) in the other's events.
     """
     rank = cov_factor.shape[-1]
     if rank == 0:
         return _whitened_log_prob(value, loc, cov_factor, log_diag)
     scaled = _needs_scaling(cov_factor, log_diag)
-    if value.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(scaled.any()):
+    if host_readable(scaled) and not bool(scaled.any()):
         return _whitened_log_prob(value, loc, cov_factor, log_diag)
     pick = scaled.unsqueeze(-1)
     plain = _whitened_log_prob(

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .._core.constants import LOG_2PI
 from .._core.dtype import as_loss_tensors, compute_dtype
+from .._core.ops import host_readable
 from .._core.shapes import broadcast_shapes
 from .._core.validation import check_not_nan, check_renamed_keywords, should_validate
 from ..special import softplus
@@ -140,8 +141,9 @@ def _whitened_residual(scale_tril: Tensor, r: Tensor, factor: Tensor) -> tuple[T
     ``0 * inf = NaN`` for the overflowed ``z`` even where the incoming gradient ``g`` is 0,
     and would poison a mixture whose other components are finite. Their gradient is then
     0 (the exact one is beyond the dtype's range; in a mixture the component's
-    responsibility ``e^{-inf}`` makes 0 exact). On CPU (not compiling) the second solve
-    runs only when an event overflowed; elsewhere always, without a host read. A NaN input
+    responsibility ``e^{-inf}`` makes 0 exact). Where the values are free to read
+    (:func:`~probloss._core.ops.host_readable`) the second solve runs only when an event
+    overflowed; elsewhere always, without a host read. A NaN input
     (``r`` or the lower triangle of ``L``, when not validated) is not an overflow: its
     event stays NaN instead of reading as ``-inf``.
     """
@@ -149,8 +151,7 @@ def _whitened_residual(scale_tril: Tensor, r: Tensor, factor: Tensor) -> tuple[T
     with torch.no_grad():
         nan_input = torch.isnan(r).any(-1) | torch.isnan(scale_tril.tril()).any((-2, -1))
         overflow = ~torch.isfinite(z).all(-1) & ~nan_input
-    eager_cpu = r.device.type == "cpu" and not torch.compiler.is_compiling()
-    if eager_cpu and not bool(overflow.any()):
+    if host_readable(overflow) and not bool(overflow.any()):
         return z, overflow
     r = torch.where(overflow.unsqueeze(-1), 0.0, r)
     return solve_triangular(scale_tril, r, upper=False) * factor, overflow
@@ -271,13 +272,17 @@ def scale_tril_from_raw(
     if min_scale is None:
         min_scale = default_min_scale(raw.dtype)
     min_scale = float(min_scale)
-    # an option, checked eagerly; dynamo traces math.isfinite of a float as a graph break
-    if not torch.compiler.is_compiling() and not (math.isfinite(min_scale) and min_scale >= 0.0):
+    # an option (a Python float, a constant to a tracer): plain comparisons, no math.isfinite
+    # (a graph break for dynamo); NaN fails both
+    if not (0.0 <= min_scale < math.inf):
         raise ValueError(f"min_scale must be finite and >= 0, got {min_scale!r}")
-    rows, cols = torch.tril_indices(dim, dim, device=raw.device)
-    diag_pos = torch.arange(dim, device=raw.device)
-    diag_pos = diag_pos * (diag_pos + 3) // 2  # k = i(i+1)/2 + i
+    # Positions as constants from Python integers: index arithmetic on tensors would be
+    # traced, and inductor's CPU code generation fails on it (torch 2.13).
+    diag_pos = torch.tensor([i * (i + 3) // 2 for i in range(dim)], device=raw.device)  # k
+    flat_pos = torch.tensor(  # row-major position i D + j of the k-th entry (i >= j)
+        [i * dim + j for i in range(dim) for j in range(i + 1)], device=raw.device
+    )
     entries = raw.index_copy(-1, diag_pos, softplus(raw[..., diag_pos]) + min_scale)
     flat = raw.new_zeros((*raw.shape[:-1], dim * dim))
-    flat = flat.index_copy(-1, rows * dim + cols, entries)
+    flat = flat.index_copy(-1, flat_pos, entries)
     return flat.unflatten(-1, (dim, dim))
