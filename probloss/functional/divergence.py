@@ -8,17 +8,16 @@ value to validate, and NaN propagates.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from .._core.dtype import as_loss_tensors, loss_tensors
 from .._core.shapes import batch_shape, broadcast_shapes
-from ..special import cb_log_partition, cb_mean, cb_variance, log_cosh, softplus
-from ..special.exp import expm1mx, mul_exp
+from ..special import cb_log_partition, cb_mean, cb_variance, softplus
+from ..special.exp import mul_exp
+from ._bivariate_kl import bivariate_kl
 from ._bregman import bregman_divergence
-from ._params import standardized_residual
+from ._normal_kl_parts import HalfSquareOverVariance, half_expm1mx_of_difference
 
 
 def bernoulli_kl(logits_q: Tensor, logits_p: Tensor) -> Tensor:
@@ -208,83 +207,8 @@ def normal_kl(
     zero = torch.zeros((), dtype=t["loc_q"].dtype, device=t["loc_q"].device)
     loc_p_t, log_var_p_t = t.get("loc_p", zero), t.get("log_var_p", zero)
     loc_q_t, loc_p_t, log_var_p_b = torch.broadcast_tensors(t["loc_q"], loc_p_t, log_var_p_t)
-    mahalanobis = _HalfSquareOverVariance.apply(loc_q_t, loc_p_t, log_var_p_b)
-    return _half_expm1mx_of_difference(t["log_var_q"], log_var_p_t) + mahalanobis
-
-
-def _half_square_over_variance(loc_q: Tensor, loc_p: Tensor, log_var_p: Tensor) -> Tensor:
-    """``(loc_q - loc_p)^2 exp(-log_var_p) / 2`` as ``2 w^2``, ``w = (Delta/2) e^{-lv/2}``.
-
-    ``Delta / 2 = loc_q/2 - loc_p/2`` cannot overflow where ``Delta`` does (-3.4e38 against
-    3.4e38 in float32), the halvings are exact (to the subnormals, where the term is
-    dominated by the other anyway), and ``w`` comes from ``mul_exp``: nothing overflows unless
-    the result does.
-    """
-    w = mul_exp(0.5 * loc_q - 0.5 * loc_p, -0.5 * log_var_p)
-    return (w * w) * 2.0
-
-
-class _HalfSquareOverVariance(torch.autograd.Function):
-    """:func:`_half_square_over_variance` with the backward written from the result.
-
-    ``dM/dlog_var_p = -M`` and ``dM/dloc_q = -dM/dloc_p = Delta e^{-lv} = 2 (Delta/2) e^{-lv}``
-    (by ``mul_exp``): each overflows only if it is itself out of range, where autograd of
-    ``2 w^2`` would form ``dM/dw * w = 2 M`` and overflow for ``M > max / 2``. The backward
-    is differentiable again (built from this function and ``mul_exp``).
-    """
-
-    @staticmethod
-    def forward(ctx, loc_q: Tensor, loc_p: Tensor, log_var_p: Tensor) -> Tensor:
-        out = _half_square_over_variance(loc_q, loc_p, log_var_p)
-        ctx.save_for_backward(loc_q, loc_p, log_var_p, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        loc_q, loc_p, log_var_p, out = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: rebuild the result differentiably
-            out = _HalfSquareOverVariance.apply(loc_q, loc_p, log_var_p)
-        # grad first: the slope may be near max while grad is small (a mean over a batch)
-        slope = mul_exp(grad * (0.5 * loc_q - 0.5 * loc_p), -log_var_p)
-        slope = slope + slope
-        return slope, -slope, -(grad * out)
-
-
-def _half_expm1mx_of_difference(a: Tensor, b: Tensor) -> Tensor:
-    """``expm1mx(a - b) / 2`` for the exact difference of the floats ``a`` and ``b``.
-
-    Rounding ``d = a - b`` costs ``|d| eps / 2`` of relative accuracy in ``e^d`` (5e-6 in
-    float32 at ``d = 88``); the rounding error ``err = (a - b) - d`` is recovered exactly
-    (Knuth's TwoSum) and added to first order, ``expm1mx(d + err) = expm1mx(d) +
-    expm1(d) err + O(e^d err^2)``. ``err`` is detached (as a function of ``a`` and ``b`` it
-    is the constant 0 of exact arithmetic), so the gradient ``expm1(d) / 2`` is corrected
-    the same way through ``d``. Where ``exp(d)`` is within a factor e of ``finfo.max``,
-    ``e^d e^err / 2`` is formed by ``mul_exp``, which overflows (value or gradient)
-    only if the result does.
-    """
-    d = a - b
-    b_virtual = d - a  # TwoSum of (a, -b): err = (a - a_virtual) + (-b - b_virtual), exact
-    err = ((a - (d - b_virtual)) - (b + b_virtual)).detach()
-    err = torch.where(torch.isfinite(d), err, 0.0)  # inf - inf where a - b overflows
-    top = math.log(torch.finfo(d.dtype).max) - 1.0
-    big = d > top
-    # Far below 0, e^d - 1 - d = (b/2 - a/2) * 2 + e^d - 1: -d may exceed finfo.max (-3.4e38
-    # against 1e32 in float32) while its half cannot; its rounding is relative (no TwoSum)
-    very_negative = d < -top
-    # safe inputs for the unselected branches; where a - b overflows to inf (the result is
-    # inf), finfo.max stands in for it, as inf - (1 + inf) / 2 would be NaN
-    d_big = torch.where(big, torch.where(torch.isinf(d), torch.finfo(d.dtype).max, d), top)
-    err_big = torch.where(d_big < 2.0 * (top + 1.0), err, 0.0)  # e^d e^err: no 0 * inf
-    d_small = torch.where(big | very_negative, 0.0, d)
-    d_negative = torch.where(very_negative, d, -top)
-    a_negative = torch.where(very_negative, a, 0.0)
-    b_negative = torch.where(very_negative, b, top)
-    negative = (0.5 * b_negative - 0.5 * a_negative) + 0.5 * (torch.exp(d_negative) - 1.0)
-    # e^{d + err} / 2 = e^d (e^err / 2): err, exact but not small when |b| dwarfs |a| (-1.07
-    # against -1e19 is lost in d entirely), is taken whole, not to first order
-    near_overflow = mul_exp(0.5 * torch.exp(err_big), d_big) - 0.5 * (1.0 + d_big)
-    moderate = 0.5 * (expm1mx(d_small) + torch.expm1(d_small) * torch.where(big, 0.0, err))
-    return torch.where(big, near_overflow, torch.where(very_negative, negative, moderate))
+    mahalanobis = HalfSquareOverVariance.apply(loc_q_t, loc_p_t, log_var_p_b)
+    return half_expm1mx_of_difference(t["log_var_q"], log_var_p_t) + mahalanobis
 
 
 _BIVARIATE_KL_LAYOUTS = {
@@ -332,7 +256,15 @@ def bivariate_normal_kl(
     (:math:`e^{\delta_2} - e^{\delta_1} = \tanh(h) (e^{\delta_1} + e^{\delta_2})`,
     :math:`(\tanh a_q - \tanh a_p)\cosh a_p = \sinh(a_q - a_p)/\cosh a_q`), elsewhere as the
     difference itself; each product by :func:`~probloss.special.mul_exp`, exact where
-    ``tanh`` rounds to 1 (``atanh_rho = 20`` in float32), finite wherever the KL is.
+    ``tanh`` rounds to 1 (``atanh_rho = 20`` in float32), finite wherever the KL is. The
+    log-variances are never formed where doubling a log-scale or ``log cosh a`` would
+    overflow (``log_scale_q = -3e38`` against 0 in float32 is ``3e38``, not inf).
+
+    Gradients are closed forms in the same quantities (``expm1(2 d)``, ``w`` and the mean
+    parts times ``e^{d_i}``, ``cosh a_p`` by ``mul_exp``; float64 for float32 inputs), not
+    autograd through the chain rule: exact and finite wherever they are representable and
+    the KL is finite, at any log-scale or ``atanh_rho``; where the KL itself overflows some
+    entries may be NaN. Differentiable again.
 
     Parameter form: as :func:`normal_kl` (not value-first): ``q`` then ``p``, each as in
     :class:`~probloss.distributions.BivariateNormal`, unconstrained (no value to validate,
@@ -367,33 +299,5 @@ def bivariate_normal_kl(
     mp1, mp2 = t.get("loc_p", zero.expand(2)).unbind(-1)
     lp1, lp2 = t.get("log_scale_p", zero.expand(2)).unbind(-1)
     a_q, a_p = t["atanh_rho_q"], t.get("atanh_rho_p", zero)
-    first = normal_kl(mq1, 2.0 * lq1, mp1, 2.0 * lp1)  # log var = 2 log sigma (exact)
-    lc_q, lc_p = log_cosh(a_q), log_cosh(a_p)
-    z1, z2 = standardized_residual(mq1, mp1, lp1), standardized_residual(mq2, mp2, lp2)
-    d1, d2 = lq1 - lp1, lq2 - lp2
-    # normal_kl of the conditionals in parts: log-variances' difference 2 d2 - 2 (lc_q - lc_p)
-    # (equal correlations cancel exactly), mean part (z2 - rho_p z1)^2 cosh^2(a_p) / 2
-    second = _half_expm1mx_of_difference(2.0 * d2, 2.0 * (lc_q - lc_p))
-    z2, shift, log_var = torch.broadcast_tensors(z2, torch.tanh(a_p) * z1, -2.0 * lc_p)
-    second = second + _HalfSquareOverVariance.apply(z2, shift, log_var)
-    # 2 cosh(h) e^{(d1 + d2)/2} = e^{d1} + e^{d2}: its log by logaddexp, no |h| to cancel
-    x1, t1 = torch.tanh(a_q) * torch.tanh(0.5 * (d2 - d1)), torch.logaddexp(d1, d2) + lc_p
-    x2, t2 = torch.tanh(a_q - a_p), log_cosh(a_q - a_p) + d1 - lc_q
-    w = mul_exp(x1, t1) + mul_exp(x2, t2)
-    # the split cancels unless rho_q e^{d2} and rho_p e^{d1} nearly agree: elsewhere their
-    # difference (times cosh a_p) directly, which loses at most a factor 3 there
-    w_q, w_p = mul_exp(torch.tanh(a_q), d2 + lc_p), mul_exp(torch.tanh(a_p), d1 + lc_p)
-    apart = (w_q * w_p <= 0) | (w_q.abs() >= 2 * w_p.abs()) | (w_p.abs() >= 2 * w_q.abs())
-    w = torch.where(apart & (w_q - w_p).isfinite(), w_q - w_p, w)
-    # inf - inf: the same sum from L_i = log|x_i| + t_i, sign e^{L_big} (1 - e^{L_sm - L_big})
-    far = w.isnan()
-    l1 = torch.log(torch.where(far, x1, 1.0).abs()) + torch.where(far, t1, 0.0)  # safe inputs
-    l2 = torch.log(torch.where(far, x2, 1.0).abs()) + torch.where(far, t2, 0.0)
-    big, small = torch.maximum(l1, l2), torch.minimum(l1, l2)
-    sign = torch.where(l1 >= l2, x1.sign(), x2.sign())
-    w_far = mul_exp(sign * -torch.expm1(torch.where(far, small - big, 0.0)), big)
-    w = torch.where(far, w_far, w)
-    # KL >= KL(q_i || p_i) >= max(|d_i| - 1/2, z_i^2 / 2): an overflowed d_i or z_i, KL = inf
-    overflow = (d1.isinf() | d2.isinf() | z1.isinf() | z2.isinf()).expand_as(w)
-    kl = first + second + (0.5 * w) * w  # (w/2) w: no w^2 overflow below the result's
-    return torch.where(overflow, math.inf, kl)
+    # one Function of ten (*) tensors: value and closed-form gradient in _bivariate_kl
+    return bivariate_kl(*torch.broadcast_tensors(mq1, mq2, lq1, lq2, a_q, mp1, mp2, lp1, lp2, a_p))

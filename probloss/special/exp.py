@@ -173,4 +173,6 @@ def mul_exp(x: Tensor, t: Tensor) -> Tensor:
         tensor([  0.0000, 902.4257])
     """
     x, t = torch.broadcast_tensors(x, t)
+    if not (torch.is_grad_enabled() and (x.requires_grad or t.requires_grad)):
+        return _mul_exp_value(x, t)  # no graph to record: skip autograd.Function's cost
     return _MulExp.apply(x, t)

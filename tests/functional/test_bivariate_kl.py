@@ -198,6 +198,108 @@ def test_gradients_match_mpmath_in_float64(q, p):
     assert_within(got, exact, [scale] * 10, list(range(10)), f"gradients at {q}, {p}")
 
 
+def _converged_gradient_ref(q, p):
+    """``mpmath.diff`` of the textbook form at ``dps = 40 + (sum of the three largest
+    |exponents|) + 2 log10(1 + max |mean|)`` (the trace cancels like ``cosh^2 a_p e^{2 d}``:
+    0.87 digits per unit of the exponents involved; the Mahalanobis form like the squared
+    means), checked against twice that precision to 20 digits."""
+    exponents = sorted(abs(v) for v in (*q[2:], *p[2:]))
+    means = max(abs(v) for v in (*q[:2], *p[:2]))
+    dps = 40 + int(sum(exponents[-3:]) + 2 * math.log10(1 + means))
+    args = [mpmath.mpf(v) for v in (*q, *p)]
+
+    def at(digits):
+        with mp.workdps(digits):
+            out = []
+            for i in range(10):
+
+                def along(x, i=i):
+                    moved = list(args)
+                    moved[i] = x
+                    return kl_closed_form(*moved)
+
+                out.append(mpmath.diff(along, args[i]))
+            return out
+
+    low, high = at(dps), at(2 * dps)
+    for a, b in zip(low, high, strict=True):
+        assert abs(a - b) <= mpmath.mpf(10) ** -20 * (1 + abs(b)), (q, p)
+    return [cb_ref.to_float64(v) for v in high]
+
+
+# Beyond the old autograd limits: |log_scale|, |atanh_rho| > log(finfo.max) / 4 (22 in
+# float32, 177 in float64) and standardised mean differences > finfo.max^(1/8) (6.4e4,
+# 1.1e38), the KL still finite
+EXTREME_QP = {
+    torch.float32: [
+        ((0.0, 0.0, -30.0, 25.0, 30.0), (1e-12, -1.0, -28.0, 24.0, 29.5)),
+        ((1e6, -2e6, 0.0, 0.0, 0.5), (0.0, 0.0, 2.0, 1.0, -0.5)),
+        ((0.0, 0.0, 40.0, -40.0, -35.0), (0.0, 0.0, 40.5, -39.0, -36.0)),
+        ((3.0, 1e5, -1.0, 30.0, -40.0), (-2.0, 0.0, 0.0, 29.0, 25.0)),
+    ],
+    torch.float64: [
+        ((0.0, 0.0, -200.0, 190.0, 250.0), (1e-86, -1.0, -199.0, 191.0, 249.0)),
+        ((3e40, -1e40, 0.0, 0.0, 0.5), (0.0, 0.0, 5.0, 1.0, -0.5)),
+        ((0.0, 0.0, 300.0, -300.0, -200.0), (0.0, 0.0, 300.5, -299.0, -201.0)),
+    ],
+}
+
+
+@pytest.mark.parametrize("dtype", F32_F64, ids=dtype_id)
+def test_gradients_match_mpmath_beyond_the_autograd_limits(dtype):
+    """Every gradient entry against ``mpmath.diff`` at the extreme points above: within
+    ``64 (1 + E) eps`` of ``1 + max |exact entry|`` (the float64 bound of the module
+    docstring; float32 gradients are the float64 closed form rounded once, so the same
+    bound holds with float32's eps; measured 0.003 of it), the sign-correct inf where the
+    exact entry exceeds ``finfo.max``."""
+    for q, p in EXTREME_QP[dtype]:
+        q, p = tuple(cast(q, dtype)), tuple(cast(p, dtype))
+        qt, pt = parameters([q], dtype), parameters([p], dtype)
+        kl = bivariate_normal_kl(*qt, *pt)
+        assert torch.isfinite(kl).all()
+        grads = torch.autograd.grad(kl.sum(), (*qt, *pt))
+        got = [float(v) for g in grads for v in g.reshape(-1)]
+        exact = _converged_gradient_ref(q, p)
+        top = torch.finfo(dtype).max
+        exact = [e if abs(e) <= top else math.copysign(math.inf, e) for e in exact]
+        size = 1 + max(abs(v) for v in (*q[2:], *p[2:]))
+        finite = [abs(e) for e in exact if math.isfinite(e)]
+        scale = 64 * size * torch.finfo(dtype).eps * (1 + max(finite))
+        assert_within(got, exact, [scale] * 10, list(range(10)), f"gradients at {q}, {p}")
+
+
+@pytest.mark.parametrize("dtype", F32_F64, ids=dtype_id)
+def test_value_and_gradients_at_the_overflow_edge(dtype):
+    """Log-scales and ``atanh_rho`` of ``0.9 finfo.max`` against the standard normal: the
+    KL is ``-log_scale_q1 - 1/2`` (one coordinate's scale) or ``log cosh a_q = a_q - ln 2``
+    (mpmath: both round to the input), not the inf of doubling them; the gradients are
+    ``(-1, +1)`` in ``(log_scale_q1, log_scale_p1)`` and ``1`` in ``atanh_rho_q`` (the
+    closed forms ``expm1(2 d1) - ...`` and ``rho_q - rho_p e^...``). Both scales that far
+    out make the exact KL ``1.8 max``: inf."""
+    edge = 0.9 * torch.finfo(dtype).max
+    one_scale, correlation = (0.0, 0.0, -edge, 0.0, 0.0), (0.0, 0.0, 0.0, 0.0, edge)
+    q = parameters([one_scale, correlation, (0.0, 0.0, -edge, -edge, 0.0)], dtype)
+    p = parameters([(0.0, 0.0, 0.0, 0.0, 0.0)] * 3, dtype)
+    kl = bivariate_normal_kl(*q, *p)
+    exact = [
+        cb_ref.to_float64(mpmath.mpf(edge) - mpmath.mpf(0.5)),
+        cb_ref.to_float64(mpmath.log(mpmath.cosh(mpmath.mpf(edge)))),
+    ]
+    assert kl[:2].tolist() == [float(torch.tensor(e, dtype=dtype)) for e in exact]
+    assert kl[2].item() == math.inf
+    grads = torch.autograd.grad(kl[:2].sum(), (*q, *p))
+    assert grads[1][0].tolist() == [-1.0, 0.0] and grads[4][0].tolist() == [1.0, 0.0]
+    assert grads[2][1].item() == 1.0
+
+
+def test_gradgradcheck_float64():
+    """The closed-form backward is differentiable again (plain torch and ``mul_exp``)."""
+    g = torch.Generator().manual_seed(4)
+    rows = (torch.randn(2, 2, 5, dtype=torch.float64, generator=g) * 0.7).tolist()
+    q, p = parameters(rows[0], torch.float64), parameters(rows[1], torch.float64)
+    assert torch.autograd.gradgradcheck(bivariate_normal_kl, (*q, *p))
+
+
 def test_gradcheck_float64():
     g = torch.Generator().manual_seed(1)
     rows = (torch.randn(2, 3, 5, dtype=torch.float64, generator=g) * 0.7).tolist()

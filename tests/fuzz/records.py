@@ -1173,56 +1173,32 @@ _LOWRANK = (
     "closed forms -Sigma^{-1} r, (u u^T - Sigma^{-1}) W in scaled coordinates would close it"
 )
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MIXTURE = (KnownLimit(_UNRESOLVED, _unresolved_mixture, _FLOATS),)
 
 
-def _kl_exponents(loc_q, log_scale_q, atanh_rho_q, loc_p, log_scale_p, atanh_rho_p):
-    """Per row, the largest ``|log_scale|`` / ``|atanh_rho|`` and standardised residual
-    ``|mu_qi - mu_pi| e^{-log_scale_pi}`` of a bivariate KL row (float64)."""
-    exponents = torch.cat([log_scale_q, log_scale_p, atanh_rho_q, atanh_rho_p], -1)
-    residuals = (loc_q - loc_p) * torch.exp(-log_scale_p)
-    return exponents.abs().amax(-1), residuals.abs().nan_to_num(math.inf).amax(-1)
-
-
-def _kl_gradient_extremes(*row, dtype):
-    exponent, residual = _kl_exponents(*row)
-    big = torch.finfo(torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype).max
-    return (exponent > math.log(big) / 4) | ~(residual < big**0.125)
-
-
-def _kl_doubling_overflows(*row, dtype):
-    exponent, _ = _kl_exponents(*row)
-    big = torch.finfo(torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype).max
-    return exponent > big / 4
+def _kl_overflows(loc_q, log_scale_q, atanh_rho_q, loc_p, log_scale_p, atanh_rho_p, *, dtype):
+    """Rows whose bivariate KL (float64 path, checked against mpmath by the oracle test)
+    exceeds ``finfo.max`` of the compute dtype."""
+    kl = F.bivariate_normal_kl(
+        loc_q, log_scale_q, atanh_rho_q.squeeze(-1), loc_p, log_scale_p, atanh_rho_p.squeeze(-1)
+    )
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return ~(kl <= torch.finfo(compute).max)
 
 
 _KL = (
     KnownLimit(
-        "bivariate_normal_kl's gradients: autograd through the chain rule's factors (tanh, "
-        "log_cosh, mul_exp, the difference of the log-variances) forms 0 * inf and inf - "
-        "inf once an exponent (a log-scale or atanh_rho) exceeds log(finfo.max) / 4 of the "
-        "compute dtype or a standardised mean difference finfo.max^(1/8): NaN, or inf "
-        "where the gradient is finite. A rigorous over-approximation (about 95% of the "
-        "extreme draws; the moderate ones are checked); a hand-written backward from the "
-        "closed-form derivatives (tanh, sech^2 and cosh products by mul_exp) would close it",
-        _kl_gradient_extremes,
+        "bivariate_normal_kl's gradients where the KL itself exceeds finfo.max of the compute "
+        "dtype (the value is inf, the loss unusable): the closed-form derivatives are sums "
+        "of terms of the KL's size, which overflow there and meet inf - inf or 0 * inf "
+        "(NaN). Some entries are finite mathematically (d/datanh_rho_q = rho_q - rho_p "
+        "e^{d1 + d2 - 2 (log cosh a_q - log cosh a_p)} is formed so; d/dloc where "
+        "e^{-log_scale_p} stays in range) but not all are formed in sign / log form",
+        _kl_overflows,
         _FLOATS,
         issue="11",
     ),
-    KnownLimit(
-        "bivariate_normal_kl's value where a log-scale or atanh_rho exceeds finfo.max / 4 "
-        "(3.4e38 / 4 in float32): the log-variances 2 log_scale, 2 log cosh a and their "
-        "differences overflow although the KL (about |log_scale|) is representable: inf "
-        "instead of 3.39e38",
-        _kl_doubling_overflows,
-        (torch.bfloat16, torch.float32),
-        value=True,
-        grads=(),
-        issue="11",
-    ),
 )
-
-
-_MIXTURE = (KnownLimit(_UNRESOLVED, _unresolved_mixture, _FLOATS),)
 
 
 KNOWN_LIMITS: dict[str, tuple[KnownLimit, ...]] = {
@@ -1237,6 +1213,7 @@ KNOWN_LIMITS: dict[str, tuple[KnownLimit, ...]] = {
         ),
     ),
     "functional.multivariate_normal_mixture_log_prob": _MIXTURE,
+    "functional.bivariate_normal_kl": _KL,
     "distributions.MultivariateNormalMixture.log_prob": _MIXTURE,
     "functional.bivariate_normal_mixture_log_prob": _MIXTURE,
     "functional.bivariate_normal_mixture_nll": _MIXTURE,
@@ -1244,7 +1221,6 @@ KNOWN_LIMITS: dict[str, tuple[KnownLimit, ...]] = {
     "functional.normal_mixture_log_prob": _MIXTURE,
     "functional.normal_mixture_nll": _MIXTURE,
     "distributions.NormalMixture.log_prob": _MIXTURE,
-    "functional.bivariate_normal_kl": _KL,
     "functional.lowrank_multivariate_normal_log_prob": (
         KnownLimit(_LOWRANK, _lowrank_beyond_sqrt_range, _FLOATS),
         KnownLimit(
