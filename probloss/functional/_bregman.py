@@ -20,7 +20,6 @@ no longer cancel.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import cache
 
 import torch
 from torch import Tensor
@@ -31,7 +30,6 @@ from torch import Tensor
 _NODES = {torch.float32: 8, torch.float64: 16}
 
 
-@cache
 def _gauss_legendre_01(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Nodes and weights of n-point Gauss-Legendre quadrature on [0, 1] (Golub-Welsch)."""
     k = torch.arange(1, n, dtype=torch.float64)
@@ -40,6 +38,10 @@ def _gauss_legendre_01(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     nodes, vectors = torch.linalg.eigh(jacobi)
     weights = 2.0 * vectors[0] ** 2
     return tuple(((nodes + 1.0) / 2.0).tolist()), tuple((weights / 2.0).tolist())
+
+
+# Computed once at import: a tracer (torch.compile) cannot run the eigh and .tolist() above.
+_QUADRATURE = {n: _gauss_legendre_01(n) for n in set(_NODES.values())}
 
 
 def bregman_divergence(
@@ -71,7 +73,7 @@ def bregman_divergence(
     x_q, x_p = torch.broadcast_tensors(x_q, x_p)
     delta = x_p - x_q
     near = delta.abs() <= near_width
-    nodes, weights = _gauss_legendre_01(_NODES[x_q.dtype])
+    nodes, weights = _QUADRATURE[_NODES[x_q.dtype]]
     t = torch.tensor(nodes, dtype=x_q.dtype, device=x_q.device)
     # (1 - t) w: the Taylor remainder kernel times the quadrature weights.
     kernel = torch.tensor(weights, dtype=x_q.dtype, device=x_q.device) * (1.0 - t)
