@@ -56,6 +56,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..special import log_cosh, mul_exp
+from ..special.exp import expm1
 
 
 def correlation_sign(atanh_rho: Tensor, like: Tensor) -> Tensor:
@@ -117,15 +118,9 @@ def cosh_coefficient(b: Tensor) -> Tensor:
 
 
 def sinh_coefficient(b: Tensor) -> Tensor:
-    """``s = sinh(b) e^{-b} = -expm1(-2b)/2``, exact for small ``b``.
-
-    While compiling it is ``tanh(b) c`` (the same value: ``tanh(b) (1 + e^{-2b})/2 =
-    (1 - e^{-2b})/2``, within 2 ulps): inductor's CPU vector code computes ``expm1(x)`` as
-    ``exp(x) - 1``, which loses every digit for ``|x|`` below ``eps`` (torch 2.13).
-    """
-    if torch.compiler.is_compiling():
-        return torch.tanh(b) * cosh_coefficient(b)
-    return -0.5 * torch.expm1(-2.0 * b)
+    """``s = sinh(b) e^{-b} = -expm1(-2b)/2``, exact for small ``b`` (``expm1`` of
+    :mod:`probloss.special.exp`, exact also while compiling)."""
+    return -0.5 * expm1(-2.0 * b)
 
 
 def gradient_pieces(z: Tensor, atanh_rho: Tensor, *, with_c: bool = False) -> tuple:

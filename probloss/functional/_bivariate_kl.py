@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from ..special import log_cosh, softplus
-from ..special.exp import expm1mx, mul_exp
+from ..special.exp import expm1, mul_exp
 from ._normal_kl_parts import half_expm1mx_of_twice_difference, half_square_over_variance
 from ._params import standardized_residual
 
@@ -101,7 +101,7 @@ def _slope_difference(d1, d2, a_q, a_p, lc_q, lc_p) -> Tensor:
     sign = torch.where(l1 >= l2, x1.sign(), x2.sign())
     # both exponents overflowed (inf - inf = NaN): the larger term, |w| = inf, stands
     gap = torch.where(far, small - big, 0.0).nan_to_num(nan=-math.inf)
-    w_far = mul_exp(sign * -torch.expm1(gap), big)
+    w_far = mul_exp(sign * -expm1(gap), big)
     return torch.where(far, w_far, w)
 
 
@@ -118,14 +118,6 @@ def _mul2_exp(x: Tensor, y: Tensor, t: Tensor) -> Tensor:
     return torch.where(plain, mul_exp(xy, t), far)
 
 
-def _expm1(x: Tensor) -> Tensor:
-    """``expm1(x) = expm1mx(x) + x`` (exact: the series below 1 in magnitude): inductor's
-    vectorised float64 ``expm1`` on CPU is ``exp(x) - 1`` (0 at ``x = 1.7e-19``). Clamped
-    at -100 (``e^-100`` is below half an ulp of 1): ``expm1mx(-inf) + -inf`` would be NaN."""
-    x = x.clamp(min=-100.0)
-    return expm1mx(x) + x
-
-
 def _exp_difference(t1: Tensor, b: Tensor, t2: Tensor) -> Tensor:
     """``e^{t1} - b e^{t2}`` (all ``(*)``) from logs: ``e^T (e^{t1 - T} - sign(b) e^{t2' - T})``,
     ``t2' = t2 + log|b|``, ``T`` the larger, the bracket by ``expm1``; finite wherever the
@@ -133,7 +125,7 @@ def _exp_difference(t1: Tensor, b: Tensor, t2: Tensor) -> Tensor:
     t2 = t2 + torch.log(b.abs())
     top = torch.maximum(t1, t2)
     lo1, lo2 = t1 - top, t2 - top  # one of them 0
-    differ = torch.where(t1 >= t2, -_expm1(lo2), _expm1(lo1))
+    differ = torch.where(t1 >= t2, -expm1(lo2), expm1(lo1))
     return mul_exp(torch.where(b > 0, differ, torch.exp(lo1) + torch.exp(lo2)), top)
 
 
@@ -157,7 +149,7 @@ def _bivariate_kl_gradients(grad: Tensor, *params: Tensor) -> tuple[Tensor, ...]
     z1, z2 = standardized_residual(mq1, mp1, lp1), standardized_residual(mq2, mp2, lp2)
     gw = g * _slope_difference(d1, d2, a_q, a_p, lc_q, lc_p)  # grad first: g small, w large
     half_d = d2 - (lc_q - lc_p)  # D / 2, grouped as in the value (exact at a_q == a_p)
-    e1, e2 = g * _expm1(2.0 * d1), g * _expm1(2.0 * half_d)
+    e1, e2 = g * expm1(2.0 * d1), g * expm1(2.0 * half_d)
     u, v = z1 - rho_p * z2, z2 - rho_p * z1  # n / cosh a_p, m / cosh a_p
     gw_wp = mul_exp(gw * rho_p, d1 + lc_p)  # g w rho_p e^{d1} cosh a_p
     gw_wq = mul_exp(gw * rho_q, d2 + lc_p)  # g w rho_q e^{d2} cosh a_p
@@ -179,7 +171,7 @@ def _bivariate_kl_gradients(grad: Tensor, *params: Tensor) -> tuple[Tensor, ...]
     g_ap = (e2 * rho_p - mn) + (mul_exp(gw * rr, d2 + lc_p) - mul_exp(gw, d1 + lc_p))
     far = g_ap.isnan()
     h = torch.where(far, 0.5 * (d2 - d1), 1.0)  # safe input where not selected
-    log_sinh_sq = 2.0 * (h.abs() + torch.log(-_expm1(-2.0 * h.abs())) - math.log(2.0))
+    log_sinh_sq = 2.0 * (h.abs() + torch.log(-expm1(-2.0 * h.abs())) - math.log(2.0))
     log_q = torch.logaddexp(log_sinh_sq, -softplus(2.0 * a_q * a_p.sign()))
     trace = mul_exp(4.0 * g * rho_p, (d_sum + twice_lc_p) + log_q)
     trace = trace - mul_exp(g * rho_q, d_sum - 2.0 * a_p.abs())
@@ -195,8 +187,9 @@ class _BivariateKL(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(*params: Tensor) -> Tensor:
-        return _bivariate_kl_value(*params)
+    def forward(mq1, mq2, lq1, lq2, a_q, mp1, mp2, lp1, lp2, a_p) -> Tensor:
+        # named, not *params: torch.compile binds a ctx into a varargs forward
+        return _bivariate_kl_value(mq1, mq2, lq1, lq2, a_q, mp1, mp2, lp1, lp2, a_p)
 
     @staticmethod
     def setup_context(ctx, inputs: tuple[Tensor, ...], output: Tensor) -> None:

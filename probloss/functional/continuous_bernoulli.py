@@ -21,6 +21,7 @@ from .._core.ops import kernel_op
 from .._core.shapes import broadcast_shapes
 from .._core.validation import check_in_interval, should_validate
 from ..special import cb_log_partition, cb_mean, mul_exp, safe_where
+from ..special.exp import expm1
 
 
 def continuous_bernoulli_log_prob(
@@ -105,10 +106,10 @@ def continuous_bernoulli_cdf(
         return value * torch.exp(cb_log_partition(eta * value) - cb_log_partition(eta))
 
     def positive(eta: Tensor) -> Tensor:
-        return torch.exp(eta * (value - 1.0)) * torch.expm1(-eta * value) / torch.expm1(-eta)
+        return torch.exp(eta * (value - 1.0)) * expm1(-eta * value) / expm1(-eta)
 
     def negative(eta: Tensor) -> Tensor:
-        return torch.expm1(eta * value) / torch.expm1(eta)
+        return expm1(eta * value) / expm1(eta)
 
     def large(eta: Tensor) -> Tensor:
         return safe_where(eta > 0, eta, positive, negative, safe_true=2.0, safe_false=-2.0)
@@ -222,7 +223,7 @@ def _icdf_partials(u: Tensor, eta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     # eta >= 1: dx/du = c e^eta / (eta (1 + t c)), c = 1 - e^-eta; for t > 1 as
     # (1/eta) / u * c / (c + 1/t), which keeps a subnormal u exact
     a = eta.abs()
-    c = -torch.expm1(-a)
+    c = -expm1(-a)
     t = mul_exp(u, eta)
     d_u_pos = torch.where(
         t <= 1.0, mul_exp(c / (eta * (1.0 + t * c)), eta), (1.0 / eta) / u * (c / (c + 1.0 / t))
@@ -230,7 +231,7 @@ def _icdf_partials(u: Tensor, eta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     d_eta_pos = _icdf_eta_partial_positive(u, eta, x)
     # eta <= -1: dx/du = (expm1(eta) / eta) / ((1 - u) + u e^eta), a sum of non-negative
     # terms; at u = 1 (1 - u = 0, e^eta maybe subnormal) as (expm1(eta) / eta) e^-eta
-    ratio = torch.expm1(eta) / eta
+    ratio = expm1(eta) / eta
     s_neg = (1.0 - u) + t
     d_u_neg = torch.where(u == 1.0, mul_exp(ratio, -eta), ratio / s_neg)
     # dx/deta: u < 1/2: (t / S - x) / eta, S = (1 - u) + t, with t / S <= 0.58 x (no
@@ -254,7 +255,7 @@ def _icdf_eta_partial_positive(v: Tensor, a: Tensor, x: Tensor) -> Tensor:
     ``dx/deta = (-G / a - (1 - v) e^-a / D) / a`` (cancellation below a factor 4).
     """
     t = mul_exp(v, a)
-    c = -torch.expm1(-a)
+    c = -expm1(-a)
     low = (t / (1.0 + t * c) - x) / a
     e = torch.exp(-a)
     d = v + (1.0 - v) * e
@@ -276,8 +277,8 @@ def _icdf_value(u: Tensor, logits: Tensor) -> Tensor:
     # |eta| < 1: x = u (expm1(eta) / eta) (log1p(w) / w), a product of accurate factors; the
     # quotient log1p(w) / eta would lose digits where w = u eta is subnormal and x is not
     safe_eta = torch.where(logits == 0, 1.0, logits)
-    exprel = torch.where(logits == 0, 1.0, torch.expm1(safe_eta) / safe_eta)
-    w_small = u * torch.expm1(logits)
+    exprel = torch.where(logits == 0, 1.0, expm1(safe_eta) / safe_eta)
+    w_small = u * expm1(logits)
     # log1p(w) / w = 1 - w/2 + w^2/3 - ...: 1 - w/2 is exact to eps^2 for |w| < eps (and
     # needs no log1p of a subnormal, which may flush to 0)
     tiny_w = w_small.abs() < finfo.eps
@@ -286,13 +287,13 @@ def _icdf_value(u: Tensor, logits: Tensor) -> Tensor:
     on_small = (u * exprel) * ratio
     # eta >= 1: w = u e^eta (1 - e^-eta) by mul_exp (no overflow of e^eta unless of w);
     # where w does overflow, log1p(w) = log u + eta + log1p(-e^-eta) (+ 1/w, below eps)
-    w_pos = mul_exp(u, logits) * -torch.expm1(-logits)
+    w_pos = mul_exp(u, logits) * -expm1(-logits)
     on_overflow = torch.log(u) + logits + torch.log1p(-torch.exp(-logits))
     log_pos = torch.where(w_pos <= finfo.max, torch.log1p(w_pos), on_overflow)
     # eta <= -1: 1 + w = (1 - u) + u e^eta is a sum of two non-negative terms; log1p(w) is
     # exact while 1 + w >= 1/2, below that u > 1/2 and the log of the sum is taken as a
     # log-sum-exp of log1p(-u) and log u + eta, both exact there (1/|log(1 + w)| <= 1.44)
-    w_neg = u * torch.expm1(logits)
+    w_neg = u * expm1(logits)
     log_neg = torch.where(
         w_neg >= -0.5,
         torch.log1p(w_neg),

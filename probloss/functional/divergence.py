@@ -14,7 +14,7 @@ from torch import Tensor
 from .._core.dtype import as_loss_tensors, loss_tensors
 from .._core.shapes import batch_shape, broadcast_shapes
 from ..special import cb_log_partition, cb_mean, cb_variance, softplus
-from ..special.exp import mul_exp
+from ..special.exp import expm1, mul_exp
 from ._bivariate_kl import bivariate_kl
 from ._bregman import bregman_divergence
 from ._normal_kl_parts import HalfSquareOverVariance, half_expm1mx_of_difference
@@ -111,7 +111,7 @@ def _cb_mean_times(eta: Tensor, delta: Tensor) -> Tensor:
     eta_big = torch.where(big, eta, -16.0)
     a = eta_big.abs()
     # delta / expm1(a) = delta e^{-a} / (1 - e^{-a}); mul_exp: 0 with a 0 gradient for huge a
-    tail = delta / a - mul_exp(delta, -a) / -torch.expm1(-a)
+    tail = delta / a - mul_exp(delta, -a) / -expm1(-a)
     on_big = torch.where(eta_big > 0, delta, 0.0) - torch.sign(eta_big) * tail
     return torch.where(big, on_big, cb_mean(eta_small) * delta_small)
 
@@ -135,7 +135,7 @@ def _cb_curvature_times_square(eta: Tensor, delta: Tensor) -> Tensor:
     a = eta_big.abs()
     # eta^2 q (1 + q) = (a e^{-a/2} / (1 - e^{-a}))^2, as 1 + q = 1 / (1 - e^{-a}): a e^{-a/2}
     # by mul_exp is 0 with a 0 gradient for huge a, where eta^2 * q would meet inf * 0
-    root = mul_exp(a, -0.5 * a) / -torch.expm1(-a)
+    root = mul_exp(a, -0.5 * a) / -expm1(-a)
     scaled = 1.0 - root.square()  # eta^2 var
     return torch.where(
         big, (delta / eta_big).square() * scaled, delta_small.square() * cb_variance(eta_small)

@@ -48,6 +48,7 @@ from torch import Tensor
 
 from .._core.dtype import as_float_tensor, upcast
 from .._core.ops import kernel_op
+from .exp import expm1
 from .where import safe_where
 
 _SERIES_MAX_ABS_ETA = 4.0
@@ -142,7 +143,7 @@ def _variance_(series, s, d, q, r) -> Tensor:
 def _log_partition_and_mean(eta: Tensor, with_mean: bool) -> tuple[Tensor, Tensor | None]:
     series, h, u, s, t, a = _prelude(eta, need_h=True, need_t=with_mean)
     w = u.mul_(s)  # uS = sinh(h)/h - 1
-    q = torch.expm1(a).reciprocal_()  # 1/expm1(a); 0 once expm1 overflows
+    q = expm1(a).reciprocal_()  # 1/expm1(a); 0 once expm1 overflows
     # A = h + log1p(w)  |  max(eta, 0) + log1mexp(a) - log(a), where
     # log(a) - log1mexp(a) = log(a) + log1p(1/expm1(a)) = log(a (1 + q)).
     on_series = torch.log1p(w).add_(h)
@@ -156,7 +157,7 @@ def _log_partition_and_mean(eta: Tensor, with_mean: bool) -> tuple[Tensor, Tenso
 def _mean_and_variance(eta: Tensor, with_variance: bool) -> tuple[Tensor, Tensor | None]:
     series, h, u, s, t, a = _prelude(eta, need_h=True, need_t=True)
     d = u.mul_(s).add_(1.0)  # D = 1 + uS = sinh(h)/h
-    q = torch.expm1(a).reciprocal_()
+    q = expm1(a).reciprocal_()
     r = a.reciprocal_()
     mean = _mean_(eta, series, h, t, d, q, r)
     return mean, (_variance_(series, s, d, q, r) if with_variance else None)
@@ -165,7 +166,7 @@ def _mean_and_variance(eta: Tensor, with_variance: bool) -> tuple[Tensor, Tensor
 def _variance_only(eta: Tensor) -> Tensor:
     series, _, u, s, _, a = _prelude(eta, need_h=False, need_t=False)
     d = u.mul_(s).add_(1.0)
-    q = torch.expm1(a).reciprocal_()
+    q = expm1(a).reciprocal_()
     return _variance_(series, s, d, q, a.reciprocal_())
 
 
@@ -174,7 +175,7 @@ def _entropy_and_gradient(eta: Tensor, with_gradient: bool) -> tuple[Tensor, Ten
     series, _, u, s, t, a = _prelude(eta, need_h=False, need_t=True)
     ut = t.mul_(u)
     w = u.mul_(s)
-    q = torch.expm1(a).reciprocal_()
+    q = expm1(a).reciprocal_()
     # H = log1p(w) - u T / (1 + w)  |  1 - log a + log1mexp(a) - a / expm1(a)
     log1p_w = torch.log1p(w)
     d = w.add_(1.0)
@@ -222,7 +223,7 @@ def _variance_derivative(eta: Tensor) -> Tensor:
 
     def on_closed(e: Tensor) -> Tensor:
         a = e.abs()
-        r, q = a.reciprocal(), torch.expm1(a).reciprocal()
+        r, q = a.reciprocal(), expm1(a).reciprocal()
         return torch.sign(e) * (q * (1.0 + q) * (1.0 + 2.0 * q) - 2.0 * r**3)
 
     return safe_where(

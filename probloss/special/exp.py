@@ -62,7 +62,7 @@ def _positive(x: Tensor) -> Tensor:
     infinite = torch.isinf(x)
     x_finite = torch.where(infinite, 2.0, x)
     return torch.where(
-        infinite, torch.exp(torch.where(infinite, x, 2.0)), torch.expm1(x_finite) - x_finite
+        infinite, torch.exp(torch.where(infinite, x, 2.0)), expm1(x_finite) - x_finite
     )
 
 
@@ -103,6 +103,24 @@ def expm1mx(x: Tensor) -> Tensor:
         xc.abs() < _SERIES_MAX_ABS_X, xc, _series, _outside, safe_true=0.0, safe_false=2.0
     )
     return out.to(x.dtype)
+
+
+def expm1(x: Tensor) -> Tensor:
+    """``torch.expm1(x)``, exact also inside ``torch.compile``.
+
+    Inductor's CPU vector code (torch 2.13; pytorch issue 189803) evaluates ``expm1(x)`` as
+    ``exp(x) - 1``, which loses every digit for ``|x| < eps``. While compiling this is
+    ``x`` below ``eps`` (``expm1(x) = x (1 + x/2 + ...)``), ``2 t / (1 - t)`` with
+    ``t = tanh(x/2)`` below 1/2 (an identity; ``tanh`` keeps its digits near 0), and
+    ``exp(x) - 1`` above (``e^x - 1 > 0.39 e^x`` there: no cancellation). Eager code and
+    kernel operators call ``torch.expm1`` itself.
+    """
+    if not torch.compiler.is_compiling():
+        return torch.expm1(x)
+    small = x.abs() < 0.5
+    t = torch.tanh(0.5 * torch.where(small, x, 0.0))  # double where: no 2/(1 - 1) gradient
+    moderate = torch.where(small, 2.0 * t / (1.0 - t), torch.exp(x) - 1.0)
+    return torch.where(x.abs() < torch.finfo(x.dtype).eps, x, moderate)
 
 
 def _mul_exp_fake(x: Tensor, t: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .._core.dtype import as_float_tensor, upcast
 from .._core.ops import host_readable, kernel_op
+from .exp import expm1
 
 
 def softplus(x: Tensor) -> Tensor:
@@ -56,7 +57,14 @@ def soft_floor(x: Tensor, floor: float | Tensor) -> Tensor:
         tensor([9.1188e-04, 1.0009e+00, 1.4841e+02])
     """
     x = as_float_tensor(x, "x")
-    dtype = torch.result_type(x, floor)  # torch's promotion: a number keeps x's dtype
+    # torch's promotion (torch.result_type, which a tracer cannot run): a number, or a 0-dim
+    # tensor next to a dimensioned one, does not change the floating dtype of the other
+    if not isinstance(floor, Tensor) or floor.dim() == 0 < x.dim():
+        dtype = x.dtype
+    elif x.dim() == 0 < floor.dim() and floor.is_floating_point():
+        dtype = floor.dtype
+    else:
+        dtype = torch.promote_types(x.dtype, floor.dtype)
     floor = torch.as_tensor(floor, dtype=dtype, device=x.device)
     # m + log(1 + e^{x - m}) = log(e^m + e^x): logaddexp is exact also where the result is
     # near 0, where the sum of m and softplus(x - m) would cancel. Half precision is
@@ -115,7 +123,7 @@ def _near_root(t: Tensor) -> Tensor:
     """``log(softplus(t))`` for ``1/4 <= t <= 1``, through the root ``x0 = log(e - 1)``:
     ``softplus(t) = 1 + log1p((1 - 1/e) expm1(t - x0))``."""
     root_hi, root_lo = _ROOT_SPLIT[t.dtype]
-    return torch.log1p(torch.log1p((1.0 - math.exp(-1.0)) * torch.expm1((t - root_hi) - root_lo)))
+    return torch.log1p(torch.log1p((1.0 - math.exp(-1.0)) * expm1((t - root_hi) - root_lo)))
 
 
 def _tail(t: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ from torch import Tensor
 from .._core.constants import LOG_2
 from .._core.dtype import as_float_tensor, upcast
 from .._core.ops import host_readable
+from .exp import expm1
 from .where import safe_where
 
 # ln 2 = hi + lo with hi exactly representable: y - hi is then exact (Sterbenz) near y = ln 2
@@ -59,7 +60,7 @@ def log1mexp(x: Tensor) -> Tensor:
     out = safe_where(
         xc <= LOG_2,
         xc,
-        lambda t: torch.log(-torch.expm1(-t)),  # 1 - e^-x = -expm1(-x): exact for small x
+        lambda t: torch.log(-expm1(-t)),  # 1 - e^-x = -expm1(-x): exact for small x
         lambda t: torch.log1p(-torch.exp(-t)),  # e^-x < 1/2: log1p keeps every digit
         safe_true=LOG_2,
         safe_false=1.0,
@@ -97,7 +98,7 @@ def softplus_inverse(y: Tensor) -> Tensor:
     ln2_hi, ln2_lo = _LN2_SPLIT[yc.dtype]
 
     def near_root(t: Tensor) -> Tensor:
-        return torch.log1p(2.0 * torch.expm1((t - ln2_hi) - ln2_lo))
+        return torch.log1p(2.0 * expm1((t - ln2_hi) - ln2_lo))
 
     def large(t: Tensor) -> Tensor:
         return t + log1mexp(t)  # log(e^y - 1) = y + log(1 - e^-y)
@@ -108,7 +109,7 @@ def softplus_inverse(y: Tensor) -> Tensor:
     out = safe_where(
         yc < 0.5,
         yc,
-        lambda t: torch.log(torch.expm1(t)),  # expm1 is exact for tiny y; log(y) dominates
+        lambda t: torch.log(expm1(t)),  # expm1 is exact for tiny y; log(y) dominates
         upper,
         safe_true=0.25,
         safe_false=1.0,

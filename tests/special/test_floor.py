@@ -172,3 +172,20 @@ def test_soft_floor_every_dtype_matches_mpmath(dtype):
     condition = 1.0 + np.abs(a64 - b64)
     bound = (compute_rtol * condition + half_ulp) * np.abs(expected[:, 1]) + tiny
     assert_within(g.double().numpy(), expected[:, 1], bound, cast, "d/dx")
+
+
+@pytest.mark.parametrize(
+    "x",
+    [torch.randn(3), torch.randn(3, dtype=torch.float64), torch.tensor(1.0),
+     torch.tensor(1.0, dtype=torch.float16), torch.randn(3, dtype=torch.bfloat16)],
+    ids=lambda t: f"{t.dtype}-{t.dim()}d",
+)  # fmt: skip
+def test_soft_floor_dtype_is_torch_promotion(x):
+    """The dtype rule is written out (a tracer cannot run torch.result_type): it must agree
+    with torch's for numbers, 0-dim and dimensioned floors of every kind."""
+    floors = [-7.0, 2, torch.tensor(1.0, dtype=torch.float64),
+              torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), torch.tensor(1),
+              torch.tensor([1, 2, 3]), torch.tensor([1.0, 2.0, 3.0], dtype=torch.float16),
+              torch.tensor(1.0, dtype=torch.bfloat16)]  # fmt: skip
+    for floor in floors:
+        assert soft_floor(x, floor).dtype == torch.result_type(x, floor), floor
