@@ -44,21 +44,7 @@ from probloss.distributions.mixture import (
     NormalMixture,
 )
 from probloss.distributions.normal import Normal
-from probloss.functional import (
-    bivariate_normal_mixture_covariance,
-    bivariate_normal_mixture_mean,
-    bivariate_normal_mixture_mode,
-    bivariate_normal_mixture_sample,
-    normal_mixture_mean,
-    normal_mixture_mode,
-    normal_mixture_sample,
-    normal_mixture_variance,
-)
-from probloss.functional.mixture import (
-    bivariate_normal_mixture_log_prob,
-    multivariate_normal_mixture_log_prob,
-    normal_mixture_log_prob,
-)
+from probloss.functional import mixture
 from tests.functional._checks import HALF_DTYPES, assert_within, dtype_id
 
 F64 = torch.float64
@@ -102,22 +88,22 @@ def test_log_prob_and_summaries_are_the_functional_core():
     covariance_matrix and mode equal the functional results exactly."""
     d, p = _normal()
     x = d.sample((5,))
-    assert torch.equal(d.log_prob(x), normal_mixture_log_prob(x, *p))
+    assert torch.equal(d.log_prob(x), mixture.normal_mixture_log_prob(x, *p))
     assert d.log_prob(x).shape == (5, B)
-    assert torch.equal(d.log_prob(x[0]), normal_mixture_log_prob(x[0], *p))
-    assert torch.equal(d.mean, normal_mixture_mean(*p[:2]))
-    assert torch.equal(d.variance, normal_mixture_variance(*p))
-    assert torch.equal(d.stddev, normal_mixture_variance(*p).sqrt())
-    assert torch.equal(d.mode, normal_mixture_mode(*p[:2]))
+    assert torch.equal(d.log_prob(x[0]), mixture.normal_mixture_log_prob(x[0], *p))
+    assert torch.equal(d.mean, mixture.normal_mixture_mean(*p[:2]))
+    assert torch.equal(d.variance, mixture.normal_mixture_variance(*p))
+    assert torch.equal(d.stddev, mixture.normal_mixture_variance(*p).sqrt())
+    assert torch.equal(d.mode, mixture.normal_mixture_mode(*p[:2]))
 
     e, q = _bivariate()
     y = e.sample((5,))
-    assert torch.equal(e.log_prob(y), bivariate_normal_mixture_log_prob(y, *q))
+    assert torch.equal(e.log_prob(y), mixture.bivariate_normal_mixture_log_prob(y, *q))
     assert e.log_prob(y).shape == (5, B)
-    assert torch.equal(e.mean, bivariate_normal_mixture_mean(*q[:2]))
-    assert torch.equal(e.covariance_matrix, bivariate_normal_mixture_covariance(*q))
+    assert torch.equal(e.mean, mixture.bivariate_normal_mixture_mean(*q[:2]))
+    assert torch.equal(e.covariance_matrix, mixture.bivariate_normal_mixture_covariance(*q))
     assert torch.equal(e.variance, torch.diagonal(e.covariance_matrix, dim1=-2, dim2=-1))
-    assert torch.equal(e.mode, bivariate_normal_mixture_mode(*q[:2]))
+    assert torch.equal(e.mode, mixture.bivariate_normal_mixture_mode(*q[:2]))
 
 
 def test_shapes_from_broadcasting():
@@ -328,8 +314,8 @@ def test_sample_is_the_functional_sampler():
     d, p = _normal()
     e, q = _bivariate()
     for dist, params, fn in (
-        (d, p, normal_mixture_sample),
-        (e, q, bivariate_normal_mixture_sample),
+        (d, p, mixture.normal_mixture_sample),
+        (e, q, mixture.bivariate_normal_mixture_sample),
     ):
         torch.manual_seed(5)
         x = dist.sample((4,))
@@ -433,13 +419,15 @@ def test_full_covariance_agrees_with_torch_mixture_same_family_float64():
     ref = MixtureSameFamily(Categorical(logits=logits), MultivariateNormal(loc, scale_tril=tril))
     assert d.batch_shape == (B,) and d.event_shape == (D,)
     x = torch.cat((d.sample((20,)), d.mean + 5 * d.stddev[None]), 0)
-    assert torch.equal(d.log_prob(x), multivariate_normal_mixture_log_prob(x, logits, loc, tril))
+    assert torch.equal(
+        d.log_prob(x), mixture.multivariate_normal_mixture_log_prob(x, logits, loc, tril)
+    )
     got, want = d.log_prob(x).numpy().ravel(), ref.log_prob(x).numpy().ravel()
     assert_within(got, want, 1e-12 * np.maximum(np.abs(want), 1.0), range(got.size), "log_prob")
     for moment in ("mean", "variance"):
         got, want = getattr(d, moment).numpy().ravel(), getattr(ref, moment).numpy().ravel()
         assert_within(got, want, 1e-12 * np.abs(want), range(got.size), moment)
-    assert torch.equal(d.mode, normal_mixture_mode(logits, loc))
+    assert torch.equal(d.mode, mixture.normal_mixture_mode(logits, loc))
     assert torch.equal(d.component_distribution.scale_tril, tril)
     assert torch.equal(d.mixture_distribution.logits, Categorical(logits=logits).logits)
 

@@ -1,18 +1,25 @@
-"""Small helpers shared by the continuous-Bernoulli / Bernoulli-KL tests.
+"""Small helpers shared by the tests of ``probloss.functional`` (and a few others).
 
 * :func:`cast` rounds float64 inputs to the dtype under test and returns the exact values
   that dtype holds, so every mpmath reference is evaluated at the input the implementation
   actually sees (input rounding is never counted as implementation error).
+* :func:`as_float` rounds an mpmath reference to the output dtype, ``+-inf`` beyond its
+  range, so an overflowing exact value is compared against the infinity it must give.
 * :func:`assert_within` checks ``|got - expected| <= bound`` elementwise (NaN in ``got``
   fails) and reports the worst points by ``error / bound``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from mpmath import mpf
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -48,6 +55,15 @@ def cast(values: Sequence[float], dtype: torch.dtype) -> list[float]:
     """``values`` rounded to ``dtype`` (round to nearest), as exact Python floats."""
     t = torch.tensor(list(values), dtype=torch.float64).to(dtype)
     return t.to(torch.float64).tolist()
+
+
+def as_float(v: mpf, dtype: torch.dtype) -> float | None:
+    """``v`` rounded to ``dtype`` (inf beyond its range), as a Python float; ``None`` in the
+    band just above ``finfo.max`` where the rounding may go either way."""
+    limit = torch.finfo(dtype).max
+    if abs(v) > limit:
+        return math.copysign(math.inf, v) if abs(v) > limit * (1 + torch.finfo(dtype).eps) else None
+    return float(v)
 
 
 def assert_within(

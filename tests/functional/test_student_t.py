@@ -19,7 +19,13 @@ import torch
 from mpmath import mp, mpf
 
 from probloss.functional import normal_log_prob, student_t_log_prob
-from tests.functional._checks import FLOAT_DTYPES, HALF_DTYPES, assert_within, dtype_id
+from tests.functional._checks import (
+    FLOAT_DTYPES,
+    HALF_DTYPES,
+    as_float,
+    assert_within,
+    dtype_id,
+)
 from tests.functional.location_scale_reference import (
     DF_GRAD_RTOL,
     RTOL,
@@ -29,7 +35,6 @@ from tests.functional.location_scale_reference import (
     result_dtype,
     student_t_ref,
 )
-from tests.functional.test_normal_edges import _as_float
 
 
 def test_student_t_df_must_be_positive():
@@ -233,7 +238,7 @@ def test_student_t_df_gradient_at_subnormal_df_beyond_sqrt_df_against_mpmath(dty
         df_t, x_t = (torch.tensor(v, dtype=torch.float64).to(dtype) for v in (df, x))
         with mp.workdps(50):
             exact = _student_t_d_df(x_t.item(), df_t.item())
-        ref = _as_float(exact, dtype)
+        ref = as_float(exact, dtype)
         leaf = df_t.clone().requires_grad_()
         zero = torch.zeros((), dtype=dtype)
         student_t_log_prob(x_t, leaf, zero, zero).backward()
