@@ -13,8 +13,10 @@ involved (tested: within ``1e-5`` (float32) / ``1e-12`` (float64) times the sum 
 magnitudes of the terms, in value and every gradient). The fused kernels run on CPU where
 ``exp`` of ``log_scale`` is a normal float and, for the bivariate one, ``|atanh_rho|`` is
 below 42.3 (float32) / 352.8 (float64), where its backward cannot overflow (one ``aminmax``
-pass each decides); elsewhere, off the CPU and while compiling, the plain path runs by
-itself, so no input is out of bounds. A component whose residual or quadratic form
+pass each decides); elsewhere, off the CPU, while compiling and under ``torch.func``
+transforms, the plain path runs by itself, so no input is out of bounds. Forward and
+backward are operators (:func:`~probloss._core.ops.kernel_op`) under a ``setup_context``
+``autograd.Function``. A component whose residual or quadratic form
 overflows (``1e6`` at ``log_scale = -80`` in float32) has term ``-inf`` and gradient
 exactly 0 in both paths. The fused backward is not itself differentiated: a double backward
 (``create_graph=True``, Hessians, ``gradgradcheck``) recomputes the gradients through the
@@ -34,6 +36,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..._core.ops import host_readable
 from .._params import split_residual, sum_to_size_rescaled
 
 # Event sizes up to this are handled one (*, K) coordinate plane at a time; larger ones with
@@ -99,12 +102,12 @@ def _rescue_overflowed_residuals_(z: Tensor, value: Tensor, loc: Tensor, log_sca
     where it is beyond the float range: :func:`~probloss.functional._params.split_residual`,
     as in the plain path (bitwise). Returns
     whether any entry was recomputed. Called only where some ``z`` is infinite or some
-    term ``-inf`` (one host read of a reduction: the fused kernels run on CPU only).
+    term ``-inf`` (one host read of a reduction, where :func:`host_readable`).
     """
     r, m = split_residual(value.unsqueeze(-2), loc)
     over = m != 1  # m = 2 exactly where a difference of finite numbers overflowed
-    if not bool(over.any()):
-        return False
+    if host_readable(over) and not bool(over.any()):
+        return False  # unread (an accelerator): recomputed, counted as changed
     z.copy_(torch.where(over, (r * torch.exp(-log_scale)) * m, z))
     return True
 
@@ -119,7 +122,10 @@ def _joint_init(logits: Tensor, shape: torch.Size) -> tuple[Tensor, Tensor]:
 
 def _any_dead(j: Tensor) -> bool:
     """Whether some joint term is ``-inf`` (or NaN): one ``amin`` pass, read on the host
-    (the fused kernels run on CPU only, never while tracing). False in the common case."""
+    where :func:`host_readable` (else True: the fill after it is then always done, which is
+    exact either way). False in the common case."""
+    if not host_readable(j):
+        return True
     return j.numel() > 0 and not bool(j.amin() > -math.inf)
 
 
@@ -203,6 +209,27 @@ def _double_backward(ctx, grad: Tensor, plain) -> tuple[Tensor | None, ...]:
     return tuple(next(grads) if need else None for need in ctx.needs_input_grad)
 
 
+def _fused_outputs_fake(value: Tensor, logits: Tensor, loc: Tensor, log_scale: Tensor, *rest):
+    """Shapes of the fused forwards: ``(log p (*), z (*, K, D), r (*, K), pi)``."""
+    shape = torch.broadcast_shapes(
+        (*value.shape[:-1], 1), logits.shape, loc.shape[:-1], log_scale.shape[:-1],
+        *(t.shape for t in rest),
+    )  # fmt: skip
+    return (
+        value.new_empty(shape[:-1]),
+        value.new_empty((*shape, value.shape[-1])),
+        value.new_empty(shape),
+        logits.new_empty(logits.shape),
+    )
+
+
+def _grads_fake(inputs: tuple[Tensor, ...], needed: tuple[bool, ...]) -> tuple[Tensor, ...]:
+    """Shapes of the fused backwards: each input's gradient, or an empty tensor if unneeded."""
+    return tuple(
+        t.new_empty(t.shape if n else (0,)) for t, n in zip(inputs, needed, strict=True)
+    )
+
+
 def _without_dead_components(
     components, value: Tensor, loc: Tensor, *params: tuple[Tensor, float | Tensor, int]
 ) -> Tensor:
@@ -226,7 +253,7 @@ def _without_dead_components(
     """
     x = value.unsqueeze(-2)
     tensors = [t for t, _, _ in params]
-    if loc.device.type == "cpu" and not torch.compiler.is_compiling():
+    if host_readable(value, loc, *tensors):
         first = components(x, loc, *tensors)
         dead = (first == -math.inf).detach()
         if not bool(dead.any()):
@@ -248,9 +275,13 @@ def _without_dead_components(
     return torch.where(dead, -math.inf, components(*safe))
 
 
-def _in_fused_domain(log_scale: Tensor, atanh_rho: Tensor | None = None) -> bool:
-    """Whether the fused kernels are exact here: on CPU, ``|log_scale|`` and ``|atanh_rho|``
-    below the bounds of :func:`_fused_bounds`.
+def _in_fused_domain(
+    log_scale: Tensor, atanh_rho: Tensor | None = None, others: tuple[Tensor, ...] = ()
+) -> bool:
+    """Whether the fused kernels run here: ``log_scale``, ``atanh_rho`` and the kernel's
+    ``others`` inputs :func:`~probloss._core.ops.host_readable` (eager, on the CPU, no
+    ``torch.func`` transform), ``|log_scale|`` and ``|atanh_rho|`` below the bounds of
+    :func:`_fused_bounds`.
 
     The kernels take ``exp`` of ``log_scale``, which must be a normal float:
     ``|log_scale| < -log(tiny) - 1`` (86 in float32, 707 in float64). The bivariate
@@ -262,19 +293,19 @@ def _in_fused_domain(log_scale: Tensor, atanh_rho: Tensor | None = None) -> bool
     limits them: a standardised residual or quadratic form beyond the float range makes its
     component's term ``-inf`` and its gradient exactly 0 (:func:`_clear_dead_`), which is
     exact, since its responsibility is below any float. One ``aminmax`` pass per tensor
-    decides, free to read on CPU (the kernels read such reductions too: they run on CPU
-    only). On an accelerator reading it would wait for the device, and while tracing
-    (``torch.compile``) it would break the graph, so there the plain path (exact for every
-    input) is always taken: the result never depends on which path runs.
+    decides, free to read on CPU (the kernels read such reductions too). On an accelerator
+    reading it would wait for the device, while tracing (``torch.compile``) it would break
+    the graph and under ``torch.func`` a batched tensor has no single value, so there the
+    plain path (exact for every input) is always taken: the result never depends on which
+    path runs.
     """
-    if torch.compiler.is_compiling():
+    optional = () if atanh_rho is None else (atanh_rho,)
+    if not host_readable(log_scale, *optional, *others):
         return False
     checks = [(log_scale, _fused_bounds(log_scale.dtype)[0])]
     if atanh_rho is not None:
         checks.append((atanh_rho, _fused_bounds(atanh_rho.dtype)[1]))
     for t, bound in checks:
-        if t.device.type != "cpu":
-            return False
         if t.numel() == 0:
             continue
         low, high = torch.aminmax(t)

@@ -5,8 +5,8 @@ r"""Inputs and outputs of the mixture log densities and NLLs: shapes, dtypes, Na
   the expected layout and where ``K`` and ``D`` came from;
 * :func:`_targets`: the NLLs' ``nan_policy``, NaN events rejected or masked;
 * :func:`_mixture_nll`: the steps every reduced mixture loss takes around its density;
-* :func:`_grad_to`, :func:`_grads_to`: the fused backwards' gradients summed to the shapes
-  of their (broadcast) inputs.
+* :func:`_grad_to`, :func:`_grads_to`, :func:`_filled_grads`: the fused backwards'
+  gradients summed to the shapes of their (broadcast) inputs.
 
 (The samplers and summaries check theirs with
 :func:`probloss._core.shapes.mixture_parameters`.)
@@ -150,3 +150,12 @@ def _grads_to(
 ) -> tuple[Tensor | None, ...]:
     """:func:`_grad_to` of each gradient and its input: a backward's return value."""
     return tuple(_grad_to(g, t, n) for g, t, n in zip(grads, inputs, needed, strict=True))
+
+
+def _filled_grads(
+    grads: tuple[Tensor | None, ...], inputs: tuple[Tensor, ...], needed: tuple[bool, ...]
+) -> tuple[Tensor, ...]:
+    """:func:`_grads_to` for an operator, which returns tensors only: an unneeded gradient
+    is an empty tensor (the ``autograd.Function`` turns it into None)."""
+    summed = _grads_to(grads, inputs, needed)
+    return tuple(t.new_empty(0) if g is None else g for g, t in zip(summed, inputs, strict=True))

@@ -47,83 +47,12 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ...special import log1mexp, log_cosh, mul_exp
+from ..._core.ops import host_readable, kernel_op
+from ...special import log_cosh, mul_exp
+from ._quarter_logs import _qadd, _qlog, _qlse, _qsum, _qvalue, _qzero, _two_sum
 from ._weights import _half_mixture_mean, _weights
 
 _LOG2_4 = math.log(2.0) / 4.0
-
-
-# ---------------------------------------------------------------- signed quarter-logs
-# A real number x is carried as (L, E, S) with x = S e^{4 (L + E)}: L + E = log|x| / 4 as a
-# double-float (E the low part, |E| <= ulp(L) / 2), S = sign(x); zero is (-inf, 0, 0).
-
-
-def _two_sum(a: Tensor, b) -> tuple[Tensor, Tensor]:
-    """``(s, e)`` with ``s = fl(a + b)`` and ``s + e = a + b`` exactly (Knuth's TwoSum);
-    ``e = 0`` where ``s`` is not finite (an infinite exponent has no low part)."""
-    s = a + b
-    bb = s - a
-    e = (a - (s - bb)) + (b - bb)
-    return s, torch.where(torch.isfinite(s), e, 0.0)
-
-
-def _qadd(*terms) -> tuple[Tensor, Tensor]:
-    """The double-float sum of ``(L, E)`` pairs (``E`` may be 0.0: an exact float), i.e.
-    the quarter-log of a product. Each step is a TwoSum of the high parts, whose error
-    joins the low parts, then renormalised (``|E| <= ulp(L) / 2``, so that pairs compare
-    by ``L`` first); exact unless the sum needs more than 106 bits."""
-    h, e = terms[0]
-    for h2, e2 in terms[1:]:
-        h, err = _two_sum(h, h2)
-        h, e = _two_sum(h, (err + e) + e2)  # |err + e + e2| << |h|: fast renormalisation
-    return h, e
-
-
-def _qlog(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(log|x| / 4, 0, sign x)``; 0 is ``(-inf, 0, 0)``."""
-    return torch.log(x.abs()) / 4.0, torch.zeros_like(x), torch.sign(x)
-
-
-def _qzero(L: Tensor, E: Tensor, S: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(L, E, S)`` where ``keep``, else exactly zero (``L`` replaced: no ``-inf + inf``)."""
-    return torch.where(keep, L, -math.inf), torch.where(keep, E, 0.0), torch.where(keep, S, 0.0)
-
-
-def _qlse(L: Tensor, E: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """``log(sum e^{4 (L + E)}) / 4`` along ``dim``: the shift by the (finite) largest pair
-    keeps every ``4 (L + E - top) <= 0`` (``L - top`` exact where it matters: Sterbenz), so
-    nothing overflows although ``4 L`` may."""
-    top = L.amax(dim, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, 0.0)  # all -inf: the sum is 0, log -inf
-    top_e = torch.where(L == top, E, -math.inf).amax(dim, keepdim=True)
-    top_e = torch.where(torch.isfinite(top_e), top_e, 0.0)
-    d = (L - top) + (E - top_e)
-    log_sum = torch.log(torch.exp(4.0 * d).sum(dim, keepdim=True)) / 4.0
-    h, e = _qadd((top, top_e), (log_sum, 0.0))
-    return h.squeeze(dim), e.squeeze(dim)
-
-
-def _qsum(L: Tensor, E: Tensor, S: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Signed sum along ``dim``: positive and negative parts by :func:`_qlse`, then
-    ``e^{4P} - e^{4N} = +-e^{4 max} (1 - e^{-4 |P - N|})`` (``log1mexp``), with ``P - N``
-    formed from the double-floats; an exact cancellation (or no term) is 0."""
-    pos, pos_e = _qlse(torch.where(S > 0, L, -math.inf), torch.where(S > 0, E, 0.0), dim)
-    neg, neg_e = _qlse(torch.where(S < 0, L, -math.inf), torch.where(S < 0, E, 0.0), dim)
-    gap = (pos - neg) + (pos_e - neg_e)  # NaN where both are -inf (or both +inf)
-    alive = (gap != 0) & ~torch.isnan(gap)
-    up = gap > 0
-    size = torch.where(alive, gap.abs(), 1.0)
-    h, e = _qadd(
-        (torch.where(up, pos, neg), torch.where(up, pos_e, neg_e)),
-        (log1mexp(4.0 * size) / 4.0, 0.0),
-    )
-    return _qzero(h, e, torch.where(up, 1.0, -1.0), alive)
-
-
-def _qvalue(L: Tensor, E: Tensor, S: Tensor) -> Tensor:
-    """``S e^{4 (L + E)}`` (``+-inf`` beyond the range; 0 for ``S = 0``)."""
-    x = torch.where(S == 0, 0.0, L + E)
-    return torch.where(S == 0, 0.0, S * torch.exp(4.0 * x))
 
 
 # ---------------------------------------------------------------- the moments
@@ -232,113 +161,234 @@ def log_row_norm(scale_tril: Tensor) -> Tensor:
     return torch.log(m) + 0.5 * torch.log((scale_tril / m.unsqueeze(-1)).square().sum(-1))
 
 
+def _second_moments_value(logits, loc, log_scale, atanh_rho, bivariate: bool) -> Tensor:
+    """``C (*, P)`` in the dtype of ``logits``: the direct sums, and where one is not finite
+    the same sum in signed quarter-logs (both formed unless the direct ones are all finite
+    and :func:`host_readable`: a CPU fast path reading one reduction)."""
+    dtype, wide = logits.dtype, _wide(logits.dtype)
+    inputs = _to(wide, logits, loc, log_scale, atanh_rho)
+    c = _value(_Terms(*inputs, bivariate, quarter=False))
+    bad = ~torch.isfinite(c)
+    if host_readable(c) and not bool(bad.any()):
+        return c.to(dtype)  # nothing to replace
+    w = _Terms(*inputs, bivariate, quarter=True)
+    return torch.where(bad, _qvalue(*w.q_C()), c).to(dtype)
+
+
+def _moments_fake(logits: Tensor, loc: Tensor, log_scale: Tensor, *atanh_rho: Tensor) -> Tensor:
+    batch = torch.broadcast_shapes(logits.shape[:-1], loc.shape[:-2], log_scale.shape[:-2])
+    pairs = 3 if atanh_rho else loc.shape[-1]
+    return logits.new_empty((*batch, pairs))
+
+
+@kernel_op("diagonal_mixture_second_moments", event_dims=(1, 2, 2), fake=_moments_fake)
+def _diagonal_moments(logits: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
+    """The forward of :class:`_SecondMoments` for a diagonal mixture: ``(*, D)``."""
+    return _second_moments_value(logits, loc, log_scale, None, False)
+
+
+@kernel_op("bivariate_mixture_second_moments", event_dims=(1, 2, 2, 1), fake=_moments_fake)
+def _bivariate_moments(logits: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor) -> Tensor:
+    """The forward of :class:`_SecondMoments` for a bivariate mixture: ``(c11, c12, c22)``."""
+    return _second_moments_value(logits, loc, log_scale, atanh_rho, True)
+
+
 class _SecondMoments(torch.autograd.Function):
+    """The moments of :func:`second_moments` with the hand-written backward (module
+    docstring). ``log_scale`` is given (detached, in the wide dtype) also for a
+    full-covariance mixture, whose gradient goes to ``scale_tril`` instead."""
+
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, logits, loc, log_scale, atanh_rho, bivariate, scale_tril):
-        ctx.bivariate = bivariate
-        dtype, wide = logits.dtype, _wide(logits.dtype)
-        if scale_tril is not None:  # sigma_ki^2 = sum_j L_kij^2; its backward is by L
-            log_scale = log_row_norm(scale_tril.to(wide))
+    def forward(logits, loc, log_scale, atanh_rho, bivariate: bool, scale_tril):
+        if bivariate:
+            return _bivariate_moments(logits, loc, log_scale, atanh_rho)
+        return _diagonal_moments(logits, loc, log_scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        logits, loc, log_scale, atanh_rho, ctx.bivariate, scale_tril = inputs
         ctx.save_for_backward(logits, loc, log_scale, atanh_rho, scale_tril)
-        inputs = _to(wide, logits, loc, log_scale, atanh_rho)
-        c = _value(_Terms(*inputs, bivariate, quarter=False))
-        bad = ~torch.isfinite(c)
-        if c.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(bad.any()):
-            return c.to(dtype)  # CPU fast path: nothing to replace (reads the host only on CPU)
-        w = _Terms(*inputs, bivariate, quarter=True)
-        return torch.where(bad, _qvalue(*w.q_C()), c).to(dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
         logits, loc, log_scale, atanh_rho, scale_tril = ctx.saved_tensors
-        dtype, wide = g.dtype, _wide(g.dtype)
-        logits, loc, log_scale, atanh_rho, scale_tril, g = _to(
-            wide, logits, loc, log_scale, atanh_rho, scale_tril, g
-        )
-        t = w = _Terms(logits, loc, log_scale, atanh_rho, ctx.bivariate, quarter=True)
-        Lg, Eg, Sg = _qlog(g.unsqueeze(-2))  # (*, 1, P)
-        Lg, Eg, Sg = _qzero(Lg, Eg, Sg, Sg != 0)
         need = ctx.needs_input_grad
-        grads = [None] * 6
-
-        def pick(direct, L, E, S):
-            return torch.where(torch.isfinite(direct), direct, _qvalue(L, E, S)).to(dtype)
-
-        if need[0]:  # sum_p g_p pi_k (Q_kp - C_p)
-            c = _value(t).unsqueeze(-2)
-            q = t.sigma() + t.pi_dev(t.I) * t.dev(t.J)  # pi_k Q_kp
-            direct = (
-                g.unsqueeze(-2) * (q - mul_exp(c / t.total.unsqueeze(-1), t.log_w.unsqueeze(-1)))
-            ).sum(-1)
-            direct = torch.where(t.zero, 0.0, direct)
-            (LQ, EQ, SQ), (LC, EC, SC) = w.q_Q(), w.q_C()
-            LC, EC, SC = (x.unsqueeze(-2).expand_as(LQ) for x in (LC, EC, SC))
-            st = (torch.stack(x, -1) for x in ((LQ, LC), (EQ, EC), (SQ, -SC)))
-            L, E, S = _qsum(*st, -1)
-            L, E, S = _qsum(*_qadd((L, E), w.pi(1), (Lg, Eg)), S * Sg, -1)
-            grads[0] = pick(direct, *_qzero(L, E, S, ~w.zero))
-        if need[1] or need[2]:
-            # contributions of pair p to coordinate I[p] and to J[p]: (*, K, P, 2)
-            D = loc.shape[-1]
-            target = torch.tensor([t.I, t.J], device=loc.device).T  # (P, 2)
-            onehot = target.unsqueeze(-1) == torch.arange(D, device=loc.device)  # (P, 2, D)
-
-            def scatter(direct_pk, L_pk, E_pk, S_pk):
-                """``sum_p`` of ``(*, K, P, 2)`` contributions into ``(*, K, D)``."""
-                d = torch.where(onehot, direct_pk.unsqueeze(-1), 0.0).sum((-3, -2))
-                Lx = torch.where(onehot, L_pk.unsqueeze(-1), -math.inf).flatten(-3, -2)
-                Ex = torch.where(onehot, E_pk.unsqueeze(-1), 0.0).flatten(-3, -2)
-                Sx = torch.where(onehot, S_pk.unsqueeze(-1), 0.0).flatten(-3, -2)
-                return pick(d, *_qsum(Lx, Ex, Sx, -2))
-
-            gg = g.unsqueeze(-2).unsqueeze(-1)  # (*, 1, P, 1)
-            qg2, Sg2 = (Lg.unsqueeze(-1), Eg.unsqueeze(-1)), Sg.unsqueeze(-1)
-            if need[1]:  # g_p pi_k d_{k, other coordinate}
-                other = torch.stack((t.pi_dev(t.J), t.pi_dev(t.I)), -1)
-                Lo = torch.stack((w.Ld[..., w.J], w.Ld[..., w.I]), -1)
-                Eo = torch.stack((w.Ed[..., w.J], w.Ed[..., w.I]), -1)
-                So = torch.stack((w.Sd[..., w.J], w.Sd[..., w.I]), -1)
-                L, E = _qadd((Lo, Eo), w.pi(1, 1), qg2)
-                grads[1] = scatter(gg * other, *_qzero(L, E, So * Sg2, So * Sg2 != 0))
-            if need[2]:  # g_p pi_k Sigma_kp, to both coordinates
-                sig = t.sigma().unsqueeze(-1).expand(*t.sigma().shape, 2)
-                Ls, Es, Ss = w.q_sigma()
-                L, E = _qadd((Ls.unsqueeze(-1), Es.unsqueeze(-1)), w.pi(1, 1), qg2)
-                S = Ss.unsqueeze(-1) * Sg2
-                L, E, S = _qzero(L, E, S, S != 0)
-                grads[2] = scatter(gg * sig, *(x.expand_as(sig) for x in (L, E, S)))
-        if atanh_rho is not None and need[3]:  # sum_{p off} g_p pi_k sech^2(a_k) s_i s_j
-            lc = 2.0 * log_cosh(t.a).unsqueeze(-1)
-            ls = t.ls[..., t.I] + t.ls[..., t.J]
-            gp = torch.where(t.off, g.unsqueeze(-2), 0.0)
-            direct = mul_exp(gp / t.total.unsqueeze(-1), t.log_w.unsqueeze(-1) + ls - lc).sum(-1)
-            direct = torch.where(t.zero, 0.0, direct)
-            L, E = _qadd(
-                (w.Ls[..., w.I], 0.0),
-                (w.Ls[..., w.J], 0.0),
-                (-2.0 * log_cosh(w.a).unsqueeze(-1) / 4.0, 0.0),
-                w.pi(1),
-                (Lg, Eg),
-            )
-            S = Sg * w.off
-            L, E, S = _qzero(L, E, S, (S != 0) & ~w.zero.unsqueeze(-1))
-            grads[3] = pick(direct, *_qsum(L, E, S, -1))
-        if scale_tril is not None and need[5]:  # 2 g_i pi_k L_kij (diagonal pairs only)
-            gi = g.unsqueeze(-2).unsqueeze(-1)  # (*, 1, D, 1)
-            log_w = t.log_w[..., None, None]
-            direct = mul_exp(gi * scale_tril / t.total[..., None, None], log_w + math.log(2.0))
-            Ll, El, Sl = _qlog(scale_tril)
-            L, E = _qadd(w.pi(1, 1), (Lg.unsqueeze(-1), Eg.unsqueeze(-1)), (Ll, El), (_LOG2_4, 0.0))
-            S = Sg.unsqueeze(-1) * Sl
-            L, E, S = _qzero(L, E, S, (S != 0) & ~w.zero[..., None, None])
-            direct = torch.where(w.zero[..., None, None], 0.0, direct)
-            grads[5] = pick(direct, L, E, S)
-        return tuple(grads)
+        if scale_tril is not None:
+            grads = _tril_moment_grads(g, logits, loc, log_scale, scale_tril, *need[:2], need[5])
+            grads = (*grads[:2], None, None, None, grads[2])
+        elif ctx.bivariate:
+            grads = (*_bivariate_moment_grads(g, logits, loc, log_scale, atanh_rho, *need[:4]),)
+        else:
+            grads = _diagonal_moment_grads(g, logits, loc, log_scale, *need[:3])
+        grads = (*grads, *(None,) * (6 - len(grads)))
+        return tuple(x if n else None for x, n in zip(grads, need, strict=True))
 
 
 def _to(dtype, *tensors):
     return tuple(None if x is None else x.to(dtype) for x in tensors)
+
+
+def _moment_grads(g, logits, loc, log_scale, atanh_rho, scale_tril, bivariate, need) -> list:
+    """The gradients of :class:`_SecondMoments` by its six inputs (None where not in
+    ``need``), from the identities of the module docstring."""
+    dtype, wide = g.dtype, _wide(g.dtype)
+    logits, loc, log_scale, atanh_rho, scale_tril, g = _to(
+        wide, logits, loc, log_scale, atanh_rho, scale_tril, g
+    )
+    t = w = _Terms(logits, loc, log_scale, atanh_rho, bivariate, quarter=True)
+    Lg, Eg, Sg = _qlog(g.unsqueeze(-2))  # (*, 1, P)
+    Lg, Eg, Sg = _qzero(Lg, Eg, Sg, Sg != 0)
+    grads = [None] * 6
+
+    def pick(direct, L, E, S):
+        return torch.where(torch.isfinite(direct), direct, _qvalue(L, E, S)).to(dtype)
+
+    if need[0]:  # sum_p g_p pi_k (Q_kp - C_p)
+        c = _value(t).unsqueeze(-2)
+        q = t.sigma() + t.pi_dev(t.I) * t.dev(t.J)  # pi_k Q_kp
+        direct = (
+            g.unsqueeze(-2) * (q - mul_exp(c / t.total.unsqueeze(-1), t.log_w.unsqueeze(-1)))
+        ).sum(-1)
+        direct = torch.where(t.zero, 0.0, direct)
+        (LQ, EQ, SQ), (LC, EC, SC) = w.q_Q(), w.q_C()
+        LC, EC, SC = (x.unsqueeze(-2).expand_as(LQ) for x in (LC, EC, SC))
+        st = (torch.stack(x, -1) for x in ((LQ, LC), (EQ, EC), (SQ, -SC)))
+        L, E, S = _qsum(*st, -1)
+        L, E, S = _qsum(*_qadd((L, E), w.pi(1), (Lg, Eg)), S * Sg, -1)
+        grads[0] = pick(direct, *_qzero(L, E, S, ~w.zero))
+    if need[1] or need[2]:
+        # contributions of pair p to coordinate I[p] and to J[p]: (*, K, P, 2)
+        D = loc.shape[-1]
+        target = torch.tensor([t.I, t.J], device=loc.device).T  # (P, 2)
+        onehot = target.unsqueeze(-1) == torch.arange(D, device=loc.device)  # (P, 2, D)
+
+        def scatter(direct_pk, L_pk, E_pk, S_pk):
+            """``sum_p`` of ``(*, K, P, 2)`` contributions into ``(*, K, D)``."""
+            d = torch.where(onehot, direct_pk.unsqueeze(-1), 0.0).sum((-3, -2))
+            Lx = torch.where(onehot, L_pk.unsqueeze(-1), -math.inf).flatten(-3, -2)
+            Ex = torch.where(onehot, E_pk.unsqueeze(-1), 0.0).flatten(-3, -2)
+            Sx = torch.where(onehot, S_pk.unsqueeze(-1), 0.0).flatten(-3, -2)
+            return pick(d, *_qsum(Lx, Ex, Sx, -2))
+
+        gg = g.unsqueeze(-2).unsqueeze(-1)  # (*, 1, P, 1)
+        qg2, Sg2 = (Lg.unsqueeze(-1), Eg.unsqueeze(-1)), Sg.unsqueeze(-1)
+        if need[1]:  # g_p pi_k d_{k, other coordinate}
+            other = torch.stack((t.pi_dev(t.J), t.pi_dev(t.I)), -1)
+            Lo = torch.stack((w.Ld[..., w.J], w.Ld[..., w.I]), -1)
+            Eo = torch.stack((w.Ed[..., w.J], w.Ed[..., w.I]), -1)
+            So = torch.stack((w.Sd[..., w.J], w.Sd[..., w.I]), -1)
+            L, E = _qadd((Lo, Eo), w.pi(1, 1), qg2)
+            grads[1] = scatter(gg * other, *_qzero(L, E, So * Sg2, So * Sg2 != 0))
+        if need[2]:  # g_p pi_k Sigma_kp, to both coordinates
+            sig = t.sigma().unsqueeze(-1).expand(*t.sigma().shape, 2)
+            Ls, Es, Ss = w.q_sigma()
+            L, E = _qadd((Ls.unsqueeze(-1), Es.unsqueeze(-1)), w.pi(1, 1), qg2)
+            S = Ss.unsqueeze(-1) * Sg2
+            L, E, S = _qzero(L, E, S, S != 0)
+            grads[2] = scatter(gg * sig, *(x.expand_as(sig) for x in (L, E, S)))
+    if atanh_rho is not None and need[3]:  # sum_{p off} g_p pi_k sech^2(a_k) s_i s_j
+        lc = 2.0 * log_cosh(t.a).unsqueeze(-1)
+        ls = t.ls[..., t.I] + t.ls[..., t.J]
+        gp = torch.where(t.off, g.unsqueeze(-2), 0.0)
+        direct = mul_exp(gp / t.total.unsqueeze(-1), t.log_w.unsqueeze(-1) + ls - lc).sum(-1)
+        direct = torch.where(t.zero, 0.0, direct)
+        L, E = _qadd(
+            (w.Ls[..., w.I], 0.0),
+            (w.Ls[..., w.J], 0.0),
+            (-2.0 * log_cosh(w.a).unsqueeze(-1) / 4.0, 0.0),
+            w.pi(1),
+            (Lg, Eg),
+        )
+        S = Sg * w.off
+        L, E, S = _qzero(L, E, S, (S != 0) & ~w.zero.unsqueeze(-1))
+        grads[3] = pick(direct, *_qsum(L, E, S, -1))
+    if scale_tril is not None and need[5]:  # 2 g_i pi_k L_kij (diagonal pairs only)
+        gi = g.unsqueeze(-2).unsqueeze(-1)  # (*, 1, D, 1)
+        log_w = t.log_w[..., None, None]
+        direct = mul_exp(gi * scale_tril / t.total[..., None, None], log_w + math.log(2.0))
+        Ll, El, Sl = _qlog(scale_tril)
+        L, E = _qadd(w.pi(1, 1), (Lg.unsqueeze(-1), Eg.unsqueeze(-1)), (Ll, El), (_LOG2_4, 0.0))
+        S = Sg.unsqueeze(-1) * Sl
+        L, E, S = _qzero(L, E, S, (S != 0) & ~w.zero[..., None, None])
+        direct = torch.where(w.zero[..., None, None], 0.0, direct)
+        grads[5] = pick(direct, L, E, S)
+    return grads
+
+def _filled(grads, g: Tensor) -> tuple[Tensor, ...]:
+    """An operator returns tensors only: an unneeded gradient is an empty tensor."""
+    return tuple(g.new_empty(0) if gr is None else gr for gr in grads)
+
+
+def _moment_grads_fake(g: Tensor, *args) -> tuple[Tensor, ...]:
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    needed = [a for a in args if isinstance(a, bool)]
+    pairs = zip(tensors, needed, strict=True)
+    return tuple(t.new_empty(t.shape if n else (0,), dtype=g.dtype) for t, n in pairs)
+
+
+def _tril_grads_fake(g, logits, loc, log_scale, scale_tril, *needed) -> tuple[Tensor, ...]:
+    return _moment_grads_fake(g, logits, loc, scale_tril, *needed)
+
+
+@kernel_op(
+    "diagonal_mixture_second_moments_backward",
+    event_dims=(1, 1, 2, 2, None, None, None),
+    fake=_moment_grads_fake,
+)
+def _diagonal_moment_grads(
+    g: Tensor, logits: Tensor, loc: Tensor, log_scale: Tensor, n0: bool, n1: bool, n2: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of :class:`_SecondMoments` for a diagonal mixture (an operator: its
+    quarter-log graph is run, not traced, by ``torch.compile``)."""
+    grads = _moment_grads(g, logits, loc, log_scale, None, None, False, (n0, n1, n2, 0, 0, 0))
+    return _filled(grads[:3], g)
+
+
+@kernel_op(
+    "bivariate_mixture_second_moments_backward",
+    event_dims=(1, 1, 2, 2, 1, None, None, None, None),
+    fake=_moment_grads_fake,
+)
+def _bivariate_moment_grads(
+    g: Tensor,
+    logits: Tensor,
+    loc: Tensor,
+    log_scale: Tensor,
+    atanh_rho: Tensor,
+    n0: bool,
+    n1: bool,
+    n2: bool,
+    n3: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward of :class:`_SecondMoments` for a bivariate mixture."""
+    need = (n0, n1, n2, n3, False, False)
+    grads = _moment_grads(g, logits, loc, log_scale, atanh_rho, None, True, need)
+    return _filled(grads[:4], g)
+
+
+@kernel_op(
+    "tril_mixture_second_moments_backward",
+    event_dims=(1, 1, 2, 2, 3, None, None, None),
+    fake=_tril_grads_fake,
+)
+def _tril_moment_grads(
+    g: Tensor,
+    logits: Tensor,
+    loc: Tensor,
+    log_scale: Tensor,
+    scale_tril: Tensor,
+    n0: bool,
+    n1: bool,
+    n5: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of :class:`_SecondMoments` for a full-covariance mixture (its
+    ``log_scale`` is computed from ``scale_tril``: no gradient of its own)."""
+    need = (n0, n1, False, False, False, n5)
+    grads = _moment_grads(g, logits, loc, log_scale, None, scale_tril, False, need)
+    return _filled((grads[0], grads[1], grads[5]), g)
 
 
 def second_moments(
@@ -354,6 +404,8 @@ def second_moments(
     differentiated by ``L`` directly: ``2 pi_k L_kij``, where the chain through
     ``log sigma`` would form ``inf * 0``). Inputs expanded to ``(*, K, ...)``, in one
     compute dtype."""
+    if scale_tril is not None:  # sigma_ki^2 = sum_j L_kij^2; the backward is by L
+        log_scale = log_row_norm(scale_tril.detach().to(_wide(logits.dtype)))
     return _SecondMoments.apply(
         logits, loc, log_scale, atanh_rho, atanh_rho is not None, scale_tril
     )

@@ -13,12 +13,15 @@ import torch
 from torch import Tensor
 
 from ..._core.constants import LOG_2, LOG_2PI
+from ..._core.ops import host_readable, kernel_op
 from ...special.logsumexp import _row_softmax_
 from .._bivariate_forms import eigen_terms, gradient_pieces
 from ..bivariate import bivariate_normal_log_prob
 from ._fused import (
     _clear_dead_,
     _double_backward,
+    _fused_outputs_fake,
+    _grads_fake,
     _in_fused_domain,
     _joint_init,
     _location_scale_grads,
@@ -28,7 +31,7 @@ from ._fused import (
     _weighted_responsibilities,
     _without_dead_components,
 )
-from ._inputs import _bivariate_inputs, _grads_to, _mixture_nll
+from ._inputs import _bivariate_inputs, _filled_grads, _mixture_nll
 from .general import mixture_log_prob
 
 __all__ = [
@@ -46,6 +49,120 @@ def _plain_bivariate_mixture(
 
     lp = _without_dead_components(components, value, loc, (log_scale, 0.0, 1), (atanh_rho, 0.0, 0))
     return mixture_log_prob(lp, logits)
+
+
+def _bivariate_mixture_fake(value, logits, loc, log_scale, atanh_rho):
+    out = _fused_outputs_fake(value, logits, loc, log_scale, atanh_rho)
+    return (*out, torch.empty_like(out[0]))
+
+
+@kernel_op("bivariate_mixture_fused", event_dims=(1, 1, 2, 2, 1), fake=_bivariate_mixture_fake)
+def _bivariate_mixture_fused(
+    value: Tensor, logits: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward of :class:`_BivariateMixture`: ``(log p, z, r, pi, logsumexp(j))``, new."""
+    shape = torch.broadcast_shapes(
+        (*value.shape[:-1], 1), logits.shape, loc.shape[:-1], log_scale.shape[:-1],
+        atanh_rho.shape,
+    )  # fmt: skip
+    z = _standardized(value, loc, log_scale, shape)
+    # exact: |z| >= max gives Q >= z^2/2 = inf either way, and an infinite z would make
+    # M = (z1 - z2) e^a NaN where z1 = z2 = inf (checked first where host_readable, else
+    # always done; NaN compares False and is clamped to itself); an infinite z from a
+    # value - loc that overflowed is first recomputed (it may be finite)
+    big = torch.finfo(z.dtype).max
+    checked = host_readable(z) and z.numel() > 0
+    if not checked or not all(bool(abs(v) <= big) for v in torch.aminmax(z)):
+        _rescue_overflowed_residuals_(z, value, loc, log_scale)
+        z.clamp_(-big, big)
+    ea, inv_ea, p, m = eigen_terms(z, atanh_rho)
+    j, weights = _joint_init(logits, shape)
+    j.add_(ea.add_(inv_ea).log_())  # log cosh a + log 2
+    del ea, inv_ea
+    z1, z2 = z[..., 0], z[..., 1]
+    j.sub_(log_scale[..., 0]).sub_(log_scale[..., 1])
+    j.addcmul_(z1, z1, value=-0.25).addcmul_(z2, z2, value=-0.25)
+    j.addcmul_(p, p, value=-0.125).addcmul_(m, m, value=-0.125)
+    del p, m
+    _clear_dead_(z, j)
+    lse = _row_softmax_(j)
+    return lse - (LOG_2PI + LOG_2), z, j, weights, lse
+
+
+def _bivariate_mixture_backward_fake(
+    grad, value, logits, loc, log_scale, atanh_rho, z, resp, weights, lse, *needed
+):
+    return _grads_fake((value, logits, loc, log_scale, atanh_rho), needed)
+
+
+@kernel_op(
+    "bivariate_mixture_fused_backward",
+    event_dims=(0, 1, 1, 2, 2, 1, 2, 1, 1, 0, None, None, None, None, None),
+    fake=_bivariate_mixture_backward_fake,
+)
+def _bivariate_mixture_fused_backward(
+    grad: Tensor,
+    value: Tensor,
+    logits: Tensor,
+    loc: Tensor,
+    log_scale: Tensor,
+    atanh_rho: Tensor,
+    z: Tensor,
+    resp: Tensor,
+    weights: Tensor,
+    lse: Tensor,
+    need_value: bool,
+    need_logits: bool,
+    need_loc: bool,
+    need_log_scale: bool,
+    need_rho: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of :class:`_BivariateMixture` by each input (empty where not needed),
+    in place on fresh buffers (no input is modified)."""
+    inputs = (value, logits, loc, log_scale, atanh_rho)
+    needed = (need_value, need_logits, need_loc, need_log_scale, need_rho)
+    g, w = _weighted_responsibilities(grad, resp, lse)
+    d_value = d_logits = d_loc = d_log_scale = d_rho = None
+    if not (need_value or need_loc or need_log_scale or need_rho):
+        d_logits = _logits_grad_(w, weights, g) if need_logits else None
+        return _filled_grads((None, d_logits, None, None, None), inputs, needed)
+    # closed-form derivatives (_bivariate_forms.gradient_pieces), w multiplied in first
+    # so a component with no responsibility contributes exactly 0; every temporary is
+    # (*, K). e^{|a|} is finite in the fused kernel's domain (_fused_bounds).
+    sign, b, z1, _, _, s, ns = gradient_pieces(z, atanh_rho)
+    eb = torch.exp(b)
+    del b
+    z2 = z[..., 1]
+    if need_value or need_loc or need_log_scale:
+        wc = torch.addcmul(w, w, s, value=-1.0)  # w c, c = 1 - s = (1 + e^{-2|a|})/2
+        del s  # before the next (*, K) buffers: the backward's peak memory is here
+        t = torch.mul(wc, ns).mul_(eb).mul_(eb)  # w c n s e^{2|a|}
+        # A_i = w d(Q/2)/dz_i: A_1 = w c (z1 + n s e^{2|a|}), A_2 = w c z2 - sign t
+        a = torch.empty_like(z)
+        torch.addcmul(t, wc, z1, out=a[..., 0])
+        torch.mul(wc, z2, out=a[..., 1]).addcmul_(sign, t, value=-1.0)
+        del wc, t
+    if need_rho:
+        # d/da = w tanh a + sign u v, u = z1 e^{-|a|} + n s e^{|a|}, v = z2' e^{-|a|} -
+        # n s e^{|a|}, z2' = sign z2 (w multiplied into u first)
+        # in place where possible: the (*, K) buffers here set the backward's peak memory
+        n_e = ns.mul_(eb)
+        inv_eb = eb.reciprocal_()
+        v = torch.mul(z2, sign).mul_(inv_eb).sub_(n_e)
+        w_z1 = inv_eb.mul_(z1) if inv_eb.shape == z1.shape else inv_eb * z1
+        wu = n_e.mul_(w).add_(w_z1.mul_(w))  # w n s e^{|a|} + w z1 e^{-|a|}
+        d_rho = torch.tanh(atanh_rho)
+        d_rho = d_rho.mul_(w) if d_rho.shape == w.shape else d_rho * w
+        d_rho.addcmul_(wu.mul_(v), sign)
+        del n_e, inv_eb, w_z1, wu, v
+    del ns, eb, sign
+    if need_value or need_loc or need_log_scale:
+        planes = (need_value, need_loc, need_log_scale)
+        d_value, d_loc, d_log_scale = _location_scale_grads(a, z, w, log_scale, planes)
+    if need_logits:
+        d_logits = _logits_grad_(w, weights, g)
+    grads = (d_value, d_logits, d_loc, d_log_scale, d_rho)
+    return _filled_grads(grads, inputs, needed)
 
 
 class _BivariateMixture(torch.autograd.Function):
@@ -71,84 +188,29 @@ class _BivariateMixture(torch.autograd.Function):
     exact derivative does.
     """
 
-    @staticmethod
-    def forward(ctx, value, logits, loc, log_scale, atanh_rho) -> Tensor:
-        shape = torch.broadcast_shapes(
-            (*value.shape[:-1], 1), logits.shape, loc.shape[:-1], log_scale.shape[:-1],
-            atanh_rho.shape,
-        )  # fmt: skip
-        z = _standardized(value, loc, log_scale, shape)
-        # exact: |z| >= max gives Q >= z^2/2 = inf either way, and an infinite z would make
-        # M = (z1 - z2) e^a NaN where z1 = z2 = inf (checked first: CPU only, see
-        # _clear_dead_; NaN compares False and is clamped to itself); an infinite z from a
-        # value - loc that overflowed is first recomputed (it may be finite)
-        big = torch.finfo(z.dtype).max
-        if z.numel() and not all(bool(abs(v) <= big) for v in torch.aminmax(z)):
-            _rescue_overflowed_residuals_(z, value, loc, log_scale)
-            z.clamp_(-big, big)
-        ea, inv_ea, p, m = eigen_terms(z, atanh_rho)
-        j, weights = _joint_init(logits, shape)
-        j.add_(ea.add_(inv_ea).log_())  # log cosh a + log 2
-        del ea, inv_ea
-        z1, z2 = z[..., 0], z[..., 1]
-        j.sub_(log_scale[..., 0]).sub_(log_scale[..., 1])
-        j.addcmul_(z1, z1, value=-0.25).addcmul_(z2, z2, value=-0.25)
-        j.addcmul_(p, p, value=-0.125).addcmul_(m, m, value=-0.125)
-        del p, m
-        _clear_dead_(z, j)
-        lse = _row_softmax_(j)
-        ctx.save_for_backward(value, logits, loc, log_scale, atanh_rho, z, j, weights, lse)
-        return lse - (LOG_2PI + LOG_2)
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def forward(value: Tensor, logits: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor):
+        return _bivariate_mixture_fused(value, logits, loc, log_scale, atanh_rho)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, z, resp, weights, lse = output
+        ctx.mark_non_differentiable(z, resp, weights, lse)
+        ctx.set_materialize_grads(False)  # no zero gradients formed for the extras
+        ctx.save_for_backward(*inputs, z, resp, weights, lse)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None, *_) -> tuple[Tensor | None, ...]:
+        if grad is None:  # grads are not materialised (none for the extras): a zero one
+            grad = torch.zeros_like(ctx.saved_tensors[-1])  # lse, of the output's shape
         if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
             return _double_backward(ctx, grad, _plain_bivariate_mixture)
-        value, logits, loc, log_scale, atanh_rho, z, resp, weights, lse = ctx.saved_tensors
-        inputs = (value, logits, loc, log_scale, atanh_rho)
-        need_value, need_logits, need_loc, need_log_scale, need_rho = ctx.needs_input_grad
-        g, w = _weighted_responsibilities(grad, resp, lse)
-        d_value = d_logits = d_loc = d_log_scale = d_rho = None
-        if not (need_value or need_loc or need_log_scale or need_rho):
-            d_logits = _logits_grad_(w, weights, g) if need_logits else None
-            return _grads_to((None, d_logits, None, None, None), inputs, ctx.needs_input_grad)
-        # closed-form derivatives (_bivariate_forms.gradient_pieces), w multiplied in first
-        # so a component with no responsibility contributes exactly 0; every temporary is
-        # (*, K). e^{|a|} is finite in the fused kernel's domain (_fused_bounds).
-        sign, b, z1, _, _, s, ns = gradient_pieces(z, atanh_rho)
-        eb = torch.exp(b)
-        del b
-        z2 = z[..., 1]
-        if need_value or need_loc or need_log_scale:
-            wc = torch.addcmul(w, w, s, value=-1.0)  # w c, c = 1 - s = (1 + e^{-2|a|})/2
-            del s  # before the next (*, K) buffers: the backward's peak memory is here
-            t = torch.mul(wc, ns).mul_(eb).mul_(eb)  # w c n s e^{2|a|}
-            # A_i = w d(Q/2)/dz_i: A_1 = w c (z1 + n s e^{2|a|}), A_2 = w c z2 - sign t
-            a = torch.empty_like(z)
-            torch.addcmul(t, wc, z1, out=a[..., 0])
-            torch.mul(wc, z2, out=a[..., 1]).addcmul_(sign, t, value=-1.0)
-            del wc, t
-        if need_rho:
-            # d/da = w tanh a + sign u v, u = z1 e^{-|a|} + n s e^{|a|}, v = z2' e^{-|a|} -
-            # n s e^{|a|}, z2' = sign z2 (w multiplied into u first)
-            # in place where possible: the (*, K) buffers here set the backward's peak memory
-            n_e = ns.mul_(eb)
-            inv_eb = eb.reciprocal_()
-            v = torch.mul(z2, sign).mul_(inv_eb).sub_(n_e)
-            w_z1 = inv_eb.mul_(z1) if inv_eb.shape == z1.shape else inv_eb * z1
-            wu = n_e.mul_(w).add_(w_z1.mul_(w))  # w n s e^{|a|} + w z1 e^{-|a|}
-            d_rho = torch.tanh(atanh_rho)
-            d_rho = d_rho.mul_(w) if d_rho.shape == w.shape else d_rho * w
-            d_rho.addcmul_(wu.mul_(v), sign)
-            del n_e, inv_eb, w_z1, wu, v
-        del ns, eb, sign
-        if need_value or need_loc or need_log_scale:
-            needed = (need_value, need_loc, need_log_scale)
-            d_value, d_loc, d_log_scale = _location_scale_grads(a, z, w, log_scale, needed)
-        if need_logits:
-            d_logits = _logits_grad_(w, weights, g)
-        grads = (d_value, d_logits, d_loc, d_log_scale, d_rho)
-        return _grads_to(grads, inputs, ctx.needs_input_grad)
+        grads = _bivariate_mixture_fused_backward(
+            grad, *ctx.saved_tensors, *ctx.needs_input_grad
+        )
+        return tuple(g if n else None for g, n in zip(grads, ctx.needs_input_grad, strict=True))
 
 
 def bivariate_normal_mixture_log_prob(
@@ -190,10 +252,11 @@ def bivariate_normal_mixture_log_prob(
         fused: on CPU, use the fused kernel with a hand-written backward (the default).
             Any input is fine: where the kernel's ``exp`` of ``log_scale`` would not be a
             normal float or its backward could overflow (``|atanh_rho|`` above 42 in
-            float32, 352 in float64), off the CPU and while compiling, the plain path
-            through ``bivariate_normal_log_prob`` is taken by itself, as it always is with
-            ``fused=False``; both paths agree (module docstring). A double backward
-            recomputes the gradients through the plain path.
+            float32, 352 in float64), off the CPU, while compiling and under
+            ``torch.func`` transforms, the plain path through ``bivariate_normal_log_prob``
+            is taken by itself, as it always is with ``fused=False``; both paths agree
+            (module docstring). A double backward recomputes the gradients through the
+            plain path.
 
     Returns:
         Tensor of shape ``(*)``, the broadcast batch shape (torch's broadcasting, as for
@@ -224,8 +287,8 @@ def bivariate_normal_mixture_log_prob(
 
 def _bivariate_mixture(value, logits, loc, log_scale, atanh_rho, fused: bool) -> Tensor:
     """The fused kernel where it is exact (see :func:`_in_fused_domain`), else the plain path."""
-    if fused and _in_fused_domain(log_scale, atanh_rho):
-        return _BivariateMixture.apply(value, logits, loc, log_scale, atanh_rho)
+    if fused and _in_fused_domain(log_scale, atanh_rho, others=(value, logits, loc)):
+        return _BivariateMixture.apply(value, logits, loc, log_scale, atanh_rho)[0]
     return _plain_bivariate_mixture(value, logits, loc, log_scale, atanh_rho)
 
 

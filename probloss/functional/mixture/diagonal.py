@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..._core.constants import HALF_LOG_2PI  # normal_log_prob's: bitwise-equal terms
+from ..._core.ops import kernel_op
 from ...special.logsumexp import _row_softmax_
 from ..normal import normal_log_prob
 from ._fused import (
@@ -19,6 +20,8 @@ from ._fused import (
     _any_dead,
     _clear_dead_,
     _double_backward,
+    _fused_outputs_fake,
+    _grads_fake,
     _in_fused_domain,
     _location_scale_grads,
     _logits_grad_,
@@ -28,7 +31,7 @@ from ._fused import (
     _weighted_responsibilities,
     _without_dead_components,
 )
-from ._inputs import _grads_to, _mixture_nll, _normal_inputs
+from ._inputs import _filled_grads, _mixture_nll, _normal_inputs
 from .general import mixture_log_prob
 
 __all__ = [
@@ -74,15 +77,87 @@ def _plain_normal_mixture(value: Tensor, logits: Tensor, loc: Tensor, log_scale:
     return mixture_log_prob(lp, logits)
 
 
+def _normal_mixture_fake(value, logits, loc, log_scale):
+    return _fused_outputs_fake(value, logits, loc, log_scale)
+
+
+@kernel_op("normal_mixture_fused", event_dims=(1, 1, 2, 2), fake=_normal_mixture_fake)
+def _normal_mixture_fused(
+    value: Tensor, logits: Tensor, loc: Tensor, log_scale: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward of :class:`_NormalMixture`: ``(log p, z, r, pi)``, each new."""
+    shape = torch.broadcast_shapes(
+        (*value.shape[:-1], 1), logits.shape, loc.shape[:-1], log_scale.shape[:-1]
+    )
+    z = _residuals(value, loc, shape)
+    inv_scale = torch.neg(log_scale).exp_()  # e^{-s}, bitwise the plain path's
+    z.mul_(inv_scale)  # see _standardized
+    log_w = torch.log_softmax(logits, -1)
+    weights = torch.exp(log_w)  # one pass; a second softmax kernel in the backward costs 3
+    # the buffer of e^{-s} is reused for the terms' (*, K, D) block when it has that shape
+    j = _normal_terms(z, log_w, log_scale, inv_scale if inv_scale.shape == z.shape else None)
+    del inv_scale
+    dead = _any_dead(j)
+    if dead and _rescue_overflowed_residuals_(z, value, loc, log_scale):
+        j = _normal_terms(z, log_w, log_scale)  # rare: a value - loc that overflowed
+    _clear_dead_(z, j, known_dead=dead)
+    lse = _row_softmax_(j)  # j is now the responsibilities
+    return lse, z, j, weights
+
+
+def _normal_mixture_backward_fake(
+    grad, value, logits, loc, log_scale, z, resp, weights, lse, *needed
+):
+    return _grads_fake((value, logits, loc, log_scale), needed)
+
+
+@kernel_op(
+    "normal_mixture_fused_backward",
+    event_dims=(0, 1, 1, 2, 2, 2, 1, 1, 0, None, None, None, None),
+    fake=_normal_mixture_backward_fake,
+)
+def _normal_mixture_fused_backward(
+    grad: Tensor,
+    value: Tensor,
+    logits: Tensor,
+    loc: Tensor,
+    log_scale: Tensor,
+    z: Tensor,
+    resp: Tensor,
+    weights: Tensor,
+    lse: Tensor,
+    need_value: bool,
+    need_logits: bool,
+    need_loc: bool,
+    need_log_scale: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of :class:`_NormalMixture` by each input (empty where not needed),
+    in place on fresh buffers (no input is modified)."""
+    g, w = _weighted_responsibilities(grad, resp, lse)
+    d_value = d_logits = d_loc = d_log_scale = None
+    if need_value or need_loc or need_log_scale:
+        # a = w d(Q/2)/dz = w z, Q/2 = sum_d z_d^2 / 2
+        needed = (need_value, need_loc, need_log_scale)
+        d_value, d_loc, d_log_scale = _location_scale_grads(
+            _planes_mul(z, w), z, w, log_scale, needed
+        )
+    if need_logits:
+        d_logits = _logits_grad_(w, weights, g)
+    inputs = (value, logits, loc, log_scale)
+    needed = (need_value, need_logits, need_loc, need_log_scale)
+    return _filled_grads((d_value, d_logits, d_loc, d_log_scale), inputs, needed)
+
+
 class _NormalMixture(torch.autograd.Function):
     """Diagonal normal mixture log density with a hand-written backward.
 
-    Forward: ``z = (x - mu) e^{-log sigma}`` (*, K, D); joint terms
-    ``j_k = log_softmax(l)_k + sum_d log N_kd`` rounded as the plain path rounds them
-    (:func:`_normal_terms`); ``log p = logsumexp(j)``, bitwise the plain path's value; ``j``
-    is turned into the responsibilities ``r`` in place. Saved: the inputs
-    (references), ``z``, ``r`` and the weights ``pi = softmax(l)``. With ``w = g r`` (``g``
-    the incoming gradient, 0 in rows whose value is ``-inf``)::
+    Forward (:func:`_normal_mixture_fused`): ``z = (x - mu) e^{-log sigma}`` (*, K, D);
+    joint terms ``j_k = log_softmax(l)_k + sum_d log N_kd`` rounded as the plain path
+    rounds them (:func:`_normal_terms`); ``log p = logsumexp(j)``, bitwise the plain
+    path's value; ``j`` is turned into the responsibilities ``r`` in place. Saved: the
+    inputs, ``z``, ``r`` and the weights ``pi = softmax(l)`` (extra outputs of the
+    operator, not differentiable). With ``w = g r`` (``g`` the incoming gradient, 0 in rows
+    whose value is ``-inf``), in :func:`_normal_mixture_fused_backward`::
 
         d/dlogits    = w - g pi             (in place into w, after its other uses)
         d/dloc       = w z / sigma          (= r (x - mu) / sigma^2)
@@ -90,48 +165,31 @@ class _NormalMixture(torch.autograd.Function):
         d/dvalue     = -sum_k d/dloc
 
     each formed with ``w`` multiplied in first, so that a component whose ``z^2/2``
-    overflowed (``r = 0``) contributes exactly 0.
+    overflowed (``r = 0``) contributes exactly 0. Applied only where
+    :func:`~._fused._in_fused_domain` (eager, CPU).
     """
 
-    @staticmethod
-    def forward(ctx, value: Tensor, logits: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
-        shape = torch.broadcast_shapes(
-            (*value.shape[:-1], 1), logits.shape, loc.shape[:-1], log_scale.shape[:-1]
-        )
-        z = _residuals(value, loc, shape)
-        inv_scale = torch.neg(log_scale).exp_()  # e^{-s}, bitwise the plain path's
-        z.mul_(inv_scale)  # see _standardized
-        log_w = torch.log_softmax(logits, -1)
-        weights = torch.exp(log_w)  # one pass; a second softmax kernel in the backward costs 3
-        # the buffer of e^{-s} is reused for the terms' (*, K, D) block when it has that shape
-        j = _normal_terms(z, log_w, log_scale, inv_scale if inv_scale.shape == z.shape else None)
-        del inv_scale
-        dead = _any_dead(j)
-        if dead and _rescue_overflowed_residuals_(z, value, loc, log_scale):
-            j = _normal_terms(z, log_w, log_scale)  # rare: a value - loc that overflowed
-        _clear_dead_(z, j, known_dead=dead)
-        lse = _row_softmax_(j)  # j is now the responsibilities
-        ctx.save_for_backward(value, logits, loc, log_scale, z, j, weights, lse)
-        return lse
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def forward(value: Tensor, logits: Tensor, loc: Tensor, log_scale: Tensor):
+        return _normal_mixture_fused(value, logits, loc, log_scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        lse, z, resp, weights = output
+        ctx.mark_non_differentiable(z, resp, weights)
+        ctx.set_materialize_grads(False)  # no zero gradients formed for the extras
+        ctx.save_for_backward(*inputs, z, resp, weights, lse)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None, *_) -> tuple[Tensor | None, ...]:
+        if grad is None:  # grads are not materialised (none for the extras): a zero one
+            grad = torch.zeros_like(ctx.saved_tensors[-1])  # lse, of the output's shape
         if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
             return _double_backward(ctx, grad, _plain_normal_mixture)
-        value, logits, loc, log_scale, z, resp, weights, lse = ctx.saved_tensors
-        need_value, need_logits, need_loc, need_log_scale = ctx.needs_input_grad
-        g, w = _weighted_responsibilities(grad, resp, lse)
-        d_value = d_logits = d_loc = d_log_scale = None
-        if need_value or need_loc or need_log_scale:
-            # a = w d(Q/2)/dz = w z, Q/2 = sum_d z_d^2 / 2
-            needed = (need_value, need_loc, need_log_scale)
-            d_value, d_loc, d_log_scale = _location_scale_grads(
-                _planes_mul(z, w), z, w, log_scale, needed
-            )
-        if need_logits:
-            d_logits = _logits_grad_(w, weights, g)
-        grads = (d_value, d_logits, d_loc, d_log_scale)
-        return _grads_to(grads, (value, logits, loc, log_scale), ctx.needs_input_grad)
+        grads = _normal_mixture_fused_backward(grad, *ctx.saved_tensors, *ctx.needs_input_grad)
+        return tuple(g if n else None for g, n in zip(grads, ctx.needs_input_grad, strict=True))
 
 
 def normal_mixture_log_prob(
@@ -168,9 +226,9 @@ def normal_mixture_log_prob(
             ``benchmarks/bench_mixture.py`` measures its speed and memory against the plain
             autograd path). Any input is fine: where the kernel's
             ``exp(log_scale)`` would not be a normal float, off the CPU (where the check
-            would wait for the device) and while compiling, the plain path is taken by
-            itself, and both paths agree (module docstring). ``fused=False`` always takes
-            the plain path (component densities from
+            would wait for the device), while compiling and under ``torch.func``
+            transforms, the plain path is taken by itself, and both paths agree (module
+            docstring). ``fused=False`` always takes the plain path (component densities from
             :func:`~probloss.functional.normal.normal_log_prob`). A double backward
             recomputes the gradients through the plain path.
 
@@ -204,8 +262,8 @@ def normal_mixture_log_prob(
 
 def _normal_mixture(value, logits, loc, log_scale, fused: bool) -> Tensor:
     """The fused kernel where it is exact (see :func:`_in_fused_domain`), else the plain path."""
-    if fused and _in_fused_domain(log_scale):
-        return _NormalMixture.apply(value, logits, loc, log_scale)
+    if fused and _in_fused_domain(log_scale, others=(value, logits, loc)):
+        return _NormalMixture.apply(value, logits, loc, log_scale)[0]
     return _plain_normal_mixture(value, logits, loc, log_scale)
 
 

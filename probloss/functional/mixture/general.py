@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..._core.dtype import as_loss_tensors
+from ..._core.ops import kernel_op
 from ..._core.validation import check_in_interval, should_validate
 from ...special.logsumexp import _exp_nonpositive, _finite_shift, _LogSumExp
 from ._inputs import _broadcast_batch, _grad_to
@@ -175,6 +176,17 @@ def _probs_mixture(lp: Tensor, probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return value, r, d_probs
 
 
+def _probs_mixture_fake(lp: Tensor, probs: Tensor) -> Tensor:
+    shape = torch.broadcast_shapes(lp.shape[:-1], probs.shape[:-1])
+    return lp.new_empty(shape, dtype=torch.promote_types(lp.dtype, probs.dtype))
+
+
+@kernel_op("probs_mixture", event_dims=(1, 1), fake=_probs_mixture_fake)
+def _probs_mixture_value(lp: Tensor, probs: Tensor) -> Tensor:
+    """The forward of :class:`_ProbsMixture`: ``log p`` of :func:`_probs_mixture`."""
+    return _probs_mixture(lp, probs)[0]
+
+
 class _ProbsMixture(torch.autograd.Function):
     """:func:`mixture_log_prob` from ``probs``, with the gradient of :func:`_probs_mixture`.
 
@@ -183,10 +195,15 @@ class _ProbsMixture(torch.autograd.Function):
     backward works), and is exactly 0 in rows whose value is ``-inf``.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, lp: Tensor, probs: Tensor) -> Tensor:
-        ctx.save_for_backward(lp, probs)
-        return _probs_mixture(lp, probs)[0]
+    def forward(lp: Tensor, probs: Tensor) -> Tensor:
+        return _probs_mixture_value(lp, probs)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:

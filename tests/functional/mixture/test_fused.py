@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from probloss.functional.mixture import (
+    _fused,
     bivariate_normal_mixture_log_prob,
     mixture_log_prob,
     normal_mixture_log_prob,
@@ -338,11 +339,11 @@ def test_zero_weight_component_beyond_the_float_range(fused, dtype):
 
 def test_fused_dispatch_takes_the_plain_path_while_compiling(monkeypatch):
     """The fused kernels' domain check reads a reduction on the host; while tracing
-    (``torch.compiler.is_compiling()``) it must not, and the plain path runs: the result's
+    (``host_readable`` False, patched here) it must not, and the plain path runs: the result's
     graph is the plain path's (``_LogSumExp`` at the top), its value that of
     ``fused=False`` exactly (the same operations)."""
     inputs = bivariate_inputs(4, 3, torch.float32, seed=200, spread=2.0)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(_fused, "host_readable", lambda *tensors: False)
     for fn, args in (
         (normal_mixture_log_prob, inputs[:4]),
         (bivariate_normal_mixture_log_prob, inputs),
@@ -386,7 +387,7 @@ def test_responsibilities_flushed_below_the_documented_threshold(dtype):
 def test_plain_path_without_host_reads_equals_the_cpu_path_at_dead_components(monkeypatch, dtype):
     """The plain path's dead-component pass has a CPU shortcut (one host read) and a
     branch-free form for accelerators and tracing; forced into the latter
-    (``is_compiling`` patched), values and gradients at components beyond the float range
+    (``host_readable`` patched), values and gradients at components beyond the float range
     and at a target of ``inf`` equal the CPU path's exactly (the same second evaluation)."""
     events = _dead_bivariate_events(dtype)
     x = torch.cat([events[0], torch.tensor([[INF, 0.0]], dtype=dtype)])
@@ -397,7 +398,7 @@ def test_plain_path_without_host_reads_equals_the_cpu_path_at_dead_components(mo
     ):
         cpu = _value_and_grads(fn, args, fused=False)
         with monkeypatch.context() as patch:
-            patch.setattr(torch.compiler, "is_compiling", lambda: True)
+            patch.setattr(_fused, "host_readable", lambda *tensors: False)
             traced = _value_and_grads(fn, args, fused=False)
         for u, v in zip(cpu, traced, strict=True):
             np.testing.assert_array_equal(u, v)
