@@ -219,7 +219,9 @@ class StrokeMixture(Distribution):
             return torch.cat((offsets, self._one_hot(state)), -1)
 
     def _one_hot(self, state: Tensor) -> Tensor:
-        return torch.nn.functional.one_hot(state, self.pen_states).to(self.loc.dtype)
+        # a comparison, not F.one_hot: one_hot checks its input's range on the host
+        states = torch.arange(self.pen_states, device=state.device)
+        return (state.unsqueeze(-1) == states).to(self.loc.dtype)
 
     @property
     def mean(self) -> Tensor:

@@ -323,6 +323,16 @@ def mixture_log_prob(component_log_prob, logits):
         return [(+v, +t)]
 
 
+def mixture_log_prob_probs(component_log_prob, probs):
+    """The probs form: ``w / sum(w)`` is ``softmax(log w)``, so the logits are ``log w``."""
+    with mp.workdps(60):
+        logits = [mp.log(mp.mpf(w)) if w > 0 else -math.inf for w in probs]
+    [(value, scale)] = mixture_log_prob(component_log_prob, logits)
+    # log p = c + log D - log sum w: the two logs of sums of order 1 (D in [1, K]) are each
+    # rounded to an ulp of 1, whatever the size of their difference
+    return [(value, scale + 2)]
+
+
 def normal_mixture_log_prob(value, logits, loc, log_scale):
     d = len(value)
     if any(math.isinf(x) for x in value):

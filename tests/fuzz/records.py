@@ -453,6 +453,14 @@ FUNCTIONAL = [
         oracle=O.mixture_log_prob,
     ),
     Record(
+        "functional.mixture_log_prob[probs]",
+        "functional.mixture_log_prob",
+        lambda c, w: F.mixture_log_prob(c, probs=w),
+        (Arg("component_log_prob", shape=(K,)), Arg("probs", "open_probability", (K,))),
+        "promote",
+        oracle=O.mixture_log_prob_probs,
+    ),
+    Record(
         "functional.multivariate_normal_log_prob",
         "functional.multivariate_normal_log_prob",
         F.multivariate_normal_log_prob,

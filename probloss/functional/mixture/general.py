@@ -15,7 +15,8 @@ from torch import Tensor
 from ..._core.dtype import as_loss_tensors
 from ..._core.ops import kernel_op
 from ..._core.validation import check_in_interval, should_validate
-from ...special.logsumexp import _exp_nonpositive, _finite_shift, _LogSumExp
+from ...special.exp import expm1, mul_exp
+from ...special.logsumexp import _finite_shift, _LogSumExp
 from ._inputs import _broadcast_batch, _grad_to
 
 __all__ = [
@@ -150,29 +151,40 @@ def _check_probs(probs: Tensor) -> None:
 def _probs_mixture(lp: Tensor, probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(log p, r, dlog p/dprobs)`` of :func:`mixture_log_prob` from ``probs``, differentiable.
 
-    Shifted by ``c``, the largest ``lp_k`` among components of positive weight (detached),
-    ``D = sum_k w_k e^{lp_k - c}`` lies in ``[w_{k*}, sum w]`` (no overflow, no underflow to
-    0 unless the row is impossible) and::
+    Shifted by ``c``, the largest weighted term ``lp_k + log w_k`` (detached),
+    ``D = sum_k w_k e^{lp_k - c}`` lies in ``[1, K]`` up to rounding (no overflow, no
+    underflow; each term by :func:`~probloss.special.mul_exp`, exact also where ``e^{lp_k - c}``
+    alone would overflow or be subnormal) and::
 
         log p = c + log D - log sum w,   r_k = w_k e^{lp_k - c} / D,
-        dlog p/dw_k = e^{lp_k - c - log D} - 1 / sum w
+        dlog p/dw_k = e^{lp_k - c - log D} - 1 / sum w = expm1(t_k) / sum w
 
-    (the last from ``lp_k - c`` directly, not from ``r_k / w_k``: exact at ``w_k = 0``, and
-    ``lp_k - c`` is 0 exactly at ties, where a shift by the rounded ``log p`` is not).
-    Zero-weight components enter the sums through the double-where pattern.
+    (the last from ``lp_k - c`` directly, not from ``r_k / w_k``: exact at ``w_k = 0``; it
+    overflows only where ``p_k / p`` does). Shifting by the largest ``lp_k`` instead fails
+    where that component's weight is tiny: the other terms underflow (the fuzz found
+    gradients of 8e6 for -1.2e-7). Zero-weight components enter through the double-where
+    pattern.
     """
     positive = probs > 0.0
-    masked = torch.where(positive, lp, -math.inf)
-    c = _finite_shift(masked.detach().amax(-1, keepdim=True))
-    e = torch.where(positive, _exp_nonpositive(torch.where(positive, lp, c) - c), 0.0)
-    pe = probs * e
+    log_w = torch.log(torch.where(positive, probs, 1.0))
+    weighted = torch.where(positive, lp + log_w, -math.inf)
+    c = _finite_shift(weighted.detach().amax(-1, keepdim=True))
+    pe = torch.where(positive, mul_exp(probs, torch.where(positive, lp, c) - c), 0.0)
     d = pe.sum(-1, keepdim=True)
     s = probs.sum(-1, keepdim=True)
     alive = d > 0.0  # False in an impossible row: value -inf, gradient 0 (double-where)
     safe_d = torch.where(alive, d, 1.0)
     value = (c + torch.log(d) - torch.log(s)).squeeze(-1)
     r = pe / safe_d
-    d_probs = torch.where(alive, torch.exp(lp - c - torch.log(safe_d)), 0.0) - 1.0 / s
+    # dlog p/dw_k = (e^t - 1) / sum w with t = lp_k - c - log D + log sum w, as expm1 and
+    # mul_exp: no inf - inf where both terms exceed the float range (tiny weights)
+    log_s = torch.log(s)
+    t = torch.where(alive, lp - c - torch.log(safe_d) + log_s, -math.inf)
+    big = t > 1.0  # there e^t overflows before the division: (1 - e^-t) e^{t - log sum w}
+    small_t, big_t = torch.where(big, 0.0, t), torch.where(big, t, 1.0)  # double where
+    d_probs = torch.where(
+        big, mul_exp(-expm1(-big_t), big_t - log_s), mul_exp(expm1(small_t), -log_s)
+    )
     return value, r, d_probs
 
 
