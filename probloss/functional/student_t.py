@@ -66,8 +66,13 @@ def _asymptotic_coefficients(dtype: torch.dtype) -> tuple[float, ...]:
     raise AssertionError("asymptotic series did not reach eps")  # pragma: no cover
 
 
+# Computed once at import: torch.compile would trace the Fraction arithmetic of a call
+# (30 s of compile time per dtype).
+_ASYMPTOTIC = {dtype: _asymptotic_coefficients(dtype) for dtype in (torch.float32, torch.float64)}
+
+
 def _d_asymptotic(a: Tensor) -> Tensor:
-    coefficients = _asymptotic_coefficients(a.dtype)
+    coefficients = _ASYMPTOTIC[a.dtype]
     inv_sq = 1.0 / (a * a)
     p = torch.full_like(a, coefficients[-1])
     for c in reversed(coefficients[:-1]):
