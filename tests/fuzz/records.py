@@ -812,7 +812,7 @@ DISTRIBUTIONS = [
                 (_v(shape=(2,)), *_STROKE),
                 "promote",
                 O.stroke_log_prob,  # pen-down: state 0 of the one-hot
-                (),
+                _UNDEF_CORRELATED_MIXTURE,  # the offsets are the bivariate mixture's
             ),
             ("mean", lambda *p: _stroke(*p).mean, _STROKE, "same", O.stroke_mean, ()),
             ("variance", lambda *p: _stroke(*p).variance, _STROKE, "same", O.stroke_variance, ()),
@@ -1226,6 +1226,16 @@ KNOWN_LIMITS: dict[str, tuple[KnownLimit, ...]] = {
     "functional.bivariate_normal_mixture_log_prob": _MIXTURE,
     "functional.bivariate_normal_mixture_nll": _MIXTURE,
     "distributions.BivariateNormalMixture.log_prob": _MIXTURE,
+    # the offsets mixture's limit (the pen logits add a finite log_softmax term)
+    "distributions.StrokeMixture.log_prob": (
+        KnownLimit(
+            _UNRESOLVED,
+            lambda x, lg, loc, ls, a, pen, *, dtype: _unresolved_mixture(
+                x, lg, loc, ls, a, dtype=dtype
+            ),
+            _FLOATS,
+        ),
+    ),
     "functional.normal_mixture_log_prob": _MIXTURE,
     "functional.normal_mixture_nll": _MIXTURE,
     "distributions.NormalMixture.log_prob": _MIXTURE,
