@@ -248,42 +248,38 @@ def _finite(eta: Tensor) -> Tensor:
     return torch.where(torch.isinf(eta), torch.copysign(big, eta), eta)
 
 
-def _same_shape(eta: Tensor) -> Tensor:
-    return torch.empty_like(eta)
-
-
 # The values are operators (probloss._core.ops); each gradient is the next function of
 # the chain A' = mean, mean' = variance, H' = -eta variance, formed by the operators again,
 # so every gradient is differentiable again.
 
 
-@kernel_op("cb_log_partition", event_dims=(0,), fake=_same_shape)
+@kernel_op("cb_log_partition", event_dims=(0,), fake=torch.empty_like)
 def _log_partition_value(eta: Tensor) -> Tensor:
     log_partition, _ = _log_partition_and_mean(_finite(eta), False)
     # A(eta) -> +-inf as eta -> +-inf (A(eta) ~ max(eta, 0) - log|eta|)
     return torch.where(torch.isinf(eta), eta, log_partition)
 
 
-@kernel_op("cb_mean", event_dims=(0,), fake=_same_shape)
+@kernel_op("cb_mean", event_dims=(0,), fake=torch.empty_like)
 def _mean_value(eta: Tensor) -> Tensor:
     mean, _ = _mean_and_variance(_finite(eta), False)
     # the limits 1 and 0 at +-inf (at -max the kernel gives 1/max, not 0)
     return torch.where(torch.isinf(eta), (eta > 0).to(mean.dtype), mean)
 
 
-@kernel_op("cb_variance", event_dims=(0,), fake=_same_shape)
+@kernel_op("cb_variance", event_dims=(0,), fake=torch.empty_like)
 def _variance_value(eta: Tensor) -> Tensor:
     return _variance_only(_finite(eta))
 
 
-@kernel_op("cb_entropy", event_dims=(0,), fake=_same_shape)
+@kernel_op("cb_entropy", event_dims=(0,), fake=torch.empty_like)
 def _entropy_value(eta: Tensor) -> Tensor:
     entropy, _ = _entropy_and_gradient(_finite(eta), False)
     # H(eta) -> -inf as |eta| -> inf (H ~ 1 - log|eta|)
     return torch.where(torch.isinf(eta), -torch.inf, entropy)
 
 
-@kernel_op("cb_entropy_derivative", event_dims=(0,), fake=_same_shape)
+@kernel_op("cb_entropy_derivative", event_dims=(0,), fake=torch.empty_like)
 def _entropy_derivative_value(eta: Tensor) -> Tensor:
     _, gradient = _entropy_and_gradient(_finite(eta), True)
     return torch.where(torch.isinf(eta), 0.0, gradient)  # the limit 0 at +-inf (-1/max at max)
