@@ -79,7 +79,18 @@ def _summed_location_gradients(ctx, d_value, grad, r, m, log_var) -> tuple[Tenso
     return summed_location_gradients(ctx.needs_input_grad, value, loc, d_value, sign, log_abs)
 
 
-class ScaleFormDensity(torch.autograd.Function):
+class _FormDensity(torch.autograd.Function):
+    """Base of the two forms: inputs ``(value, loc, param, k)``, all three tensors saved."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, Tensor, Tensor, float], output: Tensor) -> None:
+        value, loc, param, ctx.k = inputs
+        ctx.save_for_backward(value, loc, param)
+
+
+class ScaleFormDensity(_FormDensity):
     """The log density from ``sigma = p^k`` (``k = 1``: a scale, ``k = 1/2``: a variance),
     ``z = (r / sigma) m`` with ``value - loc = r m`` (:func:`split_residual`, ``m``
     applied last), with the derivatives in closed form.
@@ -97,16 +108,9 @@ class ScaleFormDensity(torch.autograd.Function):
     the sign of ``z^2 - 1``. Built from differentiable ops.
     """
 
-    generate_vmap_rule = True
-
     @staticmethod
     def forward(value: Tensor, loc: Tensor, param: Tensor, k: float) -> Tensor:
         return _normal_log_density(*_scale_form_z(value, loc, param, k))
-
-    @staticmethod
-    def setup_context(ctx, inputs: tuple[Tensor, Tensor, Tensor, float], output: Tensor) -> None:
-        value, loc, param, ctx.k = inputs
-        ctx.save_for_backward(value, loc, param)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -152,7 +156,7 @@ def _scale_form_z(value: Tensor, loc: Tensor, param: Tensor, k: float) -> tuple[
     return (r / sigma) * m, k * torch.log(param)
 
 
-class _LogFormDensity(torch.autograd.Function):
+class _LogFormDensity(_FormDensity):
     """The log density from ``log sigma = k p`` (``k = 1``: ``log_scale``, ``k = 1/2``:
     ``log_var``), ``z`` by :func:`standardized_residual`.
 
@@ -167,18 +171,11 @@ class _LogFormDensity(torch.autograd.Function):
     (differentiable again).
     """
 
-    generate_vmap_rule = True
-
     @staticmethod
     def forward(value: Tensor, loc: Tensor, param: Tensor, k: float) -> Tensor:
         log_sigma = k * param
         z = standardized_value(value, loc, log_sigma)  # no graph here: the plain value
         return _normal_log_density(z, log_sigma)
-
-    @staticmethod
-    def setup_context(ctx, inputs: tuple[Tensor, Tensor, Tensor, float], output: Tensor) -> None:
-        value, loc, param, ctx.k = inputs
-        ctx.save_for_backward(value, loc, param)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
