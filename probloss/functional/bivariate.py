@@ -116,52 +116,66 @@ class _BivariateLogDensity(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        value, loc, log_scale, atanh_rho = ctx.saved_tensors
-        z = _standardized(value, loc, log_scale)
-        sign, z1, z2, ns, c, f, inv_eb = _gradient_pieces(z, atanh_rho)
-        # d(-Q/2)/dz1 = -c (z1 + n s e^{2b}), d(-Q/2)/dz2' = -c (z2' - n s e^{2b}): the
-        # coefficient multiplies first and e^{2b} last, one finite f = e^{b/2} at a time, so
-        # no partial product exceeds the result and a zero coefficient gives exactly 0
-        gc = grad * c
-        grads: list[Tensor | None] = [None] * 4
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            # dz_i/dx_i = e^{-log_scale_i}, applied by mul_exp before the last factor f: a
-            # zero term stays 0 where e^{-log_scale} overflows (a point on the mean at
-            # log_scale < -88 in float32)
-            s1, s2 = (-log_scale).unbind(-1)
-            gcns = gc * ns
-            d_value = torch.stack(
-                (
-                    -(mul_exp(gc * z1, s1) + mul_exp(gcns * f * f * f, s1) * f),
-                    -sign * (mul_exp(gc * z2, s2) - mul_exp(gcns * f * f * f, s2) * f),
-                ),
-                -1,
-            )
-            if ctx.needs_input_grad[0]:
-                grads[0] = d_value
-            if ctx.needs_input_grad[1]:
-                grads[1] = -d_value
-        if ctx.needs_input_grad[2]:
-            # z_i = r_i e^{-log_scale_i}: d/dlog_scale_i = -1 - z_i d/dz_i (exactly -1 at
-            # z_i = 0, even where d/dz_i overflows: a point on an axis at large |a|)
-            gcz1, gcz2 = gc * z1, gc * z2
-            d1 = gcz1 * z1 + gcz1 * ns * f * f * f * f
-            d2 = gcz2 * z2 - gcz2 * ns * f * f * f * f
-            grads[2] = torch.stack((d1 - grad, d2 - grad), -1)
-        if ctx.needs_input_grad[3]:
-            # d log cosh(a)/da = tanh a and d(-Q/2)/d|a| = u v with u = z1 e^{-b} + n s e^b,
-            # v = z2' e^{-b} - n s e^b. The incoming gradient goes into both factors as
-            # sqrt|grad| (its sign outside): u v alone can overflow where the density is
-            # -inf, and a zero incoming gradient (a component with no responsibility in a
-            # mixture) must give 0 there, not 0 * inf.
-            root = grad.abs().sqrt()
-            rns = root * ns * f * f
-            u = root * z1 * inv_eb + rns
-            v = root * z2 * inv_eb - rns
-            grads[3] = grad * torch.tanh(atanh_rho) + sign * torch.sign(grad) * u * v
-        # entries summed to the inputs' shapes only after the fallback's selection per event
-        lost = lost_precision(value, loc, z)
-        return with_fallback(grads, grad, value, loc, log_scale, atanh_rho, lost)
+        return log_density_grads(grad, *ctx.saved_tensors, ctx.needs_input_grad)
+
+
+def log_density_grads(
+    grad: Tensor,
+    value: Tensor,
+    loc: Tensor,
+    log_scale: Tensor,
+    atanh_rho: Tensor,
+    needs: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:
+    """The vector-Jacobian product of the log density (:class:`_BivariateLogDensity`):
+    the gradients by ``(value, loc, log_scale, atanh_rho)`` (``None`` where ``needs`` is
+    False), each summed to its input's shape. Also the per-component backward of the
+    fused mixture's exact fallback (``grad`` the weighted responsibilities)."""
+    z = _standardized(value, loc, log_scale)
+    sign, z1, z2, ns, c, f, inv_eb = _gradient_pieces(z, atanh_rho)
+    # d(-Q/2)/dz1 = -c (z1 + n s e^{2b}), d(-Q/2)/dz2' = -c (z2' - n s e^{2b}): the
+    # coefficient multiplies first and e^{2b} last, one finite f = e^{b/2} at a time, so
+    # no partial product exceeds the result and a zero coefficient gives exactly 0
+    gc = grad * c
+    grads: list[Tensor | None] = [None] * 4
+    if needs[0] or needs[1]:
+        # dz_i/dx_i = e^{-log_scale_i}, applied by mul_exp before the last factor f: a
+        # zero term stays 0 where e^{-log_scale} overflows (a point on the mean at
+        # log_scale < -88 in float32)
+        s1, s2 = (-log_scale).unbind(-1)
+        gcns = gc * ns
+        d_value = torch.stack(
+            (
+                -(mul_exp(gc * z1, s1) + mul_exp(gcns * f * f * f, s1) * f),
+                -sign * (mul_exp(gc * z2, s2) - mul_exp(gcns * f * f * f, s2) * f),
+            ),
+            -1,
+        )
+        if needs[0]:
+            grads[0] = d_value
+        if needs[1]:
+            grads[1] = -d_value
+    if needs[2]:
+        # z_i = r_i e^{-log_scale_i}: d/dlog_scale_i = -1 - z_i d/dz_i (exactly -1 at
+        # z_i = 0, even where d/dz_i overflows: a point on an axis at large |a|)
+        gcz1, gcz2 = gc * z1, gc * z2
+        d1 = gcz1 * z1 + gcz1 * ns * f * f * f * f
+        d2 = gcz2 * z2 - gcz2 * ns * f * f * f * f
+        grads[2] = torch.stack((d1 - grad, d2 - grad), -1)
+    if needs[3]:
+        # d log cosh(a)/da = tanh a and d(-Q/2)/d|a| = u v with u = z1 e^{-b} + n s e^b,
+        # v = z2' e^{-b} - n s e^b. The incoming gradient goes into both factors as
+        # sqrt|grad| (its sign outside): u v alone can overflow where the density is
+        # -inf, and a zero incoming gradient (a component with no responsibility in a
+        # mixture) must give 0 there, not 0 * inf.
+        root = grad.abs().sqrt()
+        rns = root * ns * f * f
+        u = root * z1 * inv_eb + rns
+        v = root * z2 * inv_eb - rns
+        grads[3] = grad * torch.tanh(atanh_rho) + sign * torch.sign(grad) * u * v
+    # entries summed to the inputs' shapes only after the fallback's selection per event
+    lost = lost_precision(value, loc, z)
+    return with_fallback(grads, grad, value, loc, log_scale, atanh_rho, lost)
 
 
 def _standardized(value: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:

@@ -10,17 +10,20 @@ coordinate plane at a time (torch's CPU loops over a broadcast innermost dimensi
 memory against the plain path. ``fused=False`` is the plain autograd composition of the
 component log density and :func:`mixture_log_prob`. Both agree to the rounding of the terms
 involved (tested: within ``1e-5`` (float32) / ``1e-12`` (float64) times the sum of the
-magnitudes of the terms, in value and every gradient). The fused kernels run on CPU where
-``exp`` of ``log_scale`` is a normal float and, for the bivariate one, ``|atanh_rho|`` is
-below 42.3 (float32) / 352.8 (float64), where its backward cannot overflow (one ``aminmax``
-pass each decides); elsewhere, off the CPU, while compiling and under ``torch.func``
-transforms, the plain path runs by itself, so no input is out of bounds. Forward and
-backward are operators (:func:`~probloss._core.ops.kernel_op`) under a ``setup_context``
-``autograd.Function``. A component whose residual or quadratic form
-overflows (``1e6`` at ``log_scale = -80`` in float32) has term ``-inf`` and gradient
-exactly 0 in both paths. The fused backward is not itself differentiated: a double backward
-(``create_graph=True``, Hessians, ``gradgradcheck``) recomputes the gradients through the
-plain path, so it is exact but not fast.
+magnitudes of the terms, in value and every gradient). The fused kernels run on the CPU,
+eager or compiled (:func:`_fused_runs`: decided from the tensors' devices and types, never
+their values); off the CPU and under ``torch.func`` transforms the plain path runs. They
+are exact for every input: their fast formulas hold where ``exp`` of ``log_scale`` is a
+normal float and, for the bivariate one, ``|atanh_rho|`` is below 42.3 (float32) / 352.8
+(float64), where its backward cannot overflow; beyond, each kernel takes an exact fallback
+of its own (:func:`_within_fused_bounds`: one ``aminmax`` pass each decides, read inside
+the operator, where the tensors are real even in compiled code). Forward and backward are
+operators (:func:`~probloss._core.ops.kernel_op`) under a ``setup_context``
+``autograd.Function``, so ``torch.compile`` keeps them as single calls. A component
+whose residual or quadratic form overflows (``1e6`` at ``log_scale = -80`` in float32)
+has term ``-inf`` and gradient exactly 0 in both paths. The fused backward is not itself
+differentiated: a double backward (``create_graph=True``, Hessians, ``gradgradcheck``)
+recomputes the gradients through the plain path, so it is exact but not fast.
 
 Responsibilities below ``2 exp(-86) = 9e-38`` (float32) / ``2 exp(-707) = 1.8e-307``
 (float64) times the largest are flushed to exactly 0, and the others shifted by at most
@@ -37,7 +40,8 @@ import torch
 from torch import Tensor
 
 from ..._core.ops import host_readable
-from .._params import split_residual, sum_to_size_rescaled
+from ...special.exp import mul_exp
+from .._params import split_residual, standardized_value, sum_to_size_rescaled
 
 # Event sizes up to this are handled one (*, K) coordinate plane at a time; larger ones with
 # broadcasting ops over the whole (*, K, D) block, whose innermost loop is then long enough.
@@ -91,6 +95,17 @@ def _standardized(value: Tensor, loc: Tensor, log_scale: Tensor, shape: torch.Si
     """
     z = _residuals(value, loc, shape)
     return z.mul_(torch.neg(log_scale).exp_())
+
+
+def _standardized_anywhere(
+    value: Tensor, loc: Tensor, log_scale: Tensor, shape: torch.Size
+) -> Tensor:
+    """``z`` of shape ``(*shape, D)``, new and contiguous, exact for every ``log_scale``:
+    the plain path's :func:`~probloss.functional._params.standardized_value` (one
+    :func:`~probloss.special.mul_exp`, bitwise its ``z``), for inputs outside
+    :func:`_within_fused_bounds`."""
+    z = standardized_value(value.unsqueeze(-2), loc, log_scale)
+    return z.expand((*shape, value.shape[-1])).contiguous()
 
 
 def _rescue_overflowed_residuals_(z: Tensor, value: Tensor, loc: Tensor, log_scale: Tensor) -> bool:
@@ -154,7 +169,12 @@ def _weighted_responsibilities(grad: Tensor, resp: Tensor, lse: Tensor) -> tuple
 
 
 def _location_scale_grads(
-    a: Tensor, z: Tensor, w: Tensor, log_scale: Tensor, needed: tuple[bool, bool, bool]
+    a: Tensor,
+    z: Tensor,
+    w: Tensor,
+    log_scale: Tensor,
+    needed: tuple[bool, bool, bool],
+    scale_is_normal: bool = True,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``(d/dvalue, d/dloc, d/dlog_scale)`` of the fused kernels from ``a = w d(Q/2)/dz``.
 
@@ -162,16 +182,20 @@ def _location_scale_grads(
     standardised residual ``z`` (``w z`` for diagonal components), so that
     ``d/dloc = a / sigma``, ``d/dvalue = -sum_k d/dloc`` (:func:`_summed_value_gradient`)
     and ``d/dlog_scale = z a - w``. ``needed`` says which of the three are wanted (``None``
-    for the others); ``a`` is overwritten when ``d/dlog_scale`` is.
+    for the others); ``a`` is overwritten when ``d/dlog_scale`` is. Where ``e^{log_scale}``
+    may not be a normal float (``scale_is_normal`` False) ``d/dloc = a e^{-log_scale}`` is
+    one :func:`~probloss.special.mul_exp` (exact wherever it is representable, 0 for
+    ``a = 0`` where ``e^{-log_scale}`` overflows).
     """
     need_value, need_loc, need_log_scale = needed
     d_value = d_loc = d_log_scale = None
     if need_value or need_loc:
-        scale = torch.exp(log_scale)
-        if scale.shape == a.shape:  # reuse the fresh buffer
-            d_loc = torch.div(a, scale, out=scale)
+        if not scale_is_normal:
+            d_loc = mul_exp(a, -log_scale)
         else:
-            d_loc = a / scale
+            scale = torch.exp(log_scale)
+            # into the fresh buffer of the scale when it has the full shape
+            d_loc = torch.div(a, scale, out=scale) if scale.shape == a.shape else a / scale
         if need_value:
             d_value = _summed_value_gradient(d_loc, a, log_scale)
     if need_log_scale:
@@ -275,33 +299,39 @@ def _without_dead_components(
     return torch.where(dead, -math.inf, components(*safe))
 
 
-def _in_fused_domain(
-    log_scale: Tensor, atanh_rho: Tensor | None = None, others: tuple[Tensor, ...] = ()
-) -> bool:
-    """Whether the fused kernels run here: ``log_scale``, ``atanh_rho`` and the kernel's
-    ``others`` inputs :func:`~probloss._core.ops.host_readable` (eager, on the CPU, no
-    ``torch.func`` transform), ``|log_scale|`` and ``|atanh_rho|`` below the bounds of
-    :func:`_fused_bounds`.
+def _fused_runs(*tensors: Tensor) -> bool:
+    """Whether the fused kernels are used: every tensor on the CPU (known while tracing, so
+    no host read decides it) and none wrapped by a ``torch.func`` transform (there the plain
+    path runs, which every transform, forward-mode and higher derivatives included, can
+    differentiate). Eager and compiled code on the CPU both take the kernels; the kernels
+    themselves stay exact for every input (:func:`_within_fused_bounds`)."""
+    on_cpu = all(t.device.type == "cpu" for t in tensors)
+    if torch.compiler.is_compiling():  # dynamo cannot trace the check below: none needed
+        return on_cpu
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return on_cpu and not any(is_wrapped(t) for t in tensors)
+
+
+def _within_fused_bounds(log_scale: Tensor, atanh_rho: Tensor | None = None) -> bool:
+    """Whether the kernels' fast formulas hold for these inputs: ``|log_scale|`` and
+    ``|atanh_rho|`` below the bounds of :func:`_fused_bounds`. Read inside the operators
+    (real CPU tensors even while the caller is compiled: one ``aminmax`` pass each, free
+    there); outside the bounds each kernel takes its exact fallback.
 
     The kernels take ``exp`` of ``log_scale``, which must be a normal float:
-    ``|log_scale| < -log(tiny) - 1`` (86 in float32, 707 in float64). The bivariate
-    backward forms ``A = w dQ/dz`` before dividing by the scale, with a factor
-    ``M e^{|a|}`` where ``M^2 <= 8 Q`` is finite: ``A`` cannot overflow (where ``A / s``
-    would not) while ``e^{|a|} sqrt(8 max) <= max / e``, i.e.
+    ``|log_scale| < -log(tiny) - 1`` (86 in float32, 707 in float64); beyond, the
+    diagonal kernel forms ``z`` and ``d/dloc`` with :func:`~probloss.special.mul_exp`
+    instead. The bivariate backward forms ``A = w dQ/dz`` before dividing by the scale, with
+    a factor ``M e^{|a|}`` where ``M^2 <= 8 Q`` is finite: ``A`` cannot overflow (where
+    ``A / s`` would not) while ``e^{|a|} sqrt(8 max) <= max / e``, i.e.
     ``|atanh_rho| < (log(max) - log 8) / 2 - 1`` (42.3 in float32, 352.8 in float64; at
-    ``|a| = 64`` in float32 a finite ``d/dloc`` of 1e17 came out ``inf``). Nothing else
-    limits them: a standardised residual or quadratic form beyond the float range makes its
-    component's term ``-inf`` and its gradient exactly 0 (:func:`_clear_dead_`), which is
-    exact, since its responsibility is below any float. One ``aminmax`` pass per tensor
-    decides, free to read on CPU (the kernels read such reductions too). On an accelerator
-    reading it would wait for the device, while tracing (``torch.compile``) it would break
-    the graph and under ``torch.func`` a batched tensor has no single value, so there the
-    plain path (exact for every input) is always taken: the result never depends on which
-    path runs.
+    ``|a| = 64`` in float32 a finite ``d/dloc`` of 1e17 came out ``inf``); beyond either
+    bound the bivariate kernel evaluates the single density's exact forward and backward per
+    component. Nothing else limits them: a standardised residual or quadratic form beyond
+    the float range makes its component's term ``-inf`` and its gradient exactly 0
+    (:func:`_clear_dead_`), which is exact, since its responsibility is below any float.
+    NaN is outside the bounds.
     """
-    optional = () if atanh_rho is None else (atanh_rho,)
-    if not host_readable(log_scale, *optional, *others):
-        return False
     checks = [(log_scale, _fused_bounds(log_scale.dtype)[0])]
     if atanh_rho is not None:
         checks.append((atanh_rho, _fused_bounds(atanh_rho.dtype)[1]))
@@ -315,6 +345,6 @@ def _in_fused_domain(
 
 
 def _fused_bounds(dtype: torch.dtype) -> tuple[float, float]:
-    """``(log_scale bound, atanh_rho bound)`` of the fused kernels (:func:`_in_fused_domain`)."""
+    """``(log_scale bound, atanh_rho bound)`` of the kernels (:func:`_within_fused_bounds`)."""
     finfo = torch.finfo(dtype)
     return -math.log(finfo.tiny) - 1.0, 0.5 * (math.log(finfo.max) - math.log(8.0)) - 1.0

@@ -16,19 +16,20 @@ from ..._core.constants import LOG_2, LOG_2PI
 from ..._core.ops import host_readable, kernel_op
 from ...special.logsumexp import _row_softmax_
 from .._bivariate_forms import eigen_terms, gradient_pieces
-from ..bivariate import bivariate_normal_log_prob
+from ..bivariate import _log_density_value, bivariate_normal_log_prob, log_density_grads
 from ._fused import (
     _clear_dead_,
     _double_backward,
     _fused_outputs_fake,
+    _fused_runs,
     _grads_fake,
-    _in_fused_domain,
     _joint_init,
     _location_scale_grads,
     _logits_grad_,
     _rescue_overflowed_residuals_,
     _standardized,
     _weighted_responsibilities,
+    _within_fused_bounds,
     _without_dead_components,
 )
 from ._inputs import _bivariate_inputs, _filled_grads, _mixture_nll
@@ -65,6 +66,8 @@ def _bivariate_mixture_fused(
         (*value.shape[:-1], 1), logits.shape, loc.shape[:-1], log_scale.shape[:-1],
         atanh_rho.shape,
     )  # fmt: skip
+    if not _within_fused_bounds(log_scale, atanh_rho):
+        return _per_component_forward(value, logits, loc, log_scale, atanh_rho, shape)
     z = _standardized(value, loc, log_scale, shape)
     # exact: |z| >= max gives Q >= z^2/2 = inf either way, and an infinite z would make
     # M = (z1 - z2) e^a NaN where z1 = z2 = inf (checked first where host_readable, else
@@ -87,6 +90,55 @@ def _bivariate_mixture_fused(
     _clear_dead_(z, j)
     lse = _row_softmax_(j)
     return lse - (LOG_2PI + LOG_2), z, j, weights, lse
+
+
+def _per_component_forward(
+    value: Tensor, logits: Tensor, loc: Tensor, log_scale: Tensor, atanh_rho: Tensor, shape
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The exact fallback of :func:`_bivariate_mixture_fused` outside its bounds
+    (:func:`~._fused._within_fused_bounds`): the single density's forward per component (the
+    plain path's component densities), then the mixture's log-sum-exp. Same outputs, ``z``
+    zero (unused: :func:`_per_component_backward` recomputes what it needs)."""
+    j, weights = _joint_init(logits, shape)
+    j.add_(_log_density_value(value.unsqueeze(-2), loc, log_scale, atanh_rho))
+    lse = _row_softmax_(j)  # j is now the responsibilities
+    return lse, value.new_zeros((*shape, 2)), j, weights, lse.clone()
+
+
+def _per_component_backward(
+    grad, value, logits, loc, log_scale, atanh_rho, resp, weights, lse, needed
+) -> tuple[Tensor, ...]:
+    """The gradients of :func:`_per_component_forward`: the single density's backward
+    (:func:`~probloss.functional.bivariate.log_density_grads`) with the weighted
+    responsibilities ``w = g r`` as its incoming gradient, summed to each input's shape.
+
+    A component with ``w = 0`` contributes exactly 0; it is evaluated at a safe point (mean
+    on the target, unit scales, no correlation: a residual of 0), where its derivatives are
+    finite, as the plain path evaluates its components whose density is ``-inf``. A row
+    whose every ``w`` is 0 (a target at infinity) is evaluated at a target of 0.
+    """
+    g, w = _weighted_responsibilities(grad, resp, lse)
+    idle = w == 0
+    x = value.unsqueeze(-2)
+    x = torch.where(idle.all(-1)[..., None, None], 0.0, x)
+    per_coordinate = idle.unsqueeze(-1)
+    loc_safe = torch.where(per_coordinate, x, loc)
+    log_scale_safe = torch.where(per_coordinate, 0.0, log_scale)
+    rho_safe = torch.where(idle, 0.0, atanh_rho)
+    need_value, need_logits, need_loc, need_log_scale, need_rho = needed
+    needs = (need_value, need_loc, need_log_scale, need_rho)
+    d_x, d_loc, d_log_scale, d_rho = log_density_grads(
+        w, x, loc_safe, log_scale_safe, rho_safe, needs
+    )
+    inputs = (value, logits, loc, log_scale, atanh_rho)
+    grads = (
+        None if d_x is None else d_x.squeeze(-2).sum_to_size(value.shape),
+        _logits_grad_(w, weights, g) if need_logits else None,
+        None if d_loc is None else d_loc.sum_to_size(loc.shape),
+        None if d_log_scale is None else d_log_scale.sum_to_size(log_scale.shape),
+        None if d_rho is None else d_rho.sum_to_size(atanh_rho.shape),
+    )
+    return _filled_grads(grads, inputs, needed)
 
 
 def _bivariate_mixture_backward_fake(
@@ -121,6 +173,10 @@ def _bivariate_mixture_fused_backward(
     in place on fresh buffers (no input is modified)."""
     inputs = (value, logits, loc, log_scale, atanh_rho)
     needed = (need_value, need_logits, need_loc, need_log_scale, need_rho)
+    if not _within_fused_bounds(log_scale, atanh_rho):
+        return _per_component_backward(
+            grad, value, logits, loc, log_scale, atanh_rho, resp, weights, lse, needed
+        )
     g, w = _weighted_responsibilities(grad, resp, lse)
     d_value = d_logits = d_loc = d_log_scale = d_rho = None
     if not (need_value or need_loc or need_log_scale or need_rho):
@@ -249,14 +305,15 @@ def bivariate_normal_mixture_log_prob(
         loc: means, shape ``(*, K, 2)``.
         log_scale: :math:`\log\sigma`, shape ``(*, K, 2)``, unconstrained.
         atanh_rho: :math:`a = \operatorname{atanh}\rho`, shape ``(*, K)``, unconstrained.
-        fused: on CPU, use the fused kernel with a hand-written backward (the default).
-            Any input is fine: where the kernel's ``exp`` of ``log_scale`` would not be a
-            normal float or its backward could overflow (``|atanh_rho|`` above 42 in
-            float32, 352 in float64), off the CPU, while compiling and under
-            ``torch.func`` transforms, the plain path through ``bivariate_normal_log_prob``
-            is taken by itself, as it always is with ``fused=False``; both paths agree
-            (module docstring). A double backward recomputes the gradients through the
-            plain path.
+        fused: on CPU, use the fused kernel with a hand-written backward (the default),
+            eager and inside ``torch.compile``. Any input is fine: where ``exp`` of
+            ``log_scale`` would not be a normal float or the kernel's backward could
+            overflow (``|atanh_rho|`` above 42 in float32, 352 in float64), the kernel
+            evaluates the single density of ``bivariate_normal_log_prob`` per component,
+            forward and backward; off the CPU and under ``torch.func`` transforms the plain
+            path through ``bivariate_normal_log_prob`` is taken by itself, as it always is
+            with ``fused=False``; both paths agree (module docstring). A double backward
+            recomputes the gradients through the plain path.
 
     Returns:
         Tensor of shape ``(*)``, the broadcast batch shape (torch's broadcasting, as for
@@ -286,8 +343,9 @@ def bivariate_normal_mixture_log_prob(
 
 
 def _bivariate_mixture(value, logits, loc, log_scale, atanh_rho, fused: bool) -> Tensor:
-    """The fused kernel where it is exact (see :func:`_in_fused_domain`), else the plain path."""
-    if fused and _in_fused_domain(log_scale, atanh_rho, others=(value, logits, loc)):
+    """The fused kernel where it runs (:func:`_fused_runs`: CPU, eager or compiled), else
+    the plain path."""
+    if fused and _fused_runs(value, logits, loc, log_scale, atanh_rho):
         return _BivariateMixture.apply(value, logits, loc, log_scale, atanh_rho)[0]
     return _plain_bivariate_mixture(value, logits, loc, log_scale, atanh_rho)
 

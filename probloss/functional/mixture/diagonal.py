@@ -21,14 +21,16 @@ from ._fused import (
     _clear_dead_,
     _double_backward,
     _fused_outputs_fake,
+    _fused_runs,
     _grads_fake,
-    _in_fused_domain,
     _location_scale_grads,
     _logits_grad_,
     _planes_mul,
     _rescue_overflowed_residuals_,
     _residuals,
+    _standardized_anywhere,
     _weighted_responsibilities,
+    _within_fused_bounds,
     _without_dead_components,
 )
 from ._inputs import _filled_grads, _mixture_nll, _normal_inputs
@@ -89,17 +91,22 @@ def _normal_mixture_fused(
     shape = torch.broadcast_shapes(
         (*value.shape[:-1], 1), logits.shape, loc.shape[:-1], log_scale.shape[:-1]
     )
-    z = _residuals(value, loc, shape)
-    inv_scale = torch.neg(log_scale).exp_()  # e^{-s}, bitwise the plain path's
-    z.mul_(inv_scale)  # see _standardized
     log_w = torch.log_softmax(logits, -1)
     weights = torch.exp(log_w)  # one pass; a second softmax kernel in the backward costs 3
-    # the buffer of e^{-s} is reused for the terms' (*, K, D) block when it has that shape
-    j = _normal_terms(z, log_w, log_scale, inv_scale if inv_scale.shape == z.shape else None)
-    del inv_scale
-    dead = _any_dead(j)
-    if dead and _rescue_overflowed_residuals_(z, value, loc, log_scale):
-        j = _normal_terms(z, log_w, log_scale)  # rare: a value - loc that overflowed
+    if _within_fused_bounds(log_scale):
+        z = _residuals(value, loc, shape)
+        inv_scale = torch.neg(log_scale).exp_()  # e^{-s}, bitwise the plain path's
+        z.mul_(inv_scale)  # see _standardized
+        # the buffer of e^{-s} is reused for the terms' (*, K, D) block when it has that shape
+        j = _normal_terms(z, log_w, log_scale, inv_scale if inv_scale.shape == z.shape else None)
+        del inv_scale
+        dead = _any_dead(j)
+        if dead and _rescue_overflowed_residuals_(z, value, loc, log_scale):
+            j = _normal_terms(z, log_w, log_scale)  # rare: a value - loc that overflowed
+    else:  # e^{-s} not a normal float somewhere: z as the plain path forms it (exact)
+        z = _standardized_anywhere(value, loc, log_scale, shape)
+        j = _normal_terms(z, log_w, log_scale)
+        dead = None  # not known yet
     _clear_dead_(z, j, known_dead=dead)
     lse = _row_softmax_(j)  # j is now the responsibilities
     return lse, z, j, weights
@@ -139,7 +146,7 @@ def _normal_mixture_fused_backward(
         # a = w d(Q/2)/dz = w z, Q/2 = sum_d z_d^2 / 2
         needed = (need_value, need_loc, need_log_scale)
         d_value, d_loc, d_log_scale = _location_scale_grads(
-            _planes_mul(z, w), z, w, log_scale, needed
+            _planes_mul(z, w), z, w, log_scale, needed, _within_fused_bounds(log_scale)
         )
     if need_logits:
         d_logits = _logits_grad_(w, weights, g)
@@ -165,8 +172,10 @@ class _NormalMixture(torch.autograd.Function):
         d/dvalue     = -sum_k d/dloc
 
     each formed with ``w`` multiplied in first, so that a component whose ``z^2/2``
-    overflowed (``r = 0``) contributes exactly 0. Applied only where
-    :func:`~._fused._in_fused_domain` (eager, CPU).
+    overflowed (``r = 0``) contributes exactly 0. Where ``e^{-log sigma}`` is not a normal
+    float (:func:`~._fused._within_fused_bounds`) ``z`` and ``d/dloc`` are formed with
+    :func:`~probloss.special.mul_exp`, as the plain path forms them. Runs where
+    :func:`~._fused._fused_runs` (CPU, eager or compiled).
     """
 
     generate_vmap_rule = True
@@ -224,11 +233,11 @@ def normal_mixture_log_prob(
         log_scale: :math:`\log\sigma`, shape ``(*, K, D)``, unconstrained.
         fused: on CPU, use the fused kernel with a hand-written backward (the default;
             ``benchmarks/bench_mixture.py`` measures its speed and memory against the plain
-            autograd path). Any input is fine: where the kernel's
-            ``exp(log_scale)`` would not be a normal float, off the CPU (where the check
-            would wait for the device), while compiling and under ``torch.func``
-            transforms, the plain path is taken by itself, and both paths agree (module
-            docstring). ``fused=False`` always takes the plain path (component densities from
+            autograd path), eager and inside ``torch.compile``. Any input is fine: where
+            ``exp(log_scale)`` is not a normal float the kernel forms ``z`` as the plain
+            path does; off the CPU and under ``torch.func`` transforms the plain path is
+            taken by itself; both paths agree (module docstring). ``fused=False`` always
+            takes the plain path (component densities from
             :func:`~probloss.functional.normal.normal_log_prob`). A double backward
             recomputes the gradients through the plain path.
 
@@ -261,8 +270,9 @@ def normal_mixture_log_prob(
 
 
 def _normal_mixture(value, logits, loc, log_scale, fused: bool) -> Tensor:
-    """The fused kernel where it is exact (see :func:`_in_fused_domain`), else the plain path."""
-    if fused and _in_fused_domain(log_scale, others=(value, logits, loc)):
+    """The fused kernel where it runs (:func:`_fused_runs`: CPU, eager or compiled), else
+    the plain path."""
+    if fused and _fused_runs(value, logits, loc, log_scale):
         return _NormalMixture.apply(value, logits, loc, log_scale)[0]
     return _plain_normal_mixture(value, logits, loc, log_scale)
 

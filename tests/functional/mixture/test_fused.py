@@ -22,6 +22,7 @@ from probloss.functional.mixture import (
 )
 from tests.functional._checks import assert_within, dtype_id
 from tests.functional.mixture._density_oracles import (
+    AGREE_RTOL,
     BIVARIATE_NAMES,
     INF,
     NORMAL_NAMES,
@@ -337,21 +338,73 @@ def test_zero_weight_component_beyond_the_float_range(fused, dtype):
                 assert (grad[row][dead[row].numpy()] == 0).all()
 
 
-def test_fused_dispatch_takes_the_plain_path_while_compiling(monkeypatch):
-    """The fused kernels' domain check reads a reduction on the host; while tracing
-    (``host_readable`` False, patched here) it must not, and the plain path runs: the result's
-    graph is the plain path's (``_LogSumExp`` at the top), its value that of
-    ``fused=False`` exactly (the same operations)."""
+def _kernel_calls(fn, *args) -> set[str]:
+    """The names of the ``probloss`` operators that one forward and backward of ``fn`` ran."""
+    leaves = [t.clone().requires_grad_(True) for t in args]
+    with torch.profiler.profile() as prof:
+        fn(*leaves).sum().backward()
+    return {e.key for e in prof.key_averages() if e.key.startswith("probloss::")}
+
+
+def test_fused_kernels_run_inside_compiled_code():
+    """``torch.compile(fullgraph=True)`` keeps the fused kernels (forward and backward
+    operators, no host read deciding it) and gives the eager result: the user's compiled
+    step is as fast as the kernel, not the plain path's composition."""
     inputs = bivariate_inputs(4, 3, torch.float32, seed=200, spread=2.0)
-    monkeypatch.setattr(_fused, "host_readable", lambda *tensors: False)
-    for fn, args in (
-        (normal_mixture_log_prob, inputs[:4]),
-        (bivariate_normal_mixture_log_prob, inputs),
+    for fn, args, name in (
+        (normal_mixture_log_prob, inputs[:4], "normal_mixture_fused"),
+        (bivariate_normal_mixture_log_prob, inputs, "bivariate_mixture_fused"),
     ):
-        leaves = [t.clone().requires_grad_(True) for t in args]
-        out = fn(*leaves)
-        assert type(out.grad_fn).__name__ == "_LogSumExpBackward"
-        assert torch.equal(out, fn(*args, fused=False))
+        compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+        assert {f"probloss::{name}", f"probloss::{name}_backward"} <= _kernel_calls(compiled, *args)
+        torch.testing.assert_close(compiled(*args), fn(*args), rtol=1e-6, atol=1e-6)
+
+
+def test_plain_path_under_torch_func_transforms():
+    """Inside ``vmap`` / ``grad`` the plain path runs (forward-mode and higher derivatives of
+    it are defined): the decision is made from the tensors' types, never their values."""
+    seen = []
+
+    def decide(x):
+        seen.append(_fused._fused_runs(x))
+        return x
+
+    torch.func.vmap(decide)(torch.zeros(3, 2))
+    assert seen == [False] and _fused._fused_runs(torch.zeros(3, 2))
+
+
+# inputs beyond the fast formulas' bounds of each dtype (|log_scale| < 86 / 707,
+# |atanh_rho| < 42.3 / 352.8): the kernels take their exact fallbacks
+BEYOND = {torch.float32: (100.0, 60.0), torch.float64: (750.0, 400.0)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_kernels_beyond_their_bounds_equal_the_plain_path(dtype):
+    """Eager and on the CPU the fused kernels run for every input: beyond the bounds of
+    their fast formulas the diagonal kernel forms ``z`` and ``d/dloc`` with ``mul_exp``, the
+    bivariate one evaluates the single density per component. Value and every gradient
+    agree with the plain path within the file's ``AGREE_RTOL * S``, and the kernels did
+    run (their autograd node)."""
+    log_scale_range, a_range = BEYOND[dtype]
+    # beyond on the negative side only: a target 2 scales off would overflow at e^{+100}
+    normal = normal_inputs(24, 3, 2, torch.float64, seed=210, log_scale_range=log_scale_range)
+    normal[3].clamp_(max=_fused._fused_bounds(dtype)[0] - 4.0)
+    normal = (normal[2][:, 0] + 2.0 * normal[3][:, 0].exp(), *normal[1:])
+    normal = tuple(t.to(dtype) for t in normal)
+    # S from mpmath (the float64 reference overflows at these scales)
+    _, scale = _oracle_arrays(normal_oracle, _events(*normal), _flush_eps(dtype))
+    fused = _value_and_grads(normal_mixture_log_prob, normal, fused=True)
+    plain = _value_and_grads(normal_mixture_log_prob, normal, fused=False)
+    _check(fused, plain, scale, AGREE_RTOL[dtype], NORMAL_NAMES, "normal beyond the bounds")
+    bivariate = bivariate_inputs(24, 3, dtype, seed=220, spread=2.0, a_range=a_range)
+    _agree(bivariate_normal_mixture_log_prob, bivariate, BIVARIATE_NAMES, "atanh_rho beyond")
+    wide = list(bivariate)
+    wide[3] = wide[3] * log_scale_range  # |log_scale| up to the range: beyond in some rows
+    wide[0] = wide[2][:, 0] + 2.0 * wide[3][:, 0].exp()  # a target 2 scales off component 0
+    _agree(bivariate_normal_mixture_log_prob, wide, BIVARIATE_NAMES, "log_scale beyond")
+    for fn, args in ((normal_mixture_log_prob, normal), (bivariate_normal_mixture_log_prob, wide)):
+        out = fn(*(t.clone().requires_grad_(True) for t in args))
+        assert type(out.grad_fn).__name__ in ("_NormalMixtureBackward", "_BivariateMixtureBackward")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
