@@ -131,7 +131,7 @@ def _tail(t: Tensor) -> Tensor:
     return t + torch.log1p(-0.5 * torch.exp(t))
 
 
-@kernel_op("log_softplus", event_dims=(0,), fake=torch.empty_like)
+@kernel_op("log_softplus", event_dims=(0,), fake=torch.empty_like, fusible=True)
 def _log_softplus_value(x: Tensor) -> Tensor:
     """The value of :func:`log_softplus` (float32 or float64 ``x``).
 

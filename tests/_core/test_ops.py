@@ -70,3 +70,22 @@ CAPTURED = _captured()
 def test_kernel_passes_opcheck(name):
     assert name in CAPTURED, f"no fuzz record reaches the kernel {name!r}"
     torch.library.opcheck(ops.KERNELS[name].op, CAPTURED[name])
+
+
+def _operators_run(fn, x: torch.Tensor) -> set[str]:
+    with torch.profiler.profile() as prof:
+        fn(x)
+    return {e.key for e in prof.key_averages() if e.key.startswith("probloss::")}
+
+
+def test_fusible_kernel_is_traced_into_while_compiling():
+    """A ``fusible`` kernel (``log_softplus``) is compiled from its Python, so the compiled
+    code calls no ``probloss`` operator for it and equals eager; the operator itself still
+    serves ``vmap`` (its vmap rule runs)."""
+    assert ops.KERNELS["log_softplus"].fusible
+    x = torch.linspace(-200.0, 50.0, 1001, dtype=torch.float64)
+    compiled = torch.compile(probloss.special.log_softplus, fullgraph=True, dynamic=False)
+    assert "probloss::log_softplus" not in _operators_run(compiled, x)
+    torch.testing.assert_close(compiled(x), probloss.special.log_softplus(x), rtol=1e-12, atol=0)
+    ran = _operators_run(torch.vmap(probloss.special.log_softplus), x.reshape(7, 143))
+    assert "probloss::log_softplus" in ran
