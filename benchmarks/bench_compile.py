@@ -20,8 +20,11 @@ ratios are against eager probloss. Targets (issue 12): compiled probloss at leas
 as compiled torch.distributions and faster than eager probloss; eager probloss at least as
 fast as eager torch.distributions.
 
+``--no-body`` times the head and its loss alone (``MixtureDensityHead(256, 2, 20)`` on
+fixed features, forward, backward and Adam on the head), where the loss is a larger share.
+
 Run: ``python benchmarks/bench_compile.py [--batch 4096 65536] [--repeats 7]
-[--threads 2] [--device cpu]``.
+[--threads 2] [--device cpu] [--no-body]``.
 """
 
 from __future__ import annotations
@@ -45,9 +48,12 @@ from torch.distributions import (
 from probloss.nn import MixtureDensityHead, MixtureNLLLoss
 
 K, D, HIDDEN = 20, 2, 256
+NO_BODY = False  # set by --no-body
 
 
 def _body(features: int) -> nn.Module:
+    if features == HIDDEN and NO_BODY:
+        return nn.Identity()  # --no-body: the head and its loss alone, on (B, 256) features
     return nn.Sequential(
         nn.Linear(features, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN), nn.Tanh()
     )
@@ -169,7 +175,15 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--no-body",
+        action="store_true",
+        help="time the head and its loss alone (the MLP replaced by 256 fixed features)",
+    )
     args = parser.parse_args()
+    if args.no_body:
+        global NO_BODY
+        NO_BODY, args.features = True, HIDDEN
     torch.set_num_threads(args.threads)
     for component in args.component:
         for batch in args.batch:

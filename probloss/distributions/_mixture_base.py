@@ -11,7 +11,7 @@ from torch.distributions import Categorical, Distribution, constraints
 
 from .._core.dtype import upcast
 from .._core.shapes import mixture_parameters
-from .._core.validation import distribution_validate_args, validate_sample
+from .._core.validation import distribution_validate_args, set_validation, validate_sample
 from ..functional.mixture import normal_mixture_mean, normal_mixture_mode
 
 VECTOR = constraints.independent(constraints.real, 1)  # (*, K) or (*, P)
@@ -56,7 +56,8 @@ class GaussianMixture(Distribution):
         batch_shape = self.logits.shape[:-1]
         event_shape = self.loc.shape[-1:]
         validate_args = distribution_validate_args(validate_args, *tensors)
-        super().__init__(batch_shape, event_shape, validate_args=validate_args)
+        super().__init__(batch_shape, event_shape, validate_args=False)  # checked next, faster
+        set_validation(self, validate_args)
 
     def _parameters(self) -> tuple[Tensor, ...]:
         return tuple(getattr(self, name) for name in self.arg_constraints)

@@ -12,7 +12,7 @@ from .._core.constants import LOG_2PI
 from .._core.dtype import as_loss_tensors, promote_float_tensors, upcast
 from .._core.shapes import BIVARIATE_LAYOUTS
 from .._core.shapes import batch_shape as layout_batch_shape
-from .._core.validation import distribution_validate_args, validate_sample
+from .._core.validation import distribution_validate_args, set_validation, validate_sample
 from ..functional._bivariate_forms import CorrelatedStep, sech
 from ..functional.bivariate import bivariate_normal_log_prob
 from ..functional.mixture import bivariate_normal_mixture_covariance
@@ -80,7 +80,8 @@ class BivariateNormal(Distribution):
         self.log_scale = log_scale.expand((*batch_shape, 2))
         self.atanh_rho = atanh_rho.expand(batch_shape)
         validate_args = distribution_validate_args(validate_args, loc, log_scale, atanh_rho)
-        super().__init__(batch_shape, torch.Size((2,)), validate_args=validate_args)
+        super().__init__(batch_shape, torch.Size((2,)), validate_args=False)  # checked next, faster
+        set_validation(self, validate_args)
 
     def expand(self, batch_shape: torch.Size, _instance=None) -> BivariateNormal:
         new = self._get_checked_instance(BivariateNormal, _instance)

@@ -10,7 +10,7 @@ from torch.distributions import Distribution, constraints
 from torch.distributions.utils import broadcast_all, lazy_property
 
 from .._core.dtype import upcast
-from .._core.validation import distribution_validate_args
+from .._core.validation import distribution_validate_args, set_validation
 from ..functional.continuous_bernoulli import (
     continuous_bernoulli_cdf,
     continuous_bernoulli_icdf,
@@ -95,7 +95,8 @@ class ContinuousBernoulli(Distribution):
             logits = torch.log(probs) - torch.log1p(-probs)  # logit(p)
         (self.logits,) = broadcast_all(logits)
         validate_args = distribution_validate_args(validate_args, self.logits)
-        super().__init__(self.logits.shape, validate_args=validate_args)
+        super().__init__(self.logits.shape, validate_args=False)  # checked next, faster
+        set_validation(self, validate_args)
 
     def expand(self, batch_shape: torch.Size, _instance=None) -> ContinuousBernoulli:
         new = self._get_checked_instance(ContinuousBernoulli, _instance)

@@ -13,7 +13,7 @@ from torch.distributions.utils import broadcast_all
 from .._core.constants import LOG_2PI
 from .._core.dtype import upcast
 from .._core.params import log_scale_from
-from .._core.validation import distribution_validate_args
+from .._core.validation import distribution_validate_args, set_validation
 from ..functional.normal import normal_log_prob
 from ..special import mul_exp
 
@@ -144,7 +144,8 @@ class Normal(torch.distributions.Normal):
         self._scale_given = scale is not None  # log_prob then uses the given scale itself
         validate_args = distribution_validate_args(validate_args, loc, log_scale)
         scale = log_scale.exp() if scale is None else scale.expand(log_scale.shape)
-        super().__init__(loc, scale, validate_args=validate_args)
+        super().__init__(loc, scale, validate_args=False)  # checked next, faster
+        set_validation(self, validate_args)
 
     def expand(self, batch_shape: torch.Size, _instance=None) -> Normal:
         new = self._get_checked_instance(Normal, _instance)

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.distributions import Categorical, Distribution, constraints
 
 from .._core.dtype import promote_float_tensors, upcast
-from .._core.validation import distribution_validate_args, validate_sample
+from .._core.validation import distribution_validate_args, set_validation, validate_sample
 from ..functional.mixture import bivariate_normal_mixture_log_prob
 from ..functional.mixture.sampling import (
     _check_temperature,
@@ -147,7 +147,8 @@ class StrokeMixture(Distribution):
             setattr(self, name, getattr(offsets, name))
         self.pen_logits = pen_logits.expand((*batch, pen_logits.shape[-1]))
         validate_args = distribution_validate_args(validate_args, *params)
-        super().__init__(batch, torch.Size((2 + self.pen_states,)), validate_args=validate_args)
+        super().__init__(batch, torch.Size((2 + self.pen_states,)), validate_args=False)
+        set_validation(self, validate_args)  # torch's parameter check, faster
 
     def expand(self, batch_shape: torch.Size, _instance=None) -> StrokeMixture:
         return expand_parameters(self, batch_shape, _instance)

@@ -136,20 +136,35 @@ def _log_softplus_value(x: Tensor) -> Tensor:
     """The value of :func:`log_softplus` (float32 or float64 ``x``).
 
     The three forms are selected with one ``where`` each (the gradient is written by hand,
-    so no branch needs a safe input). On CPU a form no element needs is not computed: in
-    a network's log-scales most elements lie in one or two of the three ranges.
+    so no branch needs a safe input). On CPU a form no element needs is not computed, and
+    where every element lies in ``[1/4, 1]`` (a head's log-scales at their initial
+    ``softplus(raw) = 1``, ``raw = x0``) only the form through the root is: in a network's
+    log-scales most elements lie in one or two of the three ranges.
     """
+    need_near = need_tail = True  # branch-free unless the values can be read
+    if host_readable(x) and x.numel() > 0:
+        # one float aminmax pass decides (6x faster on CPU than a bool mask's any / all)
+        low, high = (float(v) for v in torch.aminmax(x))
+        if low >= 0.25 and high <= 1.0:
+            return _near_root(x)
+        need_near, need_tail = low <= 1.0 and high >= 0.25, low < _LOG_SOFTPLUS_TAIL
     out = torch.log(-torch.nn.functional.logsigmoid(-x))  # log(softplus(x))
-    for form, mask in ((_near_root, (x >= 0.25) & (x <= 1.0)), (_tail, x < _LOG_SOFTPLUS_TAIL)):
-        if not host_readable(mask) or bool(mask.any()):
-            out = torch.where(mask, form(x), out)
+    if need_near:
+        out = torch.where((x >= 0.25) & (x <= 1.0), _near_root(x), out)
+    if need_tail:
+        out = torch.where(x < _LOG_SOFTPLUS_TAIL, _tail(x), out)
     return out
 
 
 def _log_softplus_derivative(x: Tensor) -> Tensor:
     """``d/dx log(softplus(x)) = sigmoid(x) / softplus(x)``; below -20, where both underflow,
     the derivative of the tail form, ``1 - (e^x/2) / (1 - e^x/2)``. Double where: both
-    forms are fed a safe input where unselected, so a second derivative is finite too."""
+    forms are fed a safe input where unselected, so a second derivative is finite too. On
+    CPU (:func:`host_readable`) the tail form is built only if some element needs it.
+    (Not ``sigmoid(x) e^{-out}`` from the saved value: ``exp`` turns the absolute error of
+    ``out = log x`` into a relative ``|out| eps``, 3.5e-6 at ``x = 3.7e34`` in float32.)"""
+    if host_readable(x) and (x.numel() == 0 or bool(x.amin() >= _LOG_SOFTPLUS_TAIL)):
+        return torch.sigmoid(x) / -torch.nn.functional.logsigmoid(-x)
     tail = x < _LOG_SOFTPLUS_TAIL
     body_x = torch.where(tail, 0.0, x)
     body = torch.sigmoid(body_x) / -torch.nn.functional.logsigmoid(-body_x)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import probloss  # noqa: F401  (defines every kernel)
+import probloss  # defines every kernel
 from probloss._core import ops
 from tests.fuzz.checks import make_inputs
 from tests.fuzz.records import RECORDS

@@ -146,3 +146,30 @@ def _compile_heads_and_mixtures(f, seen):
         g = lambda x, head=head: (head(x).mode, head(x).logits)  # noqa: E731
         compiled = torch.compile(g, backend="eager", fullgraph=True)(torch.ones(5, 6))
         assert all(torch.equal(a, b) for a, b in zip(compiled, g(torch.ones(5, 6)), strict=True))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda loc: Normal(loc, torch.ones(3)),
+        lambda loc: NormalMixture(
+            torch.zeros(3, 2), loc[:, None, None].expand(3, 2, 1), torch.zeros(3, 2, 1)
+        ),
+    ],
+    ids=["Normal", "NormalMixture"],
+)
+def test_parameter_check_matches_torch(make):
+    """``set_validation``'s fast path (a NaN-free sum) changes nothing but speed: a NaN
+    parameter raises torch's ValueError, infinities (valid for ``real``) pass, also where
+    ``inf`` and ``-inf`` make the sum NaN (torch's check then decides), and with torch's
+    switch off nothing is checked."""
+    nan = torch.tensor([0.0, float("nan"), 1.0])
+    with pytest.raises(ValueError, match=r"parameter loc .* to satisfy the constraint"):
+        make(nan)
+    make(torch.tensor([0.0, float("inf"), 1.0]))
+    make(torch.tensor([float("-inf"), float("inf"), 1.0]))
+    torch.distributions.Distribution.set_default_validate_args(False)
+    try:
+        make(nan)
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(True)
