@@ -180,7 +180,7 @@ def train(
         result.loss.backward()
         optimizer.step()
         loss_fn.step()
-        betas.append(result.beta)
+        betas.append(float(result.beta))  # a log of the run: one read per step is fine here
         distortions.append(-float(result.reconstruction.detach()))
         if step % 50 == 0:
             bar.set_postfix(nats=f"{float(result.nats):.1f}", beta=f"{result.beta:.3g}")

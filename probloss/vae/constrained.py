@@ -51,7 +51,7 @@ class Capacity(Weighting):
         >>> capacity.capacity
         5.0
         >>> capacity(torch.tensor(80.0), torch.tensor([1.0, 2.0]))
-        WeightedLoss(loss=tensor(2080.), beta=-1000.0, kl_term=tensor(-2.))
+        WeightedLoss(loss=tensor(2080.), beta=tensor(-1000.), kl_term=tensor(-2.))
     """
 
     def __init__(self, max_capacity: float, steps: int, gamma: float = 1000.0) -> None:
@@ -68,7 +68,8 @@ class Capacity(Weighting):
 
     def _weigh(self, distortion: Tensor, kl_per_dim: Tensor) -> WeightedLoss:
         excess = kl_per_dim.sum() - self.capacity
-        beta = self.gamma * float(torch.sign(excess.detach()))  # d|x|/dx = sign(x), 0 at 0
+        # d|x|/dx = sign(x), 0 at 0; a tensor: reading it would wait for an accelerator
+        beta = self.gamma * torch.sign(excess.detach())
         return WeightedLoss(distortion + self.gamma * excess.abs(), beta, excess)
 
     def extra_repr(self) -> str:
@@ -139,7 +140,7 @@ class GECO(Weighting):
         >>> geco = GECO(tolerance=50.0, lr=0.01)
         >>> out = geco(torch.tensor(60.0), torch.tensor([3.0, 1.0]))  # constraint 10 > 0
         >>> out.loss, out.beta
-        (tensor(14.), 1.0)
+        (tensor(14.), tensor(1.))
         >>> geco.step()
         >>> round(geco.lambda_, 4)  # exp(0.01 * 10)
         1.1052
@@ -204,7 +205,8 @@ class GECO(Weighting):
         smoothed = constraint + (average.to(constraint.dtype) - constraint).detach()
         kl_term = kl_per_dim.sum()
         loss = kl_term + self.log_lambda.exp().to(constraint.dtype) * smoothed
-        return WeightedLoss(loss, float(torch.exp(-self.log_lambda)), kl_term)
+        beta = torch.exp(-self.log_lambda).to(constraint.dtype)  # a tensor: no host read
+        return WeightedLoss(loss, beta, kl_term)
 
     def _update(self) -> None:
         if not bool(self.has_pending):

@@ -52,7 +52,7 @@ class ELBOResult(NamedTuple):
     reconstruction: Tensor
     kl: Tensor
     kl_per_dim: Tensor
-    beta: float
+    beta: float | Tensor
     nats: Tensor
     bits_per_dim: Tensor
 

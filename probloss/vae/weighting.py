@@ -47,13 +47,17 @@ class WeightedLoss(NamedTuple):
 
     Attributes:
         loss: the scalar to minimise.
-        beta: the weight on the KL term in force (GECO: the effective ``1 / lambda``).
+        beta: the weight on the KL term in force (GECO: the effective ``1 / lambda``): a
+            float where it is fixed by the step count, a 0-dim tensor where it depends on
+            the data (:class:`~probloss.vae.constrained.GECO`,
+            :class:`~probloss.vae.constrained.Capacity`), so that no step reads a value on
+            the host; ``float(beta)`` where a number is wanted (a log line).
         kl_term: the KL term as penalised (after the free-bits floor; for capacity the
             signed excess ``KL - C(t)``), a scalar tensor.
     """
 
     loss: Tensor
-    beta: float
+    beta: float | Tensor
     kl_term: Tensor
 
 

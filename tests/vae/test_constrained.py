@@ -194,3 +194,20 @@ def test_geco_drives_the_distortion_to_the_tolerance():
 def test_geco_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GECO(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: GECO(tolerance=50.0), lambda: Capacity(25.0, steps=10)],
+    ids=["GECO", "Capacity"],
+)
+def test_forward_compiles_without_host_reads(make):
+    """The weighting's forward reads no value on the host (its ``beta`` is a tensor):
+    ``torch.compile(fullgraph=True)`` traces it and gives the eager loss and beta."""
+    distortion, kl = torch.tensor(60.0), torch.tensor([3.0, 1.0])
+    eager, compiled = make(), make()
+    out = torch.compile(compiled, fullgraph=True)(distortion, kl)
+    ref = eager(distortion, kl)
+    assert isinstance(out.beta, torch.Tensor)
+    torch.testing.assert_close(out.loss, ref.loss)
+    torch.testing.assert_close(out.beta, ref.beta)
