@@ -285,18 +285,28 @@ def _without_dead_components(
     else:  # no host read: always the second evaluation; the first needs no graph
         with torch.no_grad():
             dead = components(x, loc, *tensors) == -math.inf
-    per_coordinate = dead.unsqueeze(-1)  # against (*, K, D)
-    # The target keeps its shape (*, 1, D), so that its gradient is summed over K inside the
-    # density's backward (sum_to_size_rescaled: finite where two components' terms overflow
-    # with opposite signs), and a dead component is evaluated on its own target instead:
-    # mean := target (detached), a residual of exactly 0. A row whose components are all
-    # dead (a target at infinity) is -inf whatever its target: there the target is 0.
-    x_safe = torch.where(dead.all(-1)[..., None, None], 0.0, x)
-    safe = [x_safe, torch.where(per_coordinate, x_safe.detach(), loc)]
+    return torch.where(dead, -math.inf, components(*_at_safe_points(dead, x, loc, *params)))
+
+
+def _at_safe_points(
+    idle: Tensor, x: Tensor, loc: Tensor, *params: tuple[Tensor, float | Tensor, int]
+) -> list[Tensor]:
+    """``[x, loc, *tensors]`` with the components where ``idle`` (``(*, K)``) moved to a safe
+    point, where their density and its derivatives are finite: mean := target (detached),
+    a residual of exactly 0, and each parameter its safe value (``params`` as in
+    :func:`_without_dead_components`).
+
+    The target keeps its shape ``(*, 1, D)``, so that its gradient is summed over K inside
+    the density's backward (``sum_to_size_rescaled``: finite where two components' terms
+    overflow with opposite signs). A row whose components are all idle (a target at
+    infinity) has its target set to 0.
+    """
+    x_safe = torch.where(idle.all(-1)[..., None, None], 0.0, x)
+    safe = [x_safe, torch.where(idle.unsqueeze(-1), x_safe.detach(), loc)]
     for t, fill, event_dims in params:
-        mask = dead[(..., *(None,) * event_dims)]
+        mask = idle[(..., *(None,) * event_dims)]
         safe.append(torch.where(mask, torch.as_tensor(fill, dtype=t.dtype, device=t.device), t))
-    return torch.where(dead, -math.inf, components(*safe))
+    return safe
 
 
 def _fused_runs(*tensors: Tensor) -> bool:

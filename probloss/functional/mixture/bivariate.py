@@ -18,6 +18,7 @@ from ...special.logsumexp import _row_softmax_
 from .._bivariate_forms import eigen_terms, gradient_pieces
 from ..bivariate import _log_density_value, bivariate_normal_log_prob, log_density_grads
 from ._fused import (
+    _at_safe_points,
     _clear_dead_,
     _double_backward,
     _fused_outputs_fake,
@@ -118,13 +119,9 @@ def _per_component_backward(
     whose every ``w`` is 0 (a target at infinity) is evaluated at a target of 0.
     """
     g, w = _weighted_responsibilities(grad, resp, lse)
-    idle = w == 0
-    x = value.unsqueeze(-2)
-    x = torch.where(idle.all(-1)[..., None, None], 0.0, x)
-    per_coordinate = idle.unsqueeze(-1)
-    loc_safe = torch.where(per_coordinate, x, loc)
-    log_scale_safe = torch.where(per_coordinate, 0.0, log_scale)
-    rho_safe = torch.where(idle, 0.0, atanh_rho)
+    x, loc_safe, log_scale_safe, rho_safe = _at_safe_points(
+        w == 0, value.unsqueeze(-2), loc, (log_scale, 0.0, 1), (atanh_rho, 0.0, 0)
+    )
     need_value, need_logits, need_loc, need_log_scale, need_rho = needed
     needs = (need_value, need_loc, need_log_scale, need_rho)
     d_x, d_loc, d_log_scale, d_rho = log_density_grads(
