@@ -12,7 +12,7 @@ import torch
 
 import probloss
 
-PACKAGES = ("special", "functional", "distributions", "nn", "vae")
+PACKAGES = ("special", "functional", "metrics", "distributions", "nn", "vae")
 
 
 def _public() -> dict[str, object]:

@@ -31,6 +31,7 @@ import torch
 
 import probloss.distributions as D
 import probloss.functional as F
+import probloss.metrics as M
 import probloss.special as S
 from probloss.functional.multivariate import default_min_diag
 
@@ -961,7 +962,13 @@ DISTRIBUTIONS += [
     ),
 ]
 
-RECORDS: list[Record] = SPECIAL + FUNCTIONAL + DISTRIBUTIONS
+METRICS = [
+    Record(f"metrics.{name}", f"metrics.{name}", getattr(M, name), (_V, _LOC, _LS), "promote",
+           oracle=getattr(O, name))
+    for name in ("crps_normal", "crps_laplace", "crps_logistic")
+]  # fmt: skip
+
+RECORDS: list[Record] = SPECIAL + FUNCTIONAL + DISTRIBUTIONS + METRICS
 BY_NAME = {r.name: r for r in RECORDS}
 assert len(BY_NAME) == len(RECORDS), "duplicate record names"
 

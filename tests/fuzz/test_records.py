@@ -1,6 +1,7 @@
 """Contract of the fuzz registry (:mod:`tests.fuzz.records`): nothing public goes unfuzzed.
 
-Every name in ``probloss.special.__all__`` and ``probloss.functional.__all__`` and every
+Every name in ``probloss.special.__all__``, ``probloss.functional.__all__`` and
+``probloss.metrics.__all__``, and every
 distribution class in ``probloss.distributions.__all__`` (each of ``log_prob``, ``cdf``,
 ``icdf``, ``mean``, ``variance``, ``entropy``, ``mode``, ``covariance_matrix`` that the
 class defines, i.e. does not inherit from ``torch.distributions.Distribution``'s
@@ -15,6 +16,7 @@ from torch.distributions import Distribution
 
 import probloss.distributions
 import probloss.functional
+import probloss.metrics
 import probloss.special
 
 from .draws import KINDS
@@ -35,7 +37,9 @@ def _defined_methods(cls) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "module", [probloss.special, probloss.functional], ids=lambda m: m.__name__
+    "module",
+    [probloss.special, probloss.functional, probloss.metrics],
+    ids=lambda m: m.__name__,
 )
 def test_every_public_function_has_a_record(module):
     short = module.__name__.removeprefix("probloss.")

@@ -1,0 +1,9 @@
+"""Proper scoring rules as exact, differentiable training losses and evaluation metrics.
+
+Every function is unreduced and takes the value (observation) first, like the rest of
+probloss: average the result for a training loss.
+"""
+
+from .crps import crps_laplace, crps_logistic, crps_normal
+
+__all__ = ["crps_laplace", "crps_logistic", "crps_normal"]
