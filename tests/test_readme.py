@@ -47,8 +47,8 @@ def _run(block: str) -> dict:
 
 
 def test_readme_has_the_examples():
-    # one block per section: special/CB, MDN, bivariate, VAE, NaNGuard
-    assert len(BLOCKS) == 5
+    # one block per section: special/CB, MDN, bivariate, VAE, CRPS, NaNGuard
+    assert len(BLOCKS) == 6
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
@@ -102,3 +102,15 @@ def test_reduced_loss_refuses_the_slice_mistake_and_reduces_empty_batches_like_t
     assert torch.isnan(bivariate_normal_nll(*args))
     assert bivariate_normal_nll(*args, reduction="sum") == 0
     assert bivariate_normal_nll(*args, reduction="none").shape == (0,)
+
+
+def test_crps_example_values():
+    # README: "crps_normal(y, loc, log_scale)  # tensor([0.2337, 0.6024, 1e30])"; the
+    # closed form sigma (z erf(z / sqrt 2) + 2 phi(z) - 1 / sqrt(pi)) in float64
+    block = next(b for b in BLOCKS if "crps_normal" in b)
+    ns = _run(block)
+    got = ns["crps_normal"](ns["y"], ns["loc"], ns["log_scale"])
+    phi2 = 2 * math.exp(-0.5) / math.sqrt(2 * math.pi)
+    at_one = math.erf(1 / math.sqrt(2)) + phi2 - 1 / math.sqrt(math.pi)
+    want = torch.tensor([(math.sqrt(2) - 1) / math.sqrt(math.pi), at_one, 1e30])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
