@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-SUBPACKAGES = ("audit", "distributions", "functional", "nn", "special", "vae")
+SUBPACKAGES = ("audit", "distributions", "functional", "metrics", "nn", "special", "vae")
 
 
 def _fresh(code: str) -> subprocess.CompletedProcess:
