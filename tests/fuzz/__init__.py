@@ -55,7 +55,7 @@ Known limits (open library holes)
 Where the library is known wrong and not yet fixed, a :class:`.records.KnownLimit`
 (reason, rows, outputs, dtypes, issue) in ``records.KNOWN_LIMITS`` excuses every failure
 of the named outputs on exactly those rows, applied next to ``Undefined`` in
-:func:`.checks.check`. ``test_records.py::test_known_limits_are_not_stale`` fails once a
+:func:`.checks.check` (and, for its float64 rows, in the mpmath check :func:`.checks.run_oracle`). ``test_records.py::test_known_limits_are_not_stale`` fails once a
 statement matches no draw (nor, for a rarer hole, fails on its ``example`` row any
 more): then the hole is fixed and the statement must go. A predicate
 receives the float64 inputs and the draws' ``dtype``. Today:

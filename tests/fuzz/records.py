@@ -966,6 +966,15 @@ METRICS = [
     Record(f"metrics.{name}", f"metrics.{name}", getattr(M, name), (_V, _LOC, _LS), "promote",
            oracle=getattr(O, name))
     for name in ("crps_normal", "crps_laplace", "crps_logistic")
+] + [
+    Record(
+        "metrics.crps_normal_mixture",
+        "metrics.crps_normal_mixture",
+        M.crps_normal_mixture,
+        (_v(shape=(DIM,)), *_MIX),
+        "promote",
+        oracle=O.crps_normal_mixture,
+    )
 ]  # fmt: skip
 
 RECORDS: list[Record] = SPECIAL + FUNCTIONAL + DISTRIBUTIONS + METRICS
@@ -1216,7 +1225,26 @@ _KL = (
 )
 
 
+def _weighted_scale_beyond_float64(value, logits, loc, log_scale, *, dtype):
+    """Rows with a component whose ``w_k sigma_k`` exceeds float64's range."""
+    log_w = torch.log_softmax(logits, -1).unsqueeze(-1)
+    return ((log_w + log_scale) > math.log(torch.finfo(torch.float64).max)).flatten(1).any(-1)
+
+
 KNOWN_LIMITS: dict[str, tuple[KnownLimit, ...]] = {
+    "metrics.crps_normal_mixture": (
+        KnownLimit(
+            "a component whose w_k sigma_k is beyond float64's range (a weight e^-300568 on a "
+            "scale e^366000) while w_k^2 sigma_k is not: the Grimit form's target and cross "
+            "terms, each of size w_k sigma_k, cancel to O(w_k^2 sigma_k) but overflow first, "
+            "and the score comes out inf where it is finite; combining each component's "
+            "target term with its cross terms analytically would close it",
+            _weighted_scale_beyond_float64,
+            _FLOATS,
+            value=True,
+            issue="13",
+        ),
+    ),
     "functional.multivariate_normal_log_prob": (
         KnownLimit(
             "the solve L^{-T} z of the gradients overflows float64 at finite inputs (a "
