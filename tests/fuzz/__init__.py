@@ -55,10 +55,11 @@ Known limits (open library holes)
 Where the library is known wrong and not yet fixed, a :class:`.records.KnownLimit`
 (reason, rows, outputs, dtypes, issue) in ``records.KNOWN_LIMITS`` excuses every failure
 of the named outputs on exactly those rows, applied next to ``Undefined`` in
-:func:`.checks.check` (and, for its float64 rows, in the mpmath check :func:`.checks.run_oracle`). ``test_records.py::test_known_limits_are_not_stale`` fails once a
-statement matches no draw (nor, for a rarer hole, fails on its ``example`` row any
-more): then the hole is fixed and the statement must go. A predicate
-receives the float64 inputs and the draws' ``dtype``. Today:
+:func:`.checks.check` (and, for its float64 rows, in the mpmath check
+:func:`.checks.run_oracle`). ``test_records.py::test_known_limits_are_not_stale`` fails
+once a statement matches no draw (nor, for a rarer hole, fails on its ``example`` row any
+more): then the hole is fixed and the statement must go. A predicate receives the float64
+inputs and the draws' ``dtype``. Today:
 
 * multivariate_normal_log_prob (float64): the gradients' solve ``L^{-T} z`` overflows at
   finite inputs (a subnormal or smallest-normal diagonal entry): ``0 * inf`` in the back
