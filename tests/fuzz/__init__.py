@@ -81,4 +81,8 @@ inputs and the draws' ``dtype``. Today:
   of that size (``inf - inf``). In float64 also where the scaled path's factor ``C`` has a
   subnormal pivot (``Sigma``'s condition number beyond ``1/tiny``): the QR's backward
   divides by it.
+* metrics.crps_normal_mixture (every dtype): a component whose ``w_k sigma_k`` exceeds
+  float64's range while ``w_k^2 sigma_k`` need not (a weight ``e^{-300568}`` on a scale
+  ``e^{366000}``): the Grimit form's target and cross terms cancel to ``O(w_k^2 sigma_k)``
+  but overflow first, so the score is ``inf`` where it may be finite.
 """
