@@ -6,5 +6,12 @@ probloss: average the result for a training loss.
 
 from .crps import crps_laplace, crps_logistic, crps_normal
 from .crps_mixture import crps_normal_mixture
+from .ensemble import crps_ensemble
 
-__all__ = ["crps_laplace", "crps_logistic", "crps_normal", "crps_normal_mixture"]
+__all__ = [
+    "crps_ensemble",
+    "crps_laplace",
+    "crps_logistic",
+    "crps_normal",
+    "crps_normal_mixture",
+]

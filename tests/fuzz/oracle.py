@@ -869,3 +869,17 @@ def crps_normal_mixture(value, logits, loc, log_scale):
             total += first - spread / 2
             scale += first + spread / 2
         return [(+total, +scale)]
+
+
+def crps_ensemble(value, samples):
+    r"""The fair ensemble CRPS by its pairwise definition (scoringrules' ``"fair"``):
+    ``mean|x_i - y| - sum_ij |x_i - x_j| / (2 M (M - 1))``; ``T`` the sum of the two parts."""
+    (y,) = value
+    if math.isinf(y):
+        return [(mp.inf, mp.inf)]
+    with mp.workdps(_dps_for(y, *samples)):
+        m = len(samples)
+        xs = [mp.mpf(x) for x in samples]
+        near = mp.fsum(abs(x - y) for x in xs) / m
+        spread = mp.fsum(abs(a - b) for a in xs for b in xs) / (2 * m * (m - 1))
+        return [(+(near - spread), +(near + spread))]

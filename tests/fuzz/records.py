@@ -968,6 +968,14 @@ METRICS = [
     for name in ("crps_normal", "crps_laplace", "crps_logistic")
 ] + [
     Record(
+        "metrics.crps_ensemble",
+        "metrics.crps_ensemble",
+        lambda value, samples: M.crps_ensemble(value, samples.movedim(-1, 0)),  # (M, *) first
+        (_v(), Arg("samples", shape=(5,))),
+        "promote",
+        oracle=O.crps_ensemble,
+    ),
+    Record(
         "metrics.crps_normal_mixture",
         "metrics.crps_normal_mixture",
         M.crps_normal_mixture,
