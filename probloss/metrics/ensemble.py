@@ -97,11 +97,14 @@ def crps_ensemble(value: Tensor, samples: Tensor, *, fair: bool = True) -> Tenso
     x, y = x.expand((m, *batch)) * _UNIT, value * _UNIT
     ordered = x.sort(0).values
     low, high = ordered[:-1], ordered[1:]  # the M - 1 gaps
+    # each clamp at 0 is exact, not a floor: the length of an interval's part on one side
+    # of y is max(., 0) (0 for a gap wholly on the other side; its gradient there is 0 too)
     left = (torch.minimum(high, y) - low).clamp(min=0.0)  # L_i: the part below y
     right = (high - torch.maximum(low, y)).clamp(min=0.0)  # R_i: the part above y
     i = torch.arange(1, m, dtype=x.dtype, device=x.device).reshape((m - 1, *(1,) * len(batch)))
     kappa = 1.0 if fair else 0.0
     norm = m * (m - kappa)
     gaps = (left * (i * (i - kappa) / norm) + right * ((m - i) * (m - i - kappa) / norm)).sum(0)
+    # the stretches between y and the draws when y lies outside them (exact lengths, as above)
     outside = (ordered[0] - y).clamp(min=0.0) + (y - ordered[-1]).clamp(min=0.0)
     return (gaps + outside) / _UNIT
